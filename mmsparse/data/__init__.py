@@ -1,0 +1,76 @@
+"""mmsparse.data: from a manifest to a modality-keyed batch of tensors.
+
+Pipeline: ``manifest.jsonl`` -> ``MediaDataset`` (decode with decord or PyAV, sample frames,
+log-mel audio, torchvision v2 transforms, failure handling) -> ``collate`` -> Batch.
+
+Batch layout (a dict; a modality's keys are present when any sample of the batch has it)::
+
+    B batch, T frames, C = 3 channels, H x W frame / image size, M mel bins (128), Tm audio frames
+
+    "video"             float32 (B, T, C, H, W)  normalised frames, zero-padded past each clip's end
+    "video_mask"        bool    (B, T)           True on real frames, False on padding
+    "video_times"       float64 (B, T)           seconds of each sampled frame in its file (0 on padding)
+    "audio"             float32 (B, M, Tm)       log-mel filterbank (25 ms window, 10 ms hop, 16 kHz mono)
+    "audio_mask"        bool    (B, Tm)          True on real feature frames
+    "audio_start"       float64 (B,)             seconds of audio frame 0 (= the clip's first video time)
+    "audio_hop_seconds" float                    audio frame j of sample b is centred on
+                                                 audio_start[b] + j * audio_hop_seconds
+    "image"             float32 (B, C, H, W)     with "image_mask" bool (B,) for samples that have one
+    "caption"           list[str]  (B)           the training target (first reference)
+    "captions"          list[list[str]] (B)      all references, for evaluation
+    "id"                list[str]  (B)
+
+Masks are True where data is real; an audio or video token's time is recoverable from
+``video_times`` and ``audio_start`` / ``audio_hop_seconds``, which is what audio-visual
+alignment (``AVSync``) needs.
+
+Entry points: ``make_loader(manifest, config, batch_size, ...)``, ``synth.make_dataset`` (the
+default data of every recipe), ``convert`` (MSR-VTT, ActivityNet Captions, YouCook2),
+``mmsparse data {synth,convert,check}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .collate import collate
+from .dataset import DataConfig, MediaDataset, read_image
+from .errors import REASONS, FailureStats, MediaError, TooManyBadSamples
+from .manifest import Sample, load_manifest, write_manifest
+from .sampler import ShardedSampler
+
+__all__ = [
+    "DataConfig", "FailureStats", "MediaDataset", "MediaError", "REASONS", "Sample", "ShardedSampler",
+    "TooManyBadSamples", "collate", "load_manifest", "make_loader", "read_image", "write_manifest",
+]
+
+
+def _worker_init(_worker_id: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # decode parallelism comes from workers; avoid oversubscription
+
+
+def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None = None, *, batch_size: int = 8,
+                num_workers: int = 0, sampler: ShardedSampler | None = None, rank: int = 0,
+                num_replicas: int = 1, shuffle: bool | None = None, drop_last: bool = False,
+                prefetch_factor: int | None = None, multiprocessing_context=None):
+    """A DataLoader over ``manifest`` yielding Batch dicts; sharded by ``rank`` / ``num_replicas``.
+
+    ``shuffle`` defaults to ``config.train``. The sampler (``loader.sampler``) carries the
+    resumable position; ``loader.dataset.stats`` the failure counts.
+    """
+    from torch.utils.data import DataLoader
+
+    ds = manifest if isinstance(manifest, MediaDataset) else MediaDataset(manifest, config)
+    if sampler is None:
+        sampler = ShardedSampler(len(ds), num_replicas, rank, shuffle=ds.cfg.train if shuffle is None else shuffle,
+                                 seed=ds.cfg.seed, drop_last=drop_last)
+    kw = {}
+    if num_workers > 0:
+        kw["worker_init_fn"] = _worker_init
+        kw["prefetch_factor"] = prefetch_factor or 2
+        if multiprocessing_context is not None:
+            kw["multiprocessing_context"] = multiprocessing_context
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=drop_last, **kw)

@@ -1,0 +1,222 @@
+"""Map-style dataset over a manifest: decode, sample, features, transforms, failure handling.
+
+Legend: T frames, C = 3 channels, H x W frame size, M mel bins, Tm audio feature frames.
+
+``MediaDataset[i]`` returns one sample dict (see ``mmsparse.data`` for the batch built from it):
+
+- ``id`` str, ``caption`` str (first reference), ``captions`` list[str]
+- ``video`` (T, C, H, W) float32 and ``video_times`` (T,) float64 seconds in the file,
+- ``audio`` (M, Tm) float32 log-mel and ``audio_start`` float seconds (frame j is centred on
+  ``audio_start + j * hop_seconds``),
+- ``image`` (C, H, W) float32,
+
+each present only when the sample has that modality and the config loads it.
+
+Failures (see ``errors.REASONS``) are counted in shared memory across workers, logged with the
+path and reason, and another sample is drawn in place of the bad one; ``strict=True`` raises
+the MediaError instead, and past ``max_bad_fraction`` (after ``min_attempts`` loads) a
+TooManyBadSamples error carries the summary. Every decode runs under ``decode_timeout``.
+
+Determinism: the clip offset, the replacement draw and the transform's random parameters all
+derive from (seed, epoch, index), so the same sample comes out whatever the worker count.
+Readers are opened inside ``__getitem__`` (in the worker that runs it), never pickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import audio as audio_mod
+from .decode import call_with_timeout, open_video, sample_indices, short_side_size
+from .errors import FailureStats, MediaError, TooManyBadSamples, check_file, diagnose
+from .manifest import Sample, load_manifest
+from .transforms import TransformConfig, apply_clip, apply_image, build_transform
+
+
+@dataclass
+class DataConfig:
+    """How samples are read. Sampling: ``mode`` in count / fps / stride (see ``sample_indices``)."""
+
+    backend: str = "decord"            # video: decord | pyav
+    audio_backend: str = "decord"      # decord (PyAV fallback) | pyav
+    mode: str = "count"
+    num_frames: int | None = 16
+    target_fps: float | None = None
+    stride: int = 1
+    min_frames: int | None = None      # fewer sampled frames -> too_short; None: num_frames (count) or 1
+    short_side: int | None = None      # decode-time resize of the shorter side
+    crop: tuple[int, int] | None = None
+    flip: bool = True
+    normalize: bool = True
+    train: bool = False
+    load_video: bool = True
+    load_audio: bool = True
+    load_image: bool = True
+    require_audio: bool = False        # a video without an audio track is a failure (no_audio)
+    image_as_video: bool = False       # an image becomes a one-frame clip under "video"
+    sample_rate: int = 16000
+    n_mels: int = 128
+    win_seconds: float = 0.025
+    hop_seconds: float = 0.010
+    max_audio_seconds: float = 10.0    # audio-only samples without an ``end``
+    chunk: int = 64                    # frames decoded at full size at a time
+    decode_threads: int = 1
+    decode_timeout: float | None = 60.0
+    strict: bool = False
+    max_bad_fraction: float = 0.1
+    min_attempts: int = 20
+    max_retries: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.crop is not None:
+            self.crop = tuple(self.crop)  # type: ignore[assignment]
+
+
+@dataclass
+class _Raw:
+    """Decoded but untransformed sample (produced under the decode timeout)."""
+
+    video: np.ndarray | None = None     # (T, H, W, 3) uint8
+    video_times: np.ndarray | None = None
+    audio: np.ndarray | None = None     # (S,) float32
+    audio_start: float = 0.0
+    image: torch.Tensor | None = None   # (3, H, W) uint8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MediaDataset(Dataset):
+    """Samples of a manifest (a path or a list of ``Sample``) under a ``DataConfig``."""
+
+    def __init__(self, manifest: str | Path | list[Sample], config: DataConfig | None = None,
+                 stats: FailureStats | None = None):
+        self.samples = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+        if not self.samples:
+            raise ValueError("manifest has no samples")
+        self.cfg = config or DataConfig()
+        self.stats = stats or FailureStats()
+        self.epoch = 0
+        c = self.cfg
+        self._video_tf = build_transform(TransformConfig(None, c.crop, c.train, c.flip, normalize=c.normalize))
+        self._image_tf = build_transform(TransformConfig(c.short_side, c.crop, c.train, c.flip, normalize=c.normalize))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """New random clip offsets / crops per epoch (call before creating the epoch's iterator)."""
+        self.epoch = int(epoch)
+
+    # ----------------------------------------------------------------------------------------
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        c = self.cfg
+        i = int(index)
+        for attempt in range(c.max_retries + 1):
+            if attempt:
+                draw = np.random.default_rng([c.seed, self.epoch, int(index), attempt, 1])
+                i = int(draw.integers(len(self.samples)))
+            sample = self.samples[i]
+            seed = [c.seed, self.epoch, i]
+            self.stats.attempt()
+            try:
+                raw = call_with_timeout(lambda: self._decode(sample, seed), c.decode_timeout, sample.primary_path)
+            except MediaError as err:
+                if c.strict:
+                    raise
+                self.stats.record(err)
+                if self.stats.attempts >= c.min_attempts and self.stats.fraction() > c.max_bad_fraction:
+                    raise TooManyBadSamples(
+                        f"bad-sample fraction {self.stats.fraction():.1%} passed the bound "
+                        f"{c.max_bad_fraction:.1%}: {self.stats.summary()}") from None
+                continue
+            return self._finish(sample, raw, seed)
+        raise TooManyBadSamples(f"no loadable sample after {c.max_retries + 1} draws starting at index "
+                                f"{index}: {self.stats.summary()}")
+
+    def _decode(self, s: Sample, seed: list[int]) -> _Raw:
+        c = self.cfg
+        raw = _Raw()
+        rng = np.random.default_rng(seed) if c.train else None
+        if s.video is not None and c.load_video:
+            reader = open_video(s.video, c.backend, c.decode_threads)
+            try:
+                first = int(math.floor(s.start * reader.fps)) if s.start is not None else 0
+                last = int(math.ceil(s.end * reader.fps)) if s.end is not None else None
+                idx = sample_indices(reader.num_frames, reader.fps, mode=c.mode, num_frames=c.num_frames,
+                                     target_fps=c.target_fps, stride=c.stride, start_frame=first,
+                                     end_frame=last, rng=rng)
+                need = c.min_frames if c.min_frames is not None else (
+                    c.num_frames if c.mode == "count" and c.num_frames else 1)
+                if len(idx) < need:
+                    raise MediaError(s.video, "too_short", f"{len(idx)} frames in the window, {need} needed "
+                                     f"(clip has {reader.num_frames} at {reader.fps:g} fps)")
+                size = short_side_size((reader.height, reader.width), c.short_side)
+                raw.video, raw.video_times = reader.read(idx, size=size, chunk=c.chunk)
+            except MediaError:
+                raise
+            except Exception as err:
+                raise diagnose(s.video, err) from err
+            if c.load_audio:
+                src = s.audio or s.video
+                t0 = float(raw.video_times[0])
+                t1 = float(raw.video_times[-1]) + 1.0 / reader.fps
+                try:
+                    raw.audio = audio_mod.read_audio(src, c.sample_rate, t0, t1, c.audio_backend)
+                    raw.audio_start = t0
+                except MediaError as err:
+                    if err.reason != "no_audio" or c.require_audio or s.audio is not None:
+                        raise
+        elif s.audio is not None and c.load_audio:
+            start = s.start or 0.0
+            end = s.end if s.end is not None else None
+            wave = audio_mod.read_audio(s.audio, c.sample_rate, start, end, c.audio_backend)
+            raw.audio = wave[: int(c.max_audio_seconds * c.sample_rate)] if end is None else wave
+            raw.audio_start = start
+        if s.image is not None and c.load_image:
+            raw.image = read_image(s.image)
+        if raw.video is None and raw.audio is None and raw.image is None:
+            raise ValueError(f"sample {s.id!r} (manifest line {s.line}) has no modality this config loads")
+        return raw
+
+    def _finish(self, s: Sample, raw: _Raw, seed: list[int]) -> dict[str, Any]:
+        c = self.cfg
+        out: dict[str, Any] = {"id": s.id, "caption": s.caption, "captions": list(s.captions)}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+            if raw.video is not None:
+                frames = torch.from_numpy(raw.video).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
+                out["video"] = apply_clip(self._video_tf, frames)
+                out["video_times"] = torch.from_numpy(np.asarray(raw.video_times, np.float64))
+            if raw.image is not None:
+                img = apply_image(self._image_tf, raw.image)
+                if c.image_as_video and "video" not in out:
+                    out["video"] = img[None]  # (1, C, H, W)
+                    out["video_times"] = torch.zeros(1, dtype=torch.float64)
+                else:
+                    out["image"] = img
+        if raw.audio is not None:
+            out["audio"] = audio_mod.log_mel(raw.audio, c.sample_rate, c.n_mels, c.win_seconds, c.hop_seconds)
+            out["audio_start"] = raw.audio_start
+        out["audio_hop_seconds"] = c.hop_seconds
+        return out
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode a PNG / JPEG / ... to (3, H, W) uint8 RGB with torchvision.io."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    check_file(path)
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except Exception as err:
+        raise diagnose(path, err) from err

@@ -1,0 +1,289 @@
+"""Video decoding: frame-index sampling and two backends (decord by default, PyAV).
+
+Legend: T sampled frames, H x W frame size, 3 RGB channels, N frames in the file.
+
+- ``sample_indices`` picks which of the N frames to decode (by count, by fps, by stride).
+- ``open_video(path, backend)`` returns a reader with ``num_frames``, ``fps`` and
+  ``read(indices, size) -> (frames (T, H, W, 3) uint8, times (T,) seconds)``. Frames are
+  decoded in chunks of ``chunk`` indices and each chunk is resized to ``size`` before the next
+  is decoded, so a clip of thousands of frames never holds more than one chunk at full size.
+  Both backends resize with the same torch code, so they agree up to decoder rounding.
+- ``call_with_timeout`` runs a decode in a helper thread and abandons it when it hangs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Callable, Protocol, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MediaError, check_file, diagnose
+
+BACKENDS = ("decord", "pyav")
+SAMPLING = ("count", "fps", "stride")
+R = TypeVar("R")
+
+
+# --------------------------------------------------------------------------------------------
+# which frames
+
+
+def sample_indices(n_frames: int, fps: float, *, mode: str = "count", num_frames: int | None = 16,
+                   target_fps: float | None = None, stride: int = 1, start_frame: int = 0,
+                   end_frame: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Frame indices (T,) int64 to decode from the window [start_frame, end_frame) of a clip.
+
+    Modes:
+        ``count``: ``num_frames`` frames spread uniformly over the window: the centres of T equal
+            segments, or (``rng`` given, training) one random offset shared by all segments.
+        ``fps``: frames at ``target_fps`` (nearest source frame); ``num_frames`` of them (all
+            that fit when None) starting at the window start, or at a random start with ``rng``.
+        ``stride``: every ``stride``-th frame; ``num_frames`` of them (all when None), random
+            start with ``rng``.
+
+    A window shorter than asked yields fewer frames (the caller decides whether that is an
+    error); a window of zero frames yields an empty array.
+    """
+    if mode not in SAMPLING:
+        raise ValueError(f"mode must be one of {SAMPLING}, got {mode!r}")
+    end = n_frames if end_frame is None else min(end_frame, n_frames)
+    start = max(0, start_frame)
+    length = end - start
+    if length <= 0:
+        return np.zeros(0, np.int64)
+    if mode == "count":
+        if num_frames is None or num_frames <= 0:
+            raise ValueError(f"mode 'count' needs num_frames > 0, got {num_frames}")
+        if length <= num_frames:
+            return np.arange(start, end, dtype=np.int64)
+        u = rng.random() if rng is not None else 0.5
+        pos = (np.arange(num_frames) + u) * (length / num_frames)
+        return start + np.minimum(np.floor(pos).astype(np.int64), length - 1)
+    if mode == "fps":
+        if not target_fps or target_fps <= 0:
+            raise ValueError(f"mode 'fps' needs target_fps > 0, got {target_fps}")
+        step = fps / target_fps  # source frames per sampled frame
+        avail = int(math.floor((length - 1) / step)) + 1
+        t = avail if num_frames is None else min(num_frames, avail)
+        slack = (length - 1) - (t - 1) * step
+        off = rng.random() * slack if (rng is not None and slack > 0) else 0.0
+        idx = np.floor(off + np.arange(t) * step + 0.5).astype(np.int64)
+        return start + np.minimum(idx, length - 1)
+    if stride < 1:
+        raise ValueError(f"mode 'stride' needs stride >= 1, got {stride}")
+    avail = (length - 1) // stride + 1
+    t = avail if num_frames is None else min(num_frames, avail)
+    slack = (length - 1) - (t - 1) * stride
+    off = int(rng.integers(0, slack + 1)) if (rng is not None and slack > 0) else 0
+    return start + off + np.arange(t, dtype=np.int64) * stride
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Resize (T, H, W, 3) uint8 to (T, h, w, 3) uint8 with antialiased bilinear filtering."""
+    if size is None or tuple(frames.shape[1:3]) == tuple(size):
+        return frames
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def short_side_size(hw: tuple[int, int], short_side: int | None) -> tuple[int, int] | None:
+    """(h, w) with the shorter side scaled to ``short_side``, keeping the aspect ratio."""
+    if short_side is None:
+        return None
+    h, w = hw
+    s = short_side / min(h, w)
+    return (max(1, round(h * s)), max(1, round(w * s)))
+
+
+# --------------------------------------------------------------------------------------------
+# readers
+
+
+class VideoReader(Protocol):
+    path: Path
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+    def read(self, indices: np.ndarray, size: tuple[int, int] | None = None,
+             chunk: int = 64) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class DecordVideo:
+    """decord.VideoReader behind the common interface (decord's own FFmpeg, CPU context)."""
+
+    def __init__(self, path: str | Path, num_threads: int = 1):
+        import decord
+
+        decord.logging.set_level(decord.logging.QUIET)
+        self.path = Path(path)
+        self._vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
+        self.num_frames = len(self._vr)
+        self.fps = float(self._vr.get_avg_fps())
+        self.height, self.width = self._vr[0].shape[:2] if self.num_frames else (0, 0)
+        self._vr.seek(0)
+
+    def read(self, indices, size=None, chunk=64):
+        indices = np.asarray(indices, np.int64)
+        out_hw = size or (self.height, self.width)
+        out = np.empty((len(indices), *out_hw, 3), np.uint8)
+        for a in range(0, len(indices), chunk):
+            idx = indices[a:a + chunk].tolist()
+            out[a:a + len(idx)] = resize_frames(self._vr.get_batch(idx).asnumpy(), size)
+        times = self._vr.get_frame_timestamp(indices.tolist())[:, 0] if len(indices) else np.zeros(0)
+        return out, np.asarray(times, np.float64)
+
+
+class PyAVVideo:
+    """PyAV (FFmpeg bindings) behind the common interface.
+
+    A frame's index is its presentation time times the stream's average rate, so seeking to a
+    key frame and decoding forward lands on exact indices. Sorted index runs are decoded in one
+    forward pass; a gap wider than ``seek_gap`` frames seeks instead of decoding through.
+    """
+
+    def __init__(self, path: str | Path, num_threads: int = 1, seek_gap: int = 64):
+        import av
+
+        self.path = Path(path)
+        self._c = av.open(str(path))
+        if not self._c.streams.video:
+            self._c.close()
+            raise MediaError(path, "corrupt", "no video stream")
+        self._s = self._c.streams.video[0]
+        self._s.thread_type = "AUTO" if num_threads != 1 else "SLICE"
+        rate = self._s.average_rate or self._s.guessed_rate
+        if not rate:
+            raise MediaError(path, "corrupt", "video stream has no frame rate")
+        self.fps = float(rate)
+        self._tb = float(self._s.time_base)
+        self._t0 = self._s.start_time or 0
+        n = self._s.frames
+        if not n:
+            dur = (self._s.duration * self._tb) if self._s.duration else (self._c.duration or 0) / 1e6
+            n = int(round(dur * self.fps))
+        self.num_frames = int(n)
+        self.height, self.width = self._s.codec_context.height, self._s.codec_context.width
+        self.seek_gap = seek_gap
+
+    def _index(self, frame) -> int:
+        return int(round((frame.pts - self._t0) * self._tb * self.fps))
+
+    def _decode_from(self, first: int):
+        if first > 0:
+            pts = int(first / self.fps / self._tb) + self._t0
+            self._c.seek(pts, stream=self._s, backward=True, any_frame=False)
+        else:
+            self._c.seek(self._t0, stream=self._s, backward=True, any_frame=False)
+        for frame in self._c.decode(self._s):
+            yield self._index(frame), frame
+
+    def read(self, indices, size=None, chunk=64):
+        indices = np.asarray(indices, np.int64)
+        out_hw = size or (self.height, self.width)
+        out = np.empty((len(indices), *out_hw, 3), np.uint8)
+        times = np.zeros(len(indices), np.float64)
+        order = np.argsort(indices, kind="stable")
+        wanted = indices[order]
+        pending: list[tuple[int, np.ndarray]] = []  # (output slot, native frame) awaiting resize
+
+        def flush():
+            if pending:
+                slots = [s for s, _ in pending]
+                out[slots] = resize_frames(np.stack([f for _, f in pending]), size)
+                pending.clear()
+
+        k = 0
+        while k < len(wanted):
+            exhausted = True
+            for idx, frame in self._decode_from(int(wanted[k])):
+                if idx < wanted[k]:
+                    continue
+                # a requested index absent from the stream (variable frame rate) takes the next frame
+                arr = frame.to_ndarray(format="rgb24")
+                while k < len(wanted) and wanted[k] <= idx:
+                    pending.append((int(order[k]), arr))
+                    times[order[k]] = float(frame.pts - self._t0) * self._tb
+                    k += 1
+                    if len(pending) >= chunk:
+                        flush()
+                if k >= len(wanted) or wanted[k] - idx > self.seek_gap:
+                    exhausted = False
+                    break
+            if exhausted and k < len(wanted):
+                raise MediaError(self.path, "truncated",
+                                 f"stream ended before frame {int(wanted[k])} of {self.num_frames}")
+        flush()
+        return out, times
+
+    def close(self):
+        self._c.close()
+
+    def __del__(self):
+        try:
+            self._c.close()
+        except Exception:
+            pass
+
+
+def open_video(path: str | Path, backend: str = "decord", num_threads: int = 1) -> VideoReader:
+    """Open ``path`` with ``backend`` (``decord`` or ``pyav``); failures become MediaError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_file(path)
+    try:
+        return DecordVideo(path, num_threads) if backend == "decord" else PyAVVideo(path, num_threads)
+    except MediaError:
+        raise
+    except Exception as err:  # decord raises RuntimeError / DECORDError, PyAV av.error.*
+        raise diagnose(path, err) from err
+
+
+def read_frames(path: str | Path, indices, *, backend: str = "decord", size: tuple[int, int] | None = None,
+                chunk: int = 64, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``indices`` of ``path``: frames (T, H, W, 3) uint8 and their times (T,) in seconds."""
+    reader = open_video(path, backend, num_threads)
+    try:
+        return reader.read(np.asarray(indices, np.int64), size=size, chunk=chunk)
+    except MediaError:
+        raise
+    except Exception as err:
+        raise diagnose(path, err) from err
+
+
+# --------------------------------------------------------------------------------------------
+# timeouts
+
+
+def call_with_timeout(fn: Callable[[], R], timeout: float | None, path: str | Path = "") -> R:
+    """Run ``fn`` and return its result, or raise MediaError(reason="timeout") after ``timeout`` s.
+
+    The call runs in a daemon thread; a decoder stuck in C code cannot be interrupted, so the
+    thread is abandoned (it ends on its own if the decoder ever returns). ``None`` or ``<= 0``
+    runs ``fn`` inline.
+    """
+    if not timeout or timeout <= 0:
+        return fn()
+    box: dict[str, object] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller below
+            box["error"] = err
+
+    th = threading.Thread(target=target, name=f"decode:{Path(str(path)).name}", daemon=True)
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        raise MediaError(path, "timeout", f"decode did not finish in {timeout:g} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

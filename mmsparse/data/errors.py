@@ -1,0 +1,156 @@
+"""Media failures: one exception type carrying a reason, a diagnosis helper, and the counter.
+
+Reasons (``REASONS``): ``missing`` (no such file), ``unreadable`` (a directory, no permission,
+I/O error), ``empty`` (zero bytes), ``truncated`` (the container declares more bytes than the
+file holds), ``corrupt`` (anything else the decoder rejects), ``no_audio`` (audio required but
+the file has no audio track), ``too_short`` (fewer frames than asked), ``timeout`` (decode did
+not finish in time).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import stat
+from pathlib import Path
+
+log = logging.getLogger("mmsparse.data")
+
+REASONS = ("missing", "unreadable", "empty", "truncated", "corrupt", "no_audio", "too_short", "timeout")
+
+
+class MediaError(Exception):
+    """A sample could not be loaded; ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str = ""):
+        if reason not in REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}; expected one of {REASONS}")
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return (MediaError, (self.path, self.reason, self.detail))
+
+
+class TooManyBadSamples(RuntimeError):
+    """The fraction of failed samples passed the configured bound; the message is the summary."""
+
+
+def check_file(path: str | Path) -> None:
+    """Raise MediaError for a path that cannot be a media file before any decoder touches it.
+
+    Non-regular files (named pipes, devices) are passed on: FFmpeg can read them, and a pipe
+    that never delivers is what the decode timeout is for.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise MediaError(p, "missing", "no such file") from None
+    except OSError as err:
+        raise MediaError(p, "unreadable", err.strerror or str(err)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MediaError(p, "unreadable", "is a directory")
+    if stat.S_ISREG(st.st_mode):
+        if st.st_size == 0:
+            raise MediaError(p, "empty", "zero-length file")
+        if not os.access(p, os.R_OK):
+            raise MediaError(p, "unreadable", "permission denied")
+
+
+def _iso_bmff_truncated(path: Path) -> bool:
+    """True when an MP4/MOV top-level box runs past the end of the file (a cut-off download)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 8 or head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+                return False
+            pos = 0
+            while pos + 8 <= size:
+                fh.seek(pos)
+                hdr = fh.read(16)
+                n = int.from_bytes(hdr[:4], "big")
+                if n == 1 and len(hdr) >= 16:
+                    n = int.from_bytes(hdr[8:16], "big")
+                elif n == 0:  # box extends to the end of the file by definition
+                    return False
+                if n < 8:
+                    return False
+                if pos + n > size:
+                    return True
+                pos += n
+    except OSError:
+        return False
+    return False
+
+
+def diagnose(path: str | Path, err: BaseException) -> MediaError:
+    """Turn a decoder exception into a MediaError with the most specific reason."""
+    if isinstance(err, MediaError):
+        return err
+    p = Path(path)
+    try:
+        check_file(p)
+    except MediaError as pre:
+        return pre
+    detail = " ".join(str(err).split())[:200] or type(err).__name__
+    if isinstance(err, (PermissionError, IsADirectoryError)):
+        return MediaError(p, "unreadable", detail)
+    if _iso_bmff_truncated(p):
+        return MediaError(p, "truncated", detail)
+    return MediaError(p, "corrupt", detail)
+
+
+class FailureStats:
+    """Per-reason failure counts shared by the main process and every DataLoader worker.
+
+    Counts live in shared memory (``multiprocessing.RawArray``), so the bad-fraction bound is
+    checked against the whole loader, not one worker. The last few failures (path and reason)
+    are kept per process for the report.
+    """
+
+    def __init__(self, keep: int = 20):
+        ctx = mp.get_context()
+        self._counts = ctx.RawArray("q", len(REASONS) + 1)  # [attempts, *reasons]
+        self._lock = ctx.Lock()
+        self.keep = keep
+        self.recent: list[tuple[str, str, str]] = []
+
+    def attempt(self) -> None:
+        with self._lock:
+            self._counts[0] += 1
+
+    def record(self, err: MediaError) -> None:
+        with self._lock:
+            self._counts[1 + REASONS.index(err.reason)] += 1
+        self.recent = (self.recent + [(err.path, err.reason, err.detail)])[-self.keep:]
+        log.warning("skipping %s: %s%s", err.path, err.reason, f" ({err.detail})" if err.detail else "")
+
+    @property
+    def attempts(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {r: int(self._counts[1 + i]) for i, r in enumerate(REASONS) if self._counts[1 + i]}
+
+    @property
+    def bad(self) -> int:
+        return sum(self.counts.values())
+
+    def fraction(self) -> float:
+        return self.bad / self.attempts if self.attempts else 0.0
+
+    def reset(self) -> None:
+        with self._lock:
+            for i in range(len(self._counts)):
+                self._counts[i] = 0
+        self.recent = []
+
+    def summary(self) -> str:
+        by = ", ".join(f"{k}={v}" for k, v in self.counts.items()) or "none"
+        lines = [f"{self.bad} of {self.attempts} sample loads failed ({self.fraction():.1%}); by reason: {by}"]
+        lines += [f"  {p}: {r}" + (f" ({d})" if d else "") for p, r, d in self.recent]
+        return "\n".join(lines)
