@@ -402,17 +402,21 @@ class Random(Pattern):
     seed: int = 0
     block: int = 64
 
-    def clauses(self, ctx):
+    def groups(self, n: int) -> torch.Tensor:
+        """(ceil(n / block), r) int64: the key groups of each query group, sorted."""
         if self.blocks < 1 or self.block < 1:
             raise ValueError(f"Random needs blocks >= 1 and block >= 1, got {self.blocks}, {self.block}")
-        groups = math.ceil(ctx.n / self.block)
+        groups = math.ceil(n / self.block)
         r = min(self.blocks, groups)
         gen = torch.Generator().manual_seed(self.seed)
         chunks = []
         for start in range(0, groups, 1024):  # chunked: memory O(1024 x groups)
             rows = min(1024, groups - start)
             chunks.append(torch.rand(rows, groups, generator=gen).topk(r, dim=1).indices)
-        table = ctx.add_table(torch.cat(chunks).sort(dim=1).values)
+        return torch.cat(chunks).sort(dim=1).values
+
+    def clauses(self, ctx):
+        table = ctx.add_table(self.groups(ctx.n))
         return [(("coarse", table, self.block, self.block),)]
 
 
@@ -451,7 +455,8 @@ class BlockSparse(Pattern):
 @dataclass(frozen=True)
 class AVSync(Pattern):
     """Cross-modal time alignment: a token attends the tokens of *other* timed modalities whose
-    time-span centre lies within `window_seconds` / 2 of its own centre."""
+    time-span centre lies within `window_seconds` / 2 of its own centre. Times are compared
+    in integer ticks of 0.1 ms: centre = round((start + (t + 1/2) * seconds) * 10^4)."""
 
     window_seconds: float
 
@@ -461,14 +466,16 @@ class AVSync(Pattern):
             raise ValueError("AVSync needs segments of at least two timed modalities (Segment.seconds set)")
         if not self.window_seconds > 0:
             raise ValueError(f"AVSync.window_seconds must be positive, got {self.window_seconds}")
-        t = ctx.table.time_us  # (N, 2) in microseconds
-        centre = torch.div(t[:, 0] + t[:, 1], 2, rounding_mode="floor") // (1_000_000 // TICKS_PER_SECOND)
-        half = round(self.window_seconds * TICKS_PER_SECOND / 2)
-        has_time = t[:, 0] >= 0
-        names = sorted({s.modality for s in ctx.stream.segments})
+        centre = torch.full((ctx.n,), -1, dtype=torch.int64)
         mod = torch.full((ctx.n,), -1, dtype=torch.int64)
+        names = sorted({s.modality for s in ctx.stream.segments})
+        for _, s in timed:
+            step = ctx.table.coords[s.offset : s.end, s.time_axis].double()
+            centre[s.offset : s.end] = torch.round((s.start + (step + 0.5) * s.seconds) * TICKS_PER_SECOND).long()
         for s in ctx.stream.segments:
             mod[s.offset : s.end] = names.index(s.modality)
+        half = round(self.window_seconds * TICKS_PER_SECOND / 2)
+        has_time = centre >= 0
         flag = ctx.attr("timed", lambda: has_time)
         mid = ctx.attr("time", lambda: torch.where(has_time, centre, -1))
         lo = ctx.attr(f"{self!r}.lo", lambda: torch.where(has_time, centre - half, 0))

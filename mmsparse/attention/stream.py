@@ -227,12 +227,10 @@ class TokenTable:
 
     segment: index of the token's segment, -1 outside any segment (global tokens, padding).
     coords: (N, 3) grid coordinates (unused axes and non-segment tokens: -1).
-    time_us: (N, 2) start and end time in microseconds (-1 where the segment has no time).
     """
 
     segment: torch.Tensor
     coords: torch.Tensor
-    time_us: torch.Tensor
 
 
 @lru_cache(maxsize=32)
@@ -240,18 +238,11 @@ def token_table(layout: StreamLayout) -> TokenTable:
     n = layout.length
     segment = torch.full((n,), -1, dtype=torch.int64)
     coords = torch.full((n, 3), -1, dtype=torch.int64)
-    time_us = torch.full((n, 2), -1, dtype=torch.int64)
     for i, seg in enumerate(layout.segments):
         sl = slice(seg.offset, seg.end)
         segment[sl] = i
-        c = seg.coords()
-        coords[sl, : seg.ndim] = c
-        if seg.seconds is not None:
-            step = c[:, seg.time_axis].double()
-            t0 = (seg.start + step * seg.seconds) * 1e6
-            time_us[sl, 0] = t0.round().long()
-            time_us[sl, 1] = (t0 + seg.seconds * 1e6).round().long()
-    return TokenTable(segment, coords, time_us)
+        coords[sl, : seg.ndim] = seg.coords()
+    return TokenTable(segment, coords)
 
 
 @dataclass
