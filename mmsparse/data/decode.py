@@ -127,7 +127,22 @@ class DecordVideo:
         self._vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
         self.num_frames = len(self._vr)
         self.fps = float(self._vr.get_avg_fps())
-        self.height, self.width = self._vr[0].shape[:2] if self.num_frames else (0, 0)
+        self._native: tuple[int, int] | None = None
+        try:
+            self.height, self.width = self._vr.get_batch([0]).asnumpy().shape[1:3] if self.num_frames else (0, 0)
+        except decord.DECORDError as err:
+            # decord 0.6.0 fails its RGB copy for some narrow widths (16, 48, ...): let FFmpeg
+            # scale to a width that works and resize back to the native size afterwards.
+            if "size must exactly match" not in str(err):
+                raise
+            import av
+
+            with av.open(str(path)) as c:
+                cc = c.streams.video[0].codec_context
+                self.height, self.width = cc.height, cc.width
+            self._native = (self.height, self.width)
+            self._vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads,
+                                          width=-(-self.width // 64) * 64, height=self.height)
         self._vr.seek(0)
 
     def read(self, indices, size=None, chunk=64):
@@ -136,7 +151,7 @@ class DecordVideo:
         out = np.empty((len(indices), *out_hw, 3), np.uint8)
         for a in range(0, len(indices), chunk):
             idx = indices[a:a + chunk].tolist()
-            out[a:a + len(idx)] = resize_frames(self._vr.get_batch(idx).asnumpy(), size)
+            out[a:a + len(idx)] = resize_frames(self._vr.get_batch(idx).asnumpy(), size or self._native)
         times = self._vr.get_frame_timestamp(indices.tolist())[:, 0] if len(indices) else np.zeros(0)
         return out, np.asarray(times, np.float64)
 

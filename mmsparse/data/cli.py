@@ -1,0 +1,90 @@
+"""``mmsparse data``: synth (write synthetic media), convert (annotation files -> manifest),
+check (decode every sample of a manifest and report failures)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .synth import make_dataset
+
+    path = make_dataset(args.out, clips=args.clips, frames=args.frames, seed=args.seed,
+                        size=tuple(args.size), long=args.long, fps=args.fps, images=args.images,
+                        long_frames=tuple(args.long_frames), audio=not args.no_audio)
+    print(path)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    try:
+        report = convert(args.format, args.ann, args.out, video_pattern=args.video_pattern, split=args.split)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {report}")
+    for s in report.skipped[:20]:
+        print(f"  skipped {s}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from . import DataConfig, MediaDataset
+
+    try:
+        ds = MediaDataset(args.manifest, DataConfig(backend=args.backend, num_frames=args.frames, strict=True,
+                                                    require_audio=args.require_audio, min_frames=1))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .errors import MediaError
+
+    bad = 0
+    for i in range(len(ds)):
+        try:
+            ds[i]
+        except MediaError as err:
+            ds.stats.record(err)
+            bad += 1
+            print(f"{err.path}\t{err.reason}\t{err.detail}")
+    print(ds.stats.summary().splitlines()[0].replace("sample loads", "samples"), file=sys.stderr)
+    return 1 if bad else 0
+
+
+def register(subparsers) -> None:
+    """Add ``data`` with its sub-commands to the ``mmsparse`` parser."""
+    p = subparsers.add_parser("data", help="media data: synthetic sets, annotation converters, checks",
+                              description=__doc__)
+    sub = p.add_subparsers(dest="data_command", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic H.264+AAC clips, PNG images and a manifest")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--clips", type=int, required=True)
+    s.add_argument("--frames", type=int, default=32, help="frames per clip (ignored with --long)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
+    s.add_argument("--fps", type=int, default=8)
+    s.add_argument("--images", type=int, default=None, help="PNG images (default: --clips; 0 with --long)")
+    s.add_argument("--long", action="store_true", help="needle clips of 512..4096 frames with one key event")
+    s.add_argument("--long-frames", type=int, nargs=2, default=[512, 4096], metavar=("MIN", "MAX"))
+    s.add_argument("--no-audio", action="store_true", help="write video-only files")
+    s.set_defaults(func=_synth)
+
+    c = sub.add_parser("convert", help="convert MSR-VTT / ActivityNet Captions / YouCook2 annotations")
+    c.add_argument("format", choices=["msrvtt", "activitynet", "youcook2"])
+    c.add_argument("--ann", required=True, help="annotation JSON file")
+    c.add_argument("--out", required=True, help="manifest.jsonl to write")
+    c.add_argument("--video-pattern", default="videos/{id}.mp4",
+                   help="video path relative to the manifest; fields {id}, {split}, {recipe_type}")
+    c.add_argument("--split", default=None, help="keep one split (MSR-VTT split / YouCook2 subset)")
+    c.set_defaults(func=_convert)
+
+    k = sub.add_parser("check", help="decode every sample of a manifest; print failures (path, reason)")
+    k.add_argument("manifest")
+    k.add_argument("--backend", default="decord", choices=["decord", "pyav"])
+    k.add_argument("--frames", type=int, default=4)
+    k.add_argument("--require-audio", action="store_true")
+    k.set_defaults(func=_check)

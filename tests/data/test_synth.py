@@ -1,0 +1,88 @@
+import json
+
+import av
+import numpy as np
+import pytest
+
+from mmsparse import cli
+from mmsparse.data import synth
+from mmsparse.data.decode import read_frames
+
+CLIPS, FRAMES, SIZE, FPS = 4, 24, (64, 64), 8  # as in conftest.spec
+
+
+def test_files_are_h264_with_aac_and_png(synth_manifest, synth_records, spec):
+    assert (spec.clips, spec.frames, spec.size, spec.fps) == (CLIPS, FRAMES, SIZE, FPS)
+    root = synth_manifest.parent
+    assert len(synth_records) == CLIPS
+    for rec in synth_records:
+        with av.open(str(root / rec["video"])) as c:
+            v, a = c.streams.video[0], c.streams.audio[0]
+            assert v.codec_context.name == "h264" and a.codec_context.name == "aac"
+            assert (v.codec_context.height, v.codec_context.width) == SIZE and v.frames == FRAMES
+            assert float(v.average_rate) == FPS and a.rate == 16000 and a.channels == 1
+    images = [json.loads(x) for x in (root / "images.jsonl").read_text().splitlines()]
+    assert len(images) == CLIPS
+    assert all((root / r["image"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for r in images)
+
+
+def test_captions_follow_events_and_vocabulary(synth_records):
+    vocab = set(synth.vocabulary())
+    for rec in synth_records:
+        shape, tone = rec["events"]
+        assert set(rec["caption"].split()) <= vocab
+        first = "shape" if shape["start"] < tone["start"] else "tone"
+        words = rec["caption"].split()
+        assert (words[1] in synth.COLOURS) == (first == "shape")
+        assert f"{shape['colour']} {shape['shape']} moves {shape['motion']}" in rec["caption"]
+        assert f"{tone['pitch']} tone plays" in rec["caption"]
+        assert 0 <= shape["start_frame"] < shape["end_frame"] <= FRAMES
+
+
+def test_shape_visible_exactly_in_its_frames(synth_manifest, synth_records):
+    rec = synth_records[0]
+    ev = rec["events"][0]
+    frames, _ = read_frames(synth_manifest.parent / rec["video"], np.arange(FRAMES))
+    band = synth.frame_code_height(SIZE)
+    colour = np.array(synth.COLOURS[ev["colour"]], np.float32)
+    body = frames[:, band:].astype(np.float32)
+    hits = (np.abs(body - colour).max(-1) < 40).sum((1, 2))  # pixels of the shape's colour per frame
+    inside = np.zeros(FRAMES, bool)
+    inside[ev["start_frame"]:ev["end_frame"]] = True
+    assert (hits[inside] > 20).all() and (hits[~inside] < 3).all()
+
+
+def test_deterministic_per_seed(tmp_path, synth_records):
+    a = synth.make_dataset(tmp_path / "a", clips=2, frames=12, seed=11, images=1)
+    b = synth.make_dataset(tmp_path / "b", clips=2, frames=12, seed=11, images=1)
+    c = synth.make_dataset(tmp_path / "c", clips=2, frames=12, seed=12, images=1)
+    assert a.read_text() == b.read_text() != c.read_text()
+    fa, _ = read_frames(a.parent / "videos/clip-0001.mp4", range(12))
+    fb, _ = read_frames(b.parent / "videos/clip-0001.mp4", range(12))
+    assert np.array_equal(fa, fb)
+    assert (a.parent / "images/img-0000.png").read_bytes() == (b.parent / "images/img-0000.png").read_bytes()
+
+
+def test_long_mode_single_needle(long_manifest):
+    (rec,) = [json.loads(x) for x in long_manifest.read_text().splitlines()]
+    assert 512 <= rec["frames"] <= 640 and rec["id"] == "long-0000"
+    shape, tone = rec["events"]
+    assert shape["motion"] is None and shape["end_frame"] - shape["start_frame"] == FPS
+    assert tone["start"] == pytest.approx(shape["start"]) and tone["end"] == pytest.approx(shape["end"])
+    assert rec["caption"] == f"a {shape['colour']} {shape['shape']} appears with a {tone['pitch']} tone"
+    assert not (long_manifest.parent / "images.jsonl").exists()
+
+
+def test_cli_synth(tmp_path, capsys):
+    rc = cli.main(["data", "synth", "--out", str(tmp_path), "--clips", "1", "--frames", "8", "--seed", "2",
+                   "--size", "32", "48", "--images", "0"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "manifest.jsonl")
+    frames, _ = read_frames(tmp_path / "videos/clip-0000.mp4", [7])
+    assert frames.shape == (1, 32, 48, 3) and synth.decode_frame_index(frames[0]) == 7
+
+
+@pytest.mark.parametrize("kw, msg", [({"size": (15, 64)}, "size must be even"), ({"frames": 2}, "frames >= 4"),
+                                     ({"long": True, "long_frames": (4, 10)}, "long_frames")])
+def test_bad_arguments(tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        synth.make_dataset(tmp_path, clips=1, **kw)
