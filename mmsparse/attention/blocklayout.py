@@ -99,7 +99,8 @@ class BlockLayout:
         """Exact number of attending (query, key) pairs; evaluates the partial blocks once."""
         if self._attended is None:
             count = _pairs_in_blocks(self, self.q_full_ptr, self.q_full_idx)
-            for qi, ki, valid in self.iter_partial_blocks():
+            chunk = max(64, (1 << 24) // (self.block_q * self.block_k))
+            for qi, ki, valid in self.iter_partial_blocks(chunk):
                 count += int((self.program.evaluate(qi, ki) & valid).sum())
             self._attended = count
         return self._attended

@@ -1,0 +1,321 @@
+"""Attention benchmark: the BENCHMARKS.md workloads, every backend side by side in one run.
+
+    python bench/attention.py                 # GPU: all workloads; CPU: reduced, reference only
+    python bench/attention.py --only A1,A3    # a subset
+    python bench/attention.py --quick         # fewer repetitions
+
+For each workload row: forward and forward+backward time, effective TFLOP/s (4 x attended
+pairs x head_dim x heads per forward; forward+backward counts 3.5x; the dense SDPA anchor
+counts its own N^2 pairs, and `effective_*` in the JSON its pattern's), the exact density, the
+block density and the block utilization (attended / computed pairs), for each mmsparse
+backend present (triton when the kernels import, flex on CUDA; reference on CPU) and the
+anchors of BENCHMARKS.md measured in the same run (dense SDPA flash; SDPA on the permuted
+batch for axial attention). Writes bench/results/<device>-<date>.json, a markdown table
+beside it, and a PNG of speedup over dense SDPA against density.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmsparse.attention import (
+    Axial, Dense, Local, StreamLayout, Tiled, bigbird, build_layout, longformer, sparse_attention,
+    sparse_transformer,
+)
+from mmsparse.attention import blocklayout as _bl
+from mmsparse.attention.backends import _triton_available
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Workload:
+    id: str
+    name: str
+    pattern: object
+    grid: tuple
+    heads: int
+    head_dim: int
+    order: object = "raster"
+    anchors: tuple = ("sdpa_dense",)
+    axial_axis: int | None = None
+    backward: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def stream(self) -> StreamLayout:
+        return StreamLayout.from_grid(self.grid, order=self.order)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.grid)
+
+
+def gpu_workloads() -> list[Workload]:
+    a1, a2 = (16, 32, 32), (32, 48, 48)
+    w = []
+    for h, d in ((16, 64), (8, 128)):
+        w.append(Workload("A1", f"3D window (5,9,9) raster {h}x{d}", Local((5, 9, 9)), a1, h, d))
+        w.append(Workload("A2", f"3D window (7,13,13) raster {h}x{d}", Local((7, 13, 13)), a2, h, d))
+    w.append(Workload("A2", "3D window (7,13,13) tile order 8x128", Local((7, 13, 13)), a2, 8, 128, order=(4, 4, 8)))
+    w.append(Workload("A3", "tile window r=1, N=16,384, 8x128", Tiled((4, 4, 8), 1), a1, 8, 128, order=(4, 4, 8)))
+    w.append(Workload("A3", "tile window r=1, N=73,728, 16x64", Tiled((4, 4, 8), 1), a2, 16, 64, order=(4, 4, 8)))
+    w.append(Workload("A3", "tile window r=1, N=73,728, 8x128", Tiled((4, 4, 8), 1), a2, 8, 128, order=(4, 4, 8)))
+    for axis, name in ((0, "T"), (1, "H"), (2, "W")):
+        w.append(Workload("A4", f"axial {name}, 8x128", Axial(axis), a2, 8, 128, anchors=("sdpa_axial",), axial_axis=axis))
+    n5 = (65536,)
+    w.append(Workload("A5", "Longformer (513 + 64 global), 16x64", longformer(513, 64), n5, 16, 64))
+    w.append(Workload("A5", "BigBird (513, 64 global, 3 random), 16x64", bigbird(513, 64, 3, 64), n5, 16, 64))
+    w.append(Workload("A5", "Sparse Transformer strided 128, 16x64", sparse_transformer(128), n5, 16, 64))
+    w.append(Workload("dense", "dense N=16,384, 16x64", Dense(), a1, 16, 64))
+    w.append(Workload("dense", "dense N=73,728, 8x128", Dense(), a2, 8, 128))
+    w.append(Workload("A6", "3D window (3,9,9), N=1,048,576, 8x128", Local((3, 9, 9)), (256, 64, 64), 8, 128, anchors=()))
+    return w
+
+
+def cpu_workloads() -> list[Workload]:
+    return [
+        Workload("A1-cpu", "3D window (3,5,5) on (8,16,16), 4x32", Local((3, 5, 5)), (8, 16, 16), 4, 32),
+        Workload("A3-cpu", "tile window r=1 on (8,16,16), 4x32", Tiled((4, 4, 8), 1), (8, 16, 16), 4, 32, order=(4, 4, 8)),
+        Workload("A5-cpu", "Longformer (129 + 16 global), N=4,096, 4x32", longformer(129, 16), (4096,), 4, 32),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def timer(fn, device: str, reps: int) -> float:
+    """Median milliseconds of fn()."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=max(3, reps // 4), rep=reps * 10))
+    fn()
+    times = []
+    for _ in range(max(3, reps // 10)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(make_fn, q, k, v, device, reps, backward=True):
+    """(fwd ms, fwd+bwd ms) of out = make_fn(q, k, v)."""
+    with torch.no_grad():
+        fwd = timer(lambda: make_fn(q, k, v), device, reps)
+    both = None
+    if backward:
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        dout = torch.randn_like(q)
+
+        def step():
+            for t in (qg, kg, vg):
+                t.grad = None
+            make_fn(qg, kg, vg).backward(dout)
+
+        both = timer(step, device, reps)
+    return fwd, both
+
+
+def axial_sdpa(axis: int, grid):
+    """SDPA on the permuted batch: move the attended axis last, fold the others into batch."""
+
+    def fn(q, k, v):
+        b, h, n, d = q.shape
+        perm = [0, 2, 3, 4]
+        perm.remove(axis + 2)
+
+        def fold(x):
+            x = x.view(b * h, *grid, d)
+            x = x.permute(0, *[p - 1 for p in perm[1:]], axis + 1, 4)  # (BH, others, axis, D)
+            return x.reshape(-1, grid[axis], d)
+
+        out = F.scaled_dot_product_attention(fold(q)[:, None], fold(k)[:, None], fold(v)[:, None])[:, 0]
+        others = [grid[p - 2] for p in perm[1:]]
+        out = out.view(b * h, *others, grid[axis], d)
+        inv = [0] * 5
+        order = [0] + [p - 1 for p in perm[1:]] + [axis + 1, 4]
+        for i, o in enumerate(order):
+            inv[o] = i
+        return out.permute(*inv).reshape(b, h, n, d)
+
+    return fn
+
+
+def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> list[dict]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    stream = wl.stream
+    _bl._build_cached.cache_clear()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    layout = build_layout(wl.pattern, stream, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    build_ms = (time.perf_counter() - t0) * 1e3
+    attended = layout.attended_pairs()
+    computed = layout.computed_pairs()
+    n = layout.n
+    q, k, v = (torch.randn(1, wl.heads, n, wl.head_dim, device=device, dtype=dtype) for _ in range(3))
+    fwd_flops = 4 * attended * wl.head_dim * wl.heads
+    base = dict(
+        id=wl.id, workload=wl.name, n=n, heads=wl.heads, head_dim=wl.head_dim,
+        order="raster" if wl.order == "raster" else "tile" + "x".join(map(str, wl.order)),
+        density=attended / n / n, block_density=layout.block_density, utilization=attended / computed,
+        full_blocks=layout.num_full, partial_blocks=layout.num_partial, layout_build_ms=build_ms,
+    )
+    rows = []
+    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, layout, backend=b)) for b in backends]
+    for a in wl.anchors:
+        if a == "sdpa_dense":
+            candidates.append((a, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)))
+        elif a == "sdpa_axial":
+            candidates.append((a, axial_sdpa(wl.axial_axis, wl.grid)))
+    for name, fn in candidates:
+        row = dict(base, backend=name)
+        flops = fwd_flops if not name.startswith("sdpa_dense") else 4 * n * n * wl.head_dim * wl.heads
+        try:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            fwd, both = measure(fn, q, k, v, device, reps, wl.backward)
+            row.update(fwd_ms=fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
+                       fwd_bwd_tflops=(3.5 * flops / both / 1e9) if both else None,
+                       effective_fwd_bwd_tflops=(3.5 * fwd_flops / both / 1e9) if both else None)
+            if device == "cuda":
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        except Exception as err:  # a backend that cannot run a workload is reported, not fatal
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        rows.append(row)
+        print(format_row(row), flush=True)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['id']} | {r['workload']} | {r['backend']} | error: {r['error']} |"
+    fb = f"{r['fwd_bwd_ms']:.2f}" if r.get("fwd_bwd_ms") else "-"
+    fbt = f"{r['fwd_bwd_tflops']:.1f}" if r.get("fwd_bwd_tflops") else "-"
+    return (
+        f"| {r['id']} | {r['workload']} | {r['order']} | {r['backend']} | {r['fwd_ms']:.3f} | {fb} | "
+        f"{r['fwd_tflops']:.1f} | {fbt} | {100 * r['density']:.3f} | {100 * r['block_density']:.2f} | "
+        f"{100 * r['utilization']:.1f} | {r['layout_build_ms']:.1f} |"
+    )
+
+
+HEADER = (
+    "| id | workload | order | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | "
+    "density % | block density % | utilization % | layout build ms |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def plot(rows: list[dict], path: Path, device_name: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = {(r["n"], r["heads"], r["head_dim"]): r["fwd_bwd_ms"] for r in rows
+             if r["backend"] == "sdpa_dense" and r.get("fwd_bwd_ms")}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for backend, marker in (("triton", "o"), ("flex", "s"), ("reference", "^")):
+        pts = [(r["density"], dense[(r["n"], r["heads"], r["head_dim"])] / r["fwd_bwd_ms"]) for r in rows
+               if r["backend"] == backend and r.get("fwd_bwd_ms") and (r["n"], r["heads"], r["head_dim"]) in dense]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, label=backend)
+    xs = [10 ** (e / 10) for e in range(-25, 1)]
+    ax.plot(xs, [1 / x for x in xs], "k--", linewidth=0.8, label="ideal (1 / density)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("attention density (attended pairs / N^2)")
+    ax.set_ylabel("fwd+bwd speedup over dense SDPA (same N, heads)")
+    ax.set_title(f"mmsparse attention, {device_name}", fontsize=9)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated workload ids (A1,...,A6,dense)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        backends = (["triton"] if _triton_available() else []) + ["flex"]
+        workloads = gpu_workloads()
+        device_name = torch.cuda.get_device_name()
+    else:
+        backends = ["reference"]
+        workloads = cpu_workloads()
+        device_name = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if only:
+        workloads = [w for w in workloads if w.id in only or w.id.split("-")[0] in only]
+    reps = 10 if args.quick else 40
+    print(f"# mmsparse attention benchmark on {device_name}, torch {torch.__version__}, "
+          f"triton {_version('triton')}, backends {backends}\n\n{HEADER}", flush=True)
+    rows = []
+    for wl in workloads:
+        rows += run_workload(wl, device, backends, reps)
+    # the layout compiler on its own: A2 cold, on this device (and the CPU target)
+    build = {}
+    for dev in {device, "cpu"}:
+        _bl._build_cached.cache_clear()
+        t0 = time.perf_counter()
+        build_layout(Local((7, 13, 13)), (32, 48, 48), device=dev)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        build[dev] = (time.perf_counter() - t0) * 1e3
+    print(f"\nA2 layout build, cold: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in build.items()))
+
+    date = dt.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:40]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"attention-{slug}-{date}"
+    result = dict(
+        device=device_name, torch=torch.__version__, triton=_version("triton"), python=platform.python_version(),
+        date=date, backends=backends, dtype="bfloat16" if device == "cuda" else "float32",
+        a2_layout_build_ms=build, rows=rows,
+    )
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(
+        f"# Attention benchmark: {device_name}\n\ntorch {torch.__version__}, triton {_version('triton')}, {date}\n\n"
+        + HEADER + "\n" + "\n".join(format_row(r) for r in rows)
+        + "\n\nA2 layout build, cold: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in build.items()) + "\n"
+    )
+    plot(rows, stem.with_suffix(".png"), device_name)
+    print(f"\nwrote {stem}.json, .md, .png")
+    return 0
+
+
+def _version(mod: str) -> str:
+    try:
+        return __import__(mod).__version__
+    except ImportError:
+        return "absent"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
