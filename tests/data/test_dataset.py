@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmsparse.data import DataConfig, MediaDataset, ShardedSampler, collate, make_loader, synth
+from mmsparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _unnorm(x: torch.Tensor) -> np.ndarray:
+    """(..., C, H, W) normalised float -> (..., H, W, C) uint8-range float."""
+    m = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    s = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((x * s + m) * 255).movedim(-3, -1).numpy()
+
+
+def test_batch_layout(synth_manifest, spec):
+    cfg = DataConfig(num_frames=6, crop=(48, 48), short_side=56)
+    b = next(iter(make_loader(synth_manifest, cfg, batch_size=3)))
+    assert b["video"].shape == (3, 6, 3, 48, 48) and b["video"].dtype == torch.float32
+    assert b["video_mask"].shape == (3, 6) and b["video_mask"].all()
+    assert b["video_times"].shape == (3, 6)
+    assert b["audio"].shape[:2] == (3, 128) and b["audio_mask"].shape == (3, b["audio"].shape[2])
+    assert b["audio_hop_seconds"] == 0.01 and b["audio_start"].shape == (3,)
+    assert len(b["caption"]) == len(b["id"]) == len(b["captions"]) == 3
+    assert isinstance(b["captions"][0], list) and b["caption"][0] == b["captions"][0][0]
+    # eval sampling: segment centres, and the audio window starts at the first frame
+    expect = (np.arange(6) + 0.5) * spec.frames / 6
+    np.testing.assert_allclose(b["video_times"][0].numpy(), np.floor(expect) / spec.fps)
+    np.testing.assert_allclose(b["audio_start"].numpy(), b["video_times"][:, 0].numpy())
+    assert abs(b["audio"].shape[2] * 0.01 - (b["video_times"][0, -1] - b["video_times"][0, 0] + 1 / spec.fps)) < 0.03
+
+
+def test_frames_are_the_sampled_ones(synth_manifest, spec):
+    ds = MediaDataset(synth_manifest, DataConfig(num_frames=5, normalize=False, train=True, flip=False))
+    item = ds[1]
+    idx = np.round(item["video_times"].numpy() * spec.fps).astype(int)
+    got = [synth.decode_frame_index(f) for f in (item["video"].numpy() * 255).round().astype(np.uint8)]
+    assert got == idx.tolist()
+
+
+def test_padding_masks_for_uneven_clips(tmp_path, synth_manifest, synth_records, spec):
+    root = synth_manifest.parent
+    recs = [{"id": "full", "video": str(root / synth_records[0]["video"]), "caption": "a"},
+            {"id": "part", "video": str(root / synth_records[1]["video"]), "caption": "b", "start": 0, "end": 0.5}]
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = MediaDataset(m, DataConfig(num_frames=8, min_frames=2))
+    b = collate([ds[0], ds[1]])
+    assert b["video"].shape[:2] == (2, 8)
+    assert b["video_mask"].sum(1).tolist() == [8, 4]  # 0.5 s at 8 fps = 4 frames
+    assert (b["video"][1, 4:] == 0).all() and (b["video_times"][1, 4:] == 0).all()
+    assert b["audio_mask"][1].sum() < b["audio_mask"][0].sum() and not b["audio_mask"][1, -1]
+
+
+def test_same_random_crop_and_flip_for_every_frame(synth_manifest):
+    cfg = DataConfig(num_frames=8, crop=(40, 40), train=True, normalize=False, seed=1)
+    ds = MediaDataset(synth_manifest, cfg)
+    plain = MediaDataset(synth_manifest, DataConfig(num_frames=8, normalize=False, train=True, seed=1, flip=False))
+    flips, boxes = set(), set()
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(4):
+            a, full = ds[i]["video"], plain[i]["video"]  # (T, 3, 40, 40), (T, 3, 64, 64): same frames
+            found = []
+            for flip in (False, True):
+                src = full.flip(-1) if flip else full
+                win = np.lib.stride_tricks.sliding_window_view(src[0, 0].numpy(), (40, 40))  # (25, 25, 40, 40)
+                for y, x in zip(*np.nonzero(np.abs(win - a[0, 0].numpy()).max((2, 3)) < 1e-6)):
+                    if torch.equal(src[:, :, y:y + 40, x:x + 40], a):  # every frame, one box, one flip
+                        found.append((flip, int(y), int(x)))
+            assert found, f"sample {i}: no single crop box / flip explains all frames"
+            flips.add(found[0][0])
+            boxes.add(found[0][1:])
+    assert flips == {False, True} and len(boxes) > 2  # the parameters are random per sample
+
+
+def test_deterministic_across_worker_counts(synth_manifest):
+    cfg = DataConfig(num_frames=4, crop=(32, 32), train=True, seed=7)
+
+    def run(workers):
+        loader = make_loader(synth_manifest, cfg, batch_size=2, num_workers=workers)
+        return [(b["id"], b["video"], b["video_times"]) for b in loader]
+
+    a, b = run(0), run(2)
+    assert [x[0] for x in a] == [x[0] for x in b]
+    for (_, va, ta), (_, vb, tb) in zip(a, b):
+        assert torch.equal(va, vb) and torch.equal(ta, tb)
+    other = make_loader(synth_manifest, DataConfig(num_frames=4, crop=(32, 32), train=True, seed=8), batch_size=4)
+    assert not torch.equal(next(iter(other))["video"], torch.cat([a[0][1], a[1][1]])[:4])
+
+
+def test_epoch_changes_offsets(synth_manifest):
+    ds = MediaDataset(synth_manifest, DataConfig(num_frames=4, train=True, seed=0))
+    t0 = [ds[i]["video_times"] for i in range(4)]
+    ds.set_epoch(1)
+    t1 = [ds[i]["video_times"] for i in range(4)]
+    assert any(not torch.equal(a, b) for a, b in zip(t0, t1))
+
+
+def test_images_and_image_as_video(synth_manifest, spec):
+    images = synth_manifest.parent / "images.jsonl"
+    ds = MediaDataset(images, DataConfig(crop=(32, 32), normalize=False))
+    b = collate([ds[0], ds[1]])
+    assert b["image"].shape == (2, 3, 32, 32) and b["image_mask"].all() and "video" not in b
+    one = MediaDataset(images, DataConfig(image_as_video=True, normalize=False))[0]
+    assert one["video"].shape == (1, 3, *spec.size) and one["video_times"].tolist() == [0.0]
+    rec = json.loads(images.read_text().splitlines()[0])
+    colour = np.array(synth.COLOURS[rec["caption"].split()[1]]) / 255
+    pix = one["video"][0].movedim(0, -1).reshape(-1, 3).numpy()
+    assert (np.abs(pix - colour).max(1) < 0.02).sum() > 20
+
+
+def test_mixed_video_and_image_batch(synth_manifest):
+    v = MediaDataset(synth_manifest, DataConfig(num_frames=3, load_audio=False))[0]
+    i = MediaDataset(synth_manifest.parent / "images.jsonl", DataConfig())[0]
+    b = collate([v, i])
+    assert b["video_mask"].tolist() == [[True] * 3, [False] * 3]
+    assert b["image_mask"].tolist() == [False, True] and "audio" not in b
+
+
+def test_fps_sampling_and_pyav_backend_give_same_batch(synth_manifest):
+    a = MediaDataset(synth_manifest, DataConfig(mode="fps", target_fps=4, num_frames=5, backend="pyav",
+                                                audio_backend="pyav"))[0]
+    b = MediaDataset(synth_manifest, DataConfig(mode="fps", target_fps=4, num_frames=5))[0]
+    np.testing.assert_allclose(a["video_times"].numpy(), [0, 0.25, 0.5, 0.75, 1.0])
+    assert torch.equal(a["video_times"], b["video_times"])
+    assert (a["video"] - b["video"]).abs().mean() < 0.05 and (a["audio"] - b["audio"]).abs().mean() < 0.1
+
+
+def test_collate_errors():
+    with pytest.raises(ValueError, match="at least one sample"):
+        collate([])
+    a = {"id": "a", "video": torch.zeros(2, 3, 8, 8), "video_times": torch.zeros(2)}
+    b = {"id": "b", "video": torch.zeros(2, 3, 8, 9), "video_times": torch.zeros(2)}
+    with pytest.raises(ValueError, match="differ in \\(C, H, W\\).*crop"):
+        collate([a, b])
+
+
+def test_config_and_sample_errors(synth_manifest):
+    with pytest.raises(ValueError, match="max_bad_fraction"):
+        DataConfig(max_bad_fraction=2)
+    ds = MediaDataset(synth_manifest.parent / "images.jsonl", DataConfig(load_image=False))
+    with pytest.raises(ValueError, match="img-0000.*line 1.*no modality"):
+        ds[0]
+
+
+def test_sharded_loader_covers_dataset(synth_manifest):
+    cfg = DataConfig(num_frames=2, load_audio=False)
+    ids = [i for r in range(2) for b in make_loader(synth_manifest, cfg, batch_size=1, rank=r, num_replicas=2)
+           for i in b["id"]]
+    assert sorted(ids) == sorted(s.id for s in MediaDataset(synth_manifest, cfg).samples)
+    assert isinstance(make_loader(synth_manifest, cfg).sampler, ShardedSampler)
