@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .blocklayout import BlockLayout, _rows_of
+from .lsh import lsh_attention
+from .patterns import LSH
 from .reference import reference_attention
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,14 @@ def sparse_attention(q, k, v, block_layout: BlockLayout, backend: str = "auto", 
         backend = _choose_backend(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = block_layout.to(q.device)
+    if isinstance(layout.pattern, LSH):
+        out, lse = lsh_attention(q, k, v, layout, lambda q, k, v, l: _dispatch(q, k, v, l, backend, scale, True))
+    else:
+        out, lse = _dispatch(q, k, v, layout, backend, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _dispatch(q, k, v, layout, backend, scale, return_lse):
     if backend == "reference":
         out, lse = reference_attention(q, k, v, layout, scale)
     elif backend == "sdpa":
@@ -111,7 +121,7 @@ def sparse_attention(q, k, v, block_layout: BlockLayout, backend: str = "auto", 
         out, lse = _flex(q, k, v, layout, scale)
     else:
         out, lse = _triton(q, k, v, layout, scale)
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------

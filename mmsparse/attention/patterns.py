@@ -484,6 +484,40 @@ class AVSync(Pattern):
         return [(("qflag", flag), ("kflag", flag), ("ne", m), ("range", mid, lo, hi))]
 
 
+@dataclass(frozen=True)
+class LSH(Pattern):
+    """Reformer's LSH attention: content-dependent, so it is not composable with `|` / `&`.
+
+    In each of `rounds` hashing rounds, queries and keys are hashed with the same seeded random
+    rotation into `buckets` buckets (angular LSH: argmax over [xR, -xR] of the unit vector),
+    sorted by (bucket, position), and cut into chunks of `chunk` tokens; a query chunk attends
+    its own key chunk and the one before. Rounds are merged by their log-sum-exp, as Reformer
+    does. The BlockLayout holds the chunk band in sorted order; `sparse_attention` hashes,
+    sorts, attends and unsorts (mmsparse/attention/lsh.py).
+    """
+
+    buckets: int = 32
+    rounds: int = 1
+    seed: int = 0
+    chunk: int = 64
+
+    def clauses(self, ctx):
+        if self.buckets < 2 or self.buckets % 2 or self.rounds < 1 or self.chunk < 1:
+            raise ValueError(
+                f"LSH needs an even buckets >= 2, rounds >= 1 and chunk >= 1, got "
+                f"buckets={self.buckets}, rounds={self.rounds}, chunk={self.chunk}"
+            )
+        chunks = math.ceil(ctx.n / self.chunk)
+        rows = [(i - 1, i) if i else (0,) for i in range(chunks)]
+        table = ctx.add_table(_coarse_rows(rows, chunks))
+        return [(("coarse", table, self.chunk, self.chunk),)]
+
+    def __or__(self, other):
+        raise ValueError("LSH is content-dependent and cannot be combined with other patterns")
+
+    __and__ = __ror__ = __rand__ = __or__
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets: the named systems
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +567,13 @@ def sliding_window_with_sinks(window: int = 1024, sinks: int = 4) -> Pattern:
     return (Local(window, causal=True) | Sinks(sinks)) & Causal()
 
 
+def reformer(buckets: int = 32, rounds: int = 2, chunk: int = 64, seed: int = 0) -> Pattern:
+    """Reformer: multi-round LSH attention over sorted chunks."""
+    return LSH(buckets, rounds, seed, chunk)
+
+
 PRESETS = {
+    "reformer": reformer,
     "longformer": longformer,
     "bigbird": bigbird,
     "sparse_transformer": sparse_transformer,

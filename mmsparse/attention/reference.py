@@ -117,7 +117,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float):
     return out, lse.view(b, h, n_pad)[:, :, :n]
 
 
-def _backward(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
+def _backward(q, k, v, out, lse, dout, dlse, layout: BlockLayout, scale: float):
+    """Gradients of (out, lse); dlse (B, H, N) or None. d lse / d s = p, so dlse shifts delta."""
     b, h, n, d = q.shape
     hk = k.shape[1]
     r = h // hk
@@ -130,6 +131,8 @@ def _backward(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     lse = torch.nn.functional.pad(lse, (0, n_pad - n), value=-math.inf).view(shape6)
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     delta = (do * of).sum(-1)  # (B, Hk, R, Mq, bq)
+    if dlse is not None:
+        delta = delta - torch.nn.functional.pad(dlse.float(), (0, n_pad - n)).view(shape6)
     kf, vf = k.float(), v.float()
     dq = torch.zeros_like(qf)
     dk = torch.zeros(b, hk, n + 1, d, device=q.device)  # slot n collects padding
@@ -158,16 +161,19 @@ class _ReferenceAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, layout, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale = layout, scale
-        ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.layout, ctx.scale)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = torch.where(torch.isfinite(lse), dlse, 0.0)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.layout, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def reference_attention(q, k, v, layout: BlockLayout, scale: float):
-    """out (B, H, N, D) in q's dtype, lse (B, H, N) float32. Differentiable in q, k, v."""
+    """out (B, H, N, D) in q's dtype, lse (B, H, N) float32; both differentiable in q, k, v."""
     return _ReferenceAttention.apply(q, k, v, layout, scale)

@@ -175,3 +175,26 @@ def test_gpu_layout_equals_cpu_layout():
     cpu = build_layout(pattern, grid)
     for name in ("q_full_ptr", "q_full_idx", "q_part_ptr", "q_part_idx", "k_part_ptr", "k_part_idx"):
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_gradient(backend):
+    """lse is differentiable (d lse / d s = p): needed to merge attention results (LSH rounds)."""
+    torch.manual_seed(3)
+    pattern, grid = Local((3, 3, 5)), (3, 5, 7)
+    bl = build_layout(pattern, grid, 16, 16)
+    mask = oracle_mask(pattern, grid)
+    q, k, v = (torch.randn(1, 2, bl.n, 8, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(1, 2, bl.n, dtype=torch.float64)
+
+    def truth_fn(q, k, v):
+        s = (q @ k.transpose(-1, -2)) * 8**-0.5
+        return torch.logsumexp(s.masked_fill(~mask, -math.inf), -1)
+
+    qt, kt = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    (truth_fn(qt, kt, v) * w).sum().backward()
+    qg, kg, vg = (t.float().requires_grad_(True) for t in (q, k, v))
+    _, lse = sparse_attention(qg, kg, vg, bl, backend=backend, return_lse=True)
+    (lse * w.float()).sum().backward()
+    assert max_err(qg.grad, qt.grad) < 1e-5 and max_err(kg.grad, kt.grad) < 1e-5
+    assert vg.grad is None or vg.grad.abs().max() < 1e-6
