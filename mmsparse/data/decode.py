@@ -5,9 +5,9 @@ Legend: T sampled frames, H x W frame size, 3 RGB channels, N frames in the file
 - ``sample_indices`` picks which of the N frames to decode (by count, by fps, by stride).
 - ``open_video(path, backend)`` returns a reader with ``num_frames``, ``fps`` and
   ``read(indices, size) -> (frames (T, H, W, 3) uint8, times (T,) seconds)``. Frames are
-  decoded in chunks of ``chunk`` indices and each chunk is resized to ``size`` before the next
-  is decoded, so a clip of thousands of frames never holds more than one chunk at full size.
-  Both backends resize with the same torch code, so they agree up to decoder rounding.
+  decoded in chunks of ``chunk`` indices, each frame scaled to ``size`` by FFmpeg's bicubic
+  scaler as it is decoded (decord's ``width``/``height``, PyAV's ``reformat``), so a clip of
+  thousands of frames costs memory for its output at the target size plus one chunk.
 - ``call_with_timeout`` runs a decode in a helper thread and abandons it when it hangs.
 """
 
@@ -144,14 +144,29 @@ class DecordVideo:
             self._vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads,
                                           width=-(-self.width // 64) * 64, height=self.height)
         self._vr.seek(0)
+        self._threads = num_threads
+        self._sized: dict = {}
+
+    def _reader(self, size):
+        """A reader whose FFmpeg scaler outputs ``size`` (opening one costs about 2 ms)."""
+        import decord
+
+        if size is None or tuple(size) == (self.height, self.width) or self._native is not None:
+            return self._vr, (size or self._native)  # torch resizes what decord returns
+        key = tuple(size)
+        if key not in self._sized:
+            self._sized[key] = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=self._threads,
+                                                  width=key[1], height=key[0])
+        return self._sized[key], None
 
     def read(self, indices, size=None, chunk=64):
         indices = np.asarray(indices, np.int64)
         out_hw = size or (self.height, self.width)
         out = np.empty((len(indices), *out_hw, 3), np.uint8)
+        vr, torch_size = self._reader(size)
         for a in range(0, len(indices), chunk):
             idx = indices[a:a + chunk].tolist()
-            out[a:a + len(idx)] = resize_frames(self._vr.get_batch(idx).asnumpy(), size or self._native)
+            out[a:a + len(idx)] = resize_frames(vr.get_batch(idx).asnumpy(), torch_size)
         times = self._vr.get_frame_timestamp(indices.tolist())[:, 0] if len(indices) else np.zeros(0)
         return out, np.asarray(times, np.float64)
 
@@ -173,7 +188,8 @@ class PyAVVideo:
             self._c.close()
             raise MediaError(path, "corrupt", "no video stream")
         self._s = self._c.streams.video[0]
-        self._s.thread_type = "AUTO" if num_threads != 1 else "SLICE"
+        self._s.codec_context.thread_count = num_threads  # same thread budget as decord's
+        self._s.thread_type = "AUTO"
         rate = self._s.average_rate or self._s.guessed_rate
         if not rate:
             raise MediaError(path, "corrupt", "video stream has no frame rate")
@@ -212,7 +228,7 @@ class PyAVVideo:
         def flush():
             if pending:
                 slots = [s for s, _ in pending]
-                out[slots] = resize_frames(np.stack([f for _, f in pending]), size)
+                out[slots] = np.stack([f for _, f in pending])
                 pending.clear()
 
         k = 0
@@ -222,7 +238,10 @@ class PyAVVideo:
                 if idx < wanted[k]:
                     continue
                 # a requested index absent from the stream (variable frame rate) takes the next frame
-                arr = frame.to_ndarray(format="rgb24")
+                if size is None:
+                    arr = frame.to_ndarray(format="rgb24")
+                else:  # FFmpeg's scaler, bicubic like decord's
+                    arr = frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC")
                 while k < len(wanted) and wanted[k] <= idx:
                     pending.append((int(order[k]), arr))
                     times[order[k]] = float(frame.pts - self._t0) * self._tb
