@@ -1,0 +1,202 @@
+"""MultimodalTokenizer: a data batch -> one TokenStream (global tokens, video, audio, image).
+
+Legend: B batch, N stream length, D embed dim, T frames, Tm audio frames, G global tokens.
+
+Stream layout (positions):  [0, G) global tokens | video (t, h, w) | audio (f, u) | image (h, w)
+Each segment is stored in tile order (`Segment.order`), so the 3D / 2D neighbourhoods of the
+Tiled patterns are whole blocks. With `align > 1` every segment starts at a multiple of
+`align` (the attention block size on GPU), so no block straddles two segments; the gap
+positions are padding tokens (zeros, pad_mask True) that belong to no segment.
+
+Times: `Segment.seconds` and `Segment.start` come from the batch (`video_times`,
+`audio_start`, `audio_hop_seconds`), relative to the first video frame, so `AVSync` pairs
+audio and video tokens whose time spans overlap. One StreamLayout serves the whole batch: the
+times of the first sample that has the modality are used (clips of one batch share their
+frame rate in every recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from mmsparse.attention import Segment, StreamLayout, TokenStream
+from mmsparse.attention.stream import token_table
+
+from .patch import ImageEmbed, SpectrogramEmbed, TubeletEmbed
+
+MODALITIES = ("video", "audio", "image")
+
+
+def stream_coords(layout: StreamLayout) -> torch.Tensor:
+    """coords (N, 3) int64 of every stream token, in stored order (0 outside segments)."""
+    return token_table(layout).coords.clamp(min=0)
+
+
+class MultimodalTokenizer(nn.Module):
+    """Patch-embeds the modalities of a batch and lays them out as one TokenStream.
+
+    Args:
+        embed_dim: D.
+        modalities: the encoders to build (any subset of video, audio, image).
+        tubelet: video Conv3d kernel = stride (t, h, w).
+        audio_patch, audio_stride: spectrogram Conv2d kernel and stride (mel, time).
+        image_patch: image patch size.
+        video_order, audio_order, image_order: tile shapes of each segment's stored order.
+        n_global: learned global tokens at positions [0, n_global).
+        align: segment offsets are rounded up to a multiple of this.
+        max_frames, max_audio_frames: longest input accepted (ValueError past it; None: any).
+        default_fps: frame rate assumed when the batch has no usable `video_times`.
+    """
+
+    def __init__(self, embed_dim: int, modalities=MODALITIES, tubelet=(2, 16, 16), audio_patch=16,
+                 audio_stride=10, n_mels: int = 128, image_patch: int = 16, video_order=(4, 4, 8),
+                 audio_order=(4, 32), image_order=(8, 8), n_global: int = 0, align: int = 1,
+                 in_chans: int = 3, max_frames: int | None = None, max_audio_frames: int | None = None,
+                 default_fps: float = 8.0):
+        super().__init__()
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities!r}")
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.embed_dim, self.n_global, self.align = embed_dim, n_global, max(1, int(align))
+        self.max_frames, self.max_audio_frames, self.default_fps = max_frames, max_audio_frames, default_fps
+        self.orders = {"video": tuple(video_order), "audio": tuple(audio_order), "image": tuple(image_order)}
+        self.embeds = nn.ModuleDict()
+        if "video" in self.modalities:
+            self.embeds["video"] = TubeletEmbed(tubelet, in_chans, embed_dim)
+        if "audio" in self.modalities:
+            self.embeds["audio"] = SpectrogramEmbed(audio_patch, audio_stride, n_mels, embed_dim)
+        if "image" in self.modalities:
+            self.embeds["image"] = ImageEmbed(image_patch, in_chans, embed_dim)
+        self.modality_embed = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(embed_dim)) for m in self.modalities}
+        )
+        self.global_tokens = nn.Parameter(torch.zeros(n_global, embed_dim)) if n_global else None
+        for p in self.modality_embed.values():
+            nn.init.trunc_normal_(p, std=0.02)
+        if self.global_tokens is not None:
+            nn.init.trunc_normal_(self.global_tokens, std=0.02)
+
+    # ---------------------------------------------------------------------------------------
+    def check(self, batch: Mapping[str, Any], required=()) -> list[str]:
+        """The modalities of `batch` this tokenizer uses; ValueError for a missing required one,
+        an over-long clip or a wrong shape."""
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"batch must be a dict keyed by modality, got {type(batch).__name__}")
+        missing = [m for m in required if batch.get(m) is None]
+        if missing:
+            raise ValueError(
+                f"batch is missing modality {', '.join(map(repr, missing))} required by this model "
+                f"(required: {list(required)}; batch keys: {sorted(batch)})"
+            )
+        present = [m for m in self.modalities if batch.get(m) is not None]
+        if not present:
+            raise ValueError(f"batch has none of the modalities this model reads ({list(self.modalities)})")
+        for m in present:
+            if not isinstance(batch[m], torch.Tensor):
+                raise ValueError(f"batch[{m!r}] must be a tensor, got {type(batch[m]).__name__}")
+            self.embeds[m].check(batch[m])
+        if "video" in present and self.max_frames is not None and batch["video"].shape[1] > self.max_frames:
+            raise ValueError(
+                f"video clip has T={batch['video'].shape[1]} frames, longer than the configured "
+                f"maximum max_frames={self.max_frames}"
+            )
+        if "audio" in present and self.max_audio_frames is not None and batch["audio"].shape[2] > self.max_audio_frames:
+            raise ValueError(
+                f"audio has Tm={batch['audio'].shape[2]} frames, longer than the configured maximum "
+                f"max_audio_frames={self.max_audio_frames}"
+            )
+        return present
+
+    def _aligned(self, offset: int) -> int:
+        return -(-offset // self.align) * self.align
+
+    def forward(self, batch: Mapping[str, Any], required=()) -> TokenStream:
+        """batch (the mmsparse.data Batch dict) -> TokenStream (B, N, D) with pad_mask (B, N)."""
+        present = self.check(batch, required)
+        device = self.modality_embed[present[0]].device
+        bsz = batch[present[0]].shape[0]
+        for m in present:
+            if batch[m].shape[0] != bsz:
+                raise ValueError(f"batch[{m!r}] has batch size {batch[m].shape[0]}, expected {bsz}")
+        pieces, pads, segments = [], [], []
+        offset = self.n_global
+        if self.global_tokens is not None:
+            pieces.append(self.global_tokens.expand(bsz, -1, -1))
+            pads.append(torch.zeros(bsz, self.n_global, dtype=torch.bool, device=device))
+        video_t0 = None
+        for m in present:
+            x = batch[m].to(device, non_blocking=True)
+            tokens, grid = self.embeds[m](x)  # (B, n, D) raster
+            seconds, start, pad = None, 0.0, self._pad_mask(m, batch, grid, bsz, device)
+            if m == "video":
+                seconds, video_t0 = self._video_time(batch, grid)
+            elif m == "audio":
+                seconds, start = self._audio_time(batch, video_t0)
+            seg_offset = self._aligned(offset)
+            if seg_offset > offset:  # alignment gap: padding tokens of no segment
+                gap = seg_offset - offset
+                pieces.append(tokens.new_zeros(bsz, gap, tokens.shape[-1]))
+                pads.append(torch.ones(bsz, gap, dtype=torch.bool, device=device))
+            seg = Segment(m, grid, seg_offset, self.orders[m][: len(grid)] if len(self.orders[m]) >= len(grid) else "raster",
+                          seconds, start)
+            tokens = seg.to_order(tokens + self.modality_embed[m].to(tokens.dtype), dim=1)
+            pieces.append(tokens)
+            pads.append(seg.to_order(pad, dim=1))
+            segments.append(seg)
+            offset = seg.end
+        layout = StreamLayout(tuple(segments), n_global=self.n_global, length=offset)
+        tokens = torch.cat(pieces, dim=1)  # (B, N, D)
+        pad_mask = torch.cat(pads, dim=1)
+        return TokenStream(tokens, layout, pad_mask)
+
+    # ---------------------------------------------------------------------------------------
+    def _pad_mask(self, m, batch, grid, bsz, device) -> torch.Tensor:
+        """(B, n) True on padding tokens, in raster order."""
+        n = math.prod(grid)
+        if m == "video" and batch.get("video_mask") is not None:
+            kt = self.embeds["video"].tubelet[0]
+            vm = batch["video_mask"].to(device)
+            vm = torch.nn.functional.pad(vm, (0, grid[0] * kt - vm.shape[1]))  # (B, t * kt)
+            real = vm.view(bsz, grid[0], kt).any(-1)  # (B, t)
+            return (~real)[:, :, None].expand(bsz, grid[0], grid[1] * grid[2]).reshape(bsz, n)
+        if m == "audio" and batch.get("audio_mask") is not None:
+            st = self.embeds["audio"].stride[1]
+            am = batch["audio_mask"].to(device)
+            real = am[:, torch.arange(grid[1], device=device) * st]  # (B, u): first frame of each patch
+            return (~real)[:, None, :].expand(bsz, grid[0], grid[1]).reshape(bsz, n)
+        if m == "image" and batch.get("image_mask") is not None:
+            real = batch["image_mask"].to(device)
+            return (~real)[:, None].expand(bsz, n)
+        return torch.zeros(bsz, n, dtype=torch.bool, device=device)
+
+    def _video_time(self, batch, grid):
+        kt = self.embeds["video"].tubelet[0]
+        times, mask = batch.get("video_times"), batch.get("video_mask")
+        dt, t0 = 1.0 / self.default_fps, 0.0
+        if isinstance(times, torch.Tensor):
+            times = times.detach().double().cpu()
+            mask = torch.ones(times.shape, dtype=torch.bool) if mask is None else mask.detach().cpu()
+            for b in range(times.shape[0]):
+                real = times[b][mask[b]]
+                if real.numel() >= 1:
+                    t0 = float(real[0])
+                if real.numel() >= 2 and float(real[-1] - real[0]) > 0:
+                    dt = float(real[-1] - real[0]) / (real.numel() - 1)
+                    break
+        return kt * dt, t0
+
+    def _audio_time(self, batch, video_t0):
+        emb = self.embeds["audio"]
+        hop = float(batch.get("audio_hop_seconds") or 0.01)
+        start = batch.get("audio_start")
+        a0 = float(start.reshape(-1)[0]) if isinstance(start, torch.Tensor) and start.numel() else 0.0
+        rel = a0 - (video_t0 if video_t0 is not None else a0)
+        # patch u covers frames [u * st, u * st + pt), frame j centred on a0 + j * hop; the
+        # Segment centre is start + (u + 1/2) * st * hop
+        pt, st = emb.patch[1], emb.stride[1]
+        return st * hop, rel + ((pt - 1) / 2 - st / 2) * hop

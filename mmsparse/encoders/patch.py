@@ -1,0 +1,115 @@
+"""Patch embeddings of each modality: video tubelets, audio spectrogram patches, image patches.
+
+Legend: B batch, T frames, C channels, H x W frame size, M mel bins, Tm audio frames,
+D embed dim, (t, h, w) / (f, u) / (h, w) token grids of video / audio / image.
+
+Each returns tokens in raster order of its grid plus the grid; `MultimodalTokenizer` puts them
+in tile order (`Segment.to_order`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return (v,) * 3 if isinstance(v, int) else tuple(int(x) for x in v)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v,) * 2 if isinstance(v, int) else tuple(int(x) for x in v)
+
+
+class TubeletEmbed(nn.Module):
+    """Video (B, T, C, H, W) -> tokens (B, t * h * w, D) raster, grid (t, h, w).
+
+    T is zero-padded up to a multiple of the tubelet's length; H and W must be multiples of
+    the patch size (a ValueError names the frame shape otherwise).
+    """
+
+    def __init__(self, tubelet=(2, 16, 16), in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.tubelet = _triple(tubelet)
+        self.in_chans = in_chans
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.tubelet, stride=self.tubelet)
+
+    def check(self, video: torch.Tensor) -> None:
+        kt, kh, kw = self.tubelet
+        if video.dim() != 5 or video.shape[2] != self.in_chans:
+            raise ValueError(
+                f"video must be (B, T, C={self.in_chans}, H, W) frames, got shape {tuple(video.shape)}"
+            )
+        h, w = video.shape[-2:]
+        if h % kh or w % kw:
+            raise ValueError(
+                f"video frames are {h}x{w}, which is not a multiple of the {kh}x{kw} tubelet patch "
+                f"(expected H % {kh} == 0 and W % {kw} == 0; crop or resize in the data config)"
+            )
+
+    def forward(self, video: torch.Tensor):
+        self.check(video)
+        kt = self.tubelet[0]
+        x = video.permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
+        pad_t = -x.shape[2] % kt
+        if pad_t:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad_t))
+        x = self.proj(x.to(self.proj.weight.dtype))  # (B, D, t, h, w)
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # (B, t*h*w, D)
+
+
+class SpectrogramEmbed(nn.Module):
+    """Log-mel (B, M, Tm) -> tokens (B, f * u, D) raster, grid (f, u) (AST: 16 x 16 patches,
+    stride 10 by default, so patches overlap)."""
+
+    def __init__(self, patch=16, stride=10, n_mels: int = 128, embed_dim: int = 768):
+        super().__init__()
+        self.patch, self.stride, self.n_mels = _pair(patch), _pair(stride), n_mels
+        if n_mels < self.patch[0]:
+            raise ValueError(f"n_mels={n_mels} is smaller than the audio patch {self.patch}")
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=self.patch, stride=self.stride)
+
+    def grid(self, frames: int) -> tuple[int, int]:
+        (pf, pt), (sf, st) = self.patch, self.stride
+        return (self.n_mels - pf) // sf + 1, (frames - pt) // st + 1
+
+    def check(self, audio: torch.Tensor) -> None:
+        if audio.dim() != 3 or audio.shape[1] != self.n_mels:
+            raise ValueError(f"audio must be (B, M={self.n_mels}, Tm) log-mel, got shape {tuple(audio.shape)}")
+        if audio.shape[2] < self.patch[1]:
+            raise ValueError(
+                f"audio has Tm={audio.shape[2]} frames, fewer than one {self.patch[1]}-frame patch"
+            )
+
+    def forward(self, audio: torch.Tensor):
+        self.check(audio)
+        x = self.proj(audio[:, None].to(self.proj.weight.dtype))  # (B, D, f, u)
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # (B, f*u, D)
+
+
+class ImageEmbed(nn.Module):
+    """Image (B, C, H, W) -> tokens (B, h * w, D) raster, grid (h, w), through timm's PatchEmbed
+    (any size that is a multiple of the patch)."""
+
+    def __init__(self, patch: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch, self.in_chans = _pair(patch), in_chans
+        self.proj = PatchEmbed(img_size=None, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
+                               strict_img_size=False, output_fmt="NHWC", flatten=False)
+
+    def check(self, image: torch.Tensor) -> None:
+        if image.dim() != 4 or image.shape[1] != self.in_chans:
+            raise ValueError(f"image must be (B, C={self.in_chans}, H, W), got shape {tuple(image.shape)}")
+        h, w = image.shape[-2:]
+        if h % self.patch[0] or w % self.patch[1]:
+            raise ValueError(f"image is {h}x{w}, not a multiple of the {self.patch} patch")
+
+    def forward(self, image: torch.Tensor):
+        self.check(image)
+        x = self.proj(image.to(self.proj.proj.weight.dtype))  # (B, h, w, D)
+        grid = tuple(x.shape[1:3])
+        return x.flatten(1, 2), grid  # (B, h*w, D)

@@ -1,0 +1,388 @@
+"""The multimodal sparse transformer and the video captioning model built on it.
+
+Legend: B batch, K beams, N stream tokens, E encoder channels, L text tokens, V vocabulary.
+
+    batch dict ─► MultimodalTokenizer ─► TokenStream (B, N, E)
+               ─► blocks[i](x, BlockLayout of pattern i, rotary)  (pre-norm sparse blocks)
+               ─► norm ─► memory (B, N, E) ─► CaptionDecoder ─► logits (B, L, V)
+
+`VideoCaptioner.blocks` is the encoder's ModuleList (activation checkpointing and DeepSpeed
+wrap it from outside; `decoder.blocks` likewise). The model is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmsparse.attention import StreamLayout, build_layout
+from mmsparse.encoders import MODALITIES, MultimodalTokenizer, rope_cos_sin, stream_coords
+
+from .decoder import CaptionDecoder
+from .layers import SparseBlock
+from .schedule import SCHEDULES, layer_pattern
+from .text import BOS, EOS, PAD, CaptionTokenizer
+
+FORMAT = "mmsparse-captioner"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a VideoCaptioner (saved as config.json)."""
+
+    name: str = "captioner"
+    # inputs
+    modalities: tuple[str, ...] = ("video", "audio", "image")
+    required_modalities: tuple[str, ...] = ("video",)
+    tubelet: tuple[int, int, int] = (2, 16, 16)
+    audio_patch: int = 16
+    audio_stride: int = 10
+    n_mels: int = 128
+    image_patch: int = 16
+    max_frames: int | None = 1024
+    max_audio_frames: int | None = 4096
+    # encoder
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    drop_path_rate: float = 0.0
+    rope_theta: float = 10000.0
+    n_global: int = 8
+    # attention patterns (see schedule.py)
+    schedule: str = "tiled"
+    video_tile: tuple[int, int, int] = (4, 4, 8)
+    video_radius: tuple[int, int, int] = (1, 1, 1)
+    audio_tile: tuple[int, int] = (4, 32)
+    audio_radius: tuple[int, int] = (1, 1)
+    image_tile: tuple[int, int] = (8, 8)
+    image_radius: tuple[int, int] = (1, 1)
+    av_window: float = 0.5
+    attn_block: int = 128
+    segment_align: int = 128
+    backend: str = "auto"
+    # decoder
+    vocab_size: int = 1024
+    dec_dim: int = 512
+    dec_depth: int = 6
+    dec_heads: int = 8
+    max_text_len: int = 48
+    cross: str = "pooled"
+    n_pool: int = 256
+    # contrastive head
+    proj_dim: int = 256
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                setattr(self, f.name, tuple(v))
+        if set(self.modalities) - set(MODALITIES) or set(self.required_modalities) - set(self.modalities):
+            raise ValueError(
+                f"modalities must be a subset of {MODALITIES} and contain required_modalities; got "
+                f"modalities={self.modalities}, required_modalities={self.required_modalities}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must be an even head_dim")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**d)
+
+
+@lru_cache(maxsize=32)
+def _rope_cpu(layout: StreamLayout, head_dim: int, theta: float):
+    return rope_cos_sin(stream_coords(layout), head_dim, theta)
+
+
+class VideoCaptioner(nn.Module):
+    """Multimodal sparse-attention encoder + caption decoder.
+
+    Args:
+        cfg: the ModelConfig.
+        tokenizer: the caption tokenizer (needed for captions in and out; saved with the model).
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: CaptionTokenizer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = MultimodalTokenizer(
+            cfg.embed_dim, cfg.modalities, cfg.tubelet, cfg.audio_patch, cfg.audio_stride, cfg.n_mels,
+            cfg.image_patch, cfg.video_tile, cfg.audio_tile, cfg.image_tile, cfg.n_global,
+            cfg.segment_align, max_frames=cfg.max_frames, max_audio_frames=cfg.max_audio_frames,
+        )
+        dpr = [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        self.blocks = nn.ModuleList(
+            SparseBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, dpr[i], cfg.backend)
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.decoder = CaptionDecoder(
+            cfg.vocab_size, cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.embed_dim, cfg.max_text_len,
+            cfg.mlp_ratio, cfg.qk_norm, cfg.cross, cfg.n_pool, cfg.drop_path_rate,
+        )
+        self.video_proj = nn.Linear(cfg.embed_dim, cfg.proj_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.dec_dim, cfg.proj_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.apply(_init_weights)
+        self.tokenizer = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+
+    # setup -----------------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer: CaptionTokenizer) -> None:
+        if tokenizer.vocab_size > self.cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.cfg.vocab_size}; train the tokenizer with vocab_size <= {self.cfg.vocab_size}"
+            )
+        self.tokenizer = tokenizer
+
+    def set_backend(self, backend: str) -> None:
+        """Attention backend of every encoder block ("auto", "reference", "sdpa", "flex", "triton")."""
+        self.cfg.backend = backend
+        for blk in self.blocks:
+            blk.attn.backend = backend
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def _need_tokenizer(self) -> CaptionTokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no caption tokenizer: pass tokenizer= to create_model "
+                             "or call model.set_tokenizer(CaptionTokenizer.train(captions))")
+        return self.tokenizer
+
+    # encoder ---------------------------------------------------------------------------------
+    def layer_layouts(self, layout: StreamLayout) -> list:
+        """The BlockLayout (or None: dense) of every encoder layer on `layout` (cached)."""
+        out = []
+        for i in range(self.cfg.depth):
+            pattern = layer_pattern(self.cfg, i, layout)
+            out.append(None if pattern is None else build_layout(
+                pattern, layout, self.cfg.attn_block, self.cfg.attn_block, device=self.device))
+        return out
+
+    def encode(self, batch: Mapping[str, Any]):
+        """batch -> (memory (B, N, E), pad_mask (B, N), StreamLayout)."""
+        stream = self.embed(batch, required=self.cfg.required_modalities)
+        cos, sin = _rope_cpu(stream.layout, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta)
+        rope = (cos.to(self.device), sin.to(self.device))
+        x = stream.tokens
+        for blk, lay in zip(self.blocks, self.layer_layouts(stream.layout)):
+            x = blk(x, lay, rope)
+        return self.norm(x), stream.pad_mask, stream.layout
+
+    def forward(self, batch: Mapping[str, Any], ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, L, V) for caption ids (B, L) (default: the batch captions
+        with <bos>, so logits[:, i] predicts token i + 1)."""
+        memory, pad, _ = self.encode(batch)
+        if ids is None:
+            ids = self.tokenize(batch)[:, :-1]
+        return self.decoder(ids.to(self.device), memory, pad)
+
+    def tokenize(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """ids (B, L) of batch["caption"]: <bos> text <eos> <pad>..."""
+        caps = batch.get("caption")
+        if not isinstance(caps, (list, tuple)) or not all(isinstance(c, str) for c in caps):
+            raise ValueError("batch['caption'] must be a list of strings for captioning")
+        return self._need_tokenizer().batch(list(caps), self.cfg.max_text_len, self.device)
+
+    # contrastive -----------------------------------------------------------------------------
+    def media_embedding(self, batch) -> torch.Tensor:
+        """(B, proj_dim) unit vectors: the mean of the real encoder tokens, projected."""
+        memory, pad, _ = self.encode(batch)
+        keep = (~pad).to(memory.dtype)[..., None]  # (B, N, 1)
+        pooled = (memory * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return F.normalize(self.video_proj(pooled), dim=-1)
+
+    def text_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> (B, proj_dim) unit vectors (decoder run as a text-only causal encoder)."""
+        return F.normalize(self.text_proj(self.decoder.text_features(ids.to(self.device))), dim=-1)
+
+    # generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_ids(self, batch, beam: int = 1, max_len: int = 32, length_penalty: float = 1.0,
+                     use_cache: bool = True) -> list[list[int]]:
+        """Greedy (beam=1) or beam search, batched; returns the token ids of each clip (no <bos>,
+        cut at <eos>). Hypotheses are ranked by sum of log-probs / length ** length_penalty."""
+        if beam < 1 or max_len < 1:
+            raise ValueError(f"beam and max_len must be >= 1, got beam={beam}, max_len={max_len}")
+        if max_len + 1 > self.cfg.max_text_len:
+            raise ValueError(f"max_len={max_len} exceeds the decoder's max_text_len - 1 = {self.cfg.max_text_len - 1}")
+        memory, pad, _ = self.encode(batch)
+        dec = self.decoder
+        mem, mpad = dec.prepare_memory(memory, pad)
+        b, k = mem.shape[0], beam
+        mem = mem.repeat_interleave(k, 0)  # (B K, N, E)
+        mpad = None if mpad is None else mpad.repeat_interleave(k, 0)
+        cache = dec.init_cache(mem, mpad, prepared=True) if use_cache else None
+        dev = mem.device
+        tokens = torch.full((b * k, 1), BOS, dtype=torch.long, device=dev)
+        sums = torch.zeros(b, k, device=dev)
+        sums[:, 1:] = -math.inf  # one live beam at the start, so the first step's picks differ
+        sums = sums.view(-1)
+        lengths = torch.zeros(b * k, device=dev)
+        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
+        base = (torch.arange(b, device=dev) * k)[:, None]  # (B, 1)
+        for step in range(max_len):
+            if use_cache:
+                logits = dec.step(tokens[:, -1:], cache, step)  # (B K, V)
+            else:
+                logits = dec(tokens, mem, mpad, prepared=True)[:, -1]
+            logp = F.log_softmax(logits.float(), dim=-1)
+            logp[:, PAD] = -math.inf
+            logp[:, BOS] = -math.inf
+            logp[done] = -math.inf
+            logp[done, PAD] = 0.0  # a finished hypothesis only extends with padding, for free
+            cand = sums[:, None] + logp  # (B K, V)
+            new_len = lengths + (~done).float()  # (B K,)
+            score = cand / new_len.clamp(min=1)[:, None] ** length_penalty
+            v = cand.shape[-1]
+            top = score.view(b, k * v).topk(k, dim=-1).indices  # (B, K)
+            rows = (base + top // v).view(-1)  # (B K,) source hypothesis of each new beam
+            tok = (top % v).view(-1)
+            sums = cand.view(b, k * v).gather(1, top).view(-1)
+            lengths, done = new_len[rows], done[rows] | (tok == EOS)
+            tokens = torch.cat([tokens[rows], tok[:, None]], dim=1)
+            if use_cache:
+                dec.reorder_cache(cache, rows)
+            if bool(done.all()):
+                break
+        final = (sums / lengths.clamp(min=1) ** length_penalty).view(b, k)
+        best = final.argmax(-1) + base[:, 0]
+        out = []
+        for row in tokens[best, 1:].tolist():
+            out.append(row[: row.index(EOS)] if EOS in row else row)
+        return out
+
+    def generate(self, batch, beam: int = 1, max_len: int = 32, length_penalty: float = 1.0,
+                 use_cache: bool = True) -> list[str]:
+        """Captions (one string per clip): greedy with beam=1, else beam search."""
+        tok = self._need_tokenizer()
+        was = self.training
+        self.eval()
+        try:
+            ids = self.generate_ids(batch, beam, max_len, length_penalty, use_cache)
+        finally:
+            self.train(was)
+        return [tok.decode(r) for r in ids]
+
+    # save / load -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write model.safetensors, config.json (with the weights' sha256) and tokenizer.json,
+        each atomically (temporary file + rename)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if k != "decoder.head.weight"}  # tied to decoder.tok_embed.weight
+        tmp = d / (WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+        digest = _sha256(tmp)
+        os.replace(tmp, d / WEIGHTS)
+        if self.tokenizer is not None:
+            _atomic_write(d / TOKENIZER, self.tokenizer.to_str())
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": type(self).__name__,
+                "weights_sha256": digest, "has_tokenizer": self.tokenizer is not None,
+                "config": self.cfg.to_dict()}
+        _atomic_write(d / CONFIG, json.dumps(meta, indent=2))
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location="cpu", **overrides) -> "VideoCaptioner":
+        """Load what save_pretrained wrote. `overrides` replace config fields that do not change
+        the weights (e.g. backend="sdpa", max_frames=4096). ValueError on a missing, corrupt or
+        mismatched file."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+            raise ValueError(f"{d}: not a saved model (expected {CONFIG} and {WEIGHTS})")
+        try:
+            meta = json.loads((d / CONFIG).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{d / CONFIG}: corrupt JSON ({err})") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{d / CONFIG}: not an mmsparse captioner config (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{d / CONFIG}: format_version {meta.get('format_version')} is not the supported {FORMAT_VERSION}")
+        cfg = ModelConfig.from_dict({**meta["config"], **overrides})
+        digest = _sha256(d / WEIGHTS)
+        if meta.get("weights_sha256") and digest != meta["weights_sha256"]:
+            raise ValueError(
+                f"{d / WEIGHTS}: checksum mismatch (sha256 {digest[:12]}..., config.json expects "
+                f"{meta['weights_sha256'][:12]}...): the weights file is corrupt or belongs to another model"
+            )
+        try:
+            state = load_file(str(d / WEIGHTS), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{d / WEIGHTS}: corrupt safetensors file ({err})") from err
+        tokenizer = None
+        if (d / TOKENIZER).is_file():
+            tokenizer = CaptionTokenizer.load(d / TOKENIZER)
+        elif meta.get("has_tokenizer"):
+            raise ValueError(f"{d}: config.json says a tokenizer was saved but {TOKENIZER} is missing")
+        model = cls(cfg, tokenizer)
+        expected = {k: v for k, v in model.state_dict().items() if k != "decoder.head.weight"}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"{d / WEIGHTS} does not match config.json: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}"
+            )
+        model.load_state_dict(state, strict=False)
+        return model.to(map_location)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,67 @@
+"""Transformer layers of the multimodal encoder: pre-norm blocks around `sparse_attention`.
+
+Legend: B batch, N stream tokens, C channels, H heads, D head dim (C = H x D).
+
+A block takes its attention context per call: the BlockLayout of its pattern (None: dense,
+through SDPA's flash path with no mask at all) and the rotary (cos, sin) of the stream. The
+model builds both once per forward (layouts are cached by pattern and StreamLayout), so any
+wrapper (activation checkpointing, DeepSpeed) sees plain `block(x, layout, rope)` calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+
+from mmsparse.attention import BlockLayout, sparse_attention
+from mmsparse.encoders import apply_rope
+
+
+class SparseSelfAttention(nn.Module):
+    """Multi-head self-attention whose mask is a BlockLayout; optional QK-norm and rotary."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 norm_layer=nn.LayerNorm, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be a multiple of num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None) -> torch.Tensor:
+        """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2)."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, D) each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if layout is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = sparse_attention(q, k, v, layout, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
+
+
+class SparseBlock(nn.Module):
+    """Pre-norm transformer block: x + DropPath(attn(norm(x))), x + DropPath(mlp(norm(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_norm: bool = False, drop_path: float = 0.0, backend: str = "auto",
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, mlp_layer=Mlp):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = SparseSelfAttention(dim, num_heads, qkv_bias, qk_norm, norm_layer, backend)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, layout: BlockLayout | None = None, rope=None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -1,0 +1,66 @@
+"""Model registry in timm's style: a variant is a few lines of config.
+
+    model = create_model("captioner_base", tokenizer=tok, schedule="dense")
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .captioner import ModelConfig, VideoCaptioner
+
+_REGISTRY: dict[str, Callable[..., VideoCaptioner]] = {}
+
+
+def register_model(fn: Callable[..., VideoCaptioner]) -> Callable[..., VideoCaptioner]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, tokenizer=None, **overrides) -> VideoCaptioner:
+    """Build a registered model; `overrides` replace ModelConfig fields (ValueError if unknown)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {list_models()}")
+    return _REGISTRY[name](tokenizer=tokenizer, **overrides)
+
+
+def _build(name: str, defaults: dict, tokenizer, overrides: dict) -> VideoCaptioner:
+    cfg = ModelConfig.from_dict({"name": name, **defaults, **overrides})
+    return VideoCaptioner(cfg, tokenizer)
+
+
+@register_model
+def captioner_tiny(tokenizer=None, **kw) -> VideoCaptioner:
+    """CPU tests: 32x32 frames, 2 + 2 layers of width 64."""
+    return _build("captioner_tiny", dict(
+        embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, tubelet=(2, 8, 8), audio_patch=16, audio_stride=16,
+        image_patch=8, video_tile=(2, 2, 4), video_radius=(1, 1, 1), audio_tile=(4, 8), image_tile=(4, 4),
+        n_global=2, attn_block=32, segment_align=1, max_frames=64, max_audio_frames=2048,
+        dec_dim=64, dec_depth=2, dec_heads=2, vocab_size=512, max_text_len=32, cross="all", proj_dim=32,
+    ), tokenizer, kw)
+
+
+@register_model
+def captioner_small(tokenizer=None, **kw) -> VideoCaptioner:
+    return _build("captioner_small", dict(
+        embed_dim=384, depth=12, num_heads=6, dec_dim=384, dec_depth=4, dec_heads=6,
+    ), tokenizer, kw)
+
+
+@register_model
+def captioner_base(tokenizer=None, **kw) -> VideoCaptioner:
+    """ViT-B encoder (12 x 768, 12 heads) + 6-layer 512-wide decoder on 256 pooled tokens."""
+    return _build("captioner_base", dict(
+        embed_dim=768, depth=12, num_heads=12, dec_dim=512, dec_depth=6, dec_heads=8,
+    ), tokenizer, kw)
+
+
+@register_model
+def captioner_large(tokenizer=None, **kw) -> VideoCaptioner:
+    return _build("captioner_large", dict(
+        embed_dim=1024, depth=24, num_heads=16, dec_dim=768, dec_depth=6, dec_heads=12, qk_norm=True,
+    ), tokenizer, kw)

@@ -1,0 +1,81 @@
+"""Per-layer attention pattern schedules of the multimodal encoder.
+
+A schedule maps (layer index, StreamLayout of this batch) to a Pattern, or to None for dense
+attention (SDPA flash, no mask). Patterns are assembled from the parts that fit the segments
+present, so a batch without audio still runs (no audio window, no AVSync).
+
+Schedules (`ModelConfig.schedule`):
+- "tiled": every layer: Tiled windows per modality (video 3D tiles, audio and image 2D tiles)
+  | Global(n_global) | AVSync(av_window). Tile-aligned, so on a stream in tile order every
+  computed block is full (BENCHMARKS.md: block utilization). The default.
+- "tiled_axial": even layers as "tiled"; odd layers the video time columns (Axial(0)) with the
+  own tile, plus the audio / image / global / AVSync parts (TimeSformer-like reach in time).
+- "local": token-level Local windows instead of tiles (NATTEN semantics, partial blocks).
+- "dense": every layer dense (the baseline of bench/model.py); `backend` is then unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmsparse.attention import AVSync, Axial, Global, Local, Pattern, StreamLayout, Tiled
+
+SCHEDULES = ("tiled", "tiled_axial", "local", "dense")
+
+
+@dataclass(frozen=True)
+class Gaps(Pattern):
+    """Stream positions outside every segment and the global range (alignment padding) attend
+    one another, so no query row is empty (an empty row would be NaN in masked SDPA)."""
+
+    def clauses(self, ctx):
+        n_glob = ctx.stream.n_global
+        gap = (ctx.table.segment < 0) & (torch.arange(ctx.n) >= n_glob)
+        flag = ctx.attr("gap", lambda: gap)
+        return [(("qflag", flag), ("kflag", flag))]
+
+
+def _has_gaps(stream: StreamLayout) -> bool:
+    return sum(s.numel for s in stream.segments) + stream.n_global < stream.length
+
+
+def layer_pattern(cfg, layer: int, stream: StreamLayout) -> Pattern | None:
+    """The pattern of encoder layer `layer` on `stream` (None: dense)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if cfg.schedule == "dense":
+        return None
+    present = {s.modality: s for s in stream.segments}
+    parts: list[Pattern] = []
+    odd_axial = cfg.schedule == "tiled_axial" and layer % 2 == 1
+    for m, tile, radius in (("video", cfg.video_tile, cfg.video_radius),
+                            ("audio", cfg.audio_tile, cfg.audio_radius),
+                            ("image", cfg.image_tile, cfg.image_radius)):
+        seg = present.get(m)
+        if seg is None:
+            continue
+        if cfg.schedule == "local":
+            window = tuple(min(2 * r * t + 1 if r else t, s) for t, r, s in
+                           zip(_tup(tile, seg.ndim), _tup(radius, seg.ndim), seg.shape))
+            parts.append(Local(window, modality=m))
+        elif odd_axial and m == "video":
+            parts.append(Axial(0, modality=m) | Tiled(tuple(tile), radius=0, modality=m))
+        else:
+            parts.append(Tiled(tuple(tile), radius=_tup(radius, seg.ndim), modality=m))
+    if stream.n_global:
+        parts.append(Global(stream.n_global))
+    timed = {s.modality for s in stream.segments if s.seconds is not None}
+    if cfg.av_window and len(timed) >= 2:
+        parts.append(AVSync(float(cfg.av_window)))
+    if _has_gaps(stream):
+        parts.append(Gaps())
+    pattern = parts[0]
+    for p in parts[1:]:
+        pattern = pattern | p
+    return pattern
+
+
+def _tup(v, n):
+    return (int(v),) * n if isinstance(v, int) else tuple(int(x) for x in v)
