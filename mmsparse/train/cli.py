@@ -1,0 +1,86 @@
+"""``mmsparse train RECIPE [key=value ...]``: the train sub-command (also ``python -m mmsparse.train``).
+
+Under the deepspeed launcher (``deepspeed --num_gpus N --module mmsparse.train RECIPE ...``) every
+process runs this same entry point; the launcher's ``--local_rank=K`` argument is accepted and
+ignored (the rank comes from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_CONFIG, EXIT_OOM, EXIT_NONFINITE, EXIT_CHECKPOINT = 2, 3, 4, 5
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a recipe path or a name in recipes/ (e.g. tiny_cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the config tree, e.g. optim.lr=3e-4 data.frames=128")
+    p.add_argument("--resume", action="store_true", help="continue from <run.dir>/checkpoints/latest")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    p.add_argument("--print-deepspeed-config", action="store_true",
+                   help="print the generated DeepSpeed JSON and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --print-deepspeed-config: the process count to size batches for "
+                        "(default: $WORLD_SIZE or 1)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    import yaml
+
+    from .config import ConfigError, load_config, to_dict
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        if args.print_deepspeed_config:
+            from .deepspeed_config import deepspeed_config
+
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+            print(json.dumps(deepspeed_config(cfg, world), indent=2))
+            return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from .checkpoint import CheckpointError
+    from .loop import NonFiniteLoss, TrainOOM, train
+
+    try:
+        summary = train(cfg, resume=args.resume, recipe=args.recipe, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainOOM as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_OOM
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({k: v for k, v in summary.items()}, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a recipe (DeepSpeed; CPU with gloo when no GPU)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmsparse.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))

@@ -1,0 +1,83 @@
+"""Process-group set-up: launcher or none, GPU (nccl) or CPU (gloo), data / sequence-parallel groups.
+
+Rank r of W processes with sequence-parallel size P sits in sequence-parallel group r // P
+(ranks [g*P, (g+1)*P)) and has data-parallel rank r // P among W / P data-parallel replicas.
+Every member of a sequence-parallel group draws the same clip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Topology:
+    rank: int
+    world: int
+    local_rank: int
+    sp: int                      # sequence-parallel size
+    dp: int                      # data-parallel size (= world // sp)
+    dp_rank: int
+    sp_rank: int
+    sp_group: object = None      # ProcessGroup of this rank's sequence-parallel group (None when sp == 1)
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(sequence_parallel_size: int = 1) -> Topology:
+    """Initialise torch.distributed through DeepSpeed (a single process needs no launcher)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # no launcher: one process, its own rendezvous
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    gpu = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    sp = sequence_parallel_size
+    if world % sp:
+        raise ValueError(f"deepspeed.sequence_parallel_size={sp} must divide the number of processes ({world})")
+    group = None
+    if sp > 1:
+        # every rank must create every group, in the same order
+        for g in range(world // sp):
+            pg = dist.new_group(list(range(g * sp, (g + 1) * sp)))
+            if rank // sp == g:
+                group = pg
+    return Topology(rank, world, local_rank, sp, world // sp, rank // sp, rank % sp, group, device)
+
+
+def all_mean(value: float, device: torch.device) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item() / dist.get_world_size())
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (so all ranks take the same branch)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
