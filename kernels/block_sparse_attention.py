@@ -1,0 +1,851 @@
+"""Block-sparse attention over a BlockLayout: Triton forward and backward kernels.
+
+Legend: B batch, H query heads, Hk key/value heads (GQA: H = Hk * G), N tokens, D head dim,
+Dp = D padded to a power of two (>= 16), A mask-program attributes, Mq / Mk layout query / key
+blocks of bq / bk tokens, BM / BN the kernel's tiles (powers of two dividing bq / bk).
+
+Layers, top to bottom (CONVENTIONS.md item 1):
+1. `block_sparse_attention_ref`: dense masked PyTorch (N x N mask from the layout), optionally
+   in the input dtype, for tests and error budgets.
+2. The `@triton.jit` kernels:
+   - `_fwd_kernel`: per (query tile, batch x head) an online softmax over the layout's key
+     blocks: full blocks first (no mask arithmetic at all), then partial blocks, whose mask
+     is evaluated in registers from int32 token attributes by the mask program, which is
+     baked into the kernel as compile-time constants (`PROGRAM`). Writes out and the
+     natural-log LSE.
+   - `_bwd_preprocess`: delta = rowsum(dO * O).
+   - `_bwd_dq_kernel`: per query tile over the same key lists, P recomputed from the LSE.
+   - `_bwd_dkdv_kernel`: per key tile over the transposed lists (k_full_* / k_part_*) and
+     over the G query heads of its key head. No atomics: gradients are deterministic.
+3. The launchers: argument checks, allocation, tile choice, grids.
+4. `_BlockSparseAttention` (autograd) and the public `block_sparse_attention`.
+
+Tiles and the layout. The layout's blocks (bq x bk, 128 x 128 by default) are the unit of
+sparsity; the kernel's tiles BM x BN are powers of two that divide them, so one layout block
+is processed as (bq / BM) x (bk / BN) tiles and a full block stays full in every tile. The
+layout therefore need not be rebuilt for a kernel configuration; the tile sizes come from a
+per-head-dim table (`_CONFIGS`), or from a timing of candidates when MMSPARSE_TRITON_AUTOTUNE=1
+(cached per head dim, dtype, layout block and kernel). Layout blocks must be multiples of 16.
+
+The mask program (mmsparse/attention/program.py) is lowered to a flat tuple of ints, five per
+predicate (kind, a, b, c, d), with kind 0 separating the clauses of the DNF. Attribute 0 is
+the token position and is never loaded (the tile offsets are the positions). Coarse tables
+(Random, BlockSparse) are concatenated into one int32 buffer; a coarse predicate loads its
+query rows (a few int32 per query) and compares them with the key groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# predicate kinds in the kernel's encoding (0 separates clauses)
+_KIND = {"eq": 1, "ne": 2, "range": 3, "cong": 4, "qflag": 5, "kflag": 6, "le": 7, "coarse": 8}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def block_sparse_attention_ref(q, k, v, layout, scale=None, upcast: bool = True):
+    """Dense masked attention with the layout's N x N mask (small N only).
+
+    q (B, H, N, D), k / v (B, Hk, N, D) -> out (B, H, N, D) in q's dtype, lse (B, H, N) float32.
+    upcast=True computes in float64 (the truth for tests); False computes in the input dtype,
+    which measures what rounding alone costs (the error budget of CONVENTIONS.md item 3).
+    Rows that attend nothing give zeros and an LSE of -inf, as the kernels do.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)  # (B, H, N, D)
+    v = v.repeat_interleave(group, 1)
+    mask = layout.to(q.device).dense_mask(max_tokens=1 << 15)  # (N, N)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, N, N)
+    s = s.masked_fill(~mask, -math.inf)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    out = torch.matmul(p / l.clamp(min=torch.finfo(l.dtype).tiny), v)
+    lse = torch.where(l > 0, m + torch.log(l), -math.inf).squeeze(-1)
+    return out.to(dtype), lse.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _predicate(ATTR, stride_attr, TAB, oq, ok, q_in, k_in, zero,
+               KIND: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+               P4: tl.constexpr):
+    """One predicate of the mask program as a broadcast comparison (program.py semantics)."""
+    if KIND == 8:  # coarse: key group ok // P3 listed in row oq // P2 of the table at P1
+        grp_k = ok // P3
+        row_ptrs = TAB + P1 + (oq // P2) * P4
+        r = zero != 0
+        for j in tl.static_range(P4):
+            r = r | (tl.load(row_ptrs + j, mask=q_in, other=-1) == grp_k)
+    else:
+        # attribute P1 of the queries and of the keys (attribute 0: the position, not loaded)
+        if P1 == 0:
+            xq = oq
+            xk = ok
+        else:
+            if KIND != 6:
+                xq = tl.load(ATTR + P1 * stride_attr + oq, mask=q_in, other=0)
+            if KIND != 5:
+                xk = tl.load(ATTR + P1 * stride_attr + ok, mask=k_in, other=0)
+        if KIND == 1:  # eq
+            r = xq == xk
+        elif KIND == 2:  # ne
+            r = xq != xk
+        elif KIND == 3:  # range: attrs[P2][q] <= attrs[P1][k] < attrs[P3][q]
+            if P2 == 0:
+                lo = oq
+            else:
+                lo = tl.load(ATTR + P2 * stride_attr + oq, mask=q_in, other=0)
+            if P3 == 0:
+                hi = oq
+            else:
+                hi = tl.load(ATTR + P3 * stride_attr + oq, mask=q_in, other=0)
+            r = (lo <= xk) & (xk < hi)
+        elif KIND == 4:  # cong: (q - k) % P2 == 0 (C's remainder sign is irrelevant for 0)
+            r = (xq - xk) % P2 == 0
+        elif KIND == 5:  # qflag
+            r = xq != 0
+        elif KIND == 6:  # kflag
+            r = xk != 0
+        else:  # le: attrs[P1][k] <= attrs[P1][q]
+            r = xk <= xq
+    return r
+
+
+@triton.jit
+def _program_mask(ATTR, stride_attr, TAB, oq, ok, N, PROGRAM: tl.constexpr):
+    """The mask program (DNF) on a tile.
+
+    oq, ok: token positions of the tile's queries and keys, shaped to broadcast against each
+    other ((BM, 1) and (1, BN), or (1, BM) and (BN, 1) for the transposed dK/dV tile), so
+    every predicate is one broadcast comparison. Returns a bool tile, False for keys past N.
+    """
+    zero = oq * 0 + ok * 0
+    q_in = oq < N
+    k_in = ok < N
+    allowed = zero != 0
+    term = zero == 0
+    for i in tl.static_range(len(PROGRAM) // 5):
+        if PROGRAM[5 * i] == 0:  # end of a clause
+            allowed = allowed | term
+            term = zero == 0
+        else:
+            term = term & _predicate(ATTR, stride_attr, TAB, oq, ok, q_in, k_in, zero,
+                                     PROGRAM[5 * i], PROGRAM[5 * i + 1], PROGRAM[5 * i + 2],
+                                     PROGRAM[5 * i + 3], PROGRAM[5 * i + 4])
+    allowed = allowed | term
+    # keys past N never attend (their attributes were loaded as 0)
+    return allowed & k_in
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
+               stride_kn, stride_vn, ATTR, stride_attr, TAB,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax (log2 domain)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if EVEN_N and HEAD_DIM == D_PAD:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    # scores, scaled into the log2 domain: (BM, BN)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        keep = _program_mask(ATTR, stride_attr, TAB, offs_m[:, None], offs_n[None, :], N, PROGRAM)
+        qk = tl.where(keep, qk, float("-inf"))
+    elif not EVEN_N:
+        qk = tl.where(offs_n[None, :] < N, qk, float("-inf"))
+    # online softmax; rows with nothing attended yet keep m = -inf and use 0 as their shift
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, ATTR, TAB,
+    q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_attr, N, H, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    qb = (pid_m * BLOCK_M) // LAYOUT_BQ  # layout query block of this tile
+    SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N  # kernel tiles per layout key block
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q_ptrs = Q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    # 1. full key blocks: no mask arithmetic
+    lo = tl.load(q_full_ptr + qb)
+    hi = tl.load(q_full_ptr + qb + 1)
+    for i in range(lo * SUB_N, hi * SUB_N):
+        kb = tl.load(q_full_idx + i // SUB_N)
+        start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
+                                   stride_kn, stride_vn, ATTR, stride_attr, TAB,
+                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC)
+    # 2. partial key blocks: the mask program in registers
+    if HAS_PARTIAL:
+        lo = tl.load(q_part_ptr + qb)
+        hi = tl.load(q_part_ptr + qb + 1)
+        for i in range(lo * SUB_N, hi * SUB_N):
+            kb = tl.load(q_part_idx + i // SUB_N)
+            start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
+                                       stride_kn, stride_vn, ATTR, stride_attr, TAB,
+                                       HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC)
+
+    # 3. normalise; rows that attended nothing give 0 and LSE -inf
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    O_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_ptrs = O_base + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+                    N, H, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta (B, H, N) = rowsum(dO * O) in float32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _load_lse2(LSE_base, offs_m, N):
+    """LSE in the log2 domain for P = exp2(s * qk_scale - lse2); rows that attend nothing
+    (and rows past N) get +inf, so their P is 0 everywhere."""
+    lse = tl.load(LSE_base + offs_m, mask=offs_m < N, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
+              stride_kn, stride_vn, ATTR, stride_attr, TAB,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if EVEN_N and HEAD_DIM == D_PAD:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    # P recomputed from the LSE: (BM, BN)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASKED:
+        keep = _program_mask(ATTR, stride_attr, TAB, offs_m[:, None], offs_n[None, :], N, PROGRAM)
+        p = tl.where(keep, p, 0.0)
+    elif not EVEN_N:
+        p = tl.where(offs_n[None, :] < N, p, 0.0)
+    # dS = P * (dP - delta); dQ += dS K
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB,
+    q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_attr, N, H, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    qb = (pid_m * BLOCK_M) // LAYOUT_BQ
+    SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
+    lse2 = _load_lse2(LSE + pid_bh.to(tl.int64) * N, offs_m, N)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    lo = tl.load(q_full_ptr + qb)
+    hi = tl.load(q_full_ptr + qb + 1)
+    for i in range(lo * SUB_N, hi * SUB_N):
+        kb = tl.load(q_full_idx + i // SUB_N)
+        start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
+        dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
+                       stride_kn, stride_vn, ATTR, stride_attr, TAB,
+                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC)
+    if HAS_PARTIAL:
+        lo = tl.load(q_part_ptr + qb)
+        hi = tl.load(q_part_ptr + qb + 1)
+        for i in range(lo * SUB_N, hi * SUB_N):
+            kb = tl.load(q_part_idx + i // SUB_N)
+            start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
+            dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
+                           stride_kn, stride_vn, ATTR, stride_attr, TAB,
+                           HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m, N, qk_scale,
+                stride_qn, stride_don, ATTR, stride_attr, TAB,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, PROGRAM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One query tile against this program's key tile, everything transposed: (BN, BM)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
+    lse2 = _load_lse2(LSE_base, offs_m, N)
+    delta = tl.load(DELTA_base + offs_m, mask=offs_m < N, other=0.0)
+    # P^T recomputed from the LSE; queries past N have lse2 = +inf, so P^T = 0 there
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    pT = tl.math.exp2(qkT - lse2[None, :])
+    if MASKED:
+        keep = _program_mask(ATTR, stride_attr, TAB, offs_m[None, :], offs_n[:, None], N, PROGRAM)
+        pT = tl.where(keep, pT, 0.0)
+    # dV += P^T dO;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB,
+    k_full_ptr, k_full_idx, k_part_ptr, k_part_idx,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_attr, N, HK, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // HK
+    hk = pid_bhk % HK
+    kb = (pid_n * BLOCK_N) // LAYOUT_BK  # layout key block of this tile
+    SUB_M: tl.constexpr = LAYOUT_BQ // BLOCK_M
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    col_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=col_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    full_lo = tl.load(k_full_ptr + kb)
+    full_hi = tl.load(k_full_ptr + kb + 1)
+    part_lo = tl.load(k_part_ptr + kb)
+    part_hi = tl.load(k_part_ptr + kb + 1)
+
+    # every query head of this key head, in a fixed order (deterministic, no atomics)
+    for r in range(GROUP):
+        h = hk * GROUP + r
+        bh = b * (HK * GROUP) + h
+        Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        LSE_base = LSE + bh.to(tl.int64) * N
+        DELTA_base = DELTA + bh.to(tl.int64) * N
+        for i in range(full_lo * SUB_M, full_hi * SUB_M):
+            qb = tl.load(k_full_idx + i // SUB_M)
+            start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
+                                 N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
+                                 HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC)
+        if HAS_PARTIAL:
+            for i in range(part_lo * SUB_M, part_hi * SUB_M):
+                qb = tl.load(k_part_idx + i // SUB_M)
+                start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
+                dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
+                                     N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
+                                     HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Launchers
+# ---------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, for Hopper in
+# 16-bit; BLOCK_* are upper bounds, cut to the largest power of two dividing the layout block.
+# fwd / dq: BLOCK_M queries x BLOCK_N keys; dkdv: BLOCK_N keys (the program's tile) x BLOCK_M
+# queries (the loop's tile).
+_CONFIGS = {
+    "fwd": {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 8, 3),
+            128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    "dq": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3),
+           128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
+    "dkdv": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 8, 3),
+             128: (64, 128, 8, 2), 256: (32, 64, 8, 2)},
+}
+# float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
+_CONFIGS_FP32 = {
+    "fwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
+    "dq": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
+    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 4, 1)},
+}
+# candidates timed when MMSPARSE_TRITON_AUTOTUNE=1
+_CANDIDATES = {
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
+    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2)],
+}
+_TUNED: dict = {}
+_OVERRIDE: dict = {}  # tests: kernel name -> config
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fit(block: int, layout_block: int) -> int:
+    """Largest power of two <= block dividing layout_block."""
+    b = block
+    while b > 16 and layout_block % b:
+        b //= 2
+    return b
+
+
+def _default_config(kernel: str, d_pad: int, dtype):
+    return (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS)[kernel][d_pad]
+
+
+def _config(kernel: str, d_pad: int, q, layout):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): a test override, a tuned entry, or the table."""
+    cfg = _OVERRIDE.get(kernel) or _TUNED.get(_autotune_key(kernel, d_pad, q, layout))
+    bm, bn, warps, stages = cfg or _default_config(kernel, d_pad, q.dtype)
+    return _fit(bm, layout.block_q), _fit(bn, layout.block_k), warps, stages
+
+
+def unsupported_reason(q, k, v, layout) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None when they can.
+
+    Lets `sparse_attention(backend="auto")` fall back with one log line."""
+    if q.device.type != "cuda" and not _interpreting():
+        return f"the Triton kernels need CUDA tensors (got {q.device}; TRITON_INTERPRET=1 runs them on the CPU)"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
+    if q.shape[-1] < 1:
+        return "head_dim must be positive"
+    if layout.block_q % 16 or layout.block_k % 16:
+        return (f"layout blocks {layout.block_q}x{layout.block_k} must be multiples of 16 "
+                f"(build the layout with block_q=block_k=128)")
+    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "bfloat16 needs compute capability 8.0 or newer"
+    return None
+
+
+def _check(q, k, v, layout):
+    from mmsparse.attention.blocklayout import BlockLayout
+
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4D tensor (B, H, N, D), got {getattr(t, 'shape', type(t).__name__)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, h, n, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
+        raise ValueError(f"k and v must be (B, Hk, N, D) = ({b}, Hk, {n}, {d}), got {tuple(k.shape)}, {tuple(v.shape)}")
+    if h % k.shape[1]:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({k.shape[1]}) for GQA")
+    if n != layout.n:
+        raise ValueError(f"q has N={n} tokens but the layout was built for N={layout.n}")
+    reason = unsupported_reason(q, k, v, layout)
+    if reason:
+        raise ValueError(f"block_sparse_attention: {reason}")
+
+
+def _lower_program(program) -> tuple[tuple, torch.Tensor | None]:
+    """The mask program as the kernel's flat constexpr tuple, and the concatenated coarse tables."""
+    flat, tables, offset = [], [], 0
+    table_at = {}
+    for ci, clause in enumerate(program.clauses):
+        if ci:
+            flat += [0, 0, 0, 0, 0]
+        for pred in clause:
+            kind = pred[0]
+            if kind == "coarse":
+                t, gq, gk = pred[1:]
+                if t not in table_at:
+                    tab = program.tables[t]
+                    table_at[t] = (offset, tab.shape[1])
+                    tables.append(tab.reshape(-1))
+                    offset += tab.numel()
+                off, width = table_at[t]
+                flat += [_KIND[kind], off, gq, gk, width]
+            else:
+                args = list(pred[1:]) + [0] * (4 - len(pred[1:]))
+                flat += [_KIND[kind]] + [int(a) for a in args]
+    tab = torch.cat(tables) if tables else None
+    return tuple(flat), tab
+
+
+def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.numel() and (int(t.max()) >= 2**31 or int(t.min()) < -(2**31)):
+        raise ValueError(f"{what} values do not fit int32")
+    return t.to(torch.int32).contiguous()
+
+
+class _KernelProgram:
+    """What the kernels read of a layout, cached on it: int32 attributes, tables, the
+    constexpr program, and index lists on the right device."""
+
+    def __init__(self, layout, device):
+        prog = layout.program
+        flat, tab = _lower_program(prog)
+        self.dense = prog.is_dense
+        self.program = () if self.dense else flat
+        self.attrs = _int32(prog.attrs, "mask attribute").to(device)  # (A, N)
+        self.tab = (_int32(tab, "coarse table") if tab is not None else torch.zeros(1, dtype=torch.int32)).to(device)
+        self.lists = {
+            name: getattr(layout, name).to(device=device, dtype=torch.int32).contiguous()
+            for name in ("q_full_ptr", "q_full_idx", "q_part_ptr", "q_part_idx",
+                         "k_full_ptr", "k_full_idx", "k_part_ptr", "k_part_idx")
+        }
+        # empty index lists still need a valid pointer
+        for name, t in self.lists.items():
+            if t.numel() == 0:
+                self.lists[name] = torch.zeros(1, dtype=torch.int32, device=device)
+        self.has_partial = layout.num_partial > 0
+
+
+def _kernel_program(layout, device) -> _KernelProgram:
+    cache = layout.__dict__.setdefault("_triton_programs", {})
+    key = str(device)
+    if key not in cache:
+        cache[key] = _KernelProgram(layout, device)
+    return cache[key]
+
+
+def _dims(q):
+    d = q.shape[-1]
+    return d, max(16, triton.next_power_of_2(d))
+
+
+def _dot_prec(dtype) -> str:
+    # float32 inputs keep float32 accuracy: three tf32 products on the GPU (plain tf32 would
+    # spend the error budget, "ieee" runs on the FMA units and spills), exact in the interpreter
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "ieee" if _interpreting() else "tf32x3"
+
+
+def _last_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _autotune_key(kernel, d_pad, q, layout):
+    return (kernel, d_pad, q.dtype, layout.block_q, layout.block_k, str(q.device))
+
+
+def _maybe_tune(kernel, d_pad, q, layout, launch):
+    """Time the candidate configs once per key when MMSPARSE_TRITON_AUTOTUNE=1."""
+    if os.environ.get("MMSPARSE_TRITON_AUTOTUNE") != "1" or q.device.type != "cuda" or _OVERRIDE.get(kernel):
+        return
+    key = _autotune_key(kernel, d_pad, q, layout)
+    if key in _TUNED or q.dtype == torch.float32:
+        return
+    best, best_ms = None, float("inf")
+    for cand in dict.fromkeys([_CONFIGS[kernel][d_pad]] + _CANDIDATES[kernel]):
+        cfg = (_fit(cand[0], layout.block_q), _fit(cand[1], layout.block_k), cand[2], cand[3])
+        try:
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+        except Exception as err:  # out of shared memory and the like
+            log.debug("autotune %s %s failed: %s", kernel, cfg, err)
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is not None:
+        _TUNED[key] = best
+        log.info("block_sparse_attention autotune %s d=%d: %s (%.3f ms)", kernel, d_pad, best, best_ms)
+
+
+def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
+    """q (B, H, N, D), k / v (B, Hk, N, D) -> out (B, H, N, D) q.dtype, lse (B, H, N) float32."""
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    b, h, n, _ = q.shape
+    hk = k.shape[1]
+    d, d_pad = _dims(q)
+    kp = _kernel_program(layout, q.device)
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32) if lse is None else lse
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        grid = (triton.cdiv(n, bm), b * h)
+        _fwd_kernel[grid](
+            q, k, v, out, lse, kp.attrs, kp.tab,
+            kp.lists["q_full_ptr"], kp.lists["q_full_idx"], kp.lists["q_part_ptr"], kp.lists["q_part_idx"],
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            kp.attrs.stride(0), n, h, scale * _LOG2E,
+            GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
+            LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k,
+            BLOCK_M=bm, BLOCK_N=bn,
+            PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % bn == 0,
+            DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages,
+        )
+
+    _maybe_tune("fwd", d_pad, q, layout, launch)
+    launch(_config("fwd", d_pad, q, layout))
+    return out, lse
+
+
+def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None, dv=None, dlse=None):
+    """Gradients of (out, lse) = attention(q, k, v) given dout (and dlse (B, H, N) or None):
+    dq (like q), dk, dv (like k, v)."""
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    out, dout = _last_contiguous(out), _last_contiguous(dout)
+    b, h, n, _ = q.shape
+    hk = k.shape[1]
+    d, d_pad = _dims(q)
+    kp = _kernel_program(layout, q.device)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+
+    # delta = rowsum(dO * O)
+    delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    pre_m = 64
+    _bwd_preprocess[(triton.cdiv(n, pre_m), b * h)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), n, h,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=pre_m,
+    )
+    if dlse is not None:
+        # d lse_i / d s_ij = P_ij, so dS = P * (dP - delta + dlse): dlse shifts delta
+        delta -= torch.where(torch.isfinite(lse), dlse.float(), 0.0)
+    common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, LAYOUT_BQ=layout.block_q,
+                  LAYOUT_BK=layout.block_k, PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial,
+                  DOT_PREC=_dot_prec(q.dtype))
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        _bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
+            q, k, v, dout, dq, lse, delta, kp.attrs, kp.tab,
+            kp.lists["q_full_ptr"], kp.lists["q_full_idx"], kp.lists["q_part_ptr"], kp.lists["q_part_idx"],
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            kp.attrs.stride(0), n, h, scale * _LOG2E, scale,
+            BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % bn == 0, num_warps=warps, num_stages=stages, **common,
+        )
+
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        _bwd_dkdv_kernel[(triton.cdiv(n, bn), b * hk)](
+            q, k, v, dout, dk, dv, lse, delta, kp.attrs, kp.tab,
+            kp.lists["k_full_ptr"], kp.lists["k_full_idx"], kp.lists["k_part_ptr"], kp.lists["k_part_idx"],
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            kp.attrs.stride(0), n, hk, scale * _LOG2E, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+        )
+
+    _maybe_tune("dq", d_pad, q, layout, launch_dq)
+    launch_dq(_config("dq", d_pad, q, layout))
+    _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
+    launch_dkdv(_config("dkdv", d_pad, q, layout))
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Autograd and the public functional
+# ---------------------------------------------------------------------------------------------
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        out, lse = _attention_forward(q, k, v, layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _attention_backward(q, k, v, out, lse, dout, ctx.layout, ctx.scale, dlse=dlse)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention(q, k, v, layout, scale: float | None = None):
+    """Block-sparse attention over `layout` with the Triton kernels.
+
+    Args:
+        q: (B, H, N, D) queries; k, v: (B, Hk, N, D), H a multiple of Hk (GQA).
+            float16, bfloat16 or float32; D <= 256; CUDA tensors (or CPU under TRITON_INTERPRET=1).
+        layout: a BlockLayout for these N tokens (mmsparse.attention.build_layout), blocks
+            multiples of 16; moved to q's device if needed.
+        scale: softmax scale, default 1 / sqrt(D).
+
+    Returns:
+        out (B, H, N, D) in q's dtype and lse (B, H, N) float32 (natural log; -inf for rows
+        that attend nothing). Both differentiable in q, k, v (d lse / d s = P, which merging
+        attention results by their LSE needs).
+    """
+    _check(q, k, v, layout)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    layout = layout.to(q.device)
+    return _BlockSparseAttention.apply(q, k, v, layout, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():  # python -m mmsparse.kernels.block_sparse_attention
+    """Compare with the reference on a small 3D window, and time it on a GPU."""
+    from mmsparse.attention import Local, Segment, StreamLayout, build_layout
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float16
+    grid = (8, 16, 16) if cuda else (3, 5, 7)
+    stream = StreamLayout((Segment("video", grid, order=(2, 4, 4) if cuda else "raster"),))
+    layout = build_layout(Local((3, 5, 5) if cuda else (3, 3, 3)), stream, 128 if cuda else 32, 128 if cuda else 32, dev)
+    print(layout.summary())
+    n = layout.n
+    q, k, v = (torch.randn(1, 4, n, 64, device=dev, dtype=dtype) for _ in range(3))
+    out, lse = block_sparse_attention(q, k, v, layout)
+    ref, ref_lse = block_sparse_attention_ref(q, k, v, layout)
+    print(f"max |out - ref| = {(out.float() - ref.float()).abs().max():.3e}, "
+          f"max |lse - ref| = {(lse - ref_lse).abs().max():.3e}")
+    if cuda:
+        ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout), return_mode="median")
+        flops = 4 * layout.attended_pairs() * 64 * 4
+        print(f"forward {ms:.3f} ms, {flops / ms * 1e-9:.1f} effective TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
