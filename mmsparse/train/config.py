@@ -52,7 +52,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"                 # a name in mmsparse.models' registry
+    name: str = "captioner_tiny"       # a name in mmsparse.models' registry
     task: str = "caption"              # caption | contrastive
     overrides: dict[str, Any] = field(default_factory=dict)   # kwargs of create_model
 

@@ -139,20 +139,64 @@ class TaskModule(nn.Module):
         return self._task.training_forward(batch)
 
 
-def build_model(cfg: TrainConfig, train_manifest: Path):
-    """(model, task) from the registry; the caption tokenizer is trained on the train manifest."""
+def build_model(cfg: TrainConfig, train_manifest: Path, run_dir: Path, topo: Topology):
+    """(model, task) from the registry. The caption tokenizer is trained once on the train
+    manifest by rank 0 and kept in the run folder (a resumed run reuses it)."""
+    import torch.distributed as dist
+
     from mmsparse import models
+    from mmsparse.models.text import CaptionTokenizer
 
-    kwargs = dict(cfg.model.overrides)
-    sig = inspect.signature(models.create_model)
-    accepts = set(sig.parameters) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()) else set())
-    if "tokenizer" not in kwargs and ("tokenizer" in accepts):
-        from mmsparse.models.text import CaptionTokenizer
-
-        kwargs["tokenizer"] = CaptionTokenizer.from_manifest(train_manifest)
-    model = models.create_model(cfg.model.name, **kwargs)
+    model = models.create_model(cfg.model.name, **cfg.model.overrides)
+    tok_path = run_dir / "tokenizer.json"
+    if topo.is_main and not tok_path.is_file():
+        tok = CaptionTokenizer.from_manifest(train_manifest, vocab_size=model.cfg.vocab_size)
+        tmp = tok_path.with_name("tokenizer.json.tmp")
+        tok.save(tmp)
+        os.replace(tmp, tok_path)
+    if dist.is_initialized():
+        dist.barrier()
+    model.set_tokenizer(CaptionTokenizer.load(tok_path))
     task_cls = {"caption": models.CaptionTask, "contrastive": models.ContrastiveTask}[cfg.model.task]
     return model, task_cls(model)
+
+
+class StreamStats:
+    """Counts encoder tokens and the attention density of each block's layout, through hooks."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.tokens = 0
+        self.densities: list[float] = []
+        self._cache: dict[int, float] = {}
+        blocks[0].register_forward_pre_hook(self._count)
+        for blk in blocks:
+            blk.register_forward_pre_hook(self._density)
+
+    def _count(self, _m, args):
+        if torch.is_grad_enabled():
+            x = args[0]
+            self.tokens += x.shape[0] * x.shape[1]
+
+    def _density(self, _m, args):
+        if not torch.is_grad_enabled():
+            return
+        layout = args[1] if len(args) > 1 else None
+        if layout is None:
+            self.densities.append(1.0)
+            return
+        key = id(layout)
+        if key not in self._cache:
+            try:
+                self._cache[key] = float(layout.density())
+            except Exception:  # stats must never break a step
+                self._cache[key] = float("nan")
+        self.densities.append(self._cache[key])
+
+    def take(self) -> tuple[int, float | None]:
+        t, d = self.tokens, self.densities
+        self.tokens, self.densities = 0, []
+        d = [v for v in d if math.isfinite(v)]
+        return t, (sum(d) / len(d) if d else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +252,19 @@ def _peak_flops(cfg: TrainConfig) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def _broadcast_scalar_params(module: nn.Module) -> None:
+    """DeepSpeed 0.19.8's initial broadcast views every parameter as bytes, which fails on 0-dim
+    ones (``logit_scale``): broadcast those here and mark them so DeepSpeed skips them (the
+    marker is otherwise only read by its optional partial-offload feature, off in our configs)."""
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.dim() == 0:
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast(p.data, 0)
+            p.ds_optim_param = True
 
 
 def seed_all(seed: int) -> None:
@@ -302,7 +359,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
 
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     train_manifest, val_manifest = prepare_data(cfg, topo, run_dir)
-    model, task = build_model(cfg, train_manifest)
+    model, task = build_model(cfg, train_manifest, run_dir, topo)
+    stats = StreamStats(model.blocks)  # before the sequence-parallel hooks: counts whole streams
     if cfg.deepspeed.activation_checkpointing:
         from .parallel import checkpoint_blocks
 
@@ -313,6 +371,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
         apply_sequence_parallel(model, topo.sp_group, topo.sp_rank, topo.sp)
     module = task if isinstance(task, nn.Module) and model in task.modules() else TaskModule(task, model)
     n_params = sum(p.numel() for p in model.parameters())
+    _broadcast_scalar_params(module)
     engine, _opt, _, _sched = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds_cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
@@ -349,7 +408,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
     try:
         while step < cfg.run.steps:
             t0 = time.perf_counter()
-            losses, extras, tokens = [], [], 0.0
+            losses, extras = [], []
             done_micro = 0
             while done_micro < accum:
                 batch = _to_device(next(it), topo.device, dtype)
@@ -375,9 +434,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
                     raise
                 done_micro += 1
                 losses.append(float(loss.detach().float().item()))
-                m = _scalar_metrics(metrics)
-                tokens += m.get("tokens", 0.0)
-                extras.append(m)
+                extras.append(_scalar_metrics(metrics))
             step += 1
             dt = time.perf_counter() - t0
             rec: dict[str, Any] = {"loss": all_mean(sum(losses) / len(losses), topo.device),
@@ -387,15 +444,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
                 rec["grad_norm"] = float(gn.item() if isinstance(gn, torch.Tensor) else gn)
             clips = cfg.data.batch_size * accum * topo.dp
             rec.update(step_time=dt, clips_per_s=clips / dt, epoch=pos.epoch, nonfinite_skipped=skipped)
+            tokens, density = stats.take()
+            if density is not None:
+                rec["attention_density"] = density
             if tokens:
                 rec["tokens_per_s"] = tokens * topo.dp / dt
                 if peak:
                     rec["mfu"] = 6.0 * n_params * tokens * topo.dp / dt / (peak * topo.world)
-            for key in ("attention_density", "density"):
-                vals = [e[key] for e in extras if key in e]
-                if vals:
-                    rec["attention_density"] = sum(vals) / len(vals)
-            for k in sorted({k for e in extras for k in e} - set(rec) - {"tokens", "density"}):
+            for k in sorted({k for e in extras for k in e} - set(rec) - {"tokens"}):
                 vals = [e[k] for e in extras if k in e]
                 rec[k] = sum(vals) / len(vals)
             if torch.cuda.is_available():
