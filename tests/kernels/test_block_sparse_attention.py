@@ -1,0 +1,245 @@
+"""The Triton block-sparse attention kernels against a dense float64 truth, forward and backward.
+
+Legend: B batch, H query heads, Hk key/value heads, N tokens, D head dim.
+
+CPU: the kernels run under TRITON_INTERPRET=1 (conftest.py) on small problems in float32 and
+float16 (bf16 tl.dot is garbage in the interpreter). GPU: the same patterns at larger sizes,
+bf16 included. Error budget (CONVENTIONS.md item 3): the kernel's error against float64 is at
+most twice the error of the same dense computation run in the input dtype, plus a small floor,
+for out, lse and every gradient. Every output buffer is filled with NaN before the launch, so
+an element the kernels forget to write fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmsparse.attention import (
+    AVSync, Axial, Causal, Dense, Global, Local, Segment, StreamLayout, Tiled, bigbird,
+    build_layout, longformer, sparse_transformer,
+)
+from mmsparse.kernels import block_sparse_attention as bsa
+
+# the Triton 3.6 interpreter converts 1-element arrays to scalars (numpy warns on every loop)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+_AV_CPU = StreamLayout.concat(
+    Segment("video", (3, 4, 5), seconds=0.5, order=(1, 2, 5)), Segment("audio", (2, 13), seconds=0.12), n_global=2
+)
+_AV_GPU = StreamLayout.concat(
+    Segment("video", (8, 12, 16), seconds=0.5, order=(2, 4, 8)), Segment("audio", (8, 100), seconds=0.04), n_global=16
+)
+
+# name -> (pattern, token layout, block_q, block_k); CPU sizes first, GPU sizes second
+CASES = {
+    "local3d": ((Local((3, 3, 3)), (3, 5, 7), 32, 32),
+                (Local((3, 5, 7)), (6, 12, 20), 128, 128)),
+    "longformer": ((longformer(15, 3), (97,), 16, 16),
+                   (longformer(129, 16), (1025,), 128, 128)),
+    "axial_with_globals": ((Axial(1), StreamLayout.from_grid((3, 5, 7), n_global=3), 16, 32),
+                           (Axial(1), StreamLayout.from_grid((6, 12, 20), n_global=16), 128, 128)),
+    "tiled_order": ((Tiled((2, 2, 4), 1), StreamLayout.from_grid((4, 4, 8), order=(2, 2, 4)), 16, 16),
+                    (Tiled((2, 4, 8), 1), StreamLayout.from_grid((8, 16, 24), order=(2, 4, 8)), 64, 64)),
+    "global_local": ((Local((3, 3, 3)) | Global(4), StreamLayout.from_grid((3, 5, 7), n_global=4), 32, 32),
+                     (Local((3, 5, 5)) | Global(64), StreamLayout.from_grid((6, 12, 20), n_global=64), 128, 128)),
+    "causal": ((Causal(), (97,), 32, 32),
+               (Causal(), (1025,), 128, 128)),
+    "bigbird": ((bigbird(9, 2, 2, 8, seed=5), (101,), 16, 16),
+                (bigbird(65, 16, 2, 64), (2000,), 128, 128)),
+    "strided": ((sparse_transformer(8), (90,), 16, 16),
+                (sparse_transformer(64), (2048,), 128, 128)),
+    "multimodal": ((Local((3, 3, 3), modality="video") | AVSync(0.5) | Global(2), _AV_CPU, 16, 16),
+                   (Local((3, 5, 5), modality="video") | AVSync(0.5) | Global(16), _AV_GPU, 128, 128)),
+    "dense": ((Dense(), (70,), 32, 32),
+              (Dense(), (1000,), 128, 128)),
+}
+
+if CUDA:
+    # bf16 everywhere, D = 64; head dims 128 and 72 (padded) and the other dtypes on a few
+    RUNS = [(name, torch.bfloat16, 64) for name in CASES] + [
+        ("local3d", torch.bfloat16, 128), ("tiled_order", torch.bfloat16, 128),
+        ("longformer", torch.bfloat16, 72), ("local3d", torch.float16, 64),
+        ("longformer", torch.float32, 40), ("local3d", torch.float32, 64),
+    ]
+    SHAPE = (2, 4, 2)  # B, H, Hk
+else:
+    RUNS = [(name, dtype, 40) for name in CASES for dtype in (torch.float32, torch.float16)]
+    SHAPE = (1, 2, 1)
+
+
+def _layout(name):
+    pattern, tokens, bq, bk = CASES[name][1 if CUDA else 0]
+    return build_layout(pattern, tokens, bq, bk, device=DEV)
+
+
+def _inputs(n, dtype, d, shape=SHAPE, seed=0):
+    b, h, hk = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, x, n, d, generator=gen) for x in (h, hk, hk))
+    dout = torch.randn(b, h, n, d, generator=gen)
+    dlse = torch.randn(b, h, n, generator=gen)
+    return [t.to(DEV) for t in (q, k, v, dout, dlse)]
+
+
+def _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, upcast):
+    """out, lse, dq, dk, dv of the dense reference (float64 when upcast, else in dtype)."""
+    q, k, v = (t.to(dtype).detach().requires_grad_(True) for t in (q, k, v))
+    out, lse = bsa.block_sparse_attention_ref(q, k, v, layout, scale, upcast=upcast)
+    finite = torch.isfinite(lse)
+    loss = (out.double() * dout.double()).sum() + (torch.where(finite, lse, 0.0).double() * dlse.double()).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return out.detach(), lse.detach(), dq, dk, dv
+
+
+def _kernel_grads(q, k, v, dout, dlse, layout, scale, dtype):
+    """The kernels through their launchers, every output buffer poisoned with NaN."""
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    poison = lambda t, dt=None: torch.full_like(t, math.nan, dtype=dt or t.dtype)
+    out, lse = bsa._attention_forward(q, k, v, layout, scale, out=poison(q), lse=poison(dlse, torch.float32))
+    dq, dk, dv = bsa._attention_backward(
+        q, k, v, out, lse, dout, layout, scale, dq=poison(q), dk=poison(k), dv=poison(v), dlse=dlse
+    )
+    return out, lse, dq, dk, dv
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check_budget(got, low, truth, dtype):
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, g, lo, t in zip(names, got, low, truth):
+        assert not torch.isnan(g).any(), f"{name}: NaN left (unwritten or invalid elements)"
+        if name == "lse":
+            empty = torch.isinf(t)
+            assert torch.equal(torch.isinf(g), empty), "lse: -inf exactly where a row attends nothing"
+            g, lo, t = (torch.where(empty, 0.0, x.double()) for x in (g, lo, t))
+        else:
+            assert g.dtype == dtype and g.shape == t.shape, name
+        err, base = _err(g, t), _err(lo, t)
+        assert err <= 2 * base + FLOOR[dtype], f"{name}: error {err:.3e} > 2 x {base:.3e} + {FLOOR[dtype]}"
+
+
+@pytest.mark.parametrize("name,dtype,d", RUNS, ids=[f"{n}-{str(t)[6:]}-d{d}" for n, t, d in RUNS])
+def test_matches_dense_truth(name, dtype, d):
+    layout = _layout(name)
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=hash(name) % 1000)
+    scale = d**-0.5
+    truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
+    got = _kernel_grads(q, k, v, dout, dlse, layout, scale, dtype)
+    _check_budget(got, low, truth, dtype)
+
+
+def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch):
+    """Layout blocks of 64 run as 2 x 4 and 4 x 2 kernel tiles; N = 97 is not a multiple."""
+    monkeypatch.setitem(bsa._OVERRIDE, "fwd", (32, 16, 4, 1))
+    monkeypatch.setitem(bsa._OVERRIDE, "dq", (32, 16, 4, 1))
+    monkeypatch.setitem(bsa._OVERRIDE, "dkdv", (16, 32, 4, 1))
+    layout = build_layout(longformer(15, 3) | Local(5), (97,), 64, 64, device=DEV)
+    dtype, d = torch.float32, 24
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=3)
+    truth = _ref_grads(q, k, v, dout, dlse, layout, 0.3, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, 0.3, dtype, False)
+    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, 0.3, dtype), low, truth, dtype)
+
+
+def test_batch_and_heads_without_gqa():
+    layout = _layout("local3d")
+    dtype, d = torch.float32, 16
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, shape=(2, 3, 3), seed=4)
+    truth = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype, False)
+    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype), low, truth, dtype)
+
+
+def test_autograd_function_and_lse_gradient():
+    """The public functional: out and lse both differentiable, default scale 1/sqrt(D)."""
+    layout = _layout("causal")
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, 32, seed=5)
+    qg, kg, vg = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    out, lse = bsa.block_sparse_attention(qg, kg, vg, layout)
+    ((out.float() * dout).sum() + (lse * dlse).sum()).backward()
+    truth = _ref_grads(q, k, v, dout, dlse, layout, 32**-0.5, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, 32**-0.5, dtype, False)
+    _check_budget((out.detach(), lse.detach(), qg.grad, kg.grad, vg.grad), low, truth, dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="determinism of GPU scheduling; the interpreter is serial")
+def test_gradients_are_deterministic():
+    layout = _layout("global_local")
+    q, k, v, dout, dlse = _inputs(layout.n, torch.bfloat16, 64, seed=6)
+    runs = [_kernel_grads(q, k, v, dout, dlse, layout, 0.125, torch.bfloat16) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="backend='triton' of sparse_attention needs CUDA tensors")
+def test_sparse_attention_triton_backend_matches_reference():
+    from mmsparse.attention import sparse_attention
+
+    layout = _layout("local3d")
+    q, k, v, dout, _ = _inputs(layout.n, torch.bfloat16, 64, seed=7)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    out, lse = sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    ref, ref_lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
+    assert _err(out, ref) < 2e-2 and _err(lse, ref_lse) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsupported inputs: clear ValueErrors, no launch
+# ---------------------------------------------------------------------------------------------
+
+
+def _small():
+    layout = build_layout(Local(5), (40,), 16, 16, device=DEV)
+    q = torch.randn(1, 2, 40, 16, device=DEV)
+    return layout, q
+
+
+def test_head_dim_above_limit_raises():
+    layout, _ = _small()
+    q = torch.randn(1, 1, 40, 264, device=DEV)
+    with pytest.raises(ValueError, match="head_dim 264"):
+        bsa.block_sparse_attention(q, q, q, layout)
+
+
+def test_unsupported_dtype_raises():
+    layout, q = _small()
+    q = q.double()
+    with pytest.raises(ValueError, match="dtype"):
+        bsa.block_sparse_attention(q, q, q, layout)
+
+
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layout = build_layout(Local(5), (40,), 16, 16)
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="CUDA"):
+        bsa.block_sparse_attention(q, q, q, layout)
+
+
+def test_layout_blocks_must_be_multiples_of_16():
+    layout = build_layout(Local(5), (40,), 8, 8, device=DEV)
+    q = torch.randn(1, 2, 40, 16, device=DEV)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        bsa.block_sparse_attention(q, q, q, layout)
+
+
+def test_shape_mismatches_raise():
+    layout, q = _small()
+    with pytest.raises(ValueError, match="N=41"):
+        bsa.block_sparse_attention(*(torch.randn(1, 2, 41, 16, device=DEV),) * 3, layout)
+    k = torch.randn(1, 3, 40, 16, device=DEV)
+    with pytest.raises(ValueError, match="GQA"):
+        bsa.block_sparse_attention(q, k, k, layout)
+    with pytest.raises(ValueError, match="dtype"):
+        bsa.block_sparse_attention(q, q.half(), q, layout)
