@@ -16,7 +16,8 @@ EXIT_CONFIG, EXIT_OOM, EXIT_NONFINITE, EXIT_CHECKPOINT = 2, 3, 4, 5
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a recipe path or a name in recipes/ (e.g. tiny_cpu)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
+    # REMAINDER, so options may follow the overrides (the flags found there are taken out in run)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
                    help="dotted overrides of the config tree, e.g. optim.lr=3e-4 data.frames=128")
     p.add_argument("--resume", action="store_true", help="continue from <run.dir>/checkpoints/latest")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
@@ -28,9 +29,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _flags_among_overrides(args: argparse.Namespace) -> None:
+    rest, it = [], iter(args.overrides)
+    for item in it:
+        if item in ("--resume", "--print-config", "--print-deepspeed-config"):
+            setattr(args, item[2:].replace("-", "_"), True)
+        elif item == "--world-size":
+            args.world_size = int(next(it))
+        elif item.startswith("--world-size="):
+            args.world_size = int(item.split("=", 1)[1])
+        elif item.startswith(("--local_rank", "--local-rank")):
+            if "=" not in item:
+                next(it, None)
+        else:
+            rest.append(item)
+    args.overrides = rest
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
+    _flags_among_overrides(args)
     import yaml
 
     from .config import ConfigError, load_config, to_dict

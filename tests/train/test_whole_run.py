@@ -1,0 +1,138 @@
+"""A whole run is a test: tiny_cpu with 2 CPU processes (gloo) and ZeRO-2 trains, is killed with
+SIGKILL mid-run, resumes with --resume, and its loss curve equals the uninterrupted run's exactly
+(fp32 on CPU). Also: a corrupt or missing checkpoint on resume is an error naming the file.
+
+Launched through the deepspeed launcher as users do. TORCH_EXTENSIONS_DIR points at a stable
+cache so the shm-comm op DeepSpeed builds on first use (~60 s) is reused across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmsparse.train.distributed import free_port
+from mmsparse.train.logs import read_metrics
+
+STEPS, EVERY, KILL_AFTER = 24, 8, 12
+COMMON = [f"run.steps={STEPS}", f"checkpoint.every={EVERY}", "run.progress=false", "eval.captions=2",
+          "eval.batches=1", "deepspeed.zero_stage=2", "data.synth.clips=8", "data.synth.val_clips=2"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mmsparse-torch-extensions"))
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _launch(run_dir: Path, *extra: str, procs: int = 2) -> subprocess.Popen:
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()),
+           "--module", "mmsparse.train", "tiny_cpu", f"run.dir={run_dir}", *COMMON, *extra]
+    log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
+    # own session: the kill below reaches the launcher and both ranks, and nothing else
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+
+
+def _wait(p: subprocess.Popen, run_dir: Path, timeout: float = 300) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"run timed out; log: {_tail(run_dir)}")
+
+
+def _tail(run_dir: Path) -> str:
+    log = run_dir.parent / f"{run_dir.name}.log"
+    return log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl", "train")]
+
+
+@pytest.mark.timeout(600)
+def test_two_process_zero2_kill_and_resume_matches(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    full.mkdir(), killed.mkdir()
+
+    # the uninterrupted run
+    p = _launch(full)
+    assert _wait(p, full) == 0, _tail(full)
+    ref = _losses(full)
+    assert [s for s, _ in ref] == list(range(1, STEPS + 1))
+    first = sum(v for _, v in ref[:4]) / 4
+    last = sum(v for _, v in ref[-4:]) / 4
+    assert last < first - 0.5, f"loss did not fall: {ref}"
+    for f in ("config.yaml", "deepspeed_config.json", "curves.png", "summary.json", "export/config.json",
+              "tokenizer.json"):
+        assert (full / f).is_file(), f
+    assert any((full / "tb").iterdir())
+    assert read_metrics(full / "metrics.jsonl", "eval"), "no evaluation record"
+    ds = json.loads((full / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 2 * 2
+
+    # the same run, killed with SIGKILL after step KILL_AFTER (past the checkpoint at EVERY)
+    p = _launch(killed)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if len(_losses(killed)) >= KILL_AFTER:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, f"the run ended before it could be killed: {_tail(killed)}"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = len(_losses(killed))
+    assert EVERY < done < STEPS, done
+    assert (killed / "checkpoints" / "latest").read_text().strip() == f"step{EVERY:08d}"
+
+    # starting over in the same folder without --resume is refused
+    p = _launch(killed)
+    assert _wait(p, killed) != 0
+    assert "--resume" in _tail(killed)
+
+    p = _launch(killed, "--resume")
+    assert _wait(p, killed) == 0, _tail(killed)
+    assert f"resumed from {killed / 'checkpoints' / f'step{EVERY:08d}'}" in _tail(killed)
+    got = _losses(killed)
+    assert [s for s, _ in got] == list(range(1, STEPS + 1)), got
+    assert got == ref, "resumed loss curve differs from the uninterrupted run:\n" + "\n".join(
+        f"{a} {b}" for a, b in zip(ref, got) if a != b)
+
+
+@pytest.mark.timeout(300)
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run = tmp_path / "one"
+    run.mkdir()
+    base = [sys.executable, "-m", "mmsparse.train", "tiny_cpu", f"run.dir={run}", "run.steps=2",
+            "checkpoint.every=1", "run.progress=false", "eval.at_end=false", "checkpoint.export=false",
+            "data.synth.clips=4", "data.synth.val_clips=0"]
+
+    def go(*extra):
+        return subprocess.run(base + list(extra), capture_output=True, text=True, env=_env(), timeout=240)
+
+    out = go("--resume")
+    assert out.returncode == 5 and f"{run / 'checkpoints' / 'latest'} does not exist" in out.stderr, out.stderr
+    out = go()
+    assert out.returncode == 0, out.stderr[-3000:]
+    tag = run / "checkpoints" / "step00000002"
+    optim = next(tag.glob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optim.write_bytes(bytes(data))
+    out = go("--resume", "run.steps=3")
+    assert out.returncode == 5 and f"{optim} is corrupt" in out.stderr, out.stderr[-3000:]
+    optim.unlink()
+    out = go("--resume", "run.steps=3")
+    assert out.returncode == 5 and f"{optim} is missing" in out.stderr, out.stderr[-3000:]
