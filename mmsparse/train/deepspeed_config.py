@@ -7,9 +7,11 @@ needed), the warmup + cosine / linear / constant schedule, and the activation-ch
 section used when blocks are checkpointed. ``deepspeed.extra`` is deep-merged last, as the
 escape hatch for knobs the tree does not name.
 
-Batch arithmetic: ``train_batch_size = micro_batch * grad_accum * data_parallel``, where
-``data_parallel = world_size / sequence_parallel_size`` (a sequence-parallel group trains on one
-clip at a time).
+Batch arithmetic: DeepSpeed is given no sequence-parallel ``mpu`` (see ``parallel``: its plain
+all-rank gradient average is the right reduction), so it counts every process as a replica:
+``train_batch_size = micro_batch * grad_accum * world_size``. The clips per optimizer step are
+``micro_batch * grad_accum * world_size / sequence_parallel_size`` (the members of a
+sequence-parallel group share one clip).
 
 ``python -m mmsparse.train.deepspeed_config RECIPE [k=v ...] [--world-size N]`` prints it.
 """
@@ -41,14 +43,14 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1, gpu: bool | None = N
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` processes."""
     ds, o = cfg.deepspeed, cfg.optim
     gpu = has_gpu() if gpu is None else gpu
-    dp = data_parallel_size(cfg, world_size)
+    data_parallel_size(cfg, world_size)  # checks the sequence-parallel size divides world_size
     micro = cfg.data.batch_size
     torch_adam = (not gpu) if ds.torch_adam is None else ds.torch_adam
 
     out: dict = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": ds.grad_accum,
-        "train_batch_size": micro * ds.grad_accum * dp,
+        "train_batch_size": micro * ds.grad_accum * world_size,
         "gradient_clipping": float(o.grad_clip),
         "steps_per_print": 10 ** 9,   # our own logging reports progress
         "wall_clock_breakdown": False,

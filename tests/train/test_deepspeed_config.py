@@ -56,7 +56,8 @@ def test_activation_checkpointing_sequence_parallel_and_extra():
     d = _ds(["deepspeed.activation_checkpointing=true", "deepspeed.sequence_parallel_size=2",
              "deepspeed.extra={zero_optimization: {reduce_bucket_size: 123}, steps_per_print: 5}"], world=4)
     assert "activation_checkpointing" in d
-    assert d["train_batch_size"] == 2 * 1 * 2        # 4 processes = 2 data-parallel x 2 sequence-parallel
+    # DeepSpeed counts all 4 processes (2 data-parallel x 2 sequence-parallel) as replicas
+    assert d["train_batch_size"] == 2 * 1 * 4
     assert d["zero_optimization"]["reduce_bucket_size"] == 123 and d["steps_per_print"] == 5
     assert "activation_checkpointing" not in _ds([])
     with pytest.raises(ConfigError, match="sequence_parallel_size=3 must divide"):
@@ -67,7 +68,7 @@ def test_recipes_generate_their_stage():
     assert _ds([], recipe="caption_base", gpu=True)["zero_optimization"]["stage"] == 2
     z3 = _ds([], recipe="caption_base_zero3", gpu=True)
     assert z3["zero_optimization"]["stage"] == 3 and "activation_checkpointing" in z3
-    assert _ds([], recipe="long_clip_ulysses", world=2, gpu=True)["train_batch_size"] == 1
+    assert _ds([], recipe="long_clip_ulysses", world=2, gpu=True)["train_batch_size"] == 2
 
 
 def test_print_deepspeed_config_cli():
