@@ -11,6 +11,7 @@ import sys
 _COMMANDS = (
     ("viz", "mmsparse.attention.viz"),
     ("data", "mmsparse.data.cli"),
+    ("train", "mmsparse.train.cli"),
 )
 
 
