@@ -9,7 +9,9 @@ is replayed so DropPath draws the same masks in the recomputation).
 **DeepSpeed-Ulysses sequence parallelism.** Inside a sequence-parallel group of P ranks every
 rank holds N / P consecutive tokens of the same clip between the blocks:
 
-- a forward pre-hook on ``blocks[0]`` keeps this rank's token slice ``[r N/P, (r+1) N/P)``;
+- a forward pre-hook on ``blocks[0]`` pads the stream with zero tokens to a multiple of P
+  (N' = P ceil(N / P)) and keeps this rank's slice ``[r N'/P, (r+1) N'/P)``; the padding
+  tokens are left out of attention and cut off again at the end;
 - each block's ``attn`` (a ``SparseSelfAttention``) is replaced by ``UlyssesSelfAttention``
   sharing its parameters: q, k, v of the local tokens (B, H, N/P, D), rotary positions of
   those tokens, then ``deepspeed.sequence.layer.DistributedAttention`` swaps the split from
@@ -85,28 +87,32 @@ class _GatherTokens(torch.autograd.Function):
 
 
 class _LocalSparseAttention(nn.Module):
-    """DistributedAttention's local attention: (B, N, H/P, D) in and out, sparse_attention inside."""
+    """DistributedAttention's local attention: (B, N', H/P, D) in and out, sparse_attention of the
+    N real tokens inside (padding rows come out as zeros)."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, state: dict):
         super().__init__()
-        self.backend = backend
+        self.backend, self.state = backend, state
 
     def forward(self, q, k, v, layout):
-        from mmsparse.attention import sparse_attention
         import torch.nn.functional as F
 
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
+        from mmsparse.attention import sparse_attention
+
+        n_pad, n = q.shape[1], self.state["n"]
+        q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
         if layout is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = sparse_attention(q, k, v, layout, backend=self.backend)
-        return out.transpose(1, 2)  # (B, N, H/P, D)
+        out = out.transpose(1, 2)  # (B, N, H/P, D)
+        return F.pad(out, (0, 0, 0, 0, 0, n_pad - n)) if n_pad > n else out
 
 
 class UlyssesSelfAttention(nn.Module):
     """``SparseSelfAttention`` on a token slice, with the heads spread over the group for attention."""
 
-    def __init__(self, attn: nn.Module, group, sp_rank: int, sp: int):
+    def __init__(self, attn: nn.Module, group, sp_rank: int, sp: int, state: dict):
         super().__init__()
         from deepspeed.sequence.layer import DistributedAttention
 
@@ -114,7 +120,8 @@ class UlyssesSelfAttention(nn.Module):
         self.qkv, self.q_norm, self.k_norm, self.proj = attn.qkv, attn.q_norm, attn.k_norm, attn.proj
         self.num_heads, self.head_dim, self.backend = attn.num_heads, attn.head_dim, attn.backend
         self.sp_rank, self.sp = sp_rank, sp
-        self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend), group, scatter_idx=2, gather_idx=1)
+        self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state), group, scatter_idx=2,
+                                              gather_idx=1)
 
     def forward(self, x: torch.Tensor, layout, rope=None) -> torch.Tensor:
         """x (B, N/P, C) local tokens; layout of the whole stream; rope (cos, sin) of all N tokens."""
@@ -126,7 +133,11 @@ class UlyssesSelfAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             lo = self.sp_rank * n
-            cos, sin = (t[lo:lo + n] for t in rope)
+            cos, sin = rope[0][lo:lo + n], rope[1][lo:lo + n]
+            if cos.shape[0] < n:  # padding tokens: identity rotation
+                extra = n - cos.shape[0]
+                cos = torch.cat([cos, cos.new_ones(extra, *cos.shape[1:])])
+                sin = torch.cat([sin, sin.new_zeros(extra, *sin.shape[1:])])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, N/P, H, D)
         out = self.dist_attn(q, k, v, 0, None, layout)  # (B, N/P, H, D)
@@ -135,23 +146,25 @@ class UlyssesSelfAttention(nn.Module):
 
 def apply_sequence_parallel(model: nn.Module, group, sp_rank: int, sp: int) -> None:
     """Shard the token stream over ``group`` between the first and the last block (see module doc)."""
+    import torch.nn.functional as F
+
     check_heads(model, sp)
     blocks = model.blocks
+    state = {"n": 0}  # the real stream length of the current forward
     for blk in blocks:
-        blk.attn = UlyssesSelfAttention(blk.attn, group, sp_rank, sp)
+        blk.attn = UlyssesSelfAttention(blk.attn, group, sp_rank, sp, state)
 
     def scatter(_module, args, kwargs):
-        x, *rest = args
+        x, *rest = args  # (B, N, C)
         n = x.shape[1]
-        if n % sp:
-            raise ValueError(f"sequence parallelism needs the stream length N={n} to be a multiple of "
-                             f"deepspeed.sequence_parallel_size={sp}; pad the stream (e.g. the tokenizer's "
-                             f"`align`) or change the clip length")
-        m = n // sp
-        return (x[:, sp_rank * m:(sp_rank + 1) * m].contiguous(), *rest), kwargs
+        state["n"] = n
+        m = -(-n // sp)
+        if m * sp > n:
+            x = F.pad(x, (0, 0, 0, m * sp - n))  # (B, N', C)
+        return (x[:, sp_rank * m:(sp_rank + 1) * m].contiguous(), *rest), kwargs  # (B, N'/P, C)
 
     def gather(_module, _args, out):
-        return _GatherTokens.apply(out, group)
+        return _GatherTokens.apply(out, group)[:, :state["n"]]  # (B, N, C)
 
     blocks[0].register_forward_pre_hook(scatter, with_kwargs=True)
     blocks[-1].register_forward_hook(gather)

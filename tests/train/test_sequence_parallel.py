@@ -21,16 +21,16 @@ def _batch(tmp: str):
     return manifest, next(iter(loader))
 
 
-def _model(manifest):
+def _model(manifest, n_global):
     from mmsparse.models import CaptionTask, CaptionTokenizer, create_model
 
     torch.manual_seed(0)
-    model = create_model("captioner_tiny")
+    model = create_model("captioner_tiny", n_global=n_global)
     model.set_tokenizer(CaptionTokenizer.from_manifest(manifest, vocab_size=model.cfg.vocab_size))
     return model, CaptionTask(model)
 
 
-def _worker(rank: int, port: int, tmp: str, out: dict):
+def _worker(rank: int, port: int, tmp: str, n_global: int, out: dict):
     import torch.distributed as dist
 
     from mmsparse.train.parallel import apply_sequence_parallel
@@ -43,7 +43,7 @@ def _worker(rank: int, port: int, tmp: str, out: dict):
     deepspeed.init_distributed(dist_backend="gloo")  # DistributedAttention talks through deepspeed.comm
     torch.set_num_threads(1)
     manifest, batch = _batch(os.path.join(tmp, "data"))
-    model, task = _model(manifest)
+    model, task = _model(manifest, n_global)
     seen = []
     apply_sequence_parallel(model, dist.new_group([0, 1]), rank, 2)
     model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
@@ -58,20 +58,22 @@ def _worker(rank: int, port: int, tmp: str, out: dict):
 
 
 @pytest.mark.timeout(300)
-def test_ulysses_matches_the_plain_model(tmp_path):
+@pytest.mark.parametrize("n_global", [2, 3])  # an even and an odd stream length (padded to 2 N/2)
+def test_ulysses_matches_the_plain_model(tmp_path, n_global):
     _, batch = _batch(str(tmp_path / "data"))  # written once, before the workers read it
     manifest = tmp_path / "data" / "manifest.jsonl"
-    model, task = _model(manifest)
+    model, task = _model(manifest, n_global)
     loss, _ = task.training_forward(batch)
     loss.backward()
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     n_stream = model.encode(batch)[0].shape[1]
+    assert n_stream % 2 == n_global % 2
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), n_global, out), nprocs=2, join=True)
     for rank in (0, 1):
         sp_loss, grads, seen = out[rank]
-        assert seen == [n_stream // 2]                      # each rank's blocks hold half the tokens
+        assert seen == [-(-n_stream // 2)]                  # each rank's blocks hold half the tokens
         assert sp_loss == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
         assert set(grads) == set(ref)
         for n, g in grads.items():
