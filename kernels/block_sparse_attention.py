@@ -126,7 +126,8 @@ def _predicate(ATTR, stride_attr, TAB, oq, ok, q_in, k_in, zero,
                 hi = oq
             else:
                 hi = tl.load(ATTR + P3 * stride_attr + oq, mask=q_in, other=0)
-            r = (lo <= xk) & (xk < hi)
+            # lo <= xk < hi as one unsigned comparison (xk < lo wraps to a huge value)
+            r = (xk - lo).to(tl.uint32) < tl.maximum(hi - lo, 0).to(tl.uint32)
         elif KIND == 4:  # cong: (q - k) % P2 == 0 (C's remainder sign is irrelevant for 0)
             r = (xq - xk) % P2 == 0
         elif KIND == 5:  # qflag
@@ -574,11 +575,43 @@ def _check(q, k, v, layout):
         raise ValueError(f"block_sparse_attention: {reason}")
 
 
+def _simplify(program) -> list:
+    """The clauses without predicates that are constant over all N tokens (e.g. `eq segment`
+    on a one-segment stream): fewer operations per element of a partial block."""
+    attrs = program.attrs
+    const = {}
+
+    def constant(a):
+        if a not in const:
+            col = attrs[a]
+            const[a] = int(col[0]) if a != 0 and bool((col == col[0]).all()) else None
+        return const[a]
+
+    clauses = []
+    for clause in program.clauses:
+        kept, false = [], False
+        for pred in clause:
+            kind, c = pred[0], constant(pred[1]) if pred[0] in ("eq", "ne", "qflag", "kflag") else None
+            if c is None:
+                kept.append(pred)
+            elif kind == "ne" or (kind in ("qflag", "kflag") and c == 0):
+                false = True
+        if not false:
+            clauses.append(tuple(kept))
+    if not clauses:  # nothing ever attends: keep one original (false) clause
+        clauses = [program.clauses[0]]
+    return clauses
+
+
 def _lower_program(program) -> tuple[tuple, torch.Tensor | None]:
-    """The mask program as the kernel's flat constexpr tuple, and the concatenated coarse tables."""
+    """The mask program as the kernel's flat constexpr tuple (empty: every pair attends), and
+    the concatenated coarse tables."""
+    clauses = _simplify(program) if program.clauses else []
+    if any(len(c) == 0 for c in clauses):
+        return (), None
     flat, tables, offset = [], [], 0
     table_at = {}
-    for ci, clause in enumerate(program.clauses):
+    for ci, clause in enumerate(clauses):
         if ci:
             flat += [0, 0, 0, 0, 0]
         for pred in clause:
@@ -611,9 +644,7 @@ class _KernelProgram:
 
     def __init__(self, layout, device):
         prog = layout.program
-        flat, tab = _lower_program(prog)
-        self.dense = prog.is_dense
-        self.program = () if self.dense else flat
+        self.program, tab = _lower_program(prog)
         self.attrs = _int32(prog.attrs, "mask attribute").to(device)  # (A, N)
         self.tab = (_int32(tab, "coarse table") if tab is not None else torch.zeros(1, dtype=torch.int32)).to(device)
         self.lists = {
@@ -703,7 +734,7 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
             GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
             LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k,
             BLOCK_M=bm, BLOCK_N=bn,
-            PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % bn == 0,
+            PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
             DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages,
         )
 
@@ -751,7 +782,7 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             kp.attrs.stride(0), n, h, scale * _LOG2E, scale,
-            BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % bn == 0, num_warps=warps, num_stages=stages, **common,
+            BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, num_warps=warps, num_stages=stages, **common,
         )
 
     def launch_dkdv(cfg):

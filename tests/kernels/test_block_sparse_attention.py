@@ -138,12 +138,14 @@ def test_matches_dense_truth(name, dtype, d):
     _check_budget(got, low, truth, dtype)
 
 
-def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch):
-    """Layout blocks of 64 run as 2 x 4 and 4 x 2 kernel tiles; N = 97 is not a multiple."""
+@pytest.mark.parametrize("n", [96, 97])
+def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n):
+    """Layout blocks of 64 run as 2 x 4 and 4 x 2 kernel tiles; N = 96 leaves a last layout
+    block with one tile past N, N = 97 a ragged tile."""
     monkeypatch.setitem(bsa._OVERRIDE, "fwd", (32, 16, 4, 1))
     monkeypatch.setitem(bsa._OVERRIDE, "dq", (32, 16, 4, 1))
     monkeypatch.setitem(bsa._OVERRIDE, "dkdv", (16, 32, 4, 1))
-    layout = build_layout(longformer(15, 3) | Local(5), (97,), 64, 64, device=DEV)
+    layout = build_layout(longformer(15, 3) | Local(5), (n,), 64, 64, device=DEV)
     dtype, d = torch.float32, 24
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=3)
     truth = _ref_grads(q, k, v, dout, dlse, layout, 0.3, torch.float64, True)
