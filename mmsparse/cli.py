@@ -12,6 +12,8 @@ _COMMANDS = (
     ("viz", "mmsparse.attention.viz"),
     ("data", "mmsparse.data.cli"),
     ("train", "mmsparse.train.cli"),
+    ("caption", "mmsparse.infer.cli"),
+    ("eval", "mmsparse.eval.cli"),
 )
 
 
