@@ -41,8 +41,12 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are decorated
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -853,18 +857,63 @@ def block_sparse_attention(q, k, v, layout, scale: float | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-def main():  # python -m mmsparse.kernels.block_sparse_attention
-    """Compare with the reference on a small 3D window, and time it on a GPU."""
-    from mmsparse.attention import Local, Segment, StreamLayout, build_layout
+def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkdv")):
+    """Time every candidate tile config of each kernel on one workload (CUDA, bf16).
+
+    Returns rows (kernel, config, ms): forward alone for "fwd", the whole backward with the
+    other backward kernel at its default for "dq" / "dkdv"."""
+    from mmsparse.attention import build_layout
+
+    layout = build_layout(pattern, tokens, device="cuda")
+    n, d_pad = layout.n, max(16, triton.next_power_of_2(head_dim))
+    q, k, v, dout = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = head_dim**-0.5
+    out, lse = _attention_forward(q, k, v, layout, scale)
+    rows = []
+    for kernel in kernels:
+        for cand in dict.fromkeys([_CONFIGS[kernel][d_pad]] + _CANDIDATES[kernel]):
+            _OVERRIDE[kernel] = cand
+            try:
+                if kernel == "fwd":
+                    fn = lambda: _attention_forward(q, k, v, layout, scale)
+                else:
+                    fn = lambda: _attention_backward(q, k, v, out, lse, dout, layout, scale)
+                ms = triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
+            except Exception as err:  # out of resources and the like
+                ms = float("nan")
+                log.warning("sweep %s %s: %s", kernel, cand, str(err).splitlines()[0][:120])
+            finally:
+                _OVERRIDE.pop(kernel, None)
+            rows.append((kernel, cand, ms))
+            print(f"{kernel:5s} {str(cand):20s} {ms:8.3f} ms", flush=True)
+    return rows
+
+
+def main():  # python -m mmsparse.kernels.block_sparse_attention [--sweep]
+    """Compare with the reference on a small 3D window (interpreter on a CPU); on a GPU, time it,
+    and with --sweep time the tile candidates on a tile-aligned and a token-level window."""
+    import sys
+
+    from mmsparse.attention import Local, Segment, StreamLayout, Tiled, build_layout
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if cuda and "--sweep" in sys.argv:
+        a3 = StreamLayout.from_grid((16, 32, 32), order=(4, 4, 8))
+        for name, pattern, tokens, h, d in (
+            ("A3 8x128", Tiled((4, 4, 8), 1), a3, 8, 128),
+            ("A3 16x64", Tiled((4, 4, 8), 1), a3, 16, 64),
+            ("A1 16x64 raster", Local((5, 9, 9)), (16, 32, 32), 16, 64),
+            ("A1 8x128 raster", Local((5, 9, 9)), (16, 32, 32), 8, 128),
+        ):
+            print(f"# sweep {name}", flush=True)
+            sweep(pattern, tokens, h, d)
+        return
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float16
     grid = (8, 16, 16) if cuda else (3, 5, 7)
     stream = StreamLayout((Segment("video", grid, order=(2, 4, 4) if cuda else "raster"),))
-    layout = build_layout(Local((3, 5, 5) if cuda else (3, 3, 3)), stream, 128 if cuda else 32, 128 if cuda else 32, dev)
+    blk = 128 if cuda else 32
+    layout = build_layout(Local((3, 5, 5) if cuda else (3, 3, 3)), stream, blk, blk, dev)
     print(layout.summary())
     n = layout.n
     q, k, v = (torch.randn(1, 4, n, 64, device=dev, dtype=dtype) for _ in range(3))
