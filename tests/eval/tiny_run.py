@@ -1,0 +1,53 @@
+"""One tiny_cpu run shared by tests/eval and tests/infer (trained once per session).
+
+`mmsparse train tiny_cpu` runs as users launch it (a subprocess, one CPU process, DeepSpeed
+ZeRO-2 fp32) with a few overrides that make it learn the synthetic captions in CPU minutes:
+64 training clips (the recipe's 16 are too few to generalise to held-out clips), batches of 8,
+300 steps, no intermediate checkpoints or evaluation. Training is deterministic (fp32 CPU,
+seeded), so the scores the tests check do not vary between runs on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+STEPS = 300
+OVERRIDES = [f"run.steps={STEPS}", "run.progress=false", "run.tensorboard=false", "run.plot=false",
+             "data.batch_size=8", "data.num_workers=1", "data.synth.clips=64", "data.synth.val_clips=0",
+             "checkpoint.every=0", "eval.captions=0"]
+ROOT = Path(__file__).resolve().parents[2]
+_CACHE: dict[str, Path] = {}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # the shm-comm op DeepSpeed builds on first use (~60 s) is cached here, as in tests/train
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mmsparse-torch-extensions"))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def trained_tiny(tmp_path_factory) -> Path:
+    """The run folder of the shared tiny_cpu run (``<run>/export`` holds the model).
+    ``MMSPARSE_TEST_TINY_RUN=<run folder>`` reuses a run trained with these overrides."""
+    reuse = os.environ.get("MMSPARSE_TEST_TINY_RUN")
+    if reuse and "run" not in _CACHE:
+        assert (Path(reuse) / "export" / "model.safetensors").is_file(), f"MMSPARSE_TEST_TINY_RUN={reuse}: no export"
+        _CACHE["run"] = Path(reuse)
+    if "run" not in _CACHE:
+        run = tmp_path_factory.mktemp("tiny_cpu_run") / "run"
+        log = run.parent / "train.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.run([sys.executable, "-m", "mmsparse.train", "tiny_cpu", f"run.dir={run}", *OVERRIDES],
+                                  stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, timeout=540)
+        tail = log.read_text(errors="replace")[-3000:]
+        assert proc.returncode == 0, f"tiny_cpu training failed (exit {proc.returncode}):\n{tail}"
+        assert (run / "export" / "model.safetensors").is_file(), f"no export in {run}:\n{tail}"
+        _CACHE["run"] = run
+    return _CACHE["run"]

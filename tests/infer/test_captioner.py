@@ -1,0 +1,146 @@
+"""Captioning with the shared tiny_cpu model: bad inputs get error records and the rest are
+captioned (the same captions as alone), missing or corrupt model folders are clear errors,
+sliding windows carry exact time stamps, and the `mmsparse caption` command writes JSONL / text
+with the documented exit status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmsparse.cli import main as cli_main
+from mmsparse.data import load_manifest, synth
+from mmsparse.infer import Captioner, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Held-out clips shaped like the training data (32x32, 8 frames) and one 5 s clip."""
+    root = tmp_path_factory.mktemp("infer_clips")
+    m = synth.make_dataset(root / "short", clips=4, frames=8, size=(32, 32), seed=4242, images=0)
+    long = synth.make_dataset(root / "long", clips=1, frames=40, size=(32, 32), seed=4243, images=0)
+    return {"manifest": m, "videos": [s.video for s in load_manifest(m)], "long": load_manifest(long)[0].video,
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_run):
+    return Captioner(tiny_run / "export")
+
+
+def _bad_files(root: Path, good: Path) -> dict[str, Path]:
+    bad = root / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "garbage.mp4").write_bytes(b"this is not a video" * 100)
+    (bad / "empty.mp4").write_bytes(b"")
+    data = good.read_bytes()
+    (bad / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    return {"garbage": bad / "garbage.mp4", "empty": bad / "empty.mp4", "truncated": bad / "truncated.mp4",
+            "missing": bad / "missing.mp4"}
+
+
+def test_undecodable_inputs_get_error_records_and_the_rest_are_captioned(captioner, clips):
+    vids = clips["videos"]
+    bad = _bad_files(clips["root"], vids[0])
+    inputs = [vids[0], bad["garbage"], vids[1], bad["empty"], bad["truncated"], vids[2], bad["missing"], vids[3]]
+    recs = captioner.caption(inputs, batch=3, beam=2)
+    assert [r["path"] for r in recs] == [str(p) for p in inputs]  # one record per input, in order
+    by_path = {r["path"]: r for r in recs}
+    assert by_path[str(bad["garbage"])]["reason"] == "corrupt"
+    assert by_path[str(bad["empty"])]["reason"] == "empty"
+    assert by_path[str(bad["truncated"])]["reason"] in ("truncated", "corrupt")
+    assert by_path[str(bad["missing"])]["reason"] == "missing"
+    for name, p in bad.items():
+        r = by_path[str(p)]
+        assert "caption" not in r and str(p) in r["error"], r
+    # every good clip is captioned, exactly as when it is captioned on its own
+    alone = {r["path"]: r["caption"] for v in vids for r in captioner.caption([v], beam=2)}
+    for v in vids:
+        r = by_path[str(v)]
+        assert r["caption"] and r["caption"] == alone[str(v)]
+        assert r["frames"] == 8 and r["duration"] == pytest.approx(1.0)
+        assert r["timings"]["total_s"] >= r["timings"]["model_s"] > 0
+
+
+def test_manifest_input_keeps_ids_and_references(captioner, clips):
+    recs = captioner.caption([clips["manifest"], clips["videos"][0]])
+    samples = load_manifest(clips["manifest"])
+    assert [r["id"] for r in recs] == [s.id for s in samples] + [f"{samples[0].id}#2"]
+    assert recs[0]["references"] == list(samples[0].captions)
+    assert "references" not in recs[-1]
+
+
+def test_sliding_windows_have_time_stamps(captioner, clips):
+    (rec,) = captioner.caption([clips["long"]], window_seconds=2.0)
+    assert rec["duration"] == pytest.approx(5.0)
+    assert [(s["start"], s["end"]) for s in rec["segments"]] == [(0.0, 2.0), (2.0, 4.0), (4.0, 5.0)]
+    assert all(s["caption"] for s in rec["segments"])
+    assert rec["caption"] == "; ".join(s["caption"] for s in rec["segments"])
+    (ov,) = captioner.caption([clips["long"]], window_seconds=2.0, window_stride=1.5)
+    # overlapping windows stop at the first one that reaches the end of the clip
+    assert [(s["start"], s["end"]) for s in ov["segments"]] == [(0.0, 2.0), (1.5, 3.5), (3.0, 5.0)]
+    # the same window given as a manifest line with start / end gets the same caption
+    m = clips["root"] / "window.jsonl"
+    m.write_text(json.dumps({"id": "w", "video": str(clips["long"]), "start": 2.0, "end": 4.0}) + "\n")
+    (w,) = captioner.caption([m])
+    assert w["caption"] == rec["segments"][1]["caption"] and w["duration"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="window_seconds"):
+        captioner.caption([clips["long"]], window_seconds=0)
+
+
+def test_candidates_are_ranked_by_likelihood(captioner, clips):
+    (rec,) = captioner.caption([clips["videos"][0]])
+    cands = [rec["caption"], "a red circle appears with a high tone", "tone tone tone"]
+    (r,) = captioner.caption([clips["videos"][0]], candidates=cands)
+    # greedy decoding's own caption is far more likely than word salad
+    assert len(r["choice_logprobs"]) == 3 and r["choice_logprobs"][0] > r["choice_logprobs"][2]
+    assert r["choice"] == cands[max(range(3), key=r["choice_logprobs"].__getitem__)]
+
+
+def test_model_folder_errors_are_clear(tiny_run, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Captioner(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a saved model"):
+        Captioner(tmp_path / "empty")
+    # corrupt weights: one flipped byte
+    bad = tmp_path / "flipped"
+    shutil.copytree(tiny_run / "export", bad)
+    w = bytearray((bad / "model.safetensors").read_bytes())
+    w[len(w) // 2] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(w))
+    with pytest.raises(ModelLoadError, match="checksum"):
+        Captioner(bad)
+    # corrupt config
+    cfg = tmp_path / "badjson"
+    shutil.copytree(tiny_run / "export", cfg)
+    (cfg / "config.json").write_text("{ not json")
+    with pytest.raises(ModelLoadError, match="corrupt JSON"):
+        Captioner(cfg)
+    # a run folder is accepted and resolves to its export; the run's frames are used
+    c = Captioner(tiny_run)
+    assert c.model_dir == tiny_run / "export" and c.preprocess.frames == 8
+
+
+def test_caption_cli_jsonl_text_and_exit_status(tiny_run, clips, tmp_path, capsys):
+    vids = clips["videos"]
+    bad = _bad_files(clips["root"], vids[0])
+    out = tmp_path / "caps.jsonl"
+    rc = cli_main(["caption", str(vids[0]), str(bad["garbage"]), str(vids[1]), "--model", str(tiny_run / "export"),
+                   "--beam", "2", "--batch", "2", "--out", str(out)])
+    assert rc == 1  # some inputs failed
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [("error" in r) for r in lines] == [False, True, False]
+    assert lines[1]["reason"] == "corrupt" and lines[0]["caption"] and "timings" in lines[0]
+    assert "1 could not be read" in capsys.readouterr().err
+
+    rc = cli_main(["caption", str(clips["long"]), "--model", str(tiny_run), "--window-seconds", "2"])
+    text = capsys.readouterr().out.splitlines()
+    assert rc == 0 and len(text) == 3 and text[0].split("\t")[1] == "[0.00-2.00 s]"
+
+    rc = cli_main(["caption", str(vids[0]), "--model", str(tmp_path / "missing-model")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "does not exist" in err and "Traceback" not in err
