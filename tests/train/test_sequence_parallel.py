@@ -57,7 +57,7 @@ def _worker(rank: int, port: int, tmp: str, n_global: int, out: dict):
     dist.destroy_process_group()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("n_global", [2, 3])  # an even and an odd stream length (padded to 2 N/2)
 def test_ulysses_matches_the_plain_model(tmp_path, n_global):
     _, batch = _batch(str(tmp_path / "data"))  # written once, before the workers read it

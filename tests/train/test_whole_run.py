@@ -45,7 +45,7 @@ def _launch(run_dir: Path, *extra: str, procs: int = 2) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
 
 
-def _wait(p: subprocess.Popen, run_dir: Path, timeout: float = 300) -> int:
+def _wait(p: subprocess.Popen, run_dir: Path, timeout: float = 480) -> int:
     try:
         return p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -62,7 +62,7 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl", "train")]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_two_process_zero2_kill_and_resume_matches(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     full.mkdir(), killed.mkdir()
@@ -136,3 +136,17 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     optim.unlink()
     out = go("--resume", "run.steps=3")
     assert out.returncode == 5 and f"{optim} is missing" in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
+    run = tmp_path / "nan"
+    cmd = [sys.executable, "-m", "mmsparse.train", "tiny_cpu", f"run.dir={run}", "run.steps=12",
+           "optim.lr=1e30", "optim.warmup_steps=1", "optim.grad_clip=0", "run.max_nonfinite_in_row=3",
+           "run.progress=false", "checkpoint.every=0", "data.synth.clips=4", "data.synth.val_clips=0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 4, text[-3000:]
+    assert "non-finite loss on a batch of video (2, 8, 3, 32, 32)" in text
+    assert "skipped (2 in a row, 2 in all)" in text
+    assert "3 non-finite losses in a row (run.max_nonfinite_in_row=3)" in out.stderr
