@@ -1,0 +1,182 @@
+"""The captioner: backends agree, KV cache, save / load, bad input, tasks, registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from mmsparse.models import (
+    CaptionTask, ContrastiveTask, ModelConfig, VideoCaptioner, create_model, layer_pattern, list_models,
+)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(batch).float()
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local"])
+def test_every_backend_gives_the_same_output(tiny, batch, schedule):
+    """Error budget: each backend's error against the float32 reference is at most twice the
+    error of the reference itself run in bfloat16 (plus float32 rounding)."""
+    tiny.cfg.schedule = schedule
+    tiny.set_backend("reference")
+    truth = _logits(tiny, batch)
+    low = _logits(tiny.to(torch.bfloat16), {**batch, "video": batch["video"].bfloat16(),
+                                             "audio": batch["audio"].bfloat16()})
+    tiny.float()
+    budget = 2 * (low - truth).abs().max().item() + 1e-5
+    assert budget < 1.0
+    for backend in ("sdpa", "flex"):
+        tiny.set_backend(backend)
+        try:
+            out = _logits(tiny, batch)
+        except (ValueError, NotImplementedError, RuntimeError) as err:
+            if backend == "flex":
+                pytest.skip(f"flex unavailable on this CPU: {err}")
+            raise
+        assert (out - truth).abs().max().item() <= budget, backend
+
+
+def test_sparse_and_dense_differ(tiny, batch):
+    # the pattern matters: dense attention gives another function (the test above can fail)
+    sparse = _logits(tiny, batch)
+    tiny.cfg.schedule = "dense"
+    assert (sparse - _logits(tiny, batch)).abs().max() > 1e-3
+
+
+def test_schedule_covers_modalities(tiny, batch):
+    _, _, layout = tiny.encode(batch)
+    pattern = layer_pattern(tiny.cfg, 0, layout)
+    text = repr(pattern)
+    assert "video" in text and "audio" in text and "AVSync" in text and "Global" in text
+    no_audio = {k: v for k, v in batch.items() if not k.startswith("audio")}
+    _, _, layout2 = tiny.encode(no_audio)
+    assert "AVSync" not in repr(layer_pattern(tiny.cfg, 0, layout2))
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_kv_cache_generation_equals_no_cache(tiny, batch, beam):
+    with_cache = tiny.generate_ids(batch, beam=beam, max_len=12, use_cache=True)
+    without = tiny.generate_ids(batch, beam=beam, max_len=12, use_cache=False)
+    assert with_cache == without
+    assert any(len(r) > 0 for r in with_cache)
+
+
+def test_save_load_round_trip(tiny, batch, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
+    loaded = VideoCaptioner.from_pretrained(tmp_path / "m").eval()
+    assert loaded.tokenizer == tiny.tokenizer and loaded.cfg == tiny.cfg
+    assert torch.equal(_logits(loaded, batch), _logits(tiny, batch))
+    assert loaded.generate(batch, beam=2, max_len=8) == tiny.generate(batch, beam=2, max_len=8)
+    # overrides that do not touch the weights
+    assert VideoCaptioner.from_pretrained(tmp_path / "m", backend="sdpa").cfg.backend == "sdpa"
+
+
+def test_corrupt_and_mismatched_files_raise(tiny, tmp_path):
+    d = tmp_path / "m"
+    tiny.save_pretrained(d)
+    weights, config = d / "model.safetensors", d / "config.json"
+    good_w, good_c = weights.read_bytes(), config.read_text()
+
+    data = bytearray(good_w)
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        VideoCaptioner.from_pretrained(d)
+
+    weights.write_bytes(good_w[: len(good_w) // 3])  # truncated, checksum not recorded
+    meta = json.loads(good_c)
+    meta["weights_sha256"] = None
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="corrupt safetensors"):
+        VideoCaptioner.from_pretrained(d)
+
+    weights.write_bytes(good_w)
+    meta["config"]["embed_dim"] = 128
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match config.json"):
+        VideoCaptioner.from_pretrained(d)
+
+    config.write_text(good_c[:50])
+    with pytest.raises(ValueError, match="corrupt JSON"):
+        VideoCaptioner.from_pretrained(d)
+
+    config.write_text(good_c)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json is missing"):
+        VideoCaptioner.from_pretrained(d)
+    with pytest.raises(ValueError, match="not a saved model"):
+        VideoCaptioner.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bad_inputs_raise_value_error(tiny, batch):
+    no_video = {k: v for k, v in batch.items() if not k.startswith("video")}
+    with pytest.raises(ValueError, match="missing modality 'video'"):
+        tiny(no_video)
+    long = {**batch, "video": torch.zeros(1, 80, 3, 32, 32)}
+    with pytest.raises(ValueError, match="max_frames=64"):
+        tiny(long)
+    with pytest.raises(ValueError, match="28x32"):
+        tiny({**batch, "video": torch.zeros(8, 8, 3, 28, 32)})
+    with pytest.raises(ValueError, match="video must be"):
+        tiny({**batch, "video": torch.zeros(8, 3, 32, 32)})
+    with pytest.raises(ValueError, match="max_text_len"):
+        tiny.generate(batch, max_len=100)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        create_model("captioner_tiny", not_a_knob=1)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("captioner_huge")
+
+
+def test_caption_task_without_tokenizer_is_clear(batch):
+    model = create_model("captioner_tiny")
+    with pytest.raises(ValueError, match="no caption tokenizer"):
+        CaptionTask(model).training_forward(batch)
+
+
+def test_tasks_train(tiny, batch):
+    tiny.train()
+    for task in (CaptionTask(tiny), ContrastiveTask(tiny)):
+        loss, metrics = task.training_forward(batch)
+        assert torch.isfinite(loss) and set(metrics) >= {"loss"}
+        loss.backward()
+        assert all(p.grad is not None for p in tiny.blocks.parameters())
+        tiny.zero_grad()
+
+
+def test_blocks_accept_checkpointing_from_outside(tiny, batch):
+    tiny.train()
+    loss, _ = CaptionTask(tiny).training_forward(batch)
+    loss.backward()
+    ref = [p.grad.clone() for p in tiny.blocks.parameters()]
+    tiny.zero_grad()
+
+    class Ckpt(nn.Module):
+        def __init__(self, blk):
+            super().__init__()
+            self.blk = blk
+
+        def forward(self, *args):
+            return checkpoint(self.blk, *args, use_reentrant=False)
+
+    for i, blk in enumerate(tiny.blocks):
+        tiny.blocks[i] = Ckpt(blk)
+    loss2, _ = CaptionTask(tiny).training_forward(batch)
+    loss2.backward()
+    assert torch.allclose(loss, loss2)
+    for g, p in zip(ref, tiny.blocks.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_registry():
+    assert {"captioner_tiny", "captioner_small", "captioner_base", "captioner_large"} <= set(list_models())
+    cfg = ModelConfig(**{**ModelConfig().to_dict(), "embed_dim": 768})
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    small = create_model("captioner_small", depth=1, dec_depth=1)
+    assert small.cfg.embed_dim == 384 and len(small.blocks) == 1 and isinstance(small.blocks, nn.ModuleList)
