@@ -1,0 +1,83 @@
+"""The long-clip benchmark on CPU at toy lengths: clip generation and metadata, parsing, the
+attention-FLOP count (exact for a dense model), multiple choice over the 24 event captions,
+the per-model report (JSON, markdown, PNG) through `mmsparse eval --benchmark longclip:...`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mmsparse.cli import main as cli_main
+from mmsparse.data import load_manifest
+from mmsparse.eval import longclip
+from mmsparse.models import VideoCaptioner, create_model
+
+
+def test_event_vocabulary_and_parsing():
+    cands = longclip.event_captions()
+    assert len(cands) == 24 == len(set(cands))
+    assert longclip.parse_event("a Blue square appears with a low tone") == {"colour": "blue", "shape": "square",
+                                                                              "tone": "low"}
+    assert longclip.parse_event("tone tone") == {"colour": None, "shape": None, "tone": None}
+    assert [longclip.position_bin(p) for p in (0.0, 0.33, 0.34, 0.66, 0.67, 1.0)] == [
+        "early", "early", "middle", "middle", "late", "late"]
+
+
+def test_benchmark_clips_and_metadata(tmp_path):
+    m = longclip.make_benchmark(tmp_path, lengths=(16, 40), clips_per_length=2, size=(32, 32))
+    samples = load_manifest(m)
+    assert [s.meta["length"] for s in samples] == [16, 16, 40, 40]
+    for s in samples:
+        ev = next(e for e in s.meta["events"] if e["kind"] == "shape")
+        assert s.meta["frames"] == s.meta["length"] and 0 <= s.meta["position"] <= 1
+        assert ev["start_frame"] == round(s.meta["position"] * (s.meta["length"] - 8))
+        assert s.caption in longclip.event_captions() and s.video.is_file()
+    stamp = m.stat().st_mtime_ns
+    assert longclip.make_benchmark(tmp_path, lengths=(16, 40), clips_per_length=2, size=(32, 32)) == m
+    assert m.stat().st_mtime_ns == stamp  # same spec: reused, not rewritten
+
+
+@pytest.fixture(scope="module")
+def dense_model(tiny_run, tmp_path_factory):
+    """An untrained dense-attention twin of the tiny model (same tokenizer)."""
+    d = tmp_path_factory.mktemp("dense") / "export"
+    tok = VideoCaptioner.from_pretrained(tiny_run / "export").tokenizer
+    create_model("captioner_tiny", tokenizer=tok, schedule="dense").save_pretrained(d)
+    shutil.copy(tiny_run / "config.yaml", d.parent / "config.yaml")  # same preprocessing
+    return d
+
+
+def test_attention_flops_exact_for_dense(dense_model, tiny_run, tmp_path):
+    # 64 frames: a stream long enough (~900 tokens, ~29 blocks of 32) that the tiled windows skip blocks
+    m = longclip.make_benchmark(tmp_path, lengths=(64,), clips_per_length=1, size=(32, 32))
+    dense = longclip.score_model(dense_model, m, choice=False, frames=64)
+    cfg = VideoCaptioner.from_pretrained(dense_model).cfg
+    n = dense["tokens_per_clip"]
+    assert dense["attention_gflops_per_clip"] == pytest.approx(4 * cfg.embed_dim * n * n * cfg.depth / 1e9)
+    sparse = longclip.score_model(tiny_run / "export", m, choice=False, frames=64)
+    assert sparse["tokens_per_clip"] == n
+    assert 0 < sparse["attention_gflops_per_clip"] < dense["attention_gflops_per_clip"]
+
+
+def test_longclip_cli_report(tiny_run, dense_model, tmp_path, capsys):
+    out = tmp_path / "lc"
+    rc = cli_main(["eval", "--model", f"tiled={tiny_run / 'export'}", "--model", f"dense={dense_model}",
+                   "--benchmark", "longclip:16,48", "--clips-per-length", "3", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "longclip.json").read_text())
+    assert set(data["models"]) == {"tiled", "dense"} and data["chance_choice"] == pytest.approx(1 / 24)
+    for name, r in data["models"].items():
+        s = r["summary"]
+        assert s["n"] == 6 and s["errors"] == 0
+        assert set(s["choice_correct_by_length"]) == {"16", "48"}
+        assert set(s["caption_correct_by_position"]) == {"early", "middle", "late"}
+        for c in r["clips"]:
+            assert c["choice"] in longclip.event_captions()
+            assert c["choice_correct"] == (c["choice"] == c["truth"])
+            assert c["caption_correct"] == (longclip.parse_event(c["caption"]) == longclip.parse_event(c["truth"]))
+        assert 0 <= s["choice_correct"] <= 1
+    md = (out / "longclip.md").read_text()
+    assert "| tiled | tiled |" in md and "| dense | dense |" in md and "acc per attn GFLOP" in md
+    assert (out / "longclip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
