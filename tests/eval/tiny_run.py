@@ -3,7 +3,7 @@
 `mmsparse train tiny_cpu` runs as users launch it (a subprocess, one CPU process, DeepSpeed
 ZeRO-2 fp32) with a few overrides that make it learn the synthetic captions in CPU minutes:
 64 training clips (the recipe's 16 are too few to generalise to held-out clips), batches of 8,
-300 steps, no intermediate checkpoints or evaluation. Training is deterministic (fp32 CPU,
+200 steps, no intermediate checkpoints or evaluation. Training is deterministic (fp32 CPU,
 seeded), so the scores the tests check do not vary between runs on one machine.
 """
 
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-STEPS = 300
+STEPS = 200
 OVERRIDES = [f"run.steps={STEPS}", "run.progress=false", "run.tensorboard=false", "run.plot=false",
              "data.batch_size=8", "data.num_workers=1", "data.synth.clips=64", "data.synth.val_clips=0",
              "checkpoint.every=0", "eval.captions=0"]
