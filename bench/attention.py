@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import logging
 import math
 import platform
 import re
@@ -102,7 +103,7 @@ def timer(fn, device: str, reps: int) -> float:
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=max(3, reps // 4), rep=reps * 10))
+        return float(triton.testing.do_bench(fn, warmup=max(3, reps // 4), rep=reps * 10, return_mode="median"))
     fn()
     times = []
     for _ in range(max(3, reps // 10)):
@@ -294,6 +295,11 @@ def main(argv=None) -> int:
                    help="compile the triton kernels of the selected workloads in JOBS processes first")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # flex is compiled once per workload and grad mode: more graphs than dynamo's default 8,
+    # past which it silently falls back to an eager flex that materialises N x N scores
+    torch._dynamo.config.recompile_limit = 64
+    logging.basicConfig(level=logging.WARNING, format="# %(name)s: %(message)s")
+    logging.getLogger("mmsparse.kernels").setLevel(logging.INFO)  # autotune choices
     if device == "cuda":
         backends = (["triton"] if _triton_available() else []) + ["flex"]
         workloads = gpu_workloads()

@@ -711,7 +711,8 @@ def _maybe_tune(kernel, d_pad, q, layout, launch):
             best, best_ms = cand, ms
     if best is not None:
         _TUNED[key] = best
-        log.info("block_sparse_attention autotune %s d=%d: %s (%.3f ms)", kernel, d_pad, best, best_ms)
+        log.info("autotune %s D_PAD=%d %s layout %dx%d: %s (%.3f ms; default %s)", kernel, d_pad,
+                 str(q.dtype)[6:], layout.block_q, layout.block_k, best, best_ms, _CONFIGS[kernel][d_pad])
 
 
 def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
