@@ -23,7 +23,7 @@ def batch(manifest):
 
 @pytest.fixture(scope="session")
 def tokenizer(manifest):
-    return CaptionTokenizer.from_manifest(manifest, vocab_size=300)
+    return CaptionTokenizer.from_manifest(manifest, vocab_size=512)
 
 
 @pytest.fixture
