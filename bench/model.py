@@ -1,0 +1,211 @@
+"""E1: training-step throughput of the `captioner_base` video captioner, sparse vs dense.
+
+    python bench/model.py                         # GPU: 64 / 512 / 1,024 frames, sparse and dense
+    python bench/model.py --frames 64 --steps 5   # a subset
+    python bench/model.py --checkpointing         # activation checkpointing on model.blocks
+    python bench/model.py --override video_radius=1,1,0   # any ModelConfig field
+    python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
+
+Each row: clip of T frames of 224x224 plus 10.24 s of audio (1,024 log-mel frames, AST patches:
+1,212 tokens) as one stream, batch 1, bf16 autocast, AdamW step included (CaptionTask loss).
+The sparse model uses the config's pattern schedule with backend "auto" (triton when the
+kernels import, else flex); the dense model is the same model with `schedule="dense"`, i.e.
+SDPA flash with no mask. Reported: step ms, tokens/s, MFU, peak memory, the sparse/dense
+speedup. MFU counts attended FLOPs of the encoder: 6 x N x (12 E^2) per layer for the
+matmuls (forward + backward) plus 3.5 x 4 x (attended pairs) x E per layer for attention
+(BENCHMARKS.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100.
+Writes bench/results/model-<gpu>-<date>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
+from mmsparse.attention.backends import _triton_available  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (BENCHMARKS.md)
+CAPTION = "a red circle moves left then a high tone plays"
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def make_batch(frames: int, size: int, audio_frames: int, device) -> dict:
+    return {
+        "video": torch.randn(1, frames, 3, size, size, device=device),
+        "video_mask": torch.ones(1, frames, dtype=torch.bool, device=device),
+        "video_times": (torch.arange(frames, dtype=torch.float64) / 30.0)[None],
+        "audio": torch.randn(1, 128, audio_frames, device=device),
+        "audio_mask": torch.ones(1, audio_frames, dtype=torch.bool, device=device),
+        "audio_start": torch.zeros(1, dtype=torch.float64), "audio_hop_seconds": 0.01,
+        "caption": [CAPTION], "captions": [[CAPTION]], "id": ["bench"],
+    }
+
+
+def _parse_override(text: str):
+    key, _, value = text.partition("=")
+    if "," in value:
+        return key, tuple(int(v) for v in value.split(","))
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+def encoder_flops(model, batch) -> tuple[int, int, float]:
+    """(tokens N, attended pairs summed over layers, train FLOPs of the encoder)."""
+    with torch.no_grad():
+        stream = model.embed(batch)
+    n, e, depth = stream.layout.length, model.cfg.embed_dim, model.cfg.depth
+    pairs = 0
+    for lay in model.layer_layouts(stream.layout):
+        pairs += n * n if lay is None else lay.attended_pairs()
+    flops = 6.0 * n * 12 * e * e * depth + 3.5 * 4.0 * pairs * e
+    return n, pairs, flops
+
+
+def run_case(name, frames, variant, args, tok, device, dtype):
+    overrides = dict(max_frames=max(frames, 64), **args.override)
+    if variant == "dense":
+        overrides["schedule"] = "dense"
+    torch.manual_seed(0)
+    model = create_model(name, tokenizer=tok, **overrides).to(device)
+    if args.checkpointing:
+        for i, blk in enumerate(model.blocks):
+            model.blocks[i] = _Checkpointed(blk)
+    task = CaptionTask(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch = make_batch(frames, args.size, args.audio_frames, device)
+    n, pairs, flops = encoder_flops(model, batch)
+    row = {"frames": frames, "variant": variant, "tokens": n, "attended_pairs": pairs,
+           "density": pairs / (model.cfg.depth * n * n), "train_flops": flops}
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = task.training_forward(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    try:
+        for _ in range(args.warmup):
+            step()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        sync()
+        ms = (time.perf_counter() - t0) / args.steps * 1e3
+        row.update(step_ms=ms, tokens_per_s=n / ms * 1e3, loss=float(loss),
+                   mfu=flops / (ms / 1e3) / (PEAK_TFLOPS * 1e12))
+        if device.type == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    finally:
+        del model, task, opt, batch
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", default="64,512,1024")
+    p.add_argument("--variants", default="sparse,dense")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--audio-frames", type=int, default=1024)
+    p.add_argument("--model", default="captioner_base")
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--override", action="append", default=[], help="ModelConfig field=value")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny model, tiny clips, on the CPU")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    args.override = dict(_parse_override(o) for o in args.override)
+    if args.cpu_smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        args.model, args.size, args.audio_frames = "captioner_tiny", 32, 200
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        if args.frames == p.get_default("frames"):
+            args.frames = "4,8"
+    elif torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    else:
+        p.error("no GPU: run with --cpu-smoke for the reduced CPU check")
+    tok = CaptionTokenizer.train([CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
+    rows = []
+    for frames in (int(f) for f in args.frames.split(",")):
+        for variant in args.variants.split(","):
+            row = run_case(args.model, frames, variant, args, tok, device, dtype)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["frames"], r["variant"]): r for r in rows}
+    for r in rows:
+        d = by.get((r["frames"], "dense"))
+        if r["variant"] != "dense" and d and "step_ms" in r and "step_ms" in d:
+            r["speedup_vs_dense"] = d["step_ms"] / r["step_ms"]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    backend = "reference" if device.type == "cpu" else ("triton" if _triton_available() else "flex")
+    result = {"workload": "E1", "model": args.model, "device": gpu, "torch": torch.__version__,
+              "triton": triton_version, "sparse_backend": backend, "dtype": str(dtype),
+              "checkpointing": args.checkpointing, "overrides": {k: v for k, v in args.override.items()},
+              "date": dt.date.today().isoformat(), "rows": rows}
+    if args.out:
+        out = Path(args.out)
+    else:
+        tag = "cpu-smoke" if args.cpu_smoke else re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+        out = RESULTS / f"model-{tag}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\n{args.model} on {gpu} (torch {torch.__version__}, triton {triton_version}, sparse backend {backend})\n")
+    print("| frames | variant | tokens | density | step ms | tokens/s | MFU | peak GB | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['frames']} | {r['variant']} | {r['tokens']} | {r['density']:.3f} | {r['error']} |||||")
+            continue
+        print(f"| {r['frames']} | {r['variant']} | {r['tokens']:,} | {r['density']:.3f} | {r['step_ms']:.1f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f} % | {r.get('peak_gb', float('nan')):.1f} | "
+              f"{r.get('speedup_vs_dense', float('nan')):.2f}x |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""bench/model.py runs in its reduced CPU form and writes its JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+
+def test_bench_model_cpu_smoke(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "bench" / "model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    assert mod.main(["--cpu-smoke", "--frames", "4", "--out", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert {r["variant"] for r in res["rows"]} == {"sparse", "dense"}
+    sparse = next(r for r in res["rows"] if r["variant"] == "sparse")
+    assert sparse["tokens_per_s"] > 0 and sparse["density"] < 1.0 and "speedup_vs_dense" in sparse
