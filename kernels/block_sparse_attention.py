@@ -487,15 +487,20 @@ def _bwd_dkdv_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, for Hopper in
 # 16-bit; BLOCK_* are upper bounds, cut to the largest power of two dividing the layout block.
 # fwd / dq: BLOCK_M queries x BLOCK_N keys; dkdv: BLOCK_N keys (the program's tile) x BLOCK_M
-# queries (the loop's tile).
+# queries (the loop's tile). D_PAD 64 and 128: the MMSPARSE_TRITON_AUTOTUNE=1 choices of
+# 2026-11-28 on an H200 (bench/NOTES.md, v2): the same on full-block (A3) and partial-block (A1)
+# workloads except dq, where A1 preferred BLOCK_N = 32 by a few per cent. 16 / 32 follow 64;
+# 256 is untimed (compiled without spills for sm_90 on the CPU).
 _CONFIGS = {
-    "fwd": {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 8, 3),
-            128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
-    "dq": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3),
-           128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
-    "dkdv": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 8, 3),
-             128: (64, 128, 8, 2), 256: (32, 64, 8, 2)},
+    "fwd": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 3),
+            128: (128, 128, 8, 3), 256: (64, 64, 8, 2)},
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3),
+           128: (64, 64, 4, 3), 256: (64, 32, 8, 2)},
+    "dkdv": {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (32, 64, 4, 3),
+             128: (64, 64, 4, 3), 256: (32, 64, 8, 2)},
 }
+# v1 table (first H200 run): fwd 64: (128, 128, 8, 3), 128: (128, 64, 8, 3); dq (128, 64, 8, 3|2);
+# dkdv (64, 128, 8, 3|2)
 # float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
 _CONFIGS_FP32 = {
     "fwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
