@@ -60,7 +60,7 @@ def _check_inputs(q, k, v, layout):
         raise ValueError(f"q has N={q.shape[2]} tokens but block_layout was built for N={layout.n}")
 
 
-def _choose_backend(q) -> str:
+def _choose_backend(q, k, v, layout) -> str:
     forced = os.environ.get("MMSPARSE_ATTENTION_BACKEND")
     if forced:
         if forced not in BACKENDS[1:]:
@@ -68,13 +68,28 @@ def _choose_backend(q) -> str:
         log.debug("sparse_attention: backend %s forced by MMSPARSE_ATTENTION_BACKEND", forced)
         return forced
     if q.device.type == "cuda":
-        if _triton_available():
-            log.debug("sparse_attention: auto -> triton (CUDA tensors, kernels importable)")
+        if not _triton_available():
+            _log_once("sparse_attention: auto -> flex (CUDA tensors, Triton kernels not importable)")
+            return "flex"
+        from mmsparse.kernels.block_sparse_attention import unsupported_reason
+
+        reason = unsupported_reason(q, k, v, layout)
+        if reason is None:
+            log.debug("sparse_attention: auto -> triton (CUDA tensors)")
             return "triton"
-        log.debug("sparse_attention: auto -> flex (CUDA tensors, Triton kernels unavailable)")
+        _log_once(f"sparse_attention: auto -> flex because {reason}")
         return "flex"
     log.debug("sparse_attention: auto -> reference (%s tensors)", q.device.type)
     return "reference"
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
 
 
 def _triton_available() -> bool:
@@ -102,7 +117,7 @@ def sparse_attention(q, k, v, block_layout: BlockLayout, backend: str = "auto", 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = _choose_backend(q)
+        backend = _choose_backend(q, k, v, block_layout)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = block_layout.to(q.device)
     if isinstance(layout.pattern, LSH):
