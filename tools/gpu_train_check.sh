@@ -14,12 +14,15 @@ STEPS=${STEPS:-60}
 COMMON="run.steps=$STEPS run.progress=false checkpoint.every=0 checkpoint.export=false eval.every=0"
 DATA=$OUT/data_caption_base                     # synthetic clips generated once, shared by the runs
 
+RUNS=${RUNS:-all}                               # space-separated run names, or all
+
 run() {  # name ngpus recipe overrides...
   local name=$1 n=$2 recipe=$3; shift 3
+  [[ $RUNS == all || " $RUNS " == *" $name "* ]] || return 0
   local dir=$OUT/$name
   rm -rf "$dir"; mkdir -p "$dir"
   local t0=$(date +%s)
-  deepspeed --num_gpus "$n" --master_port $((29700 + RANDOM % 200)) --module mmsparse.train "$recipe" \
+  ${DEEPSPEED:-deepspeed} --num_gpus "$n" --master_port $((29700 + RANDOM % 200)) --module mmsparse.train "$recipe" \
       run.dir="$dir" $COMMON "$@" > "$dir.log" 2>&1
   local rc=$?
   echo "{\"name\": \"$name\", \"gpus\": $n, \"recipe\": \"$recipe\", \"rc\": $rc, \"wall_s\": $(( $(date +%s) - t0 ))}" > "$dir.status.json"

@@ -148,7 +148,8 @@ class VideoCaptioner(nn.Module):
         )
         self.video_proj = nn.Linear(cfg.embed_dim, cfg.proj_dim, bias=False)
         self.text_proj = nn.Linear(cfg.dec_dim, cfg.proj_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # shape (1,), not 0-dim: DeepSpeed's broadcast and ZeRO-3 partitioning view parameters as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.apply(_init_weights)
         self.tokenizer = None
         if tokenizer is not None:

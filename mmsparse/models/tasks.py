@@ -55,6 +55,6 @@ class ContrastiveTask(nn.Module):
             m2t = (logits.argmax(1) == labels).float().mean()
             t2m = (logits.argmax(0) == labels).float().mean()
         return loss, {"loss": loss.detach(), "acc_media_to_text": m2t, "acc_text_to_media": t2m,
-                      "logit_scale": scale.detach()}
+                      "logit_scale": scale.detach().squeeze(0)}
 
     forward = training_forward

@@ -254,19 +254,6 @@ def _peak_flops(cfg: TrainConfig) -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
 
 
-def _broadcast_scalar_params(module: nn.Module) -> None:
-    """DeepSpeed 0.19.8's initial broadcast views every parameter as bytes, which fails on 0-dim
-    ones (``logit_scale``): broadcast those here and mark them so DeepSpeed skips them (the
-    marker is otherwise only read by its optional partial-offload feature, off in our configs)."""
-    import torch.distributed as dist
-
-    for p in module.parameters():
-        if p.dim() == 0:
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.broadcast(p.data, 0)
-            p.ds_optim_param = True
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -371,7 +358,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
         apply_sequence_parallel(model, topo.sp_group, topo.sp_rank, topo.sp)
     module = task if isinstance(task, nn.Module) and model in task.modules() else TaskModule(task, model)
     n_params = sum(p.numel() for p in model.parameters())
-    _broadcast_scalar_params(module)
     engine, _opt, _, _sched = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds_cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
