@@ -36,6 +36,35 @@ def stream_coords(layout: StreamLayout) -> torch.Tensor:
     return token_table(layout).coords.clamp(min=0)
 
 
+class ModalityEmbedding(nn.Module):
+    """One learned vector (E,) per modality, added to that modality's tokens (B, n, E).
+
+    Parameters live in small modules whose forward takes and returns tensors, so that
+    DeepSpeed ZeRO-3 gathers them for the forward and again for the backward (it does neither
+    for parameters read outside their owner's forward, or behind a non-tensor output)."""
+
+    def __init__(self, modalities, dim: int):
+        super().__init__()
+        self.index = {m: i for i, m in enumerate(modalities)}
+        self.weight = nn.Parameter(torch.zeros(len(self.index), dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
+        return tokens + self.weight[self.index[modality]].to(tokens.dtype)
+
+
+class GlobalTokens(nn.Module):
+    """n learned global tokens (E,), expanded to (B, n, E)."""
+
+    def __init__(self, n: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight.expand(batch_size, -1, -1)
+
+
 class MultimodalTokenizer(nn.Module):
     """Patch-embeds the modalities of a batch and lays them out as one TokenStream.
 
@@ -72,14 +101,8 @@ class MultimodalTokenizer(nn.Module):
             self.embeds["audio"] = SpectrogramEmbed(audio_patch, audio_stride, n_mels, embed_dim)
         if "image" in self.modalities:
             self.embeds["image"] = ImageEmbed(image_patch, in_chans, embed_dim)
-        self.modality_embed = nn.ParameterDict(
-            {m: nn.Parameter(torch.zeros(embed_dim)) for m in self.modalities}
-        )
-        self.global_tokens = nn.Parameter(torch.zeros(n_global, embed_dim)) if n_global else None
-        for p in self.modality_embed.values():
-            nn.init.trunc_normal_(p, std=0.02)
-        if self.global_tokens is not None:
-            nn.init.trunc_normal_(self.global_tokens, std=0.02)
+        self.modality_embed = ModalityEmbedding(self.modalities, embed_dim)
+        self.global_tokens = GlobalTokens(n_global, embed_dim) if n_global else None
 
     # ---------------------------------------------------------------------------------------
     def check(self, batch: Mapping[str, Any], required=()) -> list[str]:
@@ -118,7 +141,7 @@ class MultimodalTokenizer(nn.Module):
     def forward(self, batch: Mapping[str, Any], required=()) -> TokenStream:
         """batch (the mmsparse.data Batch dict) -> TokenStream (B, N, D) with pad_mask (B, N)."""
         present = self.check(batch, required)
-        device = self.modality_embed[present[0]].device
+        device = self.modality_embed.weight.device
         bsz = batch[present[0]].shape[0]
         for m in present:
             if batch[m].shape[0] != bsz:
@@ -126,7 +149,7 @@ class MultimodalTokenizer(nn.Module):
         pieces, pads, segments = [], [], []
         offset = self.n_global
         if self.global_tokens is not None:
-            pieces.append(self.global_tokens.expand(bsz, -1, -1))
+            pieces.append(self.global_tokens(bsz))
             pads.append(torch.zeros(bsz, self.n_global, dtype=torch.bool, device=device))
         video_t0 = None
         for m in present:
@@ -144,7 +167,7 @@ class MultimodalTokenizer(nn.Module):
                 pads.append(torch.ones(bsz, gap, dtype=torch.bool, device=device))
             seg = Segment(m, grid, seg_offset, self.orders[m][: len(grid)] if len(self.orders[m]) >= len(grid) else "raster",
                           seconds, start)
-            tokens = seg.to_order(tokens + self.modality_embed[m].to(tokens.dtype), dim=1)
+            tokens = seg.to_order(self.modality_embed(tokens, m), dim=1)
             pieces.append(tokens)
             pads.append(seg.to_order(pad, dim=1))
             segments.append(seg)

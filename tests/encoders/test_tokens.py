@@ -87,7 +87,7 @@ def test_tokens_are_stored_in_tile_order():
         raster, grid = tok.embeds["video"](video)
     seg = s.layout.segments[0]
     assert seg.order == (2, 2, 2) and grid == (2, 4, 4)
-    expect = seg.to_order(raster + tok.modality_embed["video"], dim=1)
+    expect = seg.to_order(raster + tok.modality_embed.weight[tok.modality_embed.index["video"]], dim=1)
     torch.testing.assert_close(s.tokens, expect)
     # inside the first (2, 2, 2) tile, raster order: (0, 0, 0), (0, 0, 1), (0, 1, 0), ...
     assert seg.coords()[2].tolist() == [0, 1, 0]
