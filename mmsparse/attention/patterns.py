@@ -172,6 +172,32 @@ def natten_window(x: torch.Tensor, length: int, window: int, dilation: int, caus
     return start * dilation + g, (start + window - 1) * dilation + g + 1
 
 
+def _window_clause(ctx, pattern, segs, axis_window, key_is_coord: bool) -> tuple:
+    """The clause of a per-axis window pattern (Local, Tiled) over segments `segs`:
+    same segment, and along each axis the key's value in the query's [lo, hi).
+
+    axis_window(segment, axis, x) -> (key value, lo, hi), each (n,) for the segment's
+    coordinates x along `axis`; key_is_coord: the key value is the coordinate itself.
+    """
+    used = max(s.ndim for _, s in segs)
+    key = torch.full((3, ctx.n), -1, dtype=torch.int64)
+    lo = torch.zeros(3, ctx.n, dtype=torch.int64)  # tokens outside segs: empty range [0, 0)
+    hi = torch.zeros(3, ctx.n, dtype=torch.int64)
+    for _, s in segs:
+        sl = slice(s.offset, s.end)
+        lo[s.ndim : used, sl] = -1  # axes this segment lacks (value -1) pass: -1 lies in [-1, 0)
+        for a in range(s.ndim):
+            key[a, sl], lo[a, sl], hi[a, sl] = axis_window(s, a, ctx.table.coords[sl, a])
+    name = repr(pattern)
+    preds = [("eq", ctx.segment())]
+    for a in range(used):
+        k = ctx.coord(a) if key_is_coord else ctx.attr(f"{name}.key{a}", lambda a=a: key[a])
+        la = ctx.attr(f"{name}.lo{a}", lambda a=a: lo[a])
+        ha = ctx.attr(f"{name}.hi{a}", lambda a=a: hi[a])
+        preds.append(("range", k, la, ha))
+    return tuple(preds)
+
+
 @dataclass(frozen=True)
 class Local(Pattern):
     """Neighbourhood window on 1D, 2D or 3D grids (NATTEN semantics, module docstring).
@@ -186,41 +212,27 @@ class Local(Pattern):
     modality: str | None = None
 
     def clauses(self, ctx):
-        segs = ctx.segments_for(self, _window_ndim(self.window), self.modality)
-        lo = torch.zeros(3, ctx.n, dtype=torch.int64)
-        hi = torch.zeros(3, ctx.n, dtype=torch.int64)
         dil = [1, 1, 1]
-        used = max(s.ndim for _, s in segs)
-        for _, s in segs:
-            # axes this segment lacks (coordinate -1) pass: -1 lies in [-1, 0)
-            lo[s.ndim : used, s.offset : s.end] = -1
+
+        def axis_window(s, a, x):
             w = _norm(self.window, s.ndim, "Local.window")
             d = _norm(self.dilation, s.ndim, "Local.dilation")
             c = _norm(self.causal, s.ndim, "Local.causal")
-            for a in range(s.ndim):
-                if w[a] < 1 or d[a] < 1:
-                    raise ValueError(f"Local.window and dilation must be >= 1, got {w}, {d}")
-                if w[a] * d[a] > s.shape[a]:
-                    raise ValueError(
-                        f"Local.window {w} with dilation {d} is larger than the grid {s.shape} "
-                        f"of segment {s.modality!r} on axis {a} (expected window * dilation <= size)"
-                    )
-                x = ctx.table.coords[s.offset : s.end, a]
-                lo[a, s.offset : s.end], hi[a, s.offset : s.end] = natten_window(
-                    x, s.shape[a], w[a], d[a], c[a]
+            if w[a] < 1 or d[a] < 1:
+                raise ValueError(f"Local.window and dilation must be >= 1, got {w}, {d}")
+            if w[a] * d[a] > s.shape[a]:
+                raise ValueError(
+                    f"Local.window {w} with dilation {d} is larger than the grid {s.shape} "
+                    f"of segment {s.modality!r} on axis {a} (expected window * dilation <= size)"
                 )
-                if dil[a] not in (1, d[a]):
-                    raise ValueError("Local.dilation must be the same on every segment it covers")
-                dil[a] = d[a]
-        key = repr(self)
-        preds = [("eq", ctx.segment())]
-        for a in range(used):
-            la = ctx.attr(f"{key}.lo{a}", lambda a=a: lo[a])
-            ha = ctx.attr(f"{key}.hi{a}", lambda a=a: hi[a])
-            preds.append(("range", ctx.coord(a), la, ha))
-            if dil[a] > 1:
-                preds.append(("cong", ctx.coord(a), dil[a]))
-        return [tuple(preds)]
+            if dil[a] not in (1, d[a]):
+                raise ValueError("Local.dilation must be the same on every segment it covers")
+            dil[a] = d[a]
+            return (x, *natten_window(x, s.shape[a], w[a], d[a], c[a]))
+
+        segs = ctx.segments_for(self, _window_ndim(self.window), self.modality)
+        clause = _window_clause(ctx, self, segs, axis_window, key_is_coord=True)
+        return [clause + tuple(("cong", ctx.coord(a), m) for a, m in enumerate(dil) if m > 1)]
 
 
 @dataclass(frozen=True)
@@ -239,38 +251,23 @@ class Tiled(Pattern):
     modality: str | None = None
 
     def clauses(self, ctx):
-        segs = ctx.segments_for(self, _window_ndim(self.tile), self.modality)
-        tk = torch.full((3, ctx.n), -1, dtype=torch.int64)
-        lo = torch.zeros(3, ctx.n, dtype=torch.int64)
-        hi = torch.zeros(3, ctx.n, dtype=torch.int64)
-        used = max(s.ndim for _, s in segs)
-        for _, s in segs:
-            lo[s.ndim : used, s.offset : s.end] = -1
+        def axis_window(s, a, x):
             tile = _norm(self.tile, s.ndim, "Tiled.tile")
             rad = _norm(self.radius, s.ndim, "Tiled.radius")
             shift = _norm(self.shift, s.ndim, "Tiled.shift")
-            for a in range(s.ndim):
-                if tile[a] < 1 or rad[a] < 0 or not 0 <= shift[a] < tile[a]:
-                    raise ValueError(
-                        f"Tiled needs tile >= 1, radius >= 0 and 0 <= shift < tile, got "
-                        f"tile={tile}, radius={rad}, shift={shift}"
-                    )
-                x = ctx.table.coords[s.offset : s.end, a]
-                t = (x + shift[a]) // tile[a]
-                n_tiles = (s.shape[a] - 1 + shift[a]) // tile[a] + 1
-                w = min(2 * rad[a] + 1, n_tiles)
-                start = torch.clamp(torch.minimum(t - rad[a], torch.tensor(n_tiles - w)), min=0)
-                tk[a, s.offset : s.end] = t
-                lo[a, s.offset : s.end] = start
-                hi[a, s.offset : s.end] = start + w
-        key = repr(self)
-        preds = [("eq", ctx.segment())]
-        for a in range(used):
-            ta = ctx.attr(f"{key}.t{a}", lambda a=a: tk[a])
-            la = ctx.attr(f"{key}.lo{a}", lambda a=a: lo[a])
-            ha = ctx.attr(f"{key}.hi{a}", lambda a=a: hi[a])
-            preds.append(("range", ta, la, ha))
-        return [tuple(preds)]
+            if tile[a] < 1 or rad[a] < 0 or not 0 <= shift[a] < tile[a]:
+                raise ValueError(
+                    f"Tiled needs tile >= 1, radius >= 0 and 0 <= shift < tile, got "
+                    f"tile={tile}, radius={rad}, shift={shift}"
+                )
+            t = (x + shift[a]) // tile[a]
+            n_tiles = (s.shape[a] - 1 + shift[a]) // tile[a] + 1
+            w = min(2 * rad[a] + 1, n_tiles)
+            start = torch.clamp(torch.minimum(t - rad[a], torch.tensor(n_tiles - w)), min=0)
+            return t, start, start + w
+
+        segs = ctx.segments_for(self, _window_ndim(self.tile), self.modality)
+        return [_window_clause(ctx, self, segs, axis_window, key_is_coord=False)]
 
 
 @dataclass(frozen=True)
