@@ -23,7 +23,7 @@ number of positions of group g. A causal axis sees x and the w - 1 positions bef
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import reduce
 
 import torch

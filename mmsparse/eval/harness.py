@@ -278,7 +278,7 @@ def report_markdown(result: dict) -> str:
     lines = [f"# Evaluation: {result['benchmark']}", "",
              f"- model: `{result['model']}`", f"- benchmark manifest: `{result['manifest']}`",
              f"- clips: {result['clips']} ({result['captioned']} captioned, {result['failed']} could not be decoded)",
-             f"- settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()), "",
+             "- settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()), "",
              "## Caption metrics", "",
              "| | " + " | ".join(METRIC_ORDER) + " |", "|---" * (len(METRIC_ORDER) + 1) + "|",
              "| model | " + " | ".join(_fmt(m.get(k)) for k in METRIC_ORDER) + " |",

@@ -13,12 +13,10 @@ wrap it from outside; `decoder.blocks` likewise). The model is plain PyTorch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmsparse.attention import StreamLayout, build_layout
+from mmsparse.fileio import atomic_write_text, sha256_file
 from mmsparse.encoders import MODALITIES, MultimodalTokenizer, rope_cos_sin, stream_coords
 
 from .decoder import CaptionDecoder
@@ -307,14 +306,14 @@ class VideoCaptioner(nn.Module):
                  if k != "decoder.head.weight"}  # tied to decoder.tok_embed.weight
         tmp = d / (WEIGHTS + ".tmp")
         save_file(state, str(tmp), metadata={"format": FORMAT})
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, d / WEIGHTS)
         if self.tokenizer is not None:
-            _atomic_write(d / TOKENIZER, self.tokenizer.to_str())
+            atomic_write_text(d / TOKENIZER, self.tokenizer.to_str())
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": type(self).__name__,
                 "weights_sha256": digest, "has_tokenizer": self.tokenizer is not None,
                 "config": self.cfg.to_dict()}
-        _atomic_write(d / CONFIG, json.dumps(meta, indent=2))
+        atomic_write_text(d / CONFIG, json.dumps(meta, indent=2))
         return d
 
     @classmethod
@@ -337,7 +336,7 @@ class VideoCaptioner(nn.Module):
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{d / CONFIG}: format_version {meta.get('format_version')} is not the supported {FORMAT_VERSION}")
         cfg = ModelConfig.from_dict({**meta["config"], **overrides})
-        digest = _sha256(d / WEIGHTS)
+        digest = sha256_file(d / WEIGHTS)
         if meta.get("weights_sha256") and digest != meta["weights_sha256"]:
             raise ValueError(
                 f"{d / WEIGHTS}: checksum mismatch (sha256 {digest[:12]}..., config.json expects "
@@ -373,17 +372,3 @@ def _init_weights(m: nn.Module) -> None:
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

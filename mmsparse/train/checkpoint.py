@@ -18,7 +18,6 @@ naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mmsparse.fileio import atomic_write_text, sha256_file
 
 MARKER = "complete.json"
 LATEST = "latest"
@@ -62,21 +63,6 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -98,7 +84,7 @@ def _hash_files(tag_dir: Path) -> dict[str, dict]:
     """Every file of the checkpoint with its size and sha256; the hashing is split over ranks."""
     rank, world = _rank_world()
     files = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
-    mine = {f: {"size": (tag_dir / f).stat().st_size, "sha256": _sha256(tag_dir / f)} for f in files[rank::world]}
+    mine = {f: {"size": (tag_dir / f).stat().st_size, "sha256": sha256_file(tag_dir / f)} for f in files[rank::world]}
     out: dict[str, dict] = {}
     for part in _all_gather(mine):
         out.update(part)
@@ -124,9 +110,9 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int 
     _barrier()
     files = _hash_files(tag_dir)
     if rank == 0:
-        _atomic_write(tag_dir / MARKER, json.dumps({"tag": tag, "step": step, "world_size": world,
+        atomic_write_text(tag_dir / MARKER, json.dumps({"tag": tag, "step": step, "world_size": world,
                                                     "files": files}, indent=1))
-        _atomic_write(ckpt_dir / LATEST, tag)
+        atomic_write_text(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep, tag)
     _barrier()
     return tag_dir
@@ -174,7 +160,7 @@ def verify(tag_dir: str | Path) -> dict:
             problems.append(f"{path} is missing")
         elif path.stat().st_size != meta["size"]:
             problems.append(f"{path} is truncated or altered: {path.stat().st_size} bytes, expected {meta['size']}")
-        elif _sha256(path) != meta["sha256"]:
+        elif sha256_file(path) != meta["sha256"]:
             problems.append(f"{path} is corrupt: its sha256 differs from the one recorded in {tag_dir / MARKER}")
     problems = sorted(p for part in _all_gather(problems) for p in part)
     if problems:

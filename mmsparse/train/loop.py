@@ -19,7 +19,6 @@ lower memory.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os

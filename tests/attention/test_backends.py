@@ -8,7 +8,6 @@ absolute floor for float32 round-off.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmsparse.attention import AVSync, Axial, BlockSparse, Global, Local, Segment, StreamLayout, Tiled, build_layout, sparse_attention
+from mmsparse.attention import AVSync, Axial, BlockSparse, Global, Local, Tiled, build_layout, sparse_attention
 from mmsparse.attention import backends
 
 

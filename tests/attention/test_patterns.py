@@ -71,7 +71,6 @@ def test_layout_matches_definition(name, pattern, layout, block):
     assert bl.attended_pairs() == int(expected.sum())
     # no listed block may be empty for the grid patterns, whose block tests are exact
     if not name.startswith(("random", "strided", "fixed", "sparse_transformer", "bigbird", "avsync", "local3d_dilated")):
-        n = expected.shape[0]
         for qi, ki, valid in bl.iter_partial_blocks(chunk=1 << 20):
             nonempty = (bl.program.evaluate(qi, ki) & valid).flatten(1).any(1)
             assert nonempty.all(), f"{name}: {int((~nonempty).sum())} listed partial blocks are empty"
