@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from mmsparse.cli import add_subcommand, module_main
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
@@ -94,14 +96,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model on a benchmark (metrics, efficiency, report)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
+    add_subcommand(subparsers, "eval", "evaluate a model on a benchmark (metrics, efficiency, report)", __doc__, add_arguments, run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmsparse.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return module_main("python -m mmsparse.eval", __doc__, add_arguments, run, argv)

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, TextIO
 
+from mmsparse.cli import add_subcommand, module_main
+
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
 
@@ -100,14 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("caption", help="caption videos or manifests with a trained model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
+    add_subcommand(subparsers, "caption", "caption videos or manifests with a trained model", __doc__, add_arguments, run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmsparse.infer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return module_main("python -m mmsparse.infer", __doc__, add_arguments, run, argv)

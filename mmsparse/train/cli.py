@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from mmsparse.cli import add_subcommand, module_main
+
 EXIT_CONFIG, EXIT_OOM, EXIT_NONFINITE, EXIT_CHECKPOINT = 2, 3, 4, 5
 
 
@@ -72,34 +74,21 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .loop import NonFiniteLoss, TrainOOM, train
 
+    exit_codes = ((ConfigError, EXIT_CONFIG), (TrainOOM, EXIT_OOM), (NonFiniteLoss, EXIT_NONFINITE),
+                  (CheckpointError, EXIT_CHECKPOINT))
     try:
         summary = train(cfg, resume=args.resume, recipe=args.recipe, overrides=args.overrides)
-    except ConfigError as err:
+    except tuple(cls for cls, _ in exit_codes) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TrainOOM as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_OOM
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT
+        return next(code for cls, code in exit_codes if isinstance(err, cls))
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: v for k, v in summary.items()}, indent=2))
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a recipe (DeepSpeed; CPU with gloo when no GPU)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
+    add_subcommand(subparsers, "train", "train a recipe (DeepSpeed; CPU with gloo when no GPU)", __doc__, add_arguments, run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmsparse.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return module_main("python -m mmsparse.train", __doc__, add_arguments, run, argv)
