@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from mmsparse.fileio import atomic_write_text
+
 MEDIA_KEYS = ("video", "audio", "image")
 _KNOWN = {"id", "caption", "start", "end", *MEDIA_KEYS}
 
@@ -127,11 +129,5 @@ def write_manifest(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write records (already holding manifest-relative paths) as JSON Lines, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     return path

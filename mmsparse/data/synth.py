@@ -26,6 +26,7 @@ Shapes: frames (T, H, W, 3) uint8 RGB; audio (S,) float32 at ``sample_rate``.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -182,7 +183,9 @@ def write_clip(path: str | Path, plan: ClipPlan, size: tuple[int, int] = (64, 64
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
+    # a name of this process's own: ranks that generate the same data side by side never share
+    # a partial file, and the last rename leaves one whole, identical clip
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     with av.open(str(tmp), "w", format="mp4", options={"movflags": "faststart"}) as c:
         vs = c.add_stream("libx264", rate=Fraction(plan.fps))
         vs.width, vs.height = size[1], size[0]

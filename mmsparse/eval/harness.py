@@ -30,6 +30,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from mmsparse.fileio import atomic_write_text
+
 from .metrics import caption_metrics
 
 DEFAULT_SEED = 20_000   # synthetic benchmark seed: far from the training seeds (0, 1000)
@@ -304,8 +306,6 @@ def write_result(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "result.json", out / "report.md"
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(js)
-    md.write_text(report_markdown(result))
+    atomic_write_text(js, json.dumps(result, indent=2))
+    atomic_write_text(md, report_markdown(result))
     return js, md

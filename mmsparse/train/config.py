@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from mmsparse.fileio import atomic_write_text
+
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -444,9 +446,7 @@ def save_config(cfg: TrainConfig, path: str | Path, recipe: str | Path | None = 
         head += f"# recipe: {recipe}\n"
     if overrides:
         head += f"# overrides: {' '.join(overrides)}\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
 

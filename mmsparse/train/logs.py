@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mmsparse.fileio import atomic_write_text
+
 
 def read_metrics(path: str | Path, split: str | None = "train") -> list[dict]:
     out = []
@@ -62,9 +64,7 @@ class RunLogger:
         if not self.jsonl.is_file():
             return
         keep = [r for r in read_metrics(self.jsonl, None) if r.get("step", 0) <= step]
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.jsonl)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.active:

@@ -86,3 +86,36 @@ def test_cli_synth(tmp_path, capsys):
 def test_bad_arguments(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
         synth.make_dataset(tmp_path, clips=1, **kw)
+
+
+def _generate(out: str, barrier=None) -> None:
+    from mmsparse.data import synth as s
+
+    if barrier is not None:
+        barrier.wait(60)  # start together, so the processes write the same clips at once
+    s.make_dataset(out, clips=6, frames=48, size=(64, 64), images=0, seed=5)
+
+
+def test_concurrent_generation_into_one_folder_is_safe(tmp_path):
+    """Ranks of a distributed run may generate the same synthetic set side by side: no process
+    may ever see another's partial file, and the result is the single-process one."""
+    import multiprocessing as mp
+
+    from mmsparse.data import load_manifest
+    from mmsparse.data.decode import read_frames
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_generate, args=(str(tmp_path / "shared"), barrier)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    _generate(str(tmp_path / "alone"))
+    shared = (tmp_path / "shared" / "manifest.jsonl").read_text()
+    assert shared == (tmp_path / "alone" / "manifest.jsonl").read_text()
+    assert not list((tmp_path / "shared").rglob("*.part")) and not list((tmp_path / "shared").rglob("*.tmp"))
+    for sample in load_manifest(tmp_path / "shared" / "manifest.jsonl"):
+        frames, _times = read_frames(sample.video, [0, 47])
+        assert frames.shape[0] == 2
