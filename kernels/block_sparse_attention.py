@@ -170,13 +170,10 @@ def _program_mask(ATTR, stride_attr, TAB, oq, ok, N, PROGRAM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
-               stride_kn, stride_vn, ATTR, stride_attr, TAB,
-               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
-               DOT_PREC: tl.constexpr):
-    """One key tile of the online softmax (log2 domain)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_N: tl.constexpr):
+    """K and V rows offs_n: (BN, D_PAD) each, zero past N and past HEAD_DIM; unmasked loads
+    when neither can happen."""
     offs_d = tl.arange(0, D_PAD)
     k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -187,6 +184,18 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
         kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
+               stride_kn, stride_vn, ATTR, stride_attr, TAB,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax (log2 domain)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
     # scores, scaled into the log2 domain: (BM, BN)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
@@ -303,16 +312,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_sca
               MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
               DOT_PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if EVEN_N and HEAD_DIM == D_PAD:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
     # P recomputed from the LSE: (BM, BN)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
@@ -441,10 +441,9 @@ def _bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     col_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=col_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_mask, other=0.0)
+    k, v = _load_kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
+                         V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
+                         offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, False)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     full_lo = tl.load(k_full_ptr + kb)
