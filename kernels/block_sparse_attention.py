@@ -188,6 +188,24 @@ def _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn,
 
 
 @triton.jit
+def _work_item(ITEMS, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's row of the work list: a layout block (query block for fwd / dQ, key
+    block for dK / dV), its ranges in the full and partial index lists, and the block of the
+    output it writes (itself, or a chunk's block of the split-row scratch buffers); plus the
+    token offsets of this program's tile and of its output rows."""
+    SUB: tl.constexpr = LAYOUT_B // BLOCK  # kernel tiles per layout block
+    W = ITEMS + (pid // SUB) * 6
+    blk = tl.load(W)
+    full_lo = tl.load(W + 1)
+    full_hi = tl.load(W + 2)
+    part_lo = tl.load(W + 3)
+    part_hi = tl.load(W + 4)
+    out_blk = tl.load(W + 5)
+    local = (pid % SUB) * BLOCK + tl.arange(0, BLOCK)
+    return blk, full_lo, full_hi, part_lo, part_hi, blk * LAYOUT_B + local, out_blk * LAYOUT_B + local
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
                stride_kn, stride_vn, ATTR, stride_attr, TAB,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -215,12 +233,11 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, ATTR, TAB,
-    q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
+    Q, K, V, O, LSE, ATTR, TAB, ITEMS, q_full_idx, q_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
+    stride_ob, stride_oh, stride_on, stride_lse,
     stride_attr, N, H, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
@@ -233,10 +250,9 @@ def _fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    qb = (pid_m * BLOCK_M) // LAYOUT_BQ  # layout query block of this tile
     SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N  # kernel tiles per layout key block
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qb, full_lo, full_hi, part_lo, part_hi, offs_m, offs_out = _work_item(
+        ITEMS, pid_m, LAYOUT_BQ, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -249,9 +265,7 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     # 1. full key blocks: no mask arithmetic
-    lo = tl.load(q_full_ptr + qb)
-    hi = tl.load(q_full_ptr + qb + 1)
-    for i in range(lo * SUB_N, hi * SUB_N):
+    for i in range(full_lo * SUB_N, full_hi * SUB_N):
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
@@ -259,9 +273,7 @@ def _fwd_kernel(
                                    HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC)
     # 2. partial key blocks: the mask program in registers
     if HAS_PARTIAL:
-        lo = tl.load(q_part_ptr + qb)
-        hi = tl.load(q_part_ptr + qb + 1)
-        for i in range(lo * SUB_N, hi * SUB_N):
+        for i in range(part_lo * SUB_N, part_hi * SUB_N):
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
@@ -272,10 +284,11 @@ def _fwd_kernel(
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # rows of O: the query rows, or a chunk's rows of the scratch buffers (split rows)
     O_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    o_ptrs = O_base + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = O_base + offs_out[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+    tl.store(LSE + pid_bh.to(tl.int64) * stride_lse + offs_out, lse, mask=offs_m < N)
 
 
 @triton.jit
@@ -330,8 +343,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_sca
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB,
-    q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
+    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, ITEMS, q_full_idx, q_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -349,10 +361,9 @@ def _bwd_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    qb = (pid_m * BLOCK_M) // LAYOUT_BQ
     SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qb, full_lo, full_hi, part_lo, part_hi, offs_m, offs_out = _work_item(
+        ITEMS, pid_m, LAYOUT_BQ, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -365,18 +376,14 @@ def _bwd_dq_kernel(
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    lo = tl.load(q_full_ptr + qb)
-    hi = tl.load(q_full_ptr + qb + 1)
-    for i in range(lo * SUB_N, hi * SUB_N):
+    for i in range(full_lo * SUB_N, full_hi * SUB_N):
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
         dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
                        stride_kn, stride_vn, ATTR, stride_attr, TAB,
                        HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC)
     if HAS_PARTIAL:
-        lo = tl.load(q_part_ptr + qb)
-        hi = tl.load(q_part_ptr + qb + 1)
-        for i in range(lo * SUB_N, hi * SUB_N):
+        for i in range(part_lo * SUB_N, part_hi * SUB_N):
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
@@ -384,7 +391,7 @@ def _bwd_dq_kernel(
                            HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
+             + offs_out[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -416,8 +423,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB,
-    k_full_ptr, k_full_idx, k_part_ptr, k_part_idx,
+    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB, ITEMS, k_full_idx, k_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -435,10 +441,9 @@ def _bwd_dkdv_kernel(
     pid_bhk = tl.program_id(1)
     b = pid_bhk // HK
     hk = pid_bhk % HK
-    kb = (pid_n * BLOCK_N) // LAYOUT_BK  # layout key block of this tile
     SUB_M: tl.constexpr = LAYOUT_BQ // BLOCK_M
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb, full_lo, full_hi, part_lo, part_hi, offs_n, offs_out = _work_item(
+        ITEMS, pid_n, LAYOUT_BK, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     col_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     k, v = _load_kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
@@ -446,10 +451,6 @@ def _bwd_dkdv_kernel(
                          offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, False)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    full_lo = tl.load(k_full_ptr + kb)
-    full_hi = tl.load(k_full_ptr + kb + 1)
-    part_lo = tl.load(k_part_ptr + kb)
-    part_hi = tl.load(k_part_ptr + kb + 1)
 
     # every query head of this key head, in a fixed order (deterministic, no atomics)
     for r in range(GROUP):
@@ -474,9 +475,9 @@ def _bwd_dkdv_kernel(
                                      HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC)
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_mask)
+             + offs_out[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
+             + offs_out[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,9 +647,76 @@ def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
+# Split rows. A program walks one row of the layout (a query block's key blocks, or for dK / dV
+# a key block's query blocks), so one long row (the global tokens' row and column of Longformer
+# or BigBird: every block of the sequence) runs serially in one program while the others are
+# done. Rows longer than a chunk are cut into chunks of consecutive list entries, one program
+# each, writing float32 partial results to scratch rows; the launcher merges them (forward: by
+# their LSE; dQ, dK, dV: a sum in a fixed order, so the result stays deterministic).
+_SPLIT_CHUNK: int | None = None  # tests: force a chunk length (layout blocks); None: automatic
+
+
+def _chunk_length(lengths: torch.Tensor) -> int:
+    """Entries per chunk: twice the mean non-empty row, at least 8, so only rows far above the
+    typical length are cut (a window or a dense layout is never split)."""
+    if _SPLIT_CHUNK is not None:
+        return _SPLIT_CHUNK
+    busy = lengths[lengths > 0]
+    return max(8, 2 * math.ceil(busy.float().mean().item())) if busy.numel() else 1
+
+
+class _WorkList:
+    """Rows of one side of a layout (q: forward / dQ, k: dK / dV) as the kernels' work items.
+
+    direct (n, 6) int32: rows kept whole, [block, full_lo, full_hi, part_lo, part_hi, block];
+    split (c, 6) int32: chunks of the long rows, the last column the chunk's scratch block;
+    long_blocks (L,): the blocks of the long rows; chunk_index (L, Cmax): each long row's
+    chunks, padded with c (an extra scratch block that merges as nothing)."""
+
+    def __init__(self, full_ptr, part_ptr, device):
+        full_ptr, part_ptr = full_ptr.long().cpu(), part_ptr.long().cpu()
+        nf, np_ = full_ptr.diff(), part_ptr.diff()
+        lengths = nf + np_
+        chunk = _chunk_length(lengths)
+        direct, split, long_blocks, chunks_of = [], [], [], []
+        for r, total in enumerate(lengths.tolist()):
+            f0, f1, p0 = int(full_ptr[r]), int(full_ptr[r + 1]), int(part_ptr[r])
+            if total <= chunk:
+                direct.append((r, f0, f1, p0, p0 + int(np_[r]), r))
+                continue
+            long_blocks.append(r)
+            ids = []
+            for s in range(0, total, chunk):  # positions in the row's full list then partial list
+                e = min(s + chunk, total)
+                nfr = f1 - f0
+                ids.append(len(split))
+                split.append((r, f0 + min(s, nfr), f0 + min(e, nfr), p0 + max(s - nfr, 0), p0 + max(e - nfr, 0),
+                              len(split)))
+            chunks_of.append(ids)
+        as_items = lambda rows: torch.tensor(rows or [(0,) * 6], dtype=torch.int32, device=device)
+        self.direct, self.n_direct = as_items(direct), len(direct)
+        self.split, self.n_split = as_items(split), len(split)
+        self.long_blocks = torch.tensor(long_blocks, dtype=torch.long, device=device)
+        cmax = max((len(c) for c in chunks_of), default=0)
+        self.chunk_index = torch.tensor([c + [len(split)] * (cmax - len(c)) for c in chunks_of],
+                                        dtype=torch.long, device=device).reshape(len(chunks_of), cmax)
+
+    def token_rows(self, block: int, n: int) -> torch.Tensor:
+        """The token indices of the long rows' blocks (those below n), in block order."""
+        rows = (self.long_blocks[:, None] * block + torch.arange(block, device=self.long_blocks.device)).reshape(-1)
+        return rows[rows < n]
+
+    def gather_chunks(self, scratch: torch.Tensor, block: int) -> torch.Tensor:
+        """scratch (B, H, (c + 1) * block, ...) -> (B, H, L, Cmax, block, ...): each long row's
+        chunks (the padding entries read the extra block c, see `_scratch`)."""
+        b, h = scratch.shape[:2]
+        s = scratch.reshape(b, h, self.n_split + 1, block, *scratch.shape[3:])
+        return s[:, :, self.chunk_index]
+
+
 class _KernelProgram:
     """What the kernels read of a layout, cached on it: int32 attributes, tables, the
-    constexpr program, and index lists on the right device."""
+    constexpr program, index lists and the work lists on the right device."""
 
     def __init__(self, layout, device):
         prog = layout.program
@@ -657,19 +725,20 @@ class _KernelProgram:
         self.tab = (_int32(tab, "coarse table") if tab is not None else torch.zeros(1, dtype=torch.int32)).to(device)
         self.lists = {
             name: getattr(layout, name).to(device=device, dtype=torch.int32).contiguous()
-            for name in ("q_full_ptr", "q_full_idx", "q_part_ptr", "q_part_idx",
-                         "k_full_ptr", "k_full_idx", "k_part_ptr", "k_part_idx")
+            for name in ("q_full_idx", "q_part_idx", "k_full_idx", "k_part_idx")
         }
         # empty index lists still need a valid pointer
         for name, t in self.lists.items():
             if t.numel() == 0:
                 self.lists[name] = torch.zeros(1, dtype=torch.int32, device=device)
+        self.rows = _WorkList(layout.q_full_ptr, layout.q_part_ptr, device)  # forward, dQ
+        self.cols = _WorkList(layout.k_full_ptr, layout.k_part_ptr, device)  # dK, dV
         self.has_partial = layout.num_partial > 0
 
 
 def _kernel_program(layout, device) -> _KernelProgram:
     cache = layout.__dict__.setdefault("_triton_programs", {})
-    key = str(device)
+    key = (str(device), _SPLIT_CHUNK)
     if key not in cache:
         cache[key] = _KernelProgram(layout, device)
     return cache[key]
@@ -719,6 +788,26 @@ def _maybe_tune(kernel, d_pad, q, layout, launch):
                  str(q.dtype)[6:], layout.block_q, layout.block_k, best, best_ms, _CONFIGS[kernel][d_pad])
 
 
+def _scratch(like: torch.Tensor, work: _WorkList, block: int, fill: float = 0.0) -> torch.Tensor:
+    """float32 (B, H, (chunks + 1) * block, *rest) for the split rows' partial results; the last
+    block is the padding chunk, set to `fill`."""
+    t = torch.empty(*like.shape[:2], (work.n_split + 1) * block, *like.shape[3:], device=like.device,
+                    dtype=torch.float32)
+    t[:, :, work.n_split * block:] = fill
+    return t
+
+
+def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int, tensors, **kw):
+    """Launch `kernel` over the direct rows (writing `tensors["direct"]`) and, where rows were
+    split, over their chunks (writing `tensors["split"]`): each a list of the output-dependent
+    arguments, spliced in by the caller's `args` function."""
+    per_block = layout_block // tile
+    for items, count, outs in ((work.direct, work.n_direct, tensors["direct"]),
+                               (work.split, work.n_split, tensors["split"])):
+        if count:
+            kernel[(count * per_block, bh)](*tensors["args"](items, outs), **kw)
+
+
 def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
     """q (B, H, N, D), k / v (B, Hk, N, D) -> out (B, H, N, D) q.dtype, lse (B, H, N) float32."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
@@ -726,30 +815,54 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
     hk = k.shape[1]
     d, d_pad = _dims(q)
     kp = _kernel_program(layout, q.device)
+    rows = kp.rows
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32) if lse is None else lse
+    split = None
+    if rows.n_split:
+        split = (_scratch(q, rows, layout.block_q), _scratch(lse, rows, layout.block_q, float("-inf")))
+
+    def args(items, outs):
+        o, l = outs
+        return (q, k, v, o, l, kp.attrs, kp.tab, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                o.stride(0), o.stride(1), o.stride(2), l.stride(1),
+                kp.attrs.stride(0), n, h, scale * _LOG2E)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
-        grid = (triton.cdiv(n, bm), b * h)
-        _fwd_kernel[grid](
-            q, k, v, out, lse, kp.attrs, kp.tab,
-            kp.lists["q_full_ptr"], kp.lists["q_full_idx"], kp.lists["q_part_ptr"], kp.lists["q_part_idx"],
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            kp.attrs.stride(0), n, h, scale * _LOG2E,
-            GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
-            LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k,
-            BLOCK_M=bm, BLOCK_N=bn,
-            PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
-            DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages,
-        )
+        _launch_items(_fwd_kernel, rows, bm, layout.block_q, b * h,
+                      dict(args=args, direct=(out, lse), split=split),
+                      GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
+                      LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
+                      PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
+                      DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages)
 
     _maybe_tune("fwd", d_pad, q, layout, launch)
     launch(_config("fwd", d_pad, q, layout))
+    if split is not None:  # merge the chunks of each long row by their LSE
+        o_c = rows.gather_chunks(split[0], layout.block_q)  # (B, H, L, C, bq, D)
+        l_c = rows.gather_chunks(split[1], layout.block_q)  # (B, H, L, C, bq)
+        m = l_c.amax(dim=3, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        w = torch.exp(l_c - m)
+        w_sum = w.sum(3)
+        o = (w.unsqueeze(-1) * o_c).sum(3) / torch.where(w_sum == 0, 1.0, w_sum).unsqueeze(-1)
+        l = torch.where(w_sum == 0, float("-inf"), m.squeeze(3) + torch.log(w_sum))
+        tok = rows.token_rows(layout.block_q, n)
+        out[:, :, tok] = o.reshape(b, h, -1, o.shape[-1])[:, :, : tok.numel()].to(out.dtype)
+        lse[:, :, tok] = l.reshape(b, h, -1)[:, :, : tok.numel()]
     return out, lse
+
+
+def _sum_chunks(work: _WorkList, scratch: torch.Tensor, block: int, n: int, dest: torch.Tensor):
+    """dest[:, :, rows of the long blocks] = the sum of their chunks' partial gradients (a fixed
+    order: deterministic)."""
+    g = work.gather_chunks(scratch, block).sum(3)  # (B, H, L, block, D)
+    tok = work.token_rows(block, n)
+    dest[:, :, tok] = g.reshape(*g.shape[:2], -1, g.shape[-1])[:, :, : tok.numel()].to(dest.dtype)
 
 
 def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None, dv=None, dlse=None):
@@ -761,6 +874,7 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     hk = k.shape[1]
     d, d_pad = _dims(q)
     kp = _kernel_program(layout, q.device)
+    rows, cols = kp.rows, kp.cols
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
@@ -779,40 +893,52 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, LAYOUT_BQ=layout.block_q,
                   LAYOUT_BK=layout.block_k, PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial,
                   DOT_PREC=_dot_prec(q.dtype))
+    dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
+    dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
+
+    def dq_args(items, g):
+        return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                g.stride(0), g.stride(1), g.stride(2),
+                kp.attrs.stride(0), n, h, scale * _LOG2E, scale)
+
+    def dkdv_args(items, g):
+        gk, gv = g
+        return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, items,
+                kp.lists["k_full_idx"], kp.lists["k_part_idx"],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                gk.stride(0), gk.stride(1), gk.stride(2),
+                gv.stride(0), gv.stride(1), gv.stride(2),
+                kp.attrs.stride(0), n, hk, scale * _LOG2E, scale)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
-        _bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
-            q, k, v, dout, dq, lse, delta, kp.attrs, kp.tab,
-            kp.lists["q_full_ptr"], kp.lists["q_full_idx"], kp.lists["q_part_ptr"], kp.lists["q_part_idx"],
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            kp.attrs.stride(0), n, h, scale * _LOG2E, scale,
-            BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, num_warps=warps, num_stages=stages, **common,
-        )
+        _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h,
+                      dict(args=dq_args, direct=dq, split=dq_split),
+                      BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, num_warps=warps,
+                      num_stages=stages, **common)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
-        _bwd_dkdv_kernel[(triton.cdiv(n, bn), b * hk)](
-            q, k, v, dout, dk, dv, lse, delta, kp.attrs, kp.tab,
-            kp.lists["k_full_ptr"], kp.lists["k_full_idx"], kp.lists["k_part_ptr"], kp.lists["k_part_idx"],
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            kp.attrs.stride(0), n, hk, scale * _LOG2E, scale,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
-        )
+        _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk,
+                      dict(args=dkdv_args, direct=(dk, dv), split=dkdv_split),
+                      BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     _maybe_tune("dq", d_pad, q, layout, launch_dq)
     launch_dq(_config("dq", d_pad, q, layout))
     _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
     launch_dkdv(_config("dkdv", d_pad, q, layout))
+    if dq_split is not None:
+        _sum_chunks(rows, dq_split, layout.block_q, n, dq)
+    if dkdv_split is not None:
+        _sum_chunks(cols, dkdv_split[0], layout.block_k, n, dk)
+        _sum_chunks(cols, dkdv_split[1], layout.block_k, n, dv)
     return dq, dk, dv
 
 

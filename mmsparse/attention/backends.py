@@ -226,7 +226,11 @@ def _triton(q, k, v, layout: BlockLayout, scale):
     if q.device.type != "cuda":
         raise ValueError(f"backend='triton' needs CUDA tensors, got {q.device}")
     try:
+        from mmsparse.kernels.axial_attention import axial_attention, axial_geometry
         from mmsparse.kernels.block_sparse_attention import block_sparse_attention
     except ImportError as err:
         raise ValueError(f"backend='triton' is unavailable: {err}") from err
+    geometry = axial_geometry(layout)
+    if geometry is not None:  # lines read in place: no per-block waste, no permuted copies
+        return axial_attention(q, k, v, geometry, scale)
     return block_sparse_attention(q, k, v, layout, scale)

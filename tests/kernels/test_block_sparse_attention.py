@@ -152,6 +152,38 @@ def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n):
     _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, 0.3, dtype), low, truth, dtype)
 
 
+SPLIT_RUNS = [(name, chunk) for name in ("longformer", "bigbird", "multimodal", "causal") for chunk in (1, 3)]
+
+
+@pytest.mark.parametrize("name,chunk", SPLIT_RUNS, ids=[f"{n}-chunk{c}" for n, c in SPLIT_RUNS])
+def test_split_rows(monkeypatch, name, chunk):
+    """Rows and columns cut into chunks of 1 or 3 blocks (every row split, ragged last chunks,
+    rows whose chunks straddle the full and partial lists): merged by LSE in the forward and
+    summed in the backward, the result stays within the budget."""
+    monkeypatch.setattr(bsa, "_SPLIT_CHUNK", chunk)
+    layout = _layout(name)
+    kp = bsa._kernel_program(layout, torch.device(DEV))
+    assert kp.rows.n_split > 0 and kp.cols.n_split > 0
+    dtype, d = (torch.bfloat16 if CUDA else torch.float32), 40
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=7 + chunk)
+    truth = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype, False)
+    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype), low, truth, dtype)
+
+
+def test_long_rows_split_automatically():
+    """Global tokens make one row and one column as long as the sequence: they are split, the
+    window rows are not; a window or a dense layout splits nothing."""
+    layout = build_layout(longformer(33, 8), (1024,), 16, 16, device="cpu")
+    kp = bsa._kernel_program(layout, torch.device("cpu"))
+    assert kp.rows.long_blocks.tolist() == [0] and kp.cols.long_blocks.tolist() == [0]
+    assert kp.rows.n_direct == layout.num_q_blocks - 1 and kp.rows.n_split >= 4
+    for pattern in (Local((3, 3, 3)), Dense()):
+        layout = build_layout(pattern, (4, 8, 8), 16, 16, device="cpu")
+        kp = bsa._kernel_program(layout, torch.device("cpu"))
+        assert kp.rows.n_split == 0 and kp.cols.n_split == 0
+
+
 def test_batch_and_heads_without_gqa():
     layout = _layout("local3d")
     dtype, d = (torch.bfloat16 if CUDA else torch.float32), 16
@@ -176,11 +208,12 @@ def test_autograd_function_and_lse_gradient():
 
 @pytest.mark.skipif(not CUDA, reason="determinism of GPU scheduling; the interpreter is serial")
 def test_gradients_are_deterministic():
-    layout = _layout("global_local")
-    q, k, v, dout, dlse = _inputs(layout.n, torch.bfloat16, 64, seed=6)
-    runs = [_kernel_grads(q, k, v, dout, dlse, layout, 0.125, torch.bfloat16) for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    for name in ("global_local", "longformer"):  # the second with split rows and columns
+        layout = _layout(name)
+        q, k, v, dout, dlse = _inputs(layout.n, torch.bfloat16, 64, seed=6)
+        runs = [_kernel_grads(q, k, v, dout, dlse, layout, 0.125, torch.bfloat16) for _ in range(2)]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not CUDA, reason="backend='triton' of sparse_attention needs CUDA tensors")

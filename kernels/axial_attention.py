@@ -1,0 +1,355 @@
+"""Axial attention over strided addresses: Triton forward and backward kernels.
+
+Legend: B batch, H query heads, Hk key/value heads (GQA: H = Hk * G), N tokens, D head dim,
+Dp = D padded to a power of two (>= 16).
+
+Axial attention (a token attends the tokens that share all its coordinates except those of
+the attended axes) on a raster-ordered grid is dense attention within each *line*: the L =
+prod(grid[a0..a1]) tokens with equal outer and inner coordinates, which sit at the token
+positions base + j * INNER (INNER = prod(grid[a1 + 1:])). Through the block-sparse kernels a
+time axis costs a block per (query block, key block) pair at ~1 % utilization (every token of a
+128-block lies on a different line), and the usual alternative, SDPA on the batch of lines,
+pays for a permuted copy of q, k, v, o and their gradients. These kernels read the lines in
+place: one program per (line, query tile) in the forward and dQ passes and per (line, key
+tile) in the dK / dV pass, with the line's stride in the pointer arithmetic. The inner steps
+(online softmax, P recomputed from the LSE) are the block-sparse kernels' own, unmasked.
+
+Layers (CONVENTIONS.md item 1):
+1. `axial_attention_ref`: the permuted batch through dense PyTorch attention.
+2. `_axial_fwd_kernel`, `_axial_dq_kernel`, `_axial_dkdv_kernel` (and the block-sparse file's
+   `_bwd_preprocess` for delta = rowsum(dO O)). LSE and delta are kept in line order
+   (B, H, lines, L) inside, token order (B, H, N) outside.
+3. Launchers, the autograd function and the public `axial_attention`; `axial_geometry`
+   recognises a BlockLayout that is exactly axial, so `sparse_attention(backend="triton")`
+   takes this path for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse_attention import (
+    _LOG2E, MAX_HEAD_DIM, _bwd_preprocess, _dims, _dkdv_inner, _dot_prec, _dq_inner, _fwd_inner,
+    _last_contiguous, _load_kv_tile, _load_lse2, unsupported_reason as _bsa_unsupported,
+)
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _lines_view(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+    """(B, H, N, ...) -> (B, H, outer * inner, L, ...): the lines as a batch (a copy)."""
+    b, h = x.shape[:2]
+    rest = x.shape[3:]
+    y = x.reshape(b, h, outer, length, inner, *rest).transpose(3, 4)
+    return y.reshape(b, h, outer * inner, length, *rest)
+
+
+def _tokens_view(y: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+    """Inverse of `_lines_view`."""
+    b, h = y.shape[:2]
+    rest = y.shape[4:]
+    x = y.reshape(b, h, outer, inner, length, *rest).transpose(3, 4)
+    return x.reshape(b, h, outer * length * inner, *rest)
+
+
+def axial_attention_ref(q, k, v, geometry: tuple[int, int, int], scale=None):
+    """Dense attention within each line, in float64 on the permuted batch: (out, lse)."""
+    outer, length, inner = geometry
+    g = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ql, kl, vl = (_lines_view(t.double(), outer, length, inner) for t in (q, k, v))
+    kl, vl = kl.repeat_interleave(g, 1), vl.repeat_interleave(g, 1)
+    s = ql @ kl.transpose(-1, -2) * scale
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ vl
+    return (_tokens_view(out, outer, length, inner).to(q.dtype),
+            _tokens_view(lse.unsqueeze(-1), outer, length, inner).squeeze(-1).float())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _line_of(pid, L, INNER, BLOCK: tl.constexpr):
+    """Program -> (line, first token of the line, offsets of this tile along the line)."""
+    tiles = tl.cdiv(L, BLOCK)
+    line = pid // tiles
+    base = (line // INNER) * (L * INNER) + line % INNER
+    return line, base.to(tl.int64), (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _axial_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    N, L, INNER, H, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_L: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    line, base, offs_m = _line_of(tl.program_id(0), L, INNER, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + base * stride_qn
+                + offs_m[:, None] * (INNER * stride_qn) + offs_d[None, :], mask=row_mask, other=0.0)
+    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn
+    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, L, qk_scale,
+                                   INNER * stride_kn, INNER * stride_vn, Q, 0, Q,
+                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC)
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + base * stride_on
+             + offs_m[:, None] * (INNER * stride_on) + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_mask)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + line * L + offs_m, lse, mask=offs_m < L)
+
+
+@triton.jit
+def _axial_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    N, L, INNER, H, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_L: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    line, base, offs_m = _line_of(tl.program_id(0), L, INNER, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + base * stride_qn
+                + offs_m[:, None] * (INNER * stride_qn) + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + base * stride_don
+                 + offs_m[:, None] * (INNER * stride_don) + offs_d[None, :], mask=row_mask, other=0.0)
+    stat = pid_bh.to(tl.int64) * N + line * L
+    lse2 = _load_lse2(LSE + stat, offs_m, L)
+    delta = tl.load(DELTA + stat + offs_m, mask=offs_m < L, other=0.0)
+    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn
+    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, L, qk_scale,
+                       INNER * stride_kn, INNER * stride_vn, Q, 0, Q,
+                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + base * stride_dqn
+             + offs_m[:, None] * (INNER * stride_dqn) + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_mask)
+
+
+@triton.jit
+def _axial_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    N, L, INNER, HK, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_L: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // HK
+    hk = pid_bhk % HK
+    line, base, offs_n = _line_of(tl.program_id(0), L, INNER, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    col_mask = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    k, v = _load_kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn,
+                         V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn,
+                         offs_n, L, INNER * stride_kn, INNER * stride_vn, HEAD_DIM, D_PAD, False)
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    for r in range(GROUP):  # the query heads of this key head, in order: no atomics
+        h = hk * GROUP + r
+        bh = b * (HK * GROUP) + h
+        Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + base * stride_qn
+        DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + base * stride_don
+        stat = bh.to(tl.int64) * N + line * L
+        for start_m in range(0, L, BLOCK_M):
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE + stat, DELTA + stat, offs_n, start_m,
+                                 L, qk_scale, INNER * stride_qn, INNER * stride_don, Q, 0, Q,
+                                 HEAD_DIM, D_PAD, BLOCK_M, False, (), DOT_PREC)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + base * stride_dkn
+             + offs_n[:, None] * (INNER * stride_dkn) + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=col_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + base * stride_dvn
+             + offs_n[:, None] * (INNER * stride_dvn) + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Launchers
+# ---------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): tiles no longer than the line (rounded up to a
+# power of two, at least 16) and at most 64 x 64: a line of 32 (a time axis) runs as one tile.
+_OVERRIDE: dict = {}  # tests: kernel name -> config
+
+
+def _config(kernel: str, length: int, d_pad: int, dtype):
+    if kernel in _OVERRIDE:
+        return _OVERRIDE[kernel]
+    cap = 32 if (dtype == torch.float32 or d_pad > 128) else 64
+    t = min(cap, max(16, triton.next_power_of_2(length)))
+    return t, t, 4, 2
+
+
+def _line_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+    """(B, H, N) token order -> (B, H, N) line order, contiguous."""
+    return _lines_view(x.unsqueeze(-1), outer, length, inner).reshape(x.shape).contiguous()
+
+
+def _token_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+    b, h, n = x.shape
+    return _tokens_view(x.reshape(b, h, outer * inner, length, 1), outer, length, inner).reshape(b, h, n)
+
+
+def _forward(q, k, v, geometry, scale, out=None):
+    """-> out (B, H, N, D) and the LSE (B, H, N) float32 in line order."""
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    outer, length, inner = geometry
+    b, h, n, _ = q.shape
+    d, d_pad = _dims(q)
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    bm, bn, warps, stages = _config("fwd", length, d_pad, q.dtype)
+    _axial_fwd_kernel[(outer * inner * triton.cdiv(length, bm), b * h)](
+        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        n, length, inner, h, scale * _LOG2E,
+        GROUP=h // k.shape[1], HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0,
+        DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _backward(q, k, v, out, lse_lines, dout, geometry, scale, dlse=None, dq=None, dk=None, dv=None):
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    out, dout = _last_contiguous(out), _last_contiguous(dout)
+    outer, length, inner = geometry
+    b, h, n, _ = q.shape
+    hk = k.shape[1]
+    d, d_pad = _dims(q)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    _bwd_preprocess[(triton.cdiv(n, 64), b * h)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], n, h, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=64,
+    )
+    if dlse is not None:  # d lse / d s = P: dlse shifts delta (as in the block-sparse backward)
+        delta -= dlse.float()
+    delta = _line_order(delta, outer, length, inner)
+    common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=_dot_prec(q.dtype))
+    bm, bn, warps, stages = _config("dq", length, d_pad, q.dtype)
+    _axial_dq_kernel[(outer * inner * triton.cdiv(length, bm), b * h)](
+        q, k, v, dout, dq, lse_lines, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *dout.stride()[:3], *dq.stride()[:3], n, length, inner, h, scale * _LOG2E, scale,
+        BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0, num_warps=warps, num_stages=stages, **common,
+    )
+    bm, bn, warps, stages = _config("dkdv", length, d_pad, q.dtype)
+    _axial_dkdv_kernel[(outer * inner * triton.cdiv(length, bn), b * hk)](
+        q, k, v, dout, dk, dv, lse_lines, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], n, length, inner, hk, scale * _LOG2E, scale,
+        BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0, num_warps=warps, num_stages=stages, **common,
+    )
+    return dq, dk, dv
+
+
+class _AxialAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, geometry, scale):
+        out, lse_lines = _forward(q, k, v, geometry, scale)
+        ctx.save_for_backward(q, k, v, out, lse_lines)
+        ctx.geometry, ctx.scale = geometry, scale
+        return out, _token_order(lse_lines, *geometry)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse_lines = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse_lines, dout, ctx.geometry, ctx.scale, dlse=dlse)
+        return dq, dk, dv, None, None
+
+
+def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None = None):
+    """Dense attention within the lines of a raster-ordered grid, read in place.
+
+    Args:
+        q: (B, H, N, D); k, v: (B, Hk, N, D), H a multiple of Hk; float16, bfloat16 or float32,
+            D <= 256; CUDA tensors (or CPU under TRITON_INTERPRET=1).
+        geometry: (outer, L, inner) with N = outer * L * inner: token i lies on line
+            (i // (L * inner), i % inner) at position (i // inner) % L. For a grid (T, H, W),
+            axis 0 (time) is (1, T, H * W), axis 2 (width) (T * H, W, 1), axes (1, 2) (T, H * W, 1).
+        scale: softmax scale, default 1 / sqrt(D).
+
+    Returns:
+        out (B, H, N, D) in q's dtype and lse (B, H, N) float32, both differentiable.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4D tensor (B, H, N, D), got {getattr(t, 'shape', type(t).__name__)}")
+    outer, length, inner = (int(x) for x in geometry)
+    if min(outer, length, inner) < 1 or outer * length * inner != q.shape[2]:
+        raise ValueError(f"geometry (outer, L, inner) = {tuple(geometry)} must be positive with product "
+                         f"N = {q.shape[2]}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k, v must be (B, Hk, N, D) with H a multiple of Hk; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    reason = unsupported_reason(q)
+    if reason:
+        raise ValueError(f"axial_attention: {reason}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _AxialAttention.apply(q, k, v, (outer, length, inner), scale)
+
+
+def unsupported_reason(q) -> str | None:
+    """Why these kernels cannot run q (None when they can): the block-sparse kernels' rules."""
+
+    class _AnyLayout:  # the block rule does not apply here
+        block_q = block_k = 16
+
+    return _bsa_unsupported(q, q, q, _AnyLayout())
+
+
+def axial_geometry(layout) -> tuple[int, int, int] | None:
+    """(outer, L, inner) when `layout` is exactly axial attention over consecutive axes of one
+    raster-ordered segment that fills the stream (no global tokens, no other segment), else None."""
+    from mmsparse.attention.patterns import Axial
+
+    pattern, stream = getattr(layout, "pattern", None), getattr(layout, "stream", None)
+    if type(pattern) is not Axial or stream is None or stream.n_global or len(stream.segments) != 1:
+        return None
+    seg = stream.segments[0]
+    if seg.order != "raster" or seg.offset != 0 or seg.numel != layout.n:
+        return None
+    if pattern.modality is not None and pattern.modality != seg.modality:
+        return None
+    nd = len(seg.shape)
+    axes = sorted({a % nd for a in ((pattern.axes,) if isinstance(pattern.axes, int) else pattern.axes)})
+    if axes != list(range(axes[0], axes[-1] + 1)):
+        return None  # not consecutive: the lines are not one stride apart
+    shape = seg.shape
+    return (math.prod(shape[: axes[0]]), math.prod(shape[axes[0]: axes[-1] + 1]), math.prod(shape[axes[-1] + 1:]))
+
+
+__all__ = ["axial_attention", "axial_attention_ref", "axial_geometry", "unsupported_reason", "MAX_HEAD_DIM"]
