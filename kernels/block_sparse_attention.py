@@ -673,7 +673,7 @@ class _WorkList:
     long_blocks (L,): the blocks of the long rows; chunk_index (L, Cmax): each long row's
     chunks, padded with c (an extra scratch block that merges as nothing)."""
 
-    def __init__(self, full_ptr, part_ptr, device):
+    def __init__(self, full_ptr, part_ptr, block: int, n: int, device):
         full_ptr, part_ptr = full_ptr.long().cpu(), part_ptr.long().cpu()
         nf, np_ = full_ptr.diff(), part_ptr.diff()
         lengths = nf + np_
@@ -700,11 +700,10 @@ class _WorkList:
         cmax = max((len(c) for c in chunks_of), default=0)
         self.chunk_index = torch.tensor([c + [len(split)] * (cmax - len(c)) for c in chunks_of],
                                         dtype=torch.long, device=device).reshape(len(chunks_of), cmax)
-
-    def token_rows(self, block: int, n: int) -> torch.Tensor:
-        """The token indices of the long rows' blocks (those below n), in block order."""
-        rows = (self.long_blocks[:, None] * block + torch.arange(block, device=self.long_blocks.device)).reshape(-1)
-        return rows[rows < n]
+        # the token indices of the long rows' blocks below n, in block order (built once: a
+        # boolean filter per call would synchronise with the GPU and break graph capture)
+        tokens = [t for r in long_blocks for t in range(r * block, min((r + 1) * block, n))]
+        self.tokens = torch.tensor(tokens, dtype=torch.long, device=device)
 
     def gather_chunks(self, scratch: torch.Tensor, block: int) -> torch.Tensor:
         """scratch (B, H, (c + 1) * block, ...) -> (B, H, L, Cmax, block, ...): each long row's
@@ -731,8 +730,8 @@ class _KernelProgram:
         for name, t in self.lists.items():
             if t.numel() == 0:
                 self.lists[name] = torch.zeros(1, dtype=torch.int32, device=device)
-        self.rows = _WorkList(layout.q_full_ptr, layout.q_part_ptr, device)  # forward, dQ
-        self.cols = _WorkList(layout.k_full_ptr, layout.k_part_ptr, device)  # dK, dV
+        self.rows = _WorkList(layout.q_full_ptr, layout.q_part_ptr, layout.block_q, layout.n, device)  # fwd, dQ
+        self.cols = _WorkList(layout.k_full_ptr, layout.k_part_ptr, layout.block_k, layout.n, device)  # dK, dV
         self.has_partial = layout.num_partial > 0
 
 
@@ -851,9 +850,9 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
         w_sum = w.sum(3)
         o = (w.unsqueeze(-1) * o_c).sum(3) / torch.where(w_sum == 0, 1.0, w_sum).unsqueeze(-1)
         l = torch.where(w_sum == 0, float("-inf"), m.squeeze(3) + torch.log(w_sum))
-        tok = rows.token_rows(layout.block_q, n)
-        out[:, :, tok] = o.reshape(b, h, -1, o.shape[-1])[:, :, : tok.numel()].to(out.dtype)
-        lse[:, :, tok] = l.reshape(b, h, -1)[:, :, : tok.numel()]
+        tok = rows.tokens
+        out.index_copy_(2, tok, o.reshape(b, h, -1, o.shape[-1])[:, :, : tok.numel()].to(out.dtype))
+        lse.index_copy_(2, tok, l.reshape(b, h, -1)[:, :, : tok.numel()])
     return out, lse
 
 
@@ -861,8 +860,8 @@ def _sum_chunks(work: _WorkList, scratch: torch.Tensor, block: int, n: int, dest
     """dest[:, :, rows of the long blocks] = the sum of their chunks' partial gradients (a fixed
     order: deterministic)."""
     g = work.gather_chunks(scratch, block).sum(3)  # (B, H, L, block, D)
-    tok = work.token_rows(block, n)
-    dest[:, :, tok] = g.reshape(*g.shape[:2], -1, g.shape[-1])[:, :, : tok.numel()].to(dest.dtype)
+    tok = work.tokens
+    dest.index_copy_(2, tok, g.reshape(*g.shape[:2], -1, g.shape[-1])[:, :, : tok.numel()].to(dest.dtype))
 
 
 def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None, dv=None, dlse=None):
