@@ -1,16 +1,29 @@
 """Data-loading benchmark (BENCHMARKS.md E3): clips/s and peak memory, decord vs PyAV.
 
-Measures, for each backend (decord, pyav) and each worker count (default 0, 2, 8), how many
-64-frame 224x224 clips per second ``make_loader`` delivers from synthetic H.264 files (source
-frames 256 x 340, resized on decode to short side 224 and centre-cropped, float32 normalised),
-and the peak resident memory of a fresh process decoding a 4,096-frame clip two ways: 64 frames
-spread over it at 224 px, and every frame at 112 px in chunks of 64.
+What it measures, decord and PyAV side by side:
 
-    python bench/data.py                 # full settings
-    python bench/data.py --quick         # fewer clips / a shorter long clip, for a 2-core machine
+1. **Stages on one core** (main process, one torch thread, like a loader worker): ms per clip
+   to decode 64 frames at short side 224, to produce a whole sample (decode + crop + float32
+   normalise), and to collate a batch. Their sum bounds what one worker can feed.
+2. **Loader throughput** for each worker count (default 0, 2, 8, 16): 64-frame 224 x 224
+   float32 clips per second out of ``make_loader`` from synthetic 256 x 340 H.264 clips of 128
+   frames. Each row is timed from the moment every worker has delivered its first batch (so
+   worker start-up is not timed) for ``--seconds`` and at least 3 whole rounds of batches, over
+   a manifest that repeats the generated files.
+3. **Peak resident memory** of a fresh process decoding a 4,096-frame clip two ways: 64 frames
+   spread over it at 224 px, and every frame at 112 px in chunks of 64.
 
-Prints a table and writes ``bench/results/data-<device>-<date>.json`` naming the machine, CPU
-count and library versions.
+Target (issue 4): on a 16-core machine 8 workers feed >= 200 clips/s.
+
+    python bench/data.py                          # 0, 2, 8, 16 workers (expected 2 to 3 min on 16 cores)
+    python bench/data.py --workers 0 2 --quick    # a 2-core machine
+
+The media is generated first, in parallel processes, into a temporary folder (``--data`` keeps
+it). Prints tables and writes ``bench/results/data-<tag>-<date>.json`` (``--out`` elsewhere;
+``-runN`` when the file exists); the tag names the GPU (or ``cpu``) and the CPU count, the JSON
+the CPU model, cores, memory and /dev/shm size. The JSON is rewritten after every row, with
+``"complete": false`` until the end, so a run cut short keeps what it measured. A row that
+fails (a worker killed, /dev/shm full) is recorded with its error and the run goes on.
 """
 
 from __future__ import annotations
@@ -20,19 +33,191 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmsparse.data import DataConfig, MediaDataset, make_loader, synth  # noqa: E402
+# imported in main after the check, so a missing wheel is named instead of a traceback
+REQUIRED = {"numpy": "numpy<2.4", "torch": "torch==2.11.0", "torchvision": "torchvision==0.26.0",
+            "decord": "decord==0.6.0", "av": "av (PyAV)"}
+BACKENDS = ("decord", "pyav")
+CLIP_FRAMES, OUT = 64, 224
+TARGET = (8, 200.0)  # (workers, clips/s) of issue 4
+MIN_ROUNDS = 3       # timed rounds of batches (one from each worker) at least, whatever --seconds says
+
+
+# --------------------------------------------------------------------------------------------
+# the machine
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def machine() -> dict:
+    """CPU model, logical / usable / physical cores, cgroup CPU limit, memory, /dev/shm."""
+    info = _read("/proc/cpuinfo")
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                 platform.processor() or platform.machine())
+    cores, phys, core = set(), None, None
+    for ln in info.splitlines():
+        if ln.startswith("physical id"):
+            phys = ln.split(":")[1].strip()
+        elif ln.startswith("core id"):
+            core = ln.split(":")[1].strip()
+            cores.add((phys, core))
+    mem = re.search(r"MemTotal:\s+(\d+)", _read("/proc/meminfo"))
+    quota = _read("/sys/fs/cgroup/cpu.max").split()
+    out = {"hostname": platform.node(), "cpu_model": model, "cpus_logical": os.cpu_count(),
+           "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "cores_physical": len(cores) or None,
+           "cgroup_cpu_limit": (round(int(quota[0]) / int(quota[1]), 2) if len(quota) == 2 and quota[0] != "max"
+                                else None),
+           "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+           "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        shm = shutil.disk_usage("/dev/shm")
+        out["dev_shm_gib"] = {"total": round(shm.total / 2**30, 1), "free": round(shm.free / 2**30, 1)}
+    except OSError:
+        out["dev_shm_gib"] = None
+    return out
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name. CUDA is initialised before the loaders fork, as in any training run;
+    the workers never touch it."""
+    import torch
+
+    try:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # a driver that fails to initialise names no GPU
+        return None
+
+
+def host_tag(gpu: str | None, cpus: int) -> str:
+    base = re.sub(r"[^a-z0-9]+", "-", (gpu or "cpu").lower()).strip("-")
+    return f"{base}-{cpus}cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# media
+
+
+def generate(work: Path, clips: int, src_frames: int, samples: int, long_frames: int,
+             processes: int) -> tuple[Path, Path, dict]:
+    """Synthetic clips (256 x 340, 25 fps, no audio), a manifest repeating them ``samples``
+    times over, and one long 224 x 224 clip. Returns (manifest, long clip, seconds taken)."""
+    from mmsparse.data import synth, write_manifest
+
+    t = time.perf_counter()
+    short = synth.make_dataset(work / "clips", clips=clips, frames=src_frames, seed=0, size=(256, 340), fps=25,
+                               images=0, audio=False, processes=processes)
+    gen_s = time.perf_counter() - t
+    t = time.perf_counter()
+    long_man = synth.make_dataset(work / "long", clips=1, seed=0, size=(224, 224), fps=25, long=True,
+                                  long_frames=(long_frames, long_frames), audio=False)
+    long_s = time.perf_counter() - t
+    recs = [json.loads(ln) for ln in short.read_text().splitlines()]
+    rep = [{"id": f"s{k:05d}", "video": str(short.parent / recs[k % len(recs)]["video"]),
+            "caption": recs[k % len(recs)]["caption"]} for k in range(samples)]
+    manifest = write_manifest(work / "repeated.jsonl", rep)
+    return manifest, long_man.parent / "videos" / "long-0000.mp4", {"clips_s": round(gen_s, 1),
+                                                                    "long_clip_s": round(long_s, 1)}
+
+
+def _config(backend: str):
+    from mmsparse.data import DataConfig
+
+    return DataConfig(backend=backend, video_fallback=None, num_frames=CLIP_FRAMES, short_side=OUT,
+                      crop=(OUT, OUT), load_audio=False, decode_timeout=None)
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+
+
+def stages(manifest: Path, backend: str, clips: int, batch_size: int) -> dict:
+    """ms per clip of decode alone, a whole sample, and collate, on one core in this process."""
+    import torch
+
+    from mmsparse.data import MediaDataset, collate
+    from mmsparse.data.decode import open_video, sample_indices, short_side_size
+
+    ds = MediaDataset(manifest, _config(backend))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds[0]  # warm: library loads, first allocations
+        decode = sample = 0.0
+        items = []
+        for i in range(clips):  # interleaved, so a change in the machine's load hits both alike
+            t = time.perf_counter()
+            r = open_video(ds.samples[i].video, backend)
+            idx = sample_indices(r.num_frames, r.fps, mode="count", num_frames=CLIP_FRAMES)
+            r.read(idx, size=short_side_size((r.height, r.width), OUT))
+            t1 = time.perf_counter()
+            items.append(ds[i])
+            decode, sample = decode + (t1 - t) / clips, sample + (time.perf_counter() - t1) / clips
+        t = time.perf_counter()
+        for a in range(0, clips, batch_size):
+            collate(items[a:a + batch_size])
+        coll = (time.perf_counter() - t) / clips
+    finally:
+        torch.set_num_threads(threads)
+    per = sample + coll
+    return {"backend": backend, "clips": clips, "decode_ms": round(1e3 * decode, 1),
+            "sample_ms": round(1e3 * sample, 1), "transform_ms": round(1e3 * (sample - decode), 1),
+            "collate_ms": round(1e3 * coll, 1), "one_core_clips_per_s": round(1 / per, 2)}
+
+
+def throughput(manifest: Path, backend: str, workers: int, batch_size: int, seconds: float) -> dict:
+    """Clips/s out of the loader, timed from the moment every worker has delivered a batch.
+
+    Workers that start together deliver in rounds (one batch each, in order); the clock stops
+    at the end of a whole round once ``seconds`` and at least ``MIN_ROUNDS`` rounds have passed:
+    work that a worker began before the clock started is then at most a small part of the count.
+    """
+    from mmsparse.data import MediaDataset, make_loader
+
+    ds = MediaDataset(manifest, _config(backend))
+    loader = make_loader(ds, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None)
+    rnd = max(1, workers)  # batches a round; the first round is not timed (worker start-up)
+    n = clips = 0
+    t_start = time.perf_counter()
+    t0 = t1 = None
+    it = iter(loader)
+    try:
+        for batch in it:
+            n += 1
+            if n < rnd:
+                continue
+            if n == rnd:
+                t0 = time.perf_counter()
+                continue
+            assert batch["video"].shape[1:] == (CLIP_FRAMES, 3, OUT, OUT)
+            clips += batch["video"].shape[0]
+            t1 = time.perf_counter()
+            if t1 - t0 >= seconds and (n - rnd) % rnd == 0 and n - rnd >= MIN_ROUNDS * rnd:
+                break
+    finally:
+        del it  # shuts the workers down
+    if not clips:
+        raise RuntimeError(f"the manifest ran out before the clock started ({len(ds)} samples); raise --samples")
+    dt_s = t1 - t0
+    return {"backend": backend, "workers": workers, "clips": clips, "seconds": round(dt_s, 2),
+            "startup_s": round(t0 - t_start, 2), "rounds": (n - rnd) // rnd, "clips_per_s": round(clips / dt_s, 2),
+            "frames_per_s": round(CLIP_FRAMES * clips / dt_s, 1), "manifest_exhausted": n * batch_size >= len(ds)}
 
 
 def _peak_rss_mb() -> float:
@@ -47,24 +232,6 @@ def _peak_rss_mb() -> float:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def throughput(manifest: Path, backend: str, workers: int, batch_size: int, passes: int) -> dict:
-    cfg = DataConfig(backend=backend, num_frames=64, short_side=224, crop=(224, 224), load_audio=False,
-                     decode_timeout=None)
-    ds = MediaDataset(manifest, cfg)
-    loader = make_loader(ds, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None)
-    clips, t0 = 0, None
-    for p in range(passes + 1):
-        for batch in loader:
-            if t0 is None:  # the first batch pays worker start-up; time from there
-                t0 = time.perf_counter()
-                continue
-            assert batch["video"].shape[1:] == (64, 3, 224, 224)
-            clips += batch["video"].shape[0]
-    dt_s = time.perf_counter() - t0
-    return {"backend": backend, "workers": workers, "clips": clips, "seconds": round(dt_s, 3),
-            "clips_per_s": round(clips / dt_s, 2), "frames_per_s": round(64 * clips / dt_s, 1)}
 
 
 def rss_child(path: str, backend: str, how: str) -> None:
@@ -85,89 +252,195 @@ def rss_child(path: str, backend: str, how: str) -> None:
                       "peak_rss_mb": round(_peak_rss_mb(), 1), "seconds": round(time.perf_counter() - t, 2)}))
 
 
+def long_clip_memory(path: Path, cases: list[tuple[str, str]], parallel: int) -> list[dict]:
+    """One fresh process per (backend, mode), ``parallel`` at a time (each peak is its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(case):
+        backend, how = case
+        try:
+            out = subprocess.run([sys.executable, __file__, "--rss-child", str(path), backend, how],
+                                 capture_output=True, text=True, timeout=300)
+            if out.returncode:
+                err = out.stderr.strip().splitlines()
+                raise RuntimeError(err[-1] if err else f"exit {out.returncode}")
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        except Exception as err:
+            msg = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            print(f"  ! backend={backend} mode={how}: {msg}", flush=True)
+            return {"backend": backend, "mode": how, "error": msg}
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        return list(pool.map(one, cases))
+
+
+def result_path(out: Path, tag: str, day: str) -> Path:
+    """``data-<tag>-<day>.json``, or ``...-runN.json`` when that exists: a rerun keeps the first."""
+    path, k = out / f"data-{tag}-{day}.json", 2
+    while path.exists():
+        path, k = out / f"data-{tag}-{day}-run{k}.json", k + 1
+    return path
+
+
+def _guarded(fn, *args, **what) -> dict:
+    """A row of results, or the row's error (the other rows still run)."""
+    try:
+        return fn(*args)
+    except Exception as err:  # a killed worker, /dev/shm full, a decoder missing on this host
+        msg = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        print(f"  ! {what}: {msg}", flush=True)
+        return {**what, "error": msg}
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(row: dict | None, key: str, width: int = 8) -> str:
+    if row is None or key not in row:
+        return f"{'error' if row else '-':>{width}}"
+    return f"{row[key]:>{width}.2f}"
+
+
+def print_tables(res: dict) -> None:
+    s = res["settings"]
+    m = res["machine"]
+    print(f"\n{m['cpu_model']}: {m['cpus_usable']} usable CPUs ({m['cores_physical']} physical cores), "
+          f"/dev/shm {m['dev_shm_gib']} GiB")
+    print(f"\none core, ms per 64 x 224 x 224 clip ({s['stage_clips']} clips, batch {s['batch_size']})")
+    print(f"{'backend':>8} | {'decode':>8} | {'+ crop, float':>13} | {'collate':>8} | {'clips/s one core':>16}")
+    for r in res["stages"]:
+        if "error" in r:
+            print(f"{r['backend']:>8} | error: {r['error']}")
+            continue
+        print(f"{r['backend']:>8} | {r['decode_ms']:>8.1f} | {r['transform_ms']:>13.1f} | {r['collate_ms']:>8.1f} | "
+              f"{r['one_core_clips_per_s']:>16.2f}")
+    print(f"\nloader clips/s, 64 x 224 x 224 float32 clips from 256 x 340 H.264 "
+          f"({s['seconds']:g} s a row after warm-up, batch {s['batch_size']})")
+    print(f"{'workers':>8} | {'decord':>8} | {'pyav':>8} | decord/pyav")
+    for w in s["workers"]:
+        d, p = (next((r for r in res["throughput"] if r["workers"] == w and r["backend"] == b), None)
+                for b in BACKENDS)
+        ratio = (f"{d['clips_per_s'] / p['clips_per_s']:.2f}x" if d and p and "clips_per_s" in d
+                 and "clips_per_s" in p else "-")
+        print(f"{w:>8} | {_fmt(d, 'clips_per_s')} | {_fmt(p, 'clips_per_s')} | {ratio}")
+    w, goal = TARGET
+    for b in BACKENDS:
+        r = next((r for r in res["throughput"] if r["workers"] == w and r["backend"] == b), None)
+        if r and "clips_per_s" in r:
+            print(f"target {w} workers >= {goal:g} clips/s, {b}: {r['clips_per_s']:.1f} "
+                  f"({'met' if r['clips_per_s'] >= goal else 'not met'})")
+    print(f"\npeak RSS, {s['long_frames']}-frame 224 x 224 clip, fresh process")
+    print(f"{'backend':>8} | {'mode':>10} | {'output MB':>9} | {'RSS before':>10} | {'peak RSS MB':>11} | s")
+    for r in res["long_clip_memory"]:
+        if "error" in r:
+            print(f"{r['backend']:>8} | {r['mode']:>10} | error: {r['error']}")
+            continue
+        print(f"{r['backend']:>8} | {r['mode']:>10} | {r['output_mb']:>9} | {r['rss_before_mb']:>10} | "
+              f"{r['peak_rss_mb']:>11} | {r['seconds']}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=32)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2, 8, 16])
+    ap.add_argument("--seconds", type=float, default=None, help="timed seconds per (backend, workers) row (10)")
+    ap.add_argument("--clips", type=int, default=None, help="distinct generated clips (64)")
+    ap.add_argument("--samples", type=int, default=8192, help="manifest length (the clips repeated)")
     ap.add_argument("--src-frames", type=int, default=128)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2, 8])
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--stage-clips", type=int, default=8, help="clips timed per backend on one core")
     ap.add_argument("--long-frames", type=int, default=4096)
-    ap.add_argument("--quick", action="store_true", help="8 clips, 2 passes (the long clip keeps 4,096 frames)")
+    ap.add_argument("--gen-procs", type=int, default=0, help="processes generating the media (0: all CPUs)")
+    ap.add_argument("--quick", action="store_true",
+                    help="16 clips, 6 s a row unless given (the long clip keeps its frames)")
+    ap.add_argument("--tag", default=None, help="result file tag (default: GPU or 'cpu', and the CPU count)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--data", default=None, help="folder for the generated media (default: a temp folder)")
+    ap.add_argument("--data", default=None, help="folder for the generated media, kept (default: a temp folder)")
     ap.add_argument("--rss-child", nargs=3, metavar=("PATH", "BACKEND", "HOW"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.rss_child:
         rss_child(*a.rss_child)
         return 0
-    if a.quick:
-        a.clips, a.passes, a.batch_size = 8, 2, 2
+    a.clips = a.clips or (16 if a.quick else 64)
+    a.seconds = a.seconds if a.seconds is not None else (6.0 if a.quick else 10.0)
 
-    import decord
-    import av
+    versions, missing = {}, []
+    for mod, wheel in REQUIRED.items():
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError as err:
+            missing.append(f"{wheel} ({err})")
+    if missing:
+        print("error: not importable here: " + "; ".join(missing) + ". Install their wheels.", file=sys.stderr)
+        return 2
     import torch
 
-    work = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix="mmsparse-bench-"))
-    t = time.perf_counter()
-    manifest = synth.make_dataset(work / "clips", clips=a.clips, frames=a.src_frames, seed=0, size=(256, 340),
-                                  fps=25, images=0, audio=False)
-    gen_s = time.perf_counter() - t
-    t = time.perf_counter()
-    long_man = synth.make_dataset(work / "long", clips=1, seed=0, size=(224, 224), fps=25, long=True,
-                                  long_frames=(a.long_frames, a.long_frames), audio=False)
-    long_gen_s = time.perf_counter() - t
-    long_path = str(long_man.parent / "videos" / "long-0000.mp4")
-
-    rows = []
-    for workers in a.workers:
-        for backend in ("decord", "pyav"):
-            r = throughput(manifest, backend, workers, a.batch_size, a.passes)
-            rows.append(r)
-            print(f"  {backend:6s} workers={workers}: {r['clips_per_s']:7.2f} clips/s", flush=True)
-    mem = []
-    for backend in ("decord", "pyav"):
-        for how in ("uniform64", "all112"):
-            out = subprocess.run([sys.executable, __file__, "--rss-child", long_path, backend, how],
-                                 capture_output=True, text=True, check=True)
-            mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
-
-    print(f"\nclips/s, 64 x 224 x 224 float32 clips from 256 x 340 H.264 ({a.clips} clips x {a.passes} passes, "
-          f"batch {a.batch_size}, {os.cpu_count()} CPUs)")
-    print(f"{'workers':>8} | {'decord':>8} | {'pyav':>8} | decord/pyav")
-    for w in a.workers:
-        d = next(r for r in rows if r["workers"] == w and r["backend"] == "decord")["clips_per_s"]
-        p = next(r for r in rows if r["workers"] == w and r["backend"] == "pyav")["clips_per_s"]
-        print(f"{w:>8} | {d:>8.2f} | {p:>8.2f} | {d / p:.2f}x")
-    print(f"\npeak RSS, {a.long_frames}-frame 224 x 224 clip, fresh process")
-    print(f"{'backend':>8} | {'mode':>10} | {'output MB':>9} | {'RSS before':>10} | {'peak RSS MB':>11} | s")
-    for m in mem:
-        print(f"{m['backend']:>8} | {m['mode']:>10} | {m['output_mb']:>9} | {m['rss_before_mb']:>10} | "
-              f"{m['peak_rss_mb']:>11} | {m['seconds']}")
-
-    device = "cpu"
-    try:
-        if torch.cuda.is_available():
-            device = torch.cuda.get_device_name(0).replace(" ", "-").lower()
-    except Exception:
-        pass
-    result = {
-        "benchmark": "data loading (E3)", "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(), "device": device},
-        "versions": {"torch": torch.__version__, "decord": decord.__version__, "av": av.__version__,
-                     "numpy": np.__version__},
-        "settings": {"clips": a.clips, "src_frames": a.src_frames, "src_size": [256, 340], "clip_frames": 64,
-                     "out_size": [224, 224], "batch_size": a.batch_size, "passes": a.passes, "audio": False,
-                     "long_frames": a.long_frames, "quick": a.quick,
-                     "generate_seconds": round(gen_s, 1), "long_generate_seconds": round(long_gen_s, 1)},
-        "throughput": rows, "long_clip_memory": mem,
-    }
+    info = machine()
+    cpus = info["cpus_usable"]
+    if info["cgroup_cpu_limit"]:  # a container may see more CPUs than it may use
+        cpus = max(1, min(cpus, int(info["cgroup_cpu_limit"] + 0.5)))
+    procs = a.gen_procs or cpus
+    info["gpu"] = gpu_name()
+    tag = a.tag or host_tag(info["gpu"], cpus)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"data-{device}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    path = result_path(out, tag, dt.date.today().isoformat())
+    res = {
+        "benchmark": "data loading (E3)", "date": dt.datetime.now().isoformat(timespec="seconds"), "tag": tag,
+        "complete": False, "machine": info, "versions": versions,
+        "settings": {"workers": a.workers, "seconds": a.seconds, "min_rounds": MIN_ROUNDS, "clips": a.clips,
+                     "samples": a.samples, "src_frames": a.src_frames, "src_size": [256, 340], "src_fps": 25,
+                     "clip_frames": CLIP_FRAMES, "out_size": [OUT, OUT], "dtype": "float32",
+                     "batch_size": a.batch_size, "prefetch_factor": 2, "audio": False, "decode_threads": 1,
+                     "torch_threads_main": torch.get_num_threads(), "stage_clips": min(a.stage_clips, a.clips),
+                     "long_frames": a.long_frames, "quick": a.quick, "generate_processes": procs},
+        "target": {"workers": TARGET[0], "clips_per_s": TARGET[1]},
+        "stages": [], "throughput": [], "long_clip_memory": [],
+    }
+
+    def save():  # after every row: a run cut short still leaves what it measured
+        path.write_text(json.dumps(res, indent=2) + "\n")
+
+    print(f"{info['cpu_model']}, {cpus} usable CPUs, GPU {info['gpu']}; workers {a.workers}, "
+          f"{a.seconds:g} s a row; writing {path}", flush=True)
+    if max(a.workers) > cpus:
+        print(f"  note: {max(a.workers)} workers on {cpus} CPUs share cores; those rows measure oversubscription")
+
+    t_all = time.perf_counter()
+    tmp = None if a.data else tempfile.mkdtemp(prefix="mmsparse-bench-")
+    work = Path(a.data or tmp)
+    try:
+        manifest, long_path, gen = generate(work, a.clips, a.src_frames, a.samples, a.long_frames, procs)
+        res["settings"]["generate_seconds"] = gen
+        save()
+        print(f"generated {a.clips} clips in {gen['clips_s']} s ({procs} processes), the "
+              f"{a.long_frames}-frame clip in {gen['long_clip_s']} s", flush=True)
+        for b in BACKENDS:
+            r = _guarded(stages, manifest, b, min(a.stage_clips, a.clips), a.batch_size, backend=b)
+            res["stages"].append(r)
+            save()
+            if "error" not in r:
+                print(f"  one core {b:6s}: decode {r['decode_ms']} ms, sample {r['sample_ms']} ms, "
+                      f"collate {r['collate_ms']} ms a clip", flush=True)
+        for w in a.workers:
+            for b in BACKENDS:
+                r = _guarded(throughput, manifest, b, w, a.batch_size, a.seconds, backend=b, workers=w)
+                res["throughput"].append(r)
+                save()
+                if "error" not in r:
+                    print(f"  {b:6s} workers={w:2d}: {r['clips_per_s']:7.2f} clips/s ({r['rounds']} rounds, "
+                          f"start-up {r['startup_s']} s)", flush=True)
+        # 4 cores a child on big hosts; one at a time on small ones, so its seconds stay honest
+        res["long_clip_memory"] = long_clip_memory(
+            long_path, [(b, how) for b in BACKENDS for how in ("uniform64", "all112")], min(4, cpus // 4))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    res["complete"] = True
+    res["settings"]["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    save()
+    print_tables(res)
+    print(f"\nwrote {path} ({res['settings']['total_seconds']} s in all)")
     return 0
 
 

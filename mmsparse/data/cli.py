@@ -35,8 +35,10 @@ def _check(args: argparse.Namespace) -> int:
     from . import DataConfig, MediaDataset
 
     try:
+        fallback = None if args.fallback == "none" else args.fallback
         ds = MediaDataset(args.manifest, DataConfig(backend=args.backend, num_frames=args.frames, strict=True,
-                                                    require_audio=args.require_audio, min_frames=1))
+                                                    require_audio=args.require_audio, min_frames=1,
+                                                    video_fallback=fallback))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -44,12 +46,16 @@ def _check(args: argparse.Namespace) -> int:
 
     bad = 0
     for i in range(len(ds)):
+        rescued = ds.stats.fallbacks
         try:
             ds[i]
         except MediaError as err:
             ds.stats.record(err)
             bad += 1
             print(f"{err.path}\t{err.reason}\t{err.detail}")
+        if ds.stats.fallbacks > rescued:  # readable, but only by the fallback backend: listed, not bad
+            path, backend, detail = ds.stats.recent_fallbacks[-1]
+            print(f"{path}\tfallback\t{backend} read it; {args.backend}: {detail}")
     print(ds.stats.summary().splitlines()[0].replace("sample loads", "samples"), file=sys.stderr)
     return 1 if bad else 0
 
@@ -85,6 +91,8 @@ def register(subparsers) -> None:
     k = sub.add_parser("check", help="decode every sample of a manifest; print failures (path, reason)")
     k.add_argument("manifest")
     k.add_argument("--backend", default="decord", choices=["decord", "pyav"])
+    k.add_argument("--fallback", default="auto", choices=["auto", "decord", "pyav", "none"],
+                   help="backend tried when --backend's decoder fails (auto: pyav after decord)")
     k.add_argument("--frames", type=int, default=4)
     k.add_argument("--require-audio", action="store_true")
     k.set_defaults(func=_check)

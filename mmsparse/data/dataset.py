@@ -17,6 +17,13 @@ path and reason, and another sample is drawn in place of the bad one; ``strict=T
 the MediaError instead, and past ``max_bad_fraction`` (after ``min_attempts`` loads) a
 TooManyBadSamples error carries the summary. Every decode runs under ``decode_timeout``.
 
+Video fallback: when the ``backend``'s decoder rejects a file (``corrupt`` or ``truncated``),
+the ``video_fallback`` backend decodes the sample once more from scratch (its own frame count,
+so its own indices); success is counted as ``fallback`` (path and the primary's error), not as
+a failure, and the sample is what the fallback backend alone would give. Only when both fail
+is the sample bad (or, strict, raised), with the primary's reason and both errors in the detail.
+Both attempts share one ``decode_timeout``.
+
 Determinism: the clip offset, the replacement draw and the transform's random parameters all
 derive from (seed, epoch, index), so the same sample comes out whatever the worker count.
 Readers are opened inside ``__getitem__`` (in the worker that runs it), never pickled.
@@ -34,7 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import audio as audio_mod
-from .decode import call_with_timeout, open_video, sample_indices, short_side_size
+from .decode import call_with_timeout, open_video, resolve_fallback, sample_indices, short_side_size, with_fallback
 from .errors import FailureStats, MediaError, TooManyBadSamples, check_file, diagnose
 from .manifest import Sample, load_manifest
 from .transforms import TransformConfig, apply_clip, apply_image, build_transform
@@ -45,6 +52,8 @@ class DataConfig:
     """How samples are read. Sampling: ``mode`` in count / fps / stride (see ``sample_indices``)."""
 
     backend: str = "decord"            # video: decord | pyav
+    video_fallback: str | None = "auto"  # tried when backend's decoder fails: pyav | decord | None;
+                                         # auto: pyav after decord, none after pyav
     audio_backend: str = "decord"      # decord (PyAV fallback) | pyav
     mode: str = "count"
     num_frames: int | None = 16
@@ -80,6 +89,7 @@ class DataConfig:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.crop is not None:
             self.crop = tuple(self.crop)  # type: ignore[assignment]
+        resolve_fallback(self.backend, self.video_fallback)  # unknown names fail here, not in a worker
 
 
 @dataclass
@@ -143,33 +153,42 @@ class MediaDataset(Dataset):
         raise TooManyBadSamples(f"no loadable sample after {c.max_retries + 1} draws starting at index "
                                 f"{index}: {self.stats.summary()}")
 
+    def _decode_video(self, s: Sample, backend: str, seed: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
+        """Frames (T, H, W, 3) uint8, their times (T,) and the fps of ``s.video`` read with ``backend``."""
+        c = self.cfg
+        rng = np.random.default_rng(seed) if c.train else None  # fresh per backend: a fallback samples alike
+        reader = open_video(s.video, backend, c.decode_threads)
+        try:
+            first = int(math.floor(s.start * reader.fps)) if s.start is not None else 0
+            last = int(math.ceil(s.end * reader.fps)) if s.end is not None else None
+            idx = sample_indices(reader.num_frames, reader.fps, mode=c.mode, num_frames=c.num_frames,
+                                 target_fps=c.target_fps, stride=c.stride, start_frame=first,
+                                 end_frame=last, rng=rng)
+            need = c.min_frames if c.min_frames is not None else (
+                c.num_frames if c.mode == "count" and c.num_frames else 1)
+            if len(idx) < need:
+                raise MediaError(s.video, "too_short", f"{len(idx)} frames in the window, {need} needed "
+                                 f"(clip has {reader.num_frames} at {reader.fps:g} fps)")
+            size = short_side_size((reader.height, reader.width), c.short_side)
+            frames, times = reader.read(idx, size=size, chunk=c.chunk)
+        except MediaError:
+            raise
+        except Exception as err:
+            raise diagnose(s.video, err) from err
+        return frames, times, reader.fps
+
     def _decode(self, s: Sample, seed: list[int]) -> _Raw:
         c = self.cfg
         raw = _Raw()
-        rng = np.random.default_rng(seed) if c.train else None
         if s.video is not None and c.load_video:
-            reader = open_video(s.video, c.backend, c.decode_threads)
-            try:
-                first = int(math.floor(s.start * reader.fps)) if s.start is not None else 0
-                last = int(math.ceil(s.end * reader.fps)) if s.end is not None else None
-                idx = sample_indices(reader.num_frames, reader.fps, mode=c.mode, num_frames=c.num_frames,
-                                     target_fps=c.target_fps, stride=c.stride, start_frame=first,
-                                     end_frame=last, rng=rng)
-                need = c.min_frames if c.min_frames is not None else (
-                    c.num_frames if c.mode == "count" and c.num_frames else 1)
-                if len(idx) < need:
-                    raise MediaError(s.video, "too_short", f"{len(idx)} frames in the window, {need} needed "
-                                     f"(clip has {reader.num_frames} at {reader.fps:g} fps)")
-                size = short_side_size((reader.height, reader.width), c.short_side)
-                raw.video, raw.video_times = reader.read(idx, size=size, chunk=c.chunk)
-            except MediaError:
-                raise
-            except Exception as err:
-                raise diagnose(s.video, err) from err
+            (raw.video, raw.video_times, fps), used, primary_err = with_fallback(
+                lambda b: self._decode_video(s, b, seed), s.video, c.backend, c.video_fallback)
+            if primary_err is not None:
+                self.stats.fallback(primary_err, used)
             if c.load_audio:
                 src = s.audio or s.video
                 t0 = float(raw.video_times[0])
-                t1 = float(raw.video_times[-1]) + 1.0 / reader.fps
+                t1 = float(raw.video_times[-1]) + 1.0 / fps
                 try:
                     raw.audio = audio_mod.read_audio(src, c.sample_rate, t0, t1, c.audio_backend)
                     raw.audio_start = t0

@@ -8,6 +8,9 @@ Legend: T sampled frames, H x W frame size, 3 RGB channels, N frames in the file
   decoded in chunks of ``chunk`` indices, each frame scaled to ``size`` by FFmpeg's bicubic
   scaler as it is decoded (decord's ``width``/``height``, PyAV's ``reformat``), so a clip of
   thousands of frames costs memory for its output at the target size plus one chunk.
+- ``with_fallback(decode, path, backend, fallback)`` runs a decode with one backend and, when
+  that backend's decoder rejects the file (reasons ``FALLBACK_REASONS``), once more with the
+  other: decord 0.6.0's bundled FFmpeg has no AV1 decoder, for one, and PyAV's has.
 - ``call_with_timeout`` runs a decode in a helper thread and abandons it when it hangs.
 """
 
@@ -25,6 +28,9 @@ import torch.nn.functional as F
 from .errors import MediaError, check_file, diagnose
 
 BACKENDS = ("decord", "pyav")
+# decoder errors that another backend may not share; missing / empty / unreadable files fail in
+# check_file before any decoder runs, too_short and timeout are not the decoder's verdict
+FALLBACK_REASONS = ("corrupt", "truncated")
 SAMPLING = ("count", "fps", "stride")
 R = TypeVar("R")
 
@@ -290,6 +296,50 @@ def read_frames(path: str | Path, indices, *, backend: str = "decord", size: tup
         raise
     except Exception as err:
         raise diagnose(path, err) from err
+
+
+def resolve_fallback(backend: str, fallback: str | None = "auto") -> str | None:
+    """The backend to try when ``backend`` fails: ``auto`` is pyav after decord and none after
+    pyav (a config that picks pyav often does so to keep decord away from its files)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if fallback == "auto":
+        return "pyav" if backend == "decord" else None
+    if fallback is None:
+        return None
+    if fallback not in BACKENDS:
+        raise ValueError(f"video fallback must be one of {BACKENDS}, 'auto' or None, got {fallback!r}")
+    if fallback == backend:
+        raise ValueError(f"video fallback {fallback!r} is the primary backend itself; use None for no fallback")
+    return fallback
+
+
+def with_fallback(decode: Callable[[str], R], path: str | Path, backend: str = "decord",
+                  fallback: str | None = "auto") -> tuple[R, str, MediaError | None]:
+    """Run ``decode(backend)``; when its decoder rejects the file, run ``decode(fallback)`` once.
+
+    ``fallback`` as in ``resolve_fallback``. Only MediaErrors with a reason in
+    ``FALLBACK_REASONS`` move on to the fallback; any other error is raised as it is.
+
+    Returns:
+        (result, the backend that produced it, the primary's MediaError or None when the primary
+        succeeded).
+
+    Raises:
+        MediaError: when both fail: the primary's reason, a detail naming both backends' errors.
+    """
+    second = resolve_fallback(backend, fallback)
+    try:
+        return decode(backend), backend, None
+    except MediaError as err:
+        if second is None or err.reason not in FALLBACK_REASONS:
+            raise
+        first = err
+    try:
+        return decode(second), second, first
+    except MediaError as err:
+        raise MediaError(path, first.reason, f"{backend}: {first.detail}; {second}: {err.reason}"
+                         + (f" ({err.detail})" if err.detail else "")) from err
 
 
 # --------------------------------------------------------------------------------------------

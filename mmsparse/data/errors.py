@@ -5,6 +5,10 @@ I/O error), ``empty`` (zero bytes), ``truncated`` (the container declares more b
 file holds), ``corrupt`` (anything else the decoder rejects), ``no_audio`` (audio required but
 the file has no audio track), ``too_short`` (fewer frames than asked), ``timeout`` (decode did
 not finish in time).
+
+A decode that the configured fallback backend rescued (see ``decode.with_fallback``) is not a
+failure: ``FailureStats`` counts it apart, as ``fallback``, with the path and the primary
+backend's error.
 """
 
 from __future__ import annotations
@@ -113,10 +117,11 @@ class FailureStats:
 
     def __init__(self, keep: int = 20):
         ctx = mp.get_context()
-        self._counts = ctx.RawArray("q", len(REASONS) + 1)  # [attempts, *reasons]
+        self._counts = ctx.RawArray("q", len(REASONS) + 2)  # [attempts, *reasons, fallbacks]
         self._lock = ctx.Lock()
         self.keep = keep
         self.recent: list[tuple[str, str, str]] = []
+        self.recent_fallbacks: list[tuple[str, str, str]] = []  # (path, rescuing backend, primary's error)
 
     def attempt(self) -> None:
         with self._lock:
@@ -127,6 +132,21 @@ class FailureStats:
             self._counts[1 + REASONS.index(err.reason)] += 1
         self.recent = (self.recent + [(err.path, err.reason, err.detail)])[-self.keep:]
         log.warning("skipping %s: %s%s", err.path, err.reason, f" ({err.detail})" if err.detail else "")
+
+    def fallback(self, err: MediaError, backend: str) -> None:
+        """The primary backend failed with ``err`` and ``backend`` decoded the sample instead."""
+        with self._lock:
+            self._counts[-1] += 1
+        entry = (err.path, backend, f"{err.reason}: {err.detail}")
+        self.recent_fallbacks = (self.recent_fallbacks + [entry])[-self.keep:]
+        # a warning like a failure's: a file only the fallback reads costs a second open every epoch
+        log.warning("fallback: decoded %s with %s after the primary backend failed: %s (%s)", err.path, backend,
+                    err.reason, err.detail)
+
+    @property
+    def fallbacks(self) -> int:
+        """Samples decoded by the fallback backend after the primary failed (not failures)."""
+        return int(self._counts[-1])
 
     @property
     def attempts(self) -> int:
@@ -148,9 +168,12 @@ class FailureStats:
             for i in range(len(self._counts)):
                 self._counts[i] = 0
         self.recent = []
+        self.recent_fallbacks = []
 
     def summary(self) -> str:
         by = ", ".join(f"{k}={v}" for k, v in self.counts.items()) or "none"
-        lines = [f"{self.bad} of {self.attempts} sample loads failed ({self.fraction():.1%}); by reason: {by}"]
+        lines = [f"{self.bad} of {self.attempts} sample loads failed ({self.fraction():.1%}); by reason: {by}"
+                 + (f"; fallback={self.fallbacks} (decoded by the fallback backend)" if self.fallbacks else "")]
         lines += [f"  {p}: {r}" + (f" ({d})" if d else "") for p, r, d in self.recent]
+        lines += [f"  {p}: fallback to {b} ({d})" for p, b, d in self.recent_fallbacks]
         return "\n".join(lines)

@@ -177,9 +177,19 @@ def render_audio(plan: ClipPlan, sample_rate: int = 16000) -> np.ndarray:
 
 
 def write_clip(path: str | Path, plan: ClipPlan, size: tuple[int, int] = (64, 64), sample_rate: int = 16000,
-               audio: bool = True, frame_code: bool = True, crf: int = 18, chunk: int = 256) -> Path:
-    """Encode ``plan`` into an H.264 (+ AAC) MP4 at ``path``; frames are rendered in chunks."""
+               audio: bool = True, frame_code: bool = True, crf: int = 18, chunk: int = 256,
+               codec: str = "libx264") -> Path:
+    """Encode ``plan`` into an H.264 (+ AAC) MP4 at ``path``; frames are rendered in chunks.
+
+    ``codec="libsvtav1"`` writes AV1 instead: a real file that decord 0.6.0 cannot open (its
+    bundled FFmpeg has no AV1 decoder) and PyAV reads, which is what tests of the fallback need.
+    """
     import av
+
+    if codec not in ("libx264", "libsvtav1"):
+        raise ValueError(f"codec must be libx264 or libsvtav1, got {codec!r}")
+    if codec == "libsvtav1":
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints a banner per encoder unless told not to
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,10 +197,13 @@ def write_clip(path: str | Path, plan: ClipPlan, size: tuple[int, int] = (64, 64
     # a partial file, and the last rename leaves one whole, identical clip
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     with av.open(str(tmp), "w", format="mp4", options={"movflags": "faststart"}) as c:
-        vs = c.add_stream("libx264", rate=Fraction(plan.fps))
+        vs = c.add_stream(codec, rate=Fraction(plan.fps))
         vs.width, vs.height = size[1], size[0]
         vs.pix_fmt = "yuv420p"
-        vs.options = {"crf": str(crf), "preset": "veryfast", "g": str(2 * plan.fps), "bf": "0"}
+        if codec == "libx264":
+            vs.options = {"crf": str(crf), "preset": "veryfast", "g": str(2 * plan.fps), "bf": "0"}
+        else:
+            vs.options = {"crf": str(crf), "preset": "10", "g": str(2 * plan.fps)}
         ast = None
         if audio:
             ast = c.add_stream("aac", rate=sample_rate)
@@ -242,7 +255,7 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
                  size: tuple[int, int] = (64, 64), long: bool = False, fps: int = 8,
                  images: int | None = None, sample_rate: int = 16000,
                  long_frames: tuple[int, int] = (512, 4096), audio: bool = True,
-                 frame_code: bool = True) -> Path:
+                 frame_code: bool = True, processes: int = 1) -> Path:
     """Write a synthetic dataset under ``out_dir`` and return the path of its ``manifest.jsonl``.
 
     Args:
@@ -251,6 +264,8 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
         size: (H, W) of frames and images; H and W must be even (yuv420p) and at least 16.
         images: PNG images in ``images/`` listed in ``images.jsonl``; default ``clips`` (0 with
             ``long``).
+        processes: clips encoded side by side in this many processes; the plans are drawn here,
+            so the output does not depend on it.
     """
     h, w = int(size[0]), int(size[1])
     if h < 16 or w < 16 or h % 2 or w % 2:
@@ -264,16 +279,17 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
         raise ValueError(f"frames must be < {2 ** CODE_BITS}, got {frames}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, jobs = [], []
     prefix = "long" if long else "clip"
     for i in range(clips):
         rng = np.random.default_rng([seed, 0 if not long else 1, i])
         n = int(rng.integers(lo, hi + 1)) if long else frames
         plan = plan_clip(rng, n, fps, long=long)
         rel = f"videos/{prefix}-{i:04d}.mp4"
-        write_clip(out / rel, plan, (h, w), sample_rate, audio=audio, frame_code=frame_code)
+        jobs.append((out / rel, plan))
         records.append({"id": f"{prefix}-{i:04d}", "video": rel, "caption": plan.caption,
                         "frames": n, "fps": fps, "events": plan.events()})
+    _write_clips(jobs, (h, w), sample_rate, audio, frame_code, processes)
     manifest = write_manifest(out / "manifest.jsonl", records)
     n_img = (0 if long else clips) if images is None else images
     img_records = []
@@ -285,6 +301,25 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
     if img_records:
         write_manifest(out / "images.jsonl", img_records)
     return manifest
+
+
+def _write_clips(jobs: list[tuple[Path, ClipPlan]], size: tuple[int, int], sample_rate: int, audio: bool,
+                 frame_code: bool, processes: int) -> None:
+    kw = dict(size=size, sample_rate=sample_rate, audio=audio, frame_code=frame_code)
+    if processes <= 1 or len(jobs) <= 1:
+        for path, plan in jobs:
+            write_clip(path, plan, **kw)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    # fork: a child needs nothing but this module, and spawn would re-import torch in each
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=ctx) as pool:
+        # longest first, so one long clip does not finish alone at the end
+        order = sorted(jobs, key=lambda j: -j[1].frames)
+        list(pool.map(partial(write_clip, **kw), [p for p, _ in order], [q for _, q in order]))
 
 
 def vocabulary() -> list[str]:

@@ -119,3 +119,13 @@ def test_concurrent_generation_into_one_folder_is_safe(tmp_path):
     for sample in load_manifest(tmp_path / "shared" / "manifest.jsonl"):
         frames, _times = read_frames(sample.video, [0, 47])
         assert frames.shape[0] == 2
+
+
+def test_processes_give_the_same_dataset(tmp_path):
+    one = synth.make_dataset(tmp_path / "one", clips=3, frames=16, size=(32, 32), images=0, seed=9)
+    many = synth.make_dataset(tmp_path / "many", clips=3, frames=16, size=(32, 32), images=0, seed=9, processes=3)
+    assert one.read_text() == many.read_text()
+    for k in range(3):
+        a, _ = read_frames(one.parent / f"videos/clip-{k:04d}.mp4", range(16))
+        b, _ = read_frames(many.parent / f"videos/clip-{k:04d}.mp4", range(16))
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,30 @@
+"""bench/data.py runs end to end at toy sizes and writes its JSON (the GPU host runs it once)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+
+def test_bench_data_smoke(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[2] / "bench" / "data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["--workers", "0", "2", "--seconds", "0.2", "--clips", "2", "--samples", "24", "--src-frames", "64",
+            "--long-frames", "64", "--stage-clips", "2", "--batch-size", "2", "--gen-procs", "2",
+            "--tag", "smoke", "--out", str(tmp_path)]
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "loader clips/s" in out and "peak RSS" in out
+    (result,) = tmp_path.glob("data-smoke-*.json")
+    res = json.loads(result.read_text())
+    assert res["complete"] and res["machine"]["cpu_model"] and res["machine"]["cpus_usable"] >= 1
+    assert {(r["backend"], r["workers"]) for r in res["throughput"]} == {(b, w) for b in ("decord", "pyav")
+                                                                         for w in (0, 2)}
+    assert all(r["clips_per_s"] > 0 and "error" not in r for r in res["throughput"])
+    assert all(r["decode_ms"] > 0 and "error" not in r for r in res["stages"])
+    assert len(res["long_clip_memory"]) == 4 and all(r["frames"] > 0 for r in res["long_clip_memory"])
+    again = mod.result_path(tmp_path, "smoke", res["date"][:10])  # a rerun the same day keeps the first file
+    assert again.name == f"data-smoke-{res['date'][:10]}-run2.json"
