@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from .block_sparse_attention import (
-    _LOG2E, MAX_HEAD_DIM, _bwd_preprocess, _dims, _dkdv_inner, _dot_prec, _dq_inner, _fwd_inner,
-    _last_contiguous, _load_kv_tile, _load_lse2, unsupported_reason as _bsa_unsupported,
+    _LOG2E, MAX_HEAD_DIM, _bwd_preprocess, _check_padding, _dims, _dkdv_inner, _dot_prec, _dq_inner,
+    _fwd_inner, _is_padding, _last_contiguous, _load_kv_tile, _load_lse2, _padding_flags,
+    unsupported_reason as _bsa_unsupported,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -58,16 +59,21 @@ def _tokens_view(y: torch.Tensor, outer: int, length: int, inner: int) -> torch.
     return x.reshape(b, h, outer * length * inner, *rest)
 
 
-def axial_attention_ref(q, k, v, geometry: tuple[int, int, int], scale=None):
-    """Dense attention within each line, in float64 on the permuted batch: (out, lse)."""
+def axial_attention_ref(q, k, v, geometry: tuple[int, int, int], scale=None, key_padding_mask=None):
+    """Dense attention within each line, in float64 on the permuted batch: (out, lse); padding
+    keys (key_padding_mask (B, N) True) never attend, a line of padding only gives 0 / -inf."""
     outer, length, inner = geometry
     g = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ql, kl, vl = (_lines_view(t.double(), outer, length, inner) for t in (q, k, v))
     kl, vl = kl.repeat_interleave(g, 1), vl.repeat_interleave(g, 1)
     s = ql @ kl.transpose(-1, -2) * scale
+    if key_padding_mask is not None:
+        pad = _lines_view(key_padding_mask.to(q.device)[:, None], outer, length, inner)  # (B, 1, lines, L)
+        s = s.masked_fill(pad[:, :, :, None, :], -math.inf)
     lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1) @ vl
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    out = p @ vl
     return (_tokens_view(out, outer, length, inner).to(q.dtype),
             _tokens_view(lse.unsqueeze(-1), outer, length, inner).squeeze(-1).float())
 
@@ -88,12 +94,13 @@ def _line_of(pid, L, INNER, BLOCK: tl.constexpr):
 
 @triton.jit
 def _axial_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, KPM,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    N, L, INNER, H, qk_scale,
+    stride_kpm, N, L, INNER, H, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_L: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KPM: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -106,15 +113,18 @@ def _axial_fwd_kernel(
                 + offs_m[:, None] * (INNER * stride_qn) + offs_d[None, :], mask=row_mask, other=0.0)
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn
+    KPM_base = KPM + b.to(tl.int64) * stride_kpm + base
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, L, qk_scale,
-                                   INNER * stride_kn, INNER * stride_vn, Q, 0, Q,
-                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC)
-    acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, INNER, offs_m, start_n, L,
+                                   qk_scale, INNER * stride_kn, INNER * stride_vn, Q, 0, Q,
+                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM)
+    # a line whose keys are all padding attends nothing: 0 and LSE -inf
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + base * stride_on
              + offs_m[:, None] * (INNER * stride_on) + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + pid_bh.to(tl.int64) * N + line * L + offs_m, lse, mask=offs_m < L)
@@ -122,13 +132,14 @@ def _axial_fwd_kernel(
 
 @triton.jit
 def _axial_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA,
+    Q, K, V, DO, DQ, LSE, DELTA, KPM,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    N, L, INNER, H, qk_scale, sm_scale,
+    stride_kpm, N, L, INNER, H, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_L: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KPM: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -146,11 +157,12 @@ def _axial_dq_kernel(
     delta = tl.load(DELTA + stat + offs_m, mask=offs_m < L, other=0.0)
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn
+    KPM_base = KPM + b.to(tl.int64) * stride_kpm + base
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, L, qk_scale,
+        dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, INNER, offs_m, start_n, L, qk_scale,
                        INNER * stride_kn, INNER * stride_vn, Q, 0, Q,
-                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC)
+                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + base * stride_dqn
              + offs_m[:, None] * (INNER * stride_dqn) + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_mask)
@@ -158,13 +170,14 @@ def _axial_dq_kernel(
 
 @triton.jit
 def _axial_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    N, L, INNER, HK, qk_scale, sm_scale,
+    stride_kpm, N, L, INNER, HK, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_L: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KPM: tl.constexpr,
 ):
     pid_bhk = tl.program_id(1)
     b = pid_bhk // HK
@@ -187,6 +200,10 @@ def _axial_dkdv_kernel(
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE + stat, DELTA + stat, offs_n, start_m,
                                  L, qk_scale, INNER * stride_qn, INNER * stride_don, Q, 0, Q,
                                  HEAD_DIM, D_PAD, BLOCK_M, False, (), DOT_PREC)
+    if HAS_KPM:  # padding keys are attended by no query: zero gradients
+        pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm + base, INNER, offs_n, L)[:, None]
+        dk = tl.where(pad, 0.0, dk)
+        dv = tl.where(pad, 0.0, dv)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + base * stride_dkn
              + offs_n[:, None] * (INNER * stride_dkn) + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=col_mask)
@@ -221,7 +238,7 @@ def _token_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.
     return _tokens_view(x.reshape(b, h, outer * inner, length, 1), outer, length, inner).reshape(b, h, n)
 
 
-def _forward(q, k, v, geometry, scale, out=None):
+def _forward(q, k, v, geometry, scale, out=None, key_padding=None):
     """-> out (B, H, N, D) and the LSE (B, H, N) float32 in line order."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     outer, length, inner = geometry
@@ -229,17 +246,19 @@ def _forward(q, k, v, geometry, scale, out=None):
     d, d_pad = _dims(q)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
     bm, bn, warps, stages = _config("fwd", length, d_pad, q.dtype)
     _axial_fwd_kernel[(outer * inner * triton.cdiv(length, bm), b * h)](
-        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        n, length, inner, h, scale * _LOG2E,
+        q, k, v, out, lse, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        stride_kpm, n, length, inner, h, scale * _LOG2E,
         GROUP=h // k.shape[1], HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0,
-        DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-def _backward(q, k, v, out, lse_lines, dout, geometry, scale, dlse=None, dq=None, dk=None, dv=None):
+def _backward(q, k, v, out, lse_lines, dout, geometry, scale, dlse=None, dq=None, dk=None, dv=None,
+              key_padding=None):
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, dout = _last_contiguous(out), _last_contiguous(dout)
     outer, length, inner = geometry
@@ -256,17 +275,19 @@ def _backward(q, k, v, out, lse_lines, dout, geometry, scale, dlse=None, dq=None
     if dlse is not None:  # d lse / d s = P: dlse shifts delta (as in the block-sparse backward)
         delta -= dlse.float()
     delta = _line_order(delta, outer, length, inner)
-    common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=_dot_prec(q.dtype))
+    kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
+    common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm)
     bm, bn, warps, stages = _config("dq", length, d_pad, q.dtype)
     _axial_dq_kernel[(outer * inner * triton.cdiv(length, bm), b * h)](
-        q, k, v, dout, dq, lse_lines, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *dout.stride()[:3], *dq.stride()[:3], n, length, inner, h, scale * _LOG2E, scale,
+        q, k, v, dout, dq, lse_lines, delta, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *dout.stride()[:3], *dq.stride()[:3], stride_kpm, n, length, inner, h, scale * _LOG2E, scale,
         BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0, num_warps=warps, num_stages=stages, **common,
     )
     bm, bn, warps, stages = _config("dkdv", length, d_pad, q.dtype)
     _axial_dkdv_kernel[(outer * inner * triton.cdiv(length, bn), b * hk)](
-        q, k, v, dout, dk, dv, lse_lines, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], n, length, inner, hk, scale * _LOG2E, scale,
+        q, k, v, dout, dk, dv, lse_lines, delta, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], stride_kpm, n, length, inner, hk,
+        scale * _LOG2E, scale,
         BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0, num_warps=warps, num_stages=stages, **common,
     )
     return dq, dk, dv
@@ -274,10 +295,10 @@ def _backward(q, k, v, out, lse_lines, dout, geometry, scale, dlse=None, dq=None
 
 class _AxialAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, geometry, scale):
-        out, lse_lines = _forward(q, k, v, geometry, scale)
+    def forward(ctx, q, k, v, geometry, scale, key_padding):
+        out, lse_lines = _forward(q, k, v, geometry, scale, key_padding=key_padding)
         ctx.save_for_backward(q, k, v, out, lse_lines)
-        ctx.geometry, ctx.scale = geometry, scale
+        ctx.geometry, ctx.scale, ctx.key_padding = geometry, scale, key_padding
         return out, _token_order(lse_lines, *geometry)
 
     @staticmethod
@@ -285,11 +306,14 @@ class _AxialAttention(torch.autograd.Function):
         q, k, v, out, lse_lines = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse_lines, dout, ctx.geometry, ctx.scale, dlse=dlse)
-        return dq, dk, dv, None, None
+        if dlse is not None:
+            dlse = torch.where(torch.isfinite(_token_order(lse_lines, *ctx.geometry)), dlse, 0.0)
+        dq, dk, dv = _backward(q, k, v, out, lse_lines, dout, ctx.geometry, ctx.scale, dlse=dlse,
+                               key_padding=ctx.key_padding)
+        return dq, dk, dv, None, None, None
 
 
-def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None = None):
+def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None = None, key_padding_mask=None):
     """Dense attention within the lines of a raster-ordered grid, read in place.
 
     Args:
@@ -299,9 +323,11 @@ def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None
             (i // (L * inner), i % inner) at position (i // inner) % L. For a grid (T, H, W),
             axis 0 (time) is (1, T, H * W), axis 2 (width) (T * H, W, 1), axes (1, 2) (T, H * W, 1).
         scale: softmax scale, default 1 / sqrt(D).
+        key_padding_mask: (B, N) bool, True where a key is padding (never attended).
 
     Returns:
-        out (B, H, N, D) in q's dtype and lse (B, H, N) float32, both differentiable.
+        out (B, H, N, D) in q's dtype and lse (B, H, N) float32 (-inf on a line of padding
+        only), both differentiable.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -318,8 +344,9 @@ def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None
     reason = unsupported_reason(q)
     if reason:
         raise ValueError(f"axial_attention: {reason}")
+    _check_padding(key_padding_mask, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _AxialAttention.apply(q, k, v, (outer, length, inner), scale)
+    return _AxialAttention.apply(q, k, v, (outer, length, inner), scale, key_padding_mask)
 
 
 def unsupported_reason(q) -> str | None:

@@ -64,13 +64,14 @@ _KIND = {"eq": 1, "ne": 2, "range": 3, "cong": 4, "qflag": 5, "kflag": 6, "le": 
 # ---------------------------------------------------------------------------------------------
 
 
-def block_sparse_attention_ref(q, k, v, layout, scale=None, upcast: bool = True):
+def block_sparse_attention_ref(q, k, v, layout, scale=None, upcast: bool = True, key_padding_mask=None):
     """Dense masked attention with the layout's N x N mask (small N only).
 
     q (B, H, N, D), k / v (B, Hk, N, D) -> out (B, H, N, D) in q's dtype, lse (B, H, N) float32.
     upcast=True computes in float64 (the truth for tests); False computes in the input dtype,
     which measures what rounding alone costs (the error budget of CONVENTIONS.md item 3).
     Rows that attend nothing give zeros and an LSE of -inf, as the kernels do.
+    key_padding_mask (B, N) bool: True where a key is padding (never attended).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype
@@ -80,6 +81,8 @@ def block_sparse_attention_ref(q, k, v, layout, scale=None, upcast: bool = True)
     k = k.repeat_interleave(group, 1)  # (B, H, N, D)
     v = v.repeat_interleave(group, 1)
     mask = layout.to(q.device).dense_mask(max_tokens=1 << 15)  # (N, N)
+    if key_padding_mask is not None:
+        mask = mask & ~key_padding_mask.to(q.device)[:, None, None, :]  # (B, 1, N, N)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, N, N)
     s = s.masked_fill(~mask, -math.inf)
     m = s.amax(-1, keepdim=True)
@@ -188,6 +191,12 @@ def _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn,
 
 
 @triton.jit
+def _is_padding(KPM_base, stride_pn, offs, N):
+    """(len(offs),) bool: which of these keys are padding (int8 flags; keys past N count)."""
+    return tl.load(KPM_base + offs * stride_pn, mask=offs < N, other=1) != 0
+
+
+@triton.jit
 def _work_item(ITEMS, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
     """This program's row of the work list: a layout block (query block for fwd / dQ, key
     block for dK / dV), its ranges in the full and partial index lists, and the block of the
@@ -206,11 +215,11 @@ def _work_item(ITEMS, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, stride_pn, offs_m, start_n, N, qk_scale,
                stride_kn, stride_vn, ATTR, stride_attr, TAB,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr):
     """One key tile of the online softmax (log2 domain)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
@@ -221,6 +230,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
         qk = tl.where(keep, qk, float("-inf"))
     elif not EVEN_N:
         qk = tl.where(offs_n[None, :] < N, qk, float("-inf"))
+    if HAS_KPM:  # padding keys of this batch element, in every block (full ones too)
+        qk = tl.where(_is_padding(KPM_base, stride_pn, offs_n, N)[None, :], float("-inf"), qk)
     # online softmax; rows with nothing attended yet keep m = -inf and use 0 as their shift
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -233,17 +244,17 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, ATTR, TAB, ITEMS, q_full_idx, q_part_idx,
+    Q, K, V, O, LSE, ATTR, TAB, KPM, ITEMS, q_full_idx, q_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on, stride_lse,
-    stride_attr, N, H, qk_scale,
+    stride_attr, stride_kpm, N, H, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -257,6 +268,7 @@ def _fwd_kernel(
     Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    KPM_base = KPM + b.to(tl.int64) * stride_kpm
     q_ptrs = Q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
@@ -268,17 +280,17 @@ def _fwd_kernel(
     for i in range(full_lo * SUB_N, full_hi * SUB_N):
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
-                                   stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, 1, offs_m, start_n, N,
+                                   qk_scale, stride_kn, stride_vn, ATTR, stride_attr, TAB,
+                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
     # 2. partial key blocks: the mask program in registers
     if HAS_PARTIAL:
         for i in range(part_lo * SUB_N, part_hi * SUB_N):
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, offs_m, start_n, N, qk_scale,
-                                       stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                                       HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, 1, offs_m, start_n, N,
+                                       qk_scale, stride_kn, stride_vn, ATTR, stride_attr, TAB,
+                                       HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
 
     # 3. normalise; rows that attended nothing give 0 and LSE -inf
     empty = l_i == 0.0
@@ -319,11 +331,11 @@ def _load_lse2(LSE_base, offs_m, N):
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
+def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, stride_pn, offs_m, start_n, N, qk_scale,
               stride_kn, stride_vn, ATTR, stride_attr, TAB,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
     # P recomputed from the LSE: (BM, BN)
@@ -334,6 +346,8 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_sca
         p = tl.where(keep, p, 0.0)
     elif not EVEN_N:
         p = tl.where(offs_n[None, :] < N, p, 0.0)
+    if HAS_KPM:
+        p = tl.where(_is_padding(KPM_base, stride_pn, offs_n, N)[None, :], 0.0, p)
     # dS = P * (dP - delta); dQ += dS K
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -343,18 +357,18 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_sca
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, ITEMS, q_full_idx, q_part_idx,
+    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, KPM, ITEMS, q_full_idx, q_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    stride_attr, N, H, qk_scale, sm_scale,
+    stride_attr, stride_kpm, N, H, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -374,21 +388,22 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    KPM_base = KPM + b.to(tl.int64) * stride_kpm
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     for i in range(full_lo * SUB_N, full_hi * SUB_N):
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
-        dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
+        dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
                        stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC)
+                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
     if HAS_PARTIAL:
         for i in range(part_lo * SUB_N, part_hi * SUB_N):
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
-            dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, offs_m, start_n, N, qk_scale,
+            dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
                            stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                           HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC)
+                           HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_out[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
@@ -423,19 +438,19 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB, ITEMS, k_full_idx, k_part_idx,
+    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB, KPM, ITEMS, k_full_idx, k_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_attr, N, HK, qk_scale, sm_scale,
+    stride_attr, stride_kpm, N, HK, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -474,6 +489,10 @@ def _bwd_dkdv_kernel(
                                      N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
                                      HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC)
     dk = dk * sm_scale
+    if HAS_KPM:  # a padding key is attended by no query: its gradients are exactly zero
+        pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm, 1, offs_n, N)[:, None]
+        dk = tl.where(pad, 0.0, dk)
+        dv = tl.where(pad, 0.0, dv)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
              + offs_out[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
@@ -807,8 +826,17 @@ def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int
             kernel[(count * per_block, bh)](*tensors["args"](items, outs), **kw)
 
 
-def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
-    """q (B, H, N, D), k / v (B, Hk, N, D) -> out (B, H, N, D) q.dtype, lse (B, H, N) float32."""
+def _padding_flags(key_padding, q):
+    """key_padding (B, N) bool or None -> (int8 flags or a dummy pointer, batch stride, HAS_KPM)."""
+    if key_padding is None:
+        return q, 0, False
+    flags = key_padding.to(device=q.device, dtype=torch.int8).contiguous()
+    return flags, flags.stride(0), True
+
+
+def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=None):
+    """q (B, H, N, D), k / v (B, Hk, N, D) -> out (B, H, N, D) q.dtype, lse (B, H, N) float32.
+    key_padding (B, N) bool: True where a key is padding (never attended)."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     b, h, n, _ = q.shape
     hk = k.shape[1]
@@ -817,18 +845,19 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
     rows = kp.rows
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32) if lse is None else lse
+    kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
     split = None
     if rows.n_split:
         split = (_scratch(q, rows, layout.block_q), _scratch(lse, rows, layout.block_q, float("-inf")))
 
     def args(items, outs):
         o, l = outs
-        return (q, k, v, o, l, kp.attrs, kp.tab, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
+        return (q, k, v, o, l, kp.attrs, kp.tab, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 o.stride(0), o.stride(1), o.stride(2), l.stride(1),
-                kp.attrs.stride(0), n, h, scale * _LOG2E)
+                kp.attrs.stride(0), stride_kpm, n, h, scale * _LOG2E)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
@@ -837,7 +866,7 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None):
                       GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
                       LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
                       PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
-                      DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages)
+                      DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, num_warps=warps, num_stages=stages)
 
     _maybe_tune("fwd", d_pad, q, layout, launch)
     launch(_config("fwd", d_pad, q, layout))
@@ -864,7 +893,8 @@ def _sum_chunks(work: _WorkList, scratch: torch.Tensor, block: int, n: int, dest
     dest.index_copy_(2, tok, g.reshape(*g.shape[:2], -1, g.shape[-1])[:, :, : tok.numel()].to(dest.dtype))
 
 
-def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None, dv=None, dlse=None):
+def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None, dv=None, dlse=None,
+                        key_padding=None):
     """Gradients of (out, lse) = attention(q, k, v) given dout (and dlse (B, H, N) or None):
     dq (like q), dk, dv (like k, v)."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
@@ -889,24 +919,26 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so dS = P * (dP - delta + dlse): dlse shifts delta
         delta -= torch.where(torch.isfinite(lse), dlse.float(), 0.0)
+    kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
     common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, LAYOUT_BQ=layout.block_q,
                   LAYOUT_BK=layout.block_k, PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial,
-                  DOT_PREC=_dot_prec(q.dtype))
+                  DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm)
     dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
     def dq_args(items, g):
-        return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
+        return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, kpm, items, kp.lists["q_full_idx"],
+                kp.lists["q_part_idx"],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 g.stride(0), g.stride(1), g.stride(2),
-                kp.attrs.stride(0), n, h, scale * _LOG2E, scale)
+                kp.attrs.stride(0), stride_kpm, n, h, scale * _LOG2E, scale)
 
     def dkdv_args(items, g):
         gk, gv = g
-        return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, items,
+        return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, kpm, items,
                 kp.lists["k_full_idx"], kp.lists["k_part_idx"],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -914,7 +946,7 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 gk.stride(0), gk.stride(1), gk.stride(2),
                 gv.stride(0), gv.stride(1), gv.stride(2),
-                kp.attrs.stride(0), n, hk, scale * _LOG2E, scale)
+                kp.attrs.stride(0), stride_kpm, n, hk, scale * _LOG2E, scale)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
@@ -948,10 +980,10 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        out, lse = _attention_forward(q, k, v, layout, scale)
+    def forward(ctx, q, k, v, layout, scale, key_padding):
+        out, lse = _attention_forward(q, k, v, layout, scale, key_padding=key_padding)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.key_padding = layout, scale, key_padding
         return out, lse
 
     @staticmethod
@@ -959,11 +991,12 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _attention_backward(q, k, v, out, lse, dout, ctx.layout, ctx.scale, dlse=dlse)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _attention_backward(q, k, v, out, lse, dout, ctx.layout, ctx.scale, dlse=dlse,
+                                         key_padding=ctx.key_padding)
+        return dq, dk, dv, None, None, None
 
 
-def block_sparse_attention(q, k, v, layout, scale: float | None = None):
+def block_sparse_attention(q, k, v, layout, scale: float | None = None, key_padding_mask=None):
     """Block-sparse attention over `layout` with the Triton kernels.
 
     Args:
@@ -972,6 +1005,8 @@ def block_sparse_attention(q, k, v, layout, scale: float | None = None):
         layout: a BlockLayout for these N tokens (mmsparse.attention.build_layout), blocks
             multiples of 16; moved to q's device if needed.
         scale: softmax scale, default 1 / sqrt(D).
+        key_padding_mask: (B, N) bool, True where a key is padding: never attended (applied in
+            full blocks too), so its dk / dv are zero.
 
     Returns:
         out (B, H, N, D) in q's dtype and lse (B, H, N) float32 (natural log; -inf for rows
@@ -981,7 +1016,19 @@ def block_sparse_attention(q, k, v, layout, scale: float | None = None):
     _check(q, k, v, layout)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = layout.to(q.device)
-    return _BlockSparseAttention.apply(q, k, v, layout, scale)
+    _check_padding(key_padding_mask, q)
+    return _BlockSparseAttention.apply(q, k, v, layout, scale, key_padding_mask)
+
+
+def _check_padding(key_padding_mask, q):
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask must be a bool tensor (B, N), got "
+                         f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+    if tuple(key_padding_mask.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"key_padding_mask must be (B, N) = ({q.shape[0]}, {q.shape[2]}), "
+                         f"got {tuple(key_padding_mask.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def _triton_available() -> bool:
     return True
 
 
-def sparse_attention(q, k, v, block_layout: BlockLayout, backend: str = "auto", scale: float | None = None, return_lse: bool = False):
+def sparse_attention(q, k, v, block_layout: BlockLayout, backend: str = "auto", scale: float | None = None,
+                     return_lse: bool = False, key_padding_mask: torch.Tensor | None = None):
     """Block-sparse attention.
 
     Args:
@@ -109,48 +110,69 @@ def sparse_attention(q, k, v, block_layout: BlockLayout, backend: str = "auto", 
         backend: "auto", "reference", "sdpa", "flex" or "triton".
         scale: softmax scale, default 1 / sqrt(D).
         return_lse: also return the log-sum-exp (B, H, N) float32 (natural log).
+        key_padding_mask: (B, N) bool, True where a token is padding (clips of different
+            lengths in one batch): such keys are never attended, by any query. A query whose
+            keys are all padding outputs zeros (LSE -inf), as for any row that attends nothing.
 
     Returns:
         out (B, H, N, D) in q's dtype, and lse when asked.
     """
     _check_inputs(q, k, v, block_layout)
+    _check_padding(key_padding_mask, q)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = _choose_backend(q, k, v, block_layout)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = block_layout.to(q.device)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(q.device)
     if isinstance(layout.pattern, LSH):
+        if kpm is not None:
+            raise ValueError("key_padding_mask is not supported with the LSH pattern (its buckets sort "
+                             "tokens per batch element); drop padding before LSH attention")
         out, lse = lsh_attention(q, k, v, layout, lambda q, k, v, l: _dispatch(q, k, v, l, backend, scale, True))
     else:
-        out, lse = _dispatch(q, k, v, layout, backend, scale, return_lse)
+        out, lse = _dispatch(q, k, v, layout, backend, scale, return_lse, kpm)
     return (out, lse) if return_lse else out
 
 
-def _dispatch(q, k, v, layout, backend, scale, return_lse):
+def _dispatch(q, k, v, layout, backend, scale, return_lse, kpm=None):
     if backend == "reference":
-        out, lse = reference_attention(q, k, v, layout, scale)
+        out, lse = reference_attention(q, k, v, layout, scale, kpm)
     elif backend == "sdpa":
-        out, lse = _sdpa(q, k, v, layout, scale, return_lse)
+        out, lse = _sdpa(q, k, v, layout, scale, return_lse, kpm)
     elif backend == "flex":
-        out, lse = _flex(q, k, v, layout, scale)
+        out, lse = _flex(q, k, v, layout, scale, kpm)
     else:
-        out, lse = _triton(q, k, v, layout, scale)
+        out, lse = _triton(q, k, v, layout, scale, kpm)
     return out, lse
+
+
+def _check_padding(kpm, q):
+    if kpm is None:
+        return
+    if not isinstance(kpm, torch.Tensor) or kpm.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask must be a bool tensor (B, N), got {getattr(kpm, 'dtype', type(kpm).__name__)}")
+    if tuple(kpm.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"key_padding_mask must be (B, N) = ({q.shape[0]}, {q.shape[2]}), got {tuple(kpm.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _sdpa(q, k, v, layout: BlockLayout, scale, return_lse):
+def _sdpa(q, k, v, layout: BlockLayout, scale, return_lse, kpm=None):
     if layout.n > SDPA_MAX_TOKENS:
         raise ValueError(
             f"backend='sdpa' builds a dense N x N mask and takes N <= {SDPA_MAX_TOKENS} "
             f"(MMSPARSE_SDPA_MAX_TOKENS); got N={layout.n}: use 'reference', 'flex' or 'triton'"
         )
     mask = _dense_mask(layout)
+    if kpm is not None:
+        mask = mask & ~kpm[:, None, None, :]  # (B, 1, N, N)
     gqa = q.shape[1] != k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if kpm is not None:  # rows left with no key: SDPA gives NaN, the contract says 0
+        out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
     lse = None
     if return_lse:
         kr = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
@@ -201,7 +223,7 @@ def flex_block_mask(layout: BlockLayout):
 _compiled_flex = None
 
 
-def _flex(q, k, v, layout: BlockLayout, scale):
+def _flex(q, k, v, layout: BlockLayout, scale, kpm=None):
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     global _compiled_flex
@@ -218,11 +240,47 @@ def _flex(q, k, v, layout: BlockLayout, scale):
             )
         q, k, v = q.detach(), k.detach(), v.detach()
     gqa = q.shape[1] != k.shape[1]
-    out, aux = fn(q, k, v, block_mask=flex_block_mask(layout), scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    block_mask = flex_block_mask(layout) if kpm is None else _flex_padded_mask(layout, kpm)
+    out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
     return out, aux.lse
 
 
-def _triton(q, k, v, layout: BlockLayout, scale):
+def _flex_padded_mask(layout: BlockLayout, kpm: torch.Tensor):
+    """The layout's blocks as a BlockMask for padded keys: flex skips mask_mod in full blocks,
+    so every listed block is partial here and mask_mod also reads the padding flags kpm[b, kv].
+    Built once per layout; the flags of the current call sit in a holder that mask_mod reads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    cached = getattr(layout, "_flex_padded", None)
+    if cached is None:
+        mq, mk = layout.num_q_blocks, layout.num_k_blocks
+        f_rows = _rows_of(layout.q_full_ptr).long()
+        p_rows = _rows_of(layout.q_part_ptr).long()
+        f_count = (layout.q_full_ptr[1:] - layout.q_full_ptr[:-1]).long()
+        p_count = (layout.q_part_ptr[1:] - layout.q_part_ptr[:-1]).long()
+        f_slot = torch.arange(layout.num_full, device=f_rows.device) - layout.q_full_ptr[:-1].long()[f_rows]
+        p_slot = (torch.arange(layout.num_partial, device=p_rows.device) - layout.q_part_ptr[:-1].long()[p_rows]
+                  + f_count[p_rows])
+        table = torch.zeros(mq, mk, dtype=torch.int32, device=f_rows.device)
+        table[f_rows, f_slot] = layout.q_full_idx.to(torch.int32)
+        table[p_rows, p_slot] = layout.q_part_idx.to(torch.int32)
+        holder: dict = {}
+        program = layout.program
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return program.evaluate(q_idx, kv_idx) & ~holder["kpm"][b, kv_idx]
+
+        mask = BlockMask.from_kv_blocks(
+            (f_count + p_count).to(torch.int32)[None, None], table[None, None],
+            BLOCK_SIZE=(layout.block_q, layout.block_k), mask_mod=mask_mod, seq_lengths=(layout.n, layout.n),
+        )
+        cached = layout._flex_padded = (mask, holder)
+    mask, holder = cached
+    holder["kpm"] = kpm
+    return mask
+
+
+def _triton(q, k, v, layout: BlockLayout, scale, kpm=None):
     if q.device.type != "cuda":
         raise ValueError(f"backend='triton' needs CUDA tensors, got {q.device}")
     try:
@@ -232,5 +290,5 @@ def _triton(q, k, v, layout: BlockLayout, scale):
         raise ValueError(f"backend='triton' is unavailable: {err}") from err
     geometry = axial_geometry(layout)
     if geometry is not None:  # lines read in place: no per-block waste, no permuted copies
-        return axial_attention(q, k, v, geometry, scale)
-    return block_sparse_attention(q, k, v, layout, scale)
+        return axial_attention(q, k, v, geometry, scale, key_padding_mask=kpm)
+    return block_sparse_attention(q, k, v, layout, scale, key_padding_mask=kpm)

@@ -77,20 +77,24 @@ def _key_lists(layout: BlockLayout) -> _KeyLists:
     return cached
 
 
-def _chunk_mask(layout, q0, q1, tok, part, valid):
-    """(G, bq, L) bool: which gathered keys each query of the chunk attends."""
+def _chunk_mask(layout, q0, q1, tok, part, valid, key_padding=None):
+    """(G, bq, L) bool: which gathered keys each query of the chunk attends; with
+    key_padding (B, N) bool, (B, 1, 1, G, bq, L) (padding keys never attend)."""
     bq, n = layout.block_q, layout.n
     qi = (torch.arange(q0 * bq, q1 * bq, device=tok.device).view(q1 - q0, bq, 1)).clamp(max=n - 1)
     ki = tok.clamp(max=n - 1)[:, None, :]
     partial_ok = layout.program.evaluate(qi, ki)
-    return valid[:, None, :] & (~part[:, None, :] | partial_ok)
+    mask = valid[:, None, :] & (~part[:, None, :] | partial_ok)
+    if key_padding is not None:
+        mask = mask & ~key_padding[:, tok.clamp(max=n - 1)][:, None, None, :, None, :]
+    return mask
 
 
 def _pad_tokens(x: torch.Tensor, n_pad: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, n_pad - x.shape[2]))
 
 
-def _forward(q, k, v, layout: BlockLayout, scale: float):
+def _forward(q, k, v, layout: BlockLayout, scale: float, key_padding=None):
     """q (B, H, N, D), k / v (B, Hk, N, D) -> out (B, H, N, D) float32, lse (B, H, N) float32."""
     b, h, n, d = q.shape
     hk = k.shape[1]
@@ -102,7 +106,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float):
     out = torch.zeros(b, hk, r, layout.num_q_blocks, bq, v.shape[-1], device=q.device)
     lse = torch.full((b, hk, r, layout.num_q_blocks, bq), -math.inf, device=q.device)
     for q0, q1, tok, part, valid in _key_lists(layout).chunks(layout, b * h):
-        mask = _chunk_mask(layout, q0, q1, tok, part, valid)  # (G, bq, L)
+        mask = _chunk_mask(layout, q0, q1, tok, part, valid, key_padding)  # (G, bq, L)
         kg = kf[:, :, tok.clamp(max=n - 1)]  # (B, Hk, G, L, D)
         vg = vf[:, :, tok.clamp(max=n - 1)]
         s = torch.einsum("bhrgqd,bhgkd->bhrgqk", qf[:, :, :, q0:q1], kg) * scale
@@ -117,7 +121,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float):
     return out, lse.view(b, h, n_pad)[:, :, :n]
 
 
-def _backward(q, k, v, out, lse, dout, dlse, layout: BlockLayout, scale: float):
+def _backward(q, k, v, out, lse, dout, dlse, layout: BlockLayout, scale: float, key_padding=None):
     """Gradients of (out, lse); dlse (B, H, N) or None. d lse / d s = p, so dlse shifts delta."""
     b, h, n, d = q.shape
     hk = k.shape[1]
@@ -138,7 +142,7 @@ def _backward(q, k, v, out, lse, dout, dlse, layout: BlockLayout, scale: float):
     dk = torch.zeros(b, hk, n + 1, d, device=q.device)  # slot n collects padding
     dv = torch.zeros(b, hk, n + 1, v.shape[-1], device=q.device)
     for q0, q1, tok, part, valid in _key_lists(layout).chunks(layout, b * h):
-        mask = _chunk_mask(layout, q0, q1, tok, part, valid)
+        mask = _chunk_mask(layout, q0, q1, tok, part, valid, key_padding)
         safe_tok = tok.clamp(max=n - 1)
         kg, vg = kf[:, :, safe_tok], vf[:, :, safe_tok]  # (B, Hk, G, L, D)
         qc = qf[:, :, :, q0:q1]
@@ -157,10 +161,10 @@ def _backward(q, k, v, out, lse, dout, dlse, layout: BlockLayout, scale: float):
 
 class _ReferenceAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        out, lse = _forward(q, k, v, layout, scale)
+    def forward(ctx, q, k, v, layout, scale, key_padding):
+        out, lse = _forward(q, k, v, layout, scale, key_padding)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.key_padding = layout, scale, key_padding
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -170,10 +174,11 @@ class _ReferenceAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = torch.where(torch.isfinite(lse), dlse, 0.0)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.layout, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.layout, ctx.scale, ctx.key_padding)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def reference_attention(q, k, v, layout: BlockLayout, scale: float):
-    """out (B, H, N, D) in q's dtype, lse (B, H, N) float32; both differentiable in q, k, v."""
-    return _ReferenceAttention.apply(q, k, v, layout, scale)
+def reference_attention(q, k, v, layout: BlockLayout, scale: float, key_padding_mask=None):
+    """out (B, H, N, D) in q's dtype, lse (B, H, N) float32; both differentiable in q, k, v.
+    key_padding_mask (B, N) bool: True where a key is padding (never attended)."""
+    return _ReferenceAttention.apply(q, k, v, layout, scale, key_padding_mask)

@@ -195,8 +195,10 @@ class VideoCaptioner(nn.Module):
         cos, sin = _rope_cpu(stream.layout, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta)
         rope = (cos.to(self.device), sin.to(self.device))
         x = stream.tokens
+        pad = stream.pad_mask
+        pad = None if pad is None else pad.to(x.device)
         for blk, lay in zip(self.blocks, self.layer_layouts(stream.layout)):
-            x = blk(x, lay, rope)
+            x = blk(x, lay, rope, pad)
         return self.norm(x), stream.pad_mask, stream.layout
 
     def forward(self, batch: Mapping[str, Any], ids: torch.Tensor | None = None) -> torch.Tensor:

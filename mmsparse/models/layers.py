@@ -5,7 +5,8 @@ Legend: B batch, N stream tokens, C channels, H heads, D head dim (C = H x D).
 A block takes its attention context per call: the BlockLayout of its pattern (None: dense,
 through SDPA's flash path with no mask at all) and the rotary (cos, sin) of the stream. The
 model builds both once per forward (layouts are cached by pattern and StreamLayout), so any
-wrapper (activation checkpointing, DeepSpeed) sees plain `block(x, layout, rope)` calls.
+wrapper (activation checkpointing, DeepSpeed) sees plain `block(x, layout, rope, pad_mask)` calls.
+pad_mask (B, N) marks the padding tokens of shorter clips in the batch: no query attends them.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class SparseSelfAttention(nn.Module):
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None) -> torch.Tensor:
-        """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2)."""
+    def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2);
+        pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended."""
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, D) each
@@ -42,9 +45,10 @@ class SparseSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layout is None:
-            out = F.scaled_dot_product_attention(q, k, v)
+            mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            out = sparse_attention(q, k, v, layout, backend=self.backend)
+            out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
 
 
@@ -62,6 +66,7 @@ class SparseBlock(nn.Module):
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, layout: BlockLayout | None = None, rope=None) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope))
+    def forward(self, x: torch.Tensor, layout: BlockLayout | None = None, rope=None,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -94,7 +94,7 @@ class _LocalSparseAttention(nn.Module):
         super().__init__()
         self.backend, self.state = backend, state
 
-    def forward(self, q, k, v, layout):
+    def forward(self, q, k, v, layout, pad_mask=None):
         import torch.nn.functional as F
 
         from mmsparse.attention import sparse_attention
@@ -102,9 +102,10 @@ class _LocalSparseAttention(nn.Module):
         n_pad, n = q.shape[1], self.state["n"]
         q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
         if layout is None:
-            out = F.scaled_dot_product_attention(q, k, v)
+            mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            out = sparse_attention(q, k, v, layout, backend=self.backend)
+            out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
         out = out.transpose(1, 2)  # (B, N, H/P, D)
         return F.pad(out, (0, 0, 0, 0, 0, n_pad - n)) if n_pad > n else out
 
@@ -123,8 +124,9 @@ class UlyssesSelfAttention(nn.Module):
         self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state), group, scatter_idx=2,
                                               gather_idx=1)
 
-    def forward(self, x: torch.Tensor, layout, rope=None) -> torch.Tensor:
-        """x (B, N/P, C) local tokens; layout of the whole stream; rope (cos, sin) of all N tokens."""
+    def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None) -> torch.Tensor:
+        """x (B, N/P, C) local tokens; layout of the whole stream; rope (cos, sin) and pad_mask
+        (B, N) of all N tokens (attention sees the whole stream after the all-to-all)."""
         from mmsparse.encoders import apply_rope
 
         b, n, c = x.shape
@@ -140,7 +142,7 @@ class UlyssesSelfAttention(nn.Module):
                 sin = torch.cat([sin, sin.new_zeros(extra, *sin.shape[1:])])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, N/P, H, D)
-        out = self.dist_attn(q, k, v, 0, None, layout)  # (B, N/P, H, D)
+        out = self.dist_attn(q, k, v, 0, None, layout, pad_mask)  # (B, N/P, H, D)
         return self.proj(out.reshape(b, n, c))
 
 

@@ -180,3 +180,36 @@ def test_registry():
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     small = create_model("captioner_small", depth=1, dec_depth=1)
     assert small.cfg.embed_dim == 384 and len(small.blocks) == 1 and isinstance(small.blocks, nn.ModuleList)
+
+
+@pytest.mark.parametrize("schedule", ["tiled_axial", "local", "dense"])
+def test_padding_is_never_attended(tiny, batch, schedule):
+    """A shorter clip in the batch (its last frames and audio marked padding): whatever the
+    padded frames and audio contain, the encoding of every real token is the same, for sparse
+    schedules (key_padding_mask through sparse_attention) and the dense SDPA path alike."""
+    tiny.cfg.schedule = schedule
+    tiny.set_backend("reference")
+    short = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    # cut at whole tubelets and audio patches (a patch straddling the cut mixes real and padded
+    # frames inside its convolution: the tokenizer's business, not attention's)
+    kt, st = tiny.embed.embeds["video"].tubelet[0], tiny.embed.embeds["audio"].stride[1]
+    t, m = short["video_mask"].shape[1] // (2 * kt) * kt, short["audio_mask"].shape[1] // (2 * st) * st
+    short["video_mask"][1, t:] = False
+    short["audio_mask"][1, m:] = False
+
+    def encode(fill: float):
+        b = dict(short)
+        b["video"], b["audio"] = short["video"].clone(), short["audio"].clone()
+        b["video"][1, t:] = fill
+        b["audio"][1, :, m:] = fill
+        with torch.no_grad():
+            memory, pad, _ = tiny.encode(b)
+        return memory, pad
+
+    a, pad = encode(0.0)
+    b, _ = encode(7.5)
+    assert pad[1].any() and not pad[0].all()
+    real = ~pad
+    assert (a[real] - b[real]).abs().max().item() < 1e-5
+    # the padded tokens themselves do change: the test can fail
+    assert (a[pad] - b[pad]).abs().max().item() > 1e-3
