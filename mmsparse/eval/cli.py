@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-choice", action="store_true", help="longclip: skip the multiple-choice scoring")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="longclip: frame size of the generated clips (default: the first model's training size)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="longclip: processes writing the clips (default: one per CPU core)")
 
 
 def _models(specs: list[str]) -> dict[str, str]:
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             size = tuple(args.size) if args.size else _run_synth_spec(resolve_model_dir(next(iter(models.values()))))["size"]
             summary = longclip.run(models, out, lengths=lengths, clips_per_length=args.clips_per_length,
                                    frames=args.frames, batch=args.batch, device=device, backend=args.backend,
-                                   size=size, choice=not args.no_choice)
+                                   size=size, choice=not args.no_choice, workers=args.workers or os.cpu_count() or 1)
             print(json.dumps(summary, indent=2, default=str))
             print(f"wrote {out / 'longclip.json'}, {out / 'longclip.md'}, {out / 'longclip.png'}", file=sys.stderr)
             return 0

@@ -43,6 +43,9 @@ class RunConfig:
     dir: str = ""                      # run folder; "" -> runs/<name>
     seed: int = 0
     steps: int = 100                   # optimizer steps
+    max_minutes: float = 0.0           # wall-clock budget from the start of train(); when spent the run
+                                       # ends after the current step as at run.steps (final eval,
+                                       # checkpoint, export). 0: no budget
     log_every: int = 1
     progress: bool = True              # tqdm bar on rank 0
     tensorboard: bool = True
@@ -169,6 +172,8 @@ class TrainConfig:
                         ("data.frames", self.data.frames)):
             if v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
+        if self.run.max_minutes < 0:
+            raise ConfigError(f"run.max_minutes must be >= 0 (0: no budget), got {self.run.max_minutes}")
         if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
             raise ConfigError(f"need optim.lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
                               f"lr={o.lr}, warmup_steps={o.warmup_steps}, min_lr_ratio={o.min_lr_ratio}")

@@ -6,6 +6,12 @@ tokens/s, attention density (when the task reports it) and MFU (GPU, bf16/fp16) 
 tensorboard and ``metrics.jsonl``. Evaluation (held-out loss and, for captioning, caption
 metrics of generated captions) runs every ``eval.every`` steps and at the end.
 
+Time budget: with ``run.max_minutes`` > 0 the run ends after the first step that finishes past
+that many minutes from the start of ``train`` (set-up included; at least one step runs), and
+ends as a run that reached ``run.steps`` does: final evaluation, checkpoint, export, summary
+(``stopped_by: max_minutes``). The learning-rate schedule still spans ``run.steps``. A resumed
+run gets a fresh budget.
+
 Determinism on CPU in fp32: data order comes from the resumable sampler, sample content from
 (seed, epoch, index), the DataLoader draws its base seed from its own generator (not the global
 RNG), and every rank's RNG states are in the checkpoint, so a resumed run repeats the
@@ -327,6 +333,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
     """Run (or resume) training; returns the final summary (also written to summary.json)."""
     import deepspeed
 
+    started = time.monotonic()  # run.max_minutes counts from here: set-up is part of the budget
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if cfg.run.deterministic:
@@ -390,6 +397,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
     peak = _peak_flops(cfg)
     last_eval: dict[str, Any] = {}
     accum = cfg.deepspeed.grad_accum
+    deadline = started + 60.0 * cfg.run.max_minutes if cfg.run.max_minutes > 0 else None
+    out_of_time = False
     try:
         while step < cfg.run.steps:
             t0 = time.perf_counter()
@@ -421,6 +430,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
                 losses.append(float(loss.detach().float().item()))
                 extras.append(_scalar_metrics(metrics))
             step += 1
+            # every rank takes the same decision (one all-reduce), so they stop at the same step
+            out_of_time = deadline is not None and any_true(time.monotonic() >= deadline, topo.device)
+            final = step == cfg.run.steps or out_of_time
             dt = time.perf_counter() - t0
             rec: dict[str, Any] = {"loss": all_mean(sum(losses) / len(losses), topo.device),
                                    "lr": float(engine.get_lr()[0])}
@@ -441,10 +453,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
                 rec[k] = sum(vals) / len(vals)
             if torch.cuda.is_available():
                 rec["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+            if step % cfg.run.log_every == 0 or final:
                 log.log(step, "train", rec)
             log.progress(step, {"loss": rec["loss"], "lr": rec["lr"], "clips/s": rec["clips_per_s"]})
-            final = step == cfg.run.steps
+            if out_of_time:
+                log.message(f"run.max_minutes={cfg.run.max_minutes:g} spent after step {step} of {cfg.run.steps} "
+                            f"({time.monotonic() - started:.0f} s); ending the run here")
             if val_loader is not None and ((cfg.eval.every and step % cfg.eval.every == 0)
                                            or (final and cfg.eval.at_end)):
                 last_eval = evaluate(engine, model, val_loader, cfg, topo, dtype)
@@ -453,10 +467,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
                                                           if isinstance(v, float)))
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (final and cfg.checkpoint.at_end):
                 save(step)
+            if out_of_time:
+                break
     finally:
         log.close()
 
-    summary: dict[str, Any] = {"steps": step, "nonfinite_skipped": skipped, "world_size": topo.world,
+    summary: dict[str, Any] = {"steps": step, "stopped_by": "max_minutes" if step < cfg.run.steps else "steps",
+                               "seconds": round(time.monotonic() - started, 1), "nonfinite_skipped": skipped,
+                               "world_size": topo.world,
                                "data_parallel": topo.dp, "sequence_parallel": topo.sp,
                                "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
                                "parameters": n_params, "device": topo.device.type,

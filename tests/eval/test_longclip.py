@@ -1,6 +1,7 @@
 """The long-clip benchmark on CPU at toy lengths: clip generation and metadata, parsing, the
 attention-FLOP count (exact for a dense model), multiple choice over the 24 event captions,
-the per-model report (JSON, markdown, PNG) through `mmsparse eval --benchmark longclip:...`."""
+the per-model report (JSON, markdown, PNG) through `mmsparse eval --benchmark longclip:...`;
+parallel clip generation, sharded scoring, honest scores of untrained and diverged models."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from mmsparse.cli import main as cli_main
 from mmsparse.data import load_manifest
@@ -92,4 +94,75 @@ def test_longclip_recipes_differ_only_in_the_pattern():
                     "dense": ("dense", 0)}
     strip = lambda c: {k: v for k, v in to_dict(c).items() if k not in ("run", "model")}  # noqa: E731
     assert all(strip(c) == strip(cfgs["local"]) for c in cfgs.values())
-    assert cfgs["local"].data.synth.long and tuple(cfgs["local"].data.synth.long_frames) == (256, 4096)
+    assert cfgs["local"].data.synth.long and tuple(cfgs["local"].data.synth.long_frames) == (256, 2048)
+
+
+def test_clips_do_not_depend_on_the_worker_count(tmp_path):
+    n = longclip.PART_CLIPS + 1  # two generation parts
+    one = load_manifest(longclip.make_benchmark(tmp_path / "a", lengths=(16,), clips_per_length=n, workers=1))
+    two = load_manifest(longclip.make_benchmark(tmp_path / "b", lengths=(16,), clips_per_length=n, workers=2))
+    key = lambda s: (s.id, s.caption, s.meta["position"], s.video.stat().st_size)  # noqa: E731
+    assert [key(s) for s in one] == [key(s) for s in two] and len({s.id for s in one}) == n
+    train = load_manifest(longclip.make_train_set(tmp_path / "t", clips=n, long_frames=(16, 40), workers=2))
+    assert len({s.id for s in train}) == n and all(16 <= s.meta["frames"] <= 40 for s in train)
+    assert all(s.video.is_file() and s.caption in longclip.event_captions() for s in train)
+    # the parts are drawn with their own seeds: no clip repeats across parts
+    assert len({(s.caption, s.meta["frames"], s.meta["events"][0]["start_frame"]) for s in train}) == n
+
+
+@pytest.fixture(scope="module")
+def bench16(tmp_path_factory):
+    return longclip.make_benchmark(tmp_path_factory.mktemp("bench16"), lengths=(16, 32), clips_per_length=4)
+
+
+def test_shards_merge_into_the_whole(tiny_run, bench16):
+    whole = longclip.score_model(tiny_run / "export", bench16, frames=16)
+    parts = [longclip.score_model(tiny_run / "export", bench16, frames=16, shard=(k, 3)) for k in range(3)]
+    assert sorted(len(p["clips"]) for p in parts) == [2, 3, 3]
+    merged = longclip.merge_scores(parts)
+    dump = lambda r: sorted(json.dumps(c, sort_keys=True) for c in r["clips"])  # noqa: E731
+    assert dump(merged) == dump(whole)
+    assert merged["attention_gflops_per_clip"] == pytest.approx(whole["attention_gflops_per_clip"])
+    assert merged["tokens_per_clip"] == pytest.approx(whole["tokens_per_clip"])
+    assert longclip.summarize(merged)["choice_correct"] == longclip.summarize(whole)["choice_correct"]
+    with pytest.raises(ValueError, match="shard"):
+        longclip.score_model(tiny_run / "export", bench16, shard=(3, 3))
+
+
+def test_a_model_that_never_learned_scores_low(dense_model, bench16, tmp_path):
+    """Untrained: its captions name no event and its choices are no better than a constant answer.
+    Diverged (NaN weights): every multiple choice counts as wrong, never as a lucky pick."""
+    untrained = longclip.score_model(dense_model, bench16, frames=16)
+    s = longclip.summarize(untrained)
+    const = longclip.constant_answer_accuracy({"m": untrained})
+    assert s["n"] == 8 and s["caption_correct"] == 0.0 and s["nonfinite"] == 0
+    assert s["choice_correct"] <= max(const, 0.25), (s["choice_correct"], const)
+
+    nan_dir = tmp_path / "nan" / "export"
+    m = VideoCaptioner.from_pretrained(dense_model)
+    with torch.no_grad():
+        for p in m.decoder.parameters():
+            p.fill_(float("nan"))
+    m.save_pretrained(nan_dir)
+    shutil.copy(dense_model.parent / "config.yaml", nan_dir.parent / "config.yaml")
+    diverged = longclip.summarize(longclip.score_model(nan_dir, bench16, frames=16))
+    assert diverged["nonfinite"] == diverged["n"] == 8
+    assert diverged["choice_correct"] == 0.0 and diverged["caption_correct"] == 0.0
+
+
+def test_report_names_failures_machine_and_constant_answer(tiny_run, bench16, tmp_path):
+    res = longclip.score_model(tiny_run / "export", bench16, frames=16)
+    res["train"] = {"steps": 12, "stopped_by": "max_minutes", "last_loss": 1.5}
+    meta = {"device": "NVIDIA Test GPU", "torch": "9.9", "triton": "8.8", "runs": {"local": {}}}
+    js, md, png = longclip.report({"tiled": res}, tmp_path, stem="longclip-x-2026-01-01", meta=meta,
+                                  failed={"dense": "training exited 3: error: out of memory"})
+    assert [p.name for p in (js, md, png)] == [f"longclip-x-2026-01-01.{e}" for e in ("json", "md", "png")]
+    data = json.loads(js.read_text())
+    assert data["meta"] == meta and data["failed"] == {"dense": "training exited 3: error: out of memory"}
+    truths = [c["truth"] for c in res["clips"]]
+    assert data["constant_answer"] == max(truths.count(t) for t in truths) / len(truths)
+    text = md.read_text()
+    assert "device: NVIDIA Test GPU; torch: 9.9; triton: 8.8" in text
+    assert "| tiled | tiled | 12 (time) | 1.500 | 16 |" in text
+    assert "| dense | no model: training exited 3: error: out of memory |" in text
+    assert png.read_bytes()[:4] == b"\x89PNG"
