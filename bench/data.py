@@ -1,12 +1,17 @@
-"""Data-loading benchmark (BENCHMARKS.md E3): clips/s and peak memory, decord vs PyAV.
+"""Data-loading benchmark (BENCHMARKS.md E3): clips/s and peak memory, decord vs PyAV,
+float32 vs uint8 pixels.
 
-What it measures, decord and PyAV side by side:
+What it measures, decord and PyAV side by side, each with float32 pixels (converted and
+normalised in the loader) and uint8 pixels (``DataConfig.pixel_dtype``: normalised by the model
+on its device):
 
 1. **Stages on one core** (main process, one torch thread, like a loader worker): ms per clip
-   to decode 64 frames at short side 224, to produce a whole sample (decode + crop + float32
-   normalise), and to collate a batch. Their sum bounds what one worker can feed.
+   to decode 64 frames at short side 224, to produce a whole sample (decode + crop, + float32
+   normalise for float32), and to collate a batch. Their sum bounds what one worker can feed.
+   With a GPU, also the ms per clip to move a collated batch to it (and, uint8, normalise it
+   there, which the model does).
 2. **Loader throughput** for each worker count (default 0, 2, 8, 16): 64-frame 224 x 224
-   float32 clips per second out of ``make_loader`` from synthetic 256 x 340 H.264 clips of 128
+   clips per second out of ``make_loader`` from synthetic 256 x 340 H.264 clips of 128
    frames. Each row is timed from the moment every worker has delivered its first batch (so
    worker start-up is not timed) for ``--seconds`` and at least 3 whole rounds of batches, over
    a manifest that repeats the generated files.
@@ -15,8 +20,9 @@ What it measures, decord and PyAV side by side:
 
 Target (issue 4): on a 16-core machine 8 workers feed >= 200 clips/s.
 
-    python bench/data.py                          # 0, 2, 8, 16 workers (expected 2 to 3 min on 16 cores)
+    python bench/data.py                          # 0, 2, 8, 16 workers (expected 4 to 6 min on 16 cores)
     python bench/data.py --workers 0 2 --quick    # a 2-core machine
+    python bench/data.py --dtypes uint8           # one pixel dtype only
 
 The media is generated first, in parallel processes, into a temporary folder (``--data`` keeps
 it). Prints tables and writes ``bench/results/data-<tag>-<date>.json`` (``--out`` elsewhere;
@@ -49,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 REQUIRED = {"numpy": "numpy<2.4", "torch": "torch==2.11.0", "torchvision": "torchvision==0.26.0",
             "decord": "decord==0.6.0", "av": "av (PyAV)"}
 BACKENDS = ("decord", "pyav")
+DTYPES = ("float32", "uint8")  # DataConfig.pixel_dtype
 CLIP_FRAMES, OUT = 64, 224
 TARGET = (8, 200.0)  # (workers, clips/s) of issue 4
 MIN_ROUNDS = 3       # timed rounds of batches (one from each worker) at least, whatever --seconds says
@@ -136,25 +143,52 @@ def generate(work: Path, clips: int, src_frames: int, samples: int, long_frames:
                                                                     "long_clip_s": round(long_s, 1)}
 
 
-def _config(backend: str):
+def _config(backend: str, dtype: str):
     from mmsparse.data import DataConfig
 
     return DataConfig(backend=backend, video_fallback=None, num_frames=CLIP_FRAMES, short_side=OUT,
-                      crop=(OUT, OUT), load_audio=False, decode_timeout=None)
+                      crop=(OUT, OUT), load_audio=False, decode_timeout=None, pixel_dtype=dtype)
+
+
+def _to_device_ms(batch: dict, repeats: int = 5) -> float | None:
+    """ms per clip to move the batch's video to the GPU as the training loop does, plus (uint8)
+    the model's normalisation there; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from mmsparse.encoders import normalize_pixels
+
+    video, mask = batch["video"], batch["video_mask"]
+
+    def once():
+        x = video.to("cuda", non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalize_pixels(x, batch["pixel_norm"], mask.to("cuda", non_blocking=True))
+        return x
+
+    once()  # warm: allocator, kernels
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / (repeats * video.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
 # measurements
 
 
-def stages(manifest: Path, backend: str, clips: int, batch_size: int) -> dict:
-    """ms per clip of decode alone, a whole sample, and collate, on one core in this process."""
+def stages(manifest: Path, backend: str, dtype: str, clips: int, batch_size: int) -> dict:
+    """ms per clip of decode alone, a whole sample, and collate, on one core in this process;
+    MB a clip in the batch; ms per clip to the GPU (when there is one)."""
     import torch
 
     from mmsparse.data import MediaDataset, collate
     from mmsparse.data.decode import open_video, sample_indices, short_side_size
 
-    ds = MediaDataset(manifest, _config(backend))
+    ds = MediaDataset(manifest, _config(backend, dtype))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -171,26 +205,33 @@ def stages(manifest: Path, backend: str, clips: int, batch_size: int) -> dict:
             decode, sample = decode + (t1 - t) / clips, sample + (time.perf_counter() - t1) / clips
         t = time.perf_counter()
         for a in range(0, clips, batch_size):
-            collate(items[a:a + batch_size])
+            batch = collate(items[a:a + batch_size])
         coll = (time.perf_counter() - t) / clips
     finally:
         torch.set_num_threads(threads)
     per = sample + coll
-    return {"backend": backend, "clips": clips, "decode_ms": round(1e3 * decode, 1),
+    video = batch["video"]
+    assert video.dtype == getattr(torch, dtype), video.dtype
+    dev = _to_device_ms(batch)
+    return {"backend": backend, "dtype": dtype, "clips": clips, "decode_ms": round(1e3 * decode, 1),
             "sample_ms": round(1e3 * sample, 1), "transform_ms": round(1e3 * (sample - decode), 1),
-            "collate_ms": round(1e3 * coll, 1), "one_core_clips_per_s": round(1 / per, 2)}
+            "collate_ms": round(1e3 * coll, 1), "one_core_clips_per_s": round(1 / per, 2),
+            "clip_mb": round(video[0].numel() * video.element_size() / 2**20, 2),
+            **({"to_device_ms": round(dev, 2)} if dev is not None else {})}
 
 
-def throughput(manifest: Path, backend: str, workers: int, batch_size: int, seconds: float) -> dict:
+def throughput(manifest: Path, backend: str, dtype: str, workers: int, batch_size: int, seconds: float) -> dict:
     """Clips/s out of the loader, timed from the moment every worker has delivered a batch.
 
     Workers that start together deliver in rounds (one batch each, in order); the clock stops
     at the end of a whole round once ``seconds`` and at least ``MIN_ROUNDS`` rounds have passed:
     work that a worker began before the clock started is then at most a small part of the count.
     """
+    import torch
+
     from mmsparse.data import MediaDataset, make_loader
 
-    ds = MediaDataset(manifest, _config(backend))
+    ds = MediaDataset(manifest, _config(backend, dtype))
     loader = make_loader(ds, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None)
     rnd = max(1, workers)  # batches a round; the first round is not timed (worker start-up)
     n = clips = 0
@@ -206,6 +247,7 @@ def throughput(manifest: Path, backend: str, workers: int, batch_size: int, seco
                 t0 = time.perf_counter()
                 continue
             assert batch["video"].shape[1:] == (CLIP_FRAMES, 3, OUT, OUT)
+            assert batch["video"].dtype == getattr(torch, dtype)
             clips += batch["video"].shape[0]
             t1 = time.perf_counter()
             if t1 - t0 >= seconds and (n - rnd) % rnd == 0 and n - rnd >= MIN_ROUNDS * rnd:
@@ -215,7 +257,7 @@ def throughput(manifest: Path, backend: str, workers: int, batch_size: int, seco
     if not clips:
         raise RuntimeError(f"the manifest ran out before the clock started ({len(ds)} samples); raise --samples")
     dt_s = t1 - t0
-    return {"backend": backend, "workers": workers, "clips": clips, "seconds": round(dt_s, 2),
+    return {"backend": backend, "dtype": dtype, "workers": workers, "clips": clips, "seconds": round(dt_s, 2),
             "startup_s": round(t0 - t_start, 2), "rounds": (n - rnd) // rnd, "clips_per_s": round(clips / dt_s, 2),
             "frames_per_s": round(CLIP_FRAMES * clips / dt_s, 1), "manifest_exhausted": n * batch_size >= len(ds)}
 
@@ -307,28 +349,44 @@ def print_tables(res: dict) -> None:
     m = res["machine"]
     print(f"\n{m['cpu_model']}: {m['cpus_usable']} usable CPUs ({m['cores_physical']} physical cores), "
           f"/dev/shm {m['dev_shm_gib']} GiB")
-    print(f"\none core, ms per 64 x 224 x 224 clip ({s['stage_clips']} clips, batch {s['batch_size']})")
-    print(f"{'backend':>8} | {'decode':>8} | {'+ crop, float':>13} | {'collate':>8} | {'clips/s one core':>16}")
+    dtypes = s["dtypes"]
+    print(f"\none core, ms per 64 x 224 x 224 clip ({s['stage_clips']} clips, batch {s['batch_size']}); "
+          f"to GPU: the batch's move (+ uint8: normalise there)")
+    print(f"{'backend':>8} | {'pixels':>7} | {'decode':>8} | {'+ crop (float)':>14} | {'collate':>8} | "
+          f"{'clips/s one core':>16} | {'MB a clip':>9} | {'to GPU':>6}")
     for r in res["stages"]:
         if "error" in r:
-            print(f"{r['backend']:>8} | error: {r['error']}")
+            print(f"{r['backend']:>8} | {r.get('dtype', '-'):>7} | error: {r['error']}")
             continue
-        print(f"{r['backend']:>8} | {r['decode_ms']:>8.1f} | {r['transform_ms']:>13.1f} | {r['collate_ms']:>8.1f} | "
-              f"{r['one_core_clips_per_s']:>16.2f}")
-    print(f"\nloader clips/s, 64 x 224 x 224 float32 clips from 256 x 340 H.264 "
+        gpu = f"{r['to_device_ms']:>6.2f}" if "to_device_ms" in r else f"{'-':>6}"
+        print(f"{r['backend']:>8} | {r['dtype']:>7} | {r['decode_ms']:>8.1f} | {r['transform_ms']:>14.1f} | "
+              f"{r['collate_ms']:>8.1f} | {r['one_core_clips_per_s']:>16.2f} | {r['clip_mb']:>9.2f} | {gpu}")
+
+    def row(w, b, d):
+        return next((r for r in res["throughput"] if r["workers"] == w and r["backend"] == b
+                     and r.get("dtype") == d), None)
+
+    def ratio(x, y):
+        ok = x and y and "clips_per_s" in x and "clips_per_s" in y
+        return f"{x['clips_per_s'] / y['clips_per_s']:.2f}x" if ok else "-"
+
+    cols = [(b, d) for b in BACKENDS for d in dtypes]
+    print(f"\nloader clips/s, 64 x 224 x 224 clips from 256 x 340 H.264 "
           f"({s['seconds']:g} s a row after warm-up, batch {s['batch_size']})")
-    print(f"{'workers':>8} | {'decord':>8} | {'pyav':>8} | decord/pyav")
+    both = len(dtypes) == 2
+    print(f"{'workers':>8} | " + " | ".join(f"{b + ' ' + d:>14}" for b, d in cols)
+          + (" | " + " | ".join(f"{b + ' u8/f32':>13}" for b in BACKENDS) if both else "")
+          + f" | decord/pyav {dtypes[-1]}")
     for w in s["workers"]:
-        d, p = (next((r for r in res["throughput"] if r["workers"] == w and r["backend"] == b), None)
-                for b in BACKENDS)
-        ratio = (f"{d['clips_per_s'] / p['clips_per_s']:.2f}x" if d and p and "clips_per_s" in d
-                 and "clips_per_s" in p else "-")
-        print(f"{w:>8} | {_fmt(d, 'clips_per_s')} | {_fmt(p, 'clips_per_s')} | {ratio}")
+        line = f"{w:>8} | " + " | ".join(_fmt(row(w, b, d), "clips_per_s", 14) for b, d in cols)
+        if both:
+            line += " | " + " | ".join(f"{ratio(row(w, b, 'uint8'), row(w, b, 'float32')):>13}" for b in BACKENDS)
+        print(line + f" | {ratio(row(w, 'decord', dtypes[-1]), row(w, 'pyav', dtypes[-1]))}")
     w, goal = TARGET
-    for b in BACKENDS:
-        r = next((r for r in res["throughput"] if r["workers"] == w and r["backend"] == b), None)
+    for b, d in cols:
+        r = row(w, b, d)
         if r and "clips_per_s" in r:
-            print(f"target {w} workers >= {goal:g} clips/s, {b}: {r['clips_per_s']:.1f} "
+            print(f"target {w} workers >= {goal:g} clips/s, {b} {d}: {r['clips_per_s']:.1f} "
                   f"({'met' if r['clips_per_s'] >= goal else 'not met'})")
     print(f"\npeak RSS, {s['long_frames']}-frame 224 x 224 clip, fresh process")
     print(f"{'backend':>8} | {'mode':>10} | {'output MB':>9} | {'RSS before':>10} | {'peak RSS MB':>11} | s")
@@ -343,6 +401,8 @@ def print_tables(res: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2, 8, 16])
+    ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES),
+                    help="pixel dtypes measured side by side (DataConfig.pixel_dtype)")
     ap.add_argument("--seconds", type=float, default=None, help="timed seconds per (backend, workers) row (10)")
     ap.add_argument("--clips", type=int, default=None, help="distinct generated clips (64)")
     ap.add_argument("--samples", type=int, default=8192, help="manifest length (the clips repeated)")
@@ -390,7 +450,7 @@ def main(argv=None) -> int:
         "complete": False, "machine": info, "versions": versions,
         "settings": {"workers": a.workers, "seconds": a.seconds, "min_rounds": MIN_ROUNDS, "clips": a.clips,
                      "samples": a.samples, "src_frames": a.src_frames, "src_size": [256, 340], "src_fps": 25,
-                     "clip_frames": CLIP_FRAMES, "out_size": [OUT, OUT], "dtype": "float32",
+                     "clip_frames": CLIP_FRAMES, "out_size": [OUT, OUT], "dtypes": a.dtypes,
                      "batch_size": a.batch_size, "prefetch_factor": 2, "audio": False, "decode_threads": 1,
                      "torch_threads_main": torch.get_num_threads(), "stage_clips": min(a.stage_clips, a.clips),
                      "long_frames": a.long_frames, "quick": a.quick, "generate_processes": procs},
@@ -416,20 +476,23 @@ def main(argv=None) -> int:
         print(f"generated {a.clips} clips in {gen['clips_s']} s ({procs} processes), the "
               f"{a.long_frames}-frame clip in {gen['long_clip_s']} s", flush=True)
         for b in BACKENDS:
-            r = _guarded(stages, manifest, b, min(a.stage_clips, a.clips), a.batch_size, backend=b)
-            res["stages"].append(r)
-            save()
-            if "error" not in r:
-                print(f"  one core {b:6s}: decode {r['decode_ms']} ms, sample {r['sample_ms']} ms, "
-                      f"collate {r['collate_ms']} ms a clip", flush=True)
-        for w in a.workers:
-            for b in BACKENDS:
-                r = _guarded(throughput, manifest, b, w, a.batch_size, a.seconds, backend=b, workers=w)
-                res["throughput"].append(r)
+            for d in a.dtypes:
+                r = _guarded(stages, manifest, b, d, min(a.stage_clips, a.clips), a.batch_size, backend=b, dtype=d)
+                res["stages"].append(r)
                 save()
                 if "error" not in r:
-                    print(f"  {b:6s} workers={w:2d}: {r['clips_per_s']:7.2f} clips/s ({r['rounds']} rounds, "
-                          f"start-up {r['startup_s']} s)", flush=True)
+                    print(f"  one core {b:6s} {d:7s}: decode {r['decode_ms']} ms, sample {r['sample_ms']} ms, "
+                          f"collate {r['collate_ms']} ms a clip", flush=True)
+        for w in a.workers:
+            for b in BACKENDS:
+                for d in a.dtypes:  # side by side, so a change in the machine's load hits both alike
+                    r = _guarded(throughput, manifest, b, d, w, a.batch_size, a.seconds, backend=b, dtype=d,
+                                 workers=w)
+                    res["throughput"].append(r)
+                    save()
+                    if "error" not in r:
+                        print(f"  {b:6s} {d:7s} workers={w:2d}: {r['clips_per_s']:7.2f} clips/s "
+                              f"({r['rounds']} rounds, start-up {r['startup_s']} s)", flush=True)
         # 4 cores a child on big hosts; one at a time on small ones, so its seconds stay honest
         res["long_clip_memory"] = long_clip_memory(
             long_path, [(b, how) for b in BACKENDS for how in ("uniform64", "all112")], min(4, cpus // 4))

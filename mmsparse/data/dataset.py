@@ -5,12 +5,15 @@ Legend: T frames, C = 3 channels, H x W frame size, M mel bins, Tm audio feature
 ``MediaDataset[i]`` returns one sample dict (see ``mmsparse.data`` for the batch built from it):
 
 - ``id`` str, ``caption`` str (first reference), ``captions`` list[str]
-- ``video`` (T, C, H, W) float32 and ``video_times`` (T,) float64 seconds in the file,
+- ``video`` (T, C, H, W) and ``video_times`` (T,) float64 seconds in the file,
 - ``audio`` (M, Tm) float32 log-mel and ``audio_start`` float seconds (frame j is centred on
   ``audio_start + j * hop_seconds``),
-- ``image`` (C, H, W) float32,
+- ``image`` (C, H, W),
+- ``pixel_norm`` ((C,) mean, (C,) std) when video or image pixels are uint8,
 
-each present only when the sample has that modality and the config loads it.
+each present only when the sample has that modality and the config loads it. Pixels are
+float32 normalised, or uint8 with ``pixel_norm`` for the model to normalise
+(``DataConfig.pixel_dtype``; see ``mmsparse.data`` for the contract).
 
 Failures (see ``errors.REASONS``) are counted in shared memory across workers, logged with the
 path and reason, and another sample is drawn in place of the bad one; ``strict=True`` raises
@@ -44,7 +47,7 @@ from . import audio as audio_mod
 from .decode import call_with_timeout, open_video, resolve_fallback, sample_indices, short_side_size, with_fallback
 from .errors import FailureStats, MediaError, TooManyBadSamples, check_file, diagnose
 from .manifest import Sample, load_manifest
-from .transforms import TransformConfig, apply_clip, apply_image, build_transform
+from .transforms import PIXEL_DTYPES, TransformConfig, apply_clip, apply_image, build_transform, pixel_norm
 
 
 @dataclass
@@ -64,6 +67,8 @@ class DataConfig:
     crop: tuple[int, int] | None = None
     flip: bool = True
     normalize: bool = True
+    pixel_dtype: str = "auto"          # video and image pixels: uint8 (normalised by the model on its
+                                       # device), float32 (normalised here); auto: uint8 when train
     train: bool = False
     load_video: bool = True
     load_audio: bool = True
@@ -90,6 +95,17 @@ class DataConfig:
         if self.crop is not None:
             self.crop = tuple(self.crop)  # type: ignore[assignment]
         resolve_fallback(self.backend, self.video_fallback)  # unknown names fail here, not in a worker
+        if self.pixel_dtype not in ("auto", *PIXEL_DTYPES):
+            raise ValueError(f"pixel_dtype must be one of {('auto', *PIXEL_DTYPES)}, got {self.pixel_dtype!r}")
+
+    @property
+    def pixel_dtype_resolved(self) -> str:
+        """``uint8`` or ``float32``. auto: uint8 for training, where the loader's CPU time is the
+        bottleneck (a quarter of the bytes, no float work per pixel), float32 otherwise, so
+        evaluation, captioning and code that reads samples keep their float frames."""
+        if self.pixel_dtype != "auto":
+            return self.pixel_dtype
+        return "uint8" if self.train else "float32"
 
 
 @dataclass
@@ -116,8 +132,13 @@ class MediaDataset(Dataset):
         self.stats = stats or FailureStats()
         self.epoch = 0
         c = self.cfg
-        self._video_tf = build_transform(TransformConfig(None, c.crop, c.train, c.flip, normalize=c.normalize))
-        self._image_tf = build_transform(TransformConfig(c.short_side, c.crop, c.train, c.flip, normalize=c.normalize))
+        dtype = c.pixel_dtype_resolved
+        video_tf = TransformConfig(None, c.crop, c.train, c.flip, normalize=c.normalize, dtype=dtype)
+        self._video_tf = build_transform(video_tf)
+        self._image_tf = build_transform(TransformConfig(c.short_side, c.crop, c.train, c.flip,
+                                                         normalize=c.normalize, dtype=dtype))
+        # what the model applies to uint8 pixels (video and image share mean / std)
+        self.pixel_norm = pixel_norm(video_tf) if dtype == "uint8" else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -223,6 +244,8 @@ class MediaDataset(Dataset):
                     out["video_times"] = torch.zeros(1, dtype=torch.float64)
                 else:
                     out["image"] = img
+            if self.pixel_norm is not None and ("video" in out or "image" in out):
+                out["pixel_norm"] = self.pixel_norm
         if raw.audio is not None:
             out["audio"] = audio_mod.log_mel(raw.audio, c.sample_rate, c.n_mels, c.win_seconds, c.hop_seconds)
             out["audio_start"] = raw.audio_start

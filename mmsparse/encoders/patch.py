@@ -5,9 +5,15 @@ D embed dim, (t, h, w) / (f, u) / (h, w) token grids of video / audio / image.
 
 Each returns tokens in raster order of its grid plus the grid; `MultimodalTokenizer` puts them
 in tile order (`Segment.to_order`).
+
+Video and image embeds take float frames (already normalised) or uint8 pixels, which they
+normalise on the pixels' device with `normalize_pixels` and the data's (mean, std) (the batch's
+`pixel_norm`, see `mmsparse.data`), giving the float path's numbers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -23,11 +29,61 @@ def _pair(v) -> tuple[int, int]:
     return (v,) * 2 if isinstance(v, int) else tuple(int(x) for x in v)
 
 
+@functools.lru_cache(maxsize=32)
+def _norm_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    """(C, 1, 1) float32 mean and std on ``device``, made once (no host-to-device copy per step)."""
+    def make(v):
+        return torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device)
+    return make(mean), make(std)
+
+
+def normalize_pixels(pixels: torch.Tensor, norm, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels (*L, C, H, W), any strides -> contiguous float32 frames of the same shape
+    on the pixels' device.
+
+    ``norm`` = (mean, std), C floats each (a batch's ``pixel_norm``). Per channel
+    ``(p * (1 / 255) - mean) / std``: the operations, order and float32 rounding of the data
+    pipeline's float path (torchvision ``ToDtype(float32, scale=True)`` then ``Normalize``), so
+    the result equals what that path would have produced. ``mask`` (*L) bool, True on real
+    frames / images: the others become 0, as the float path pads them after normalising.
+    """
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"pixels must be uint8, got {pixels.dtype}")
+    if pixels.dim() < 3:
+        raise ValueError(f"pixels must be (..., C, H, W), got shape {tuple(pixels.shape)}")
+    c = pixels.shape[-3]
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"uint8 pixels need norm=(mean, std), C={c} floats each (the batch's "
+                         f"'pixel_norm'), got {norm!r}") from None
+    if len(mean) != c or len(std) != c or not all(std):
+        raise ValueError(f"norm must be (mean, std) of C={c} floats each, std non-zero; got {norm!r}")
+    if mask is not None and tuple(mask.shape) != tuple(pixels.shape[:-3]):
+        raise ValueError(f"mask must be {tuple(pixels.shape[:-3])} (one flag per frame or image), "
+                         f"got {tuple(mask.shape)}")
+    m, s = _norm_tensors(mean, std, pixels.device)
+    # ToDtype(scale=True) multiplies by 1/255 (not a division); contiguous output: the float
+    # path's layout, and the channels-last uint8 batch is transposed here, on the device
+    x = pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
+    x.sub_(m).div_(s)
+    if mask is not None:
+        x.masked_fill_(~mask.to(device=x.device, dtype=torch.bool)[(...,) + (None,) * 3], 0.0)
+    return x
+
+
+def _check_dtype(name: str, x: torch.Tensor) -> None:
+    if not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise ValueError(f"{name} must be float frames or uint8 pixels, got dtype {x.dtype}")
+
+
 class TubeletEmbed(nn.Module):
     """Video (B, T, C, H, W) -> tokens (B, t * h * w, D) raster, grid (t, h, w).
 
     T is zero-padded up to a multiple of the tubelet's length; H and W must be multiples of
-    the patch size (a ValueError names the frame shape otherwise).
+    the patch size (a ValueError names the frame shape otherwise). Float frames go in as they
+    are; uint8 pixels are normalised first (`normalize_pixels` with ``norm`` and the (B, T)
+    frame ``mask``), which float frames do not need.
     """
 
     def __init__(self, tubelet=(2, 16, 16), in_chans: int = 3, embed_dim: int = 768):
@@ -42,6 +98,7 @@ class TubeletEmbed(nn.Module):
             raise ValueError(
                 f"video must be (B, T, C={self.in_chans}, H, W) frames, got shape {tuple(video.shape)}"
             )
+        _check_dtype("video", video)
         h, w = video.shape[-2:]
         if h % kh or w % kw:
             raise ValueError(
@@ -49,8 +106,10 @@ class TubeletEmbed(nn.Module):
                 f"(expected H % {kh} == 0 and W % {kw} == 0; crop or resize in the data config)"
             )
 
-    def forward(self, video: torch.Tensor):
+    def forward(self, video: torch.Tensor, norm=None, mask: torch.Tensor | None = None):
         self.check(video)
+        if video.dtype == torch.uint8:
+            video = normalize_pixels(video, norm, mask)  # (B, T, C, H, W) float32
         kt = self.tubelet[0]
         x = video.permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
         pad_t = -x.shape[2] % kt
@@ -93,7 +152,8 @@ class SpectrogramEmbed(nn.Module):
 
 class ImageEmbed(nn.Module):
     """Image (B, C, H, W) -> tokens (B, h * w, D) raster, grid (h, w), through timm's PatchEmbed
-    (any size that is a multiple of the patch)."""
+    (any size that is a multiple of the patch). uint8 pixels are normalised first
+    (`normalize_pixels` with ``norm`` and the (B,) ``mask`` of real images)."""
 
     def __init__(self, patch: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
@@ -104,12 +164,15 @@ class ImageEmbed(nn.Module):
     def check(self, image: torch.Tensor) -> None:
         if image.dim() != 4 or image.shape[1] != self.in_chans:
             raise ValueError(f"image must be (B, C={self.in_chans}, H, W), got shape {tuple(image.shape)}")
+        _check_dtype("image", image)
         h, w = image.shape[-2:]
         if h % self.patch[0] or w % self.patch[1]:
             raise ValueError(f"image is {h}x{w}, not a multiple of the {self.patch} patch")
 
-    def forward(self, image: torch.Tensor):
+    def forward(self, image: torch.Tensor, norm=None, mask: torch.Tensor | None = None):
         self.check(image)
+        if image.dtype == torch.uint8:
+            image = normalize_pixels(image, norm, mask)  # (B, C, H, W) float32
         x = self.proj(image.to(self.proj.proj.weight.dtype))  # (B, h, w, D)
         grid = tuple(x.shape[1:3])
         return x.flatten(1, 2), grid  # (B, h*w, D)

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 def test_bench_data_smoke(tmp_path, capsys):
     path = Path(__file__).resolve().parents[2] / "bench" / "data.py"
@@ -21,10 +23,15 @@ def test_bench_data_smoke(tmp_path, capsys):
     (result,) = tmp_path.glob("data-smoke-*.json")
     res = json.loads(result.read_text())
     assert res["complete"] and res["machine"]["cpu_model"] and res["machine"]["cpus_usable"] >= 1
-    assert {(r["backend"], r["workers"]) for r in res["throughput"]} == {(b, w) for b in ("decord", "pyav")
-                                                                         for w in (0, 2)}
+    backends, dtypes = ("decord", "pyav"), ("float32", "uint8")
+    assert {(r["backend"], r["dtype"], r["workers"]) for r in res["throughput"]} == {
+        (b, d, w) for b in backends for d in dtypes for w in (0, 2)}
     assert all(r["clips_per_s"] > 0 and "error" not in r for r in res["throughput"])
+    assert {(r["backend"], r["dtype"]) for r in res["stages"]} == {(b, d) for b in backends for d in dtypes}
     assert all(r["decode_ms"] > 0 and "error" not in r for r in res["stages"])
+    mb = {r["dtype"]: r["clip_mb"] for r in res["stages"]}
+    assert mb["uint8"] == pytest.approx(64 * 3 * 224 * 224 / 2**20, abs=0.01)  # a byte a pixel
+    assert mb["float32"] == pytest.approx(4 * mb["uint8"], abs=0.05)
     assert len(res["long_clip_memory"]) == 4 and all(r["frames"] > 0 for r in res["long_clip_memory"])
     again = mod.result_path(tmp_path, "smoke", res["date"][:10])  # a rerun the same day keeps the first file
     assert again.name == f"data-smoke-{res['date'][:10]}-run2.json"

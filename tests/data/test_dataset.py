@@ -32,12 +32,15 @@ def test_batch_layout(synth_manifest, spec):
     assert abs(b["audio"].shape[2] * 0.01 - (b["video_times"][0, -1] - b["video_times"][0, 0] + 1 / spec.fps)) < 0.03
 
 
-def test_frames_are_the_sampled_ones(synth_manifest, spec):
-    ds = MediaDataset(synth_manifest, DataConfig(num_frames=5, normalize=False, train=True, flip=False))
+@pytest.mark.parametrize("pixel_dtype", ["float32", "uint8"])
+def test_frames_are_the_sampled_ones(synth_manifest, spec, pixel_dtype):
+    ds = MediaDataset(synth_manifest, DataConfig(num_frames=5, normalize=False, train=True, flip=False,
+                                                 pixel_dtype=pixel_dtype))
     item = ds[1]
     idx = np.round(item["video_times"].numpy() * spec.fps).astype(int)
-    got = [synth.decode_frame_index(f) for f in (item["video"].numpy() * 255).round().astype(np.uint8)]
-    assert got == idx.tolist()
+    video = item["video"] if pixel_dtype == "uint8" else (item["video"] * 255).round().to(torch.uint8)
+    assert video.dtype == torch.uint8
+    assert [synth.decode_frame_index(f) for f in video.numpy()] == idx.tolist()
 
 
 def test_padding_masks_for_uneven_clips(tmp_path, synth_manifest, synth_records, spec):
@@ -55,9 +58,11 @@ def test_padding_masks_for_uneven_clips(tmp_path, synth_manifest, synth_records,
 
 
 def test_same_random_crop_and_flip_for_every_frame(synth_manifest):
-    cfg = DataConfig(num_frames=8, crop=(40, 40), train=True, normalize=False, seed=1)
+    # float frames: the window search below subtracts pixel values
+    cfg = DataConfig(num_frames=8, crop=(40, 40), train=True, normalize=False, seed=1, pixel_dtype="float32")
     ds = MediaDataset(synth_manifest, cfg)
-    plain = MediaDataset(synth_manifest, DataConfig(num_frames=8, normalize=False, train=True, seed=1, flip=False))
+    plain = MediaDataset(synth_manifest, DataConfig(num_frames=8, normalize=False, train=True, seed=1, flip=False,
+                                                    pixel_dtype="float32"))
     flips, boxes = set(), set()
     for epoch in range(2):
         ds.set_epoch(epoch)
@@ -77,8 +82,9 @@ def test_same_random_crop_and_flip_for_every_frame(synth_manifest):
     assert flips == {False, True} and len(boxes) > 2  # the parameters are random per sample
 
 
-def test_deterministic_across_worker_counts(synth_manifest):
-    cfg = DataConfig(num_frames=4, crop=(32, 32), train=True, seed=7)
+@pytest.mark.parametrize("pixel_dtype", ["float32", "uint8"])
+def test_deterministic_across_worker_counts(synth_manifest, pixel_dtype):
+    cfg = DataConfig(num_frames=4, crop=(32, 32), train=True, seed=7, pixel_dtype=pixel_dtype)
 
     def run(workers):
         loader = make_loader(synth_manifest, cfg, batch_size=2, num_workers=workers)

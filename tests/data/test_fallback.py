@@ -81,7 +81,7 @@ def test_with_fallback_on_the_file(av1, tmp_path):
 def test_dataset_fallback_equals_pyav_and_is_counted(av1, train, caplog):
     root, path, _ = av1
     m = _manifest(root, f"m-{train}.jsonl", [{"id": "av1", "video": str(path)}])
-    kw = dict(num_frames=6, load_audio=True, train=train, seed=3, normalize=False, flip=False)
+    kw = dict(num_frames=6, load_audio=True, train=train, seed=3, normalize=False, flip=False, pixel_dtype="float32")
     ds = MediaDataset(m, DataConfig(backend="decord", **kw))
     with caplog.at_level(logging.WARNING, logger="mmsparse.data"):
         item = ds[0]
