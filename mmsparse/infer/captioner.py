@@ -417,14 +417,19 @@ class Captioner:
 
 
 def _probe_duration(path: Path, backend: str) -> float:
-    from mmsparse.data.decode import open_video
+    """Seconds of video at `path`, read by `backend` or, when its decoder rejects the file (AV1
+    with decord 0.6.0), by the other one: the same fallback the clips themselves decode with."""
+    from mmsparse.data.decode import open_video, with_fallback
     from mmsparse.data.errors import diagnose
 
-    try:
-        r = open_video(path, backend)
-        return r.num_frames / r.fps
-    except MediaError:
-        raise
-    except Exception as err:
-        raise diagnose(path, err) from err
+    def probe(b: str) -> float:
+        try:
+            r = open_video(path, b)
+            return r.num_frames / r.fps
+        except MediaError:
+            raise
+        except Exception as err:
+            raise diagnose(path, err) from err
+
+    return with_fallback(probe, path, backend)[0]
 

@@ -144,3 +144,20 @@ def test_caption_cli_jsonl_text_and_exit_status(tiny_run, clips, tmp_path, capsy
     rc = cli_main(["caption", str(vids[0]), "--model", str(tmp_path / "missing-model")])
     err = capsys.readouterr().err
     assert rc == 2 and "error:" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_a_video_only_pyav_reads_is_captioned_with_decord_configured(captioner, clips):
+    """AV1 (decord 0.6.0 has no decoder for it): the clip and its duration probe both fall back
+    to PyAV, whole-clip and sliding-window alike."""
+    import av
+    import numpy as np
+
+    if "libsvtav1" not in av.codecs_available:
+        pytest.skip("this PyAV build has no SVT-AV1 encoder")
+    plan = synth.plan_clip(np.random.default_rng(11), 40, 8)
+    path = synth.write_clip(clips["root"] / "av1.mp4", plan, (32, 32), codec="libsvtav1")
+    (rec,) = captioner.caption([path])
+    assert "error" not in rec and rec["caption"], rec
+    assert rec["duration"] == pytest.approx(5.0)
+    (win,) = captioner.caption([path], window_seconds=2.0)
+    assert "error" not in win and len(win["segments"]) == 3, win
