@@ -165,4 +165,9 @@ def test_report_names_failures_machine_and_constant_answer(tiny_run, bench16, tm
     assert "device: NVIDIA Test GPU; torch: 9.9; triton: 8.8" in text
     assert "| tiled | tiled | 12 (time) | 1.500 | 16 |" in text
     assert "| dense | no model: training exited 3: error: out of memory |" in text
+    summ = longclip.summarize(res)
+    for a in longclip.ATTRIBUTES:  # each attribute on its own: which modality the model uses
+        assert summ[f"{a}_correct"] == sum(c[f"{a}_correct"] for c in res["clips"]) / len(res["clips"])
+    cells = " / ".join(f"{summ[f'{a}_correct']:.2f}" for a in longclip.ATTRIBUTES)
+    assert f"| {summ['attributes_correct']:.2f} | {cells} |" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
