@@ -103,7 +103,8 @@ def load_preprocess(model_dir: str | os.PathLike) -> Preprocess:
                 backend=str(data.get("backend") or "decord"),
                 extra={k: v for k, v in (data.get("extra") or {}).items()
                        if k in ("mode", "target_fps", "stride", "sample_rate", "n_mels", "hop_seconds",
-                                "win_seconds", "normalize", "decode_threads", "decode_timeout")},
+                                "win_seconds", "normalize", "decode_threads", "decode_timeout",
+                                "audio_backend", "video_fallback")},
                 source=str(cand))
     return Preprocess()
 

@@ -161,3 +161,17 @@ def test_a_video_only_pyav_reads_is_captioned_with_decord_configured(captioner, 
     assert rec["duration"] == pytest.approx(5.0)
     (win,) = captioner.caption([path], window_seconds=2.0)
     assert "error" not in win and len(win["segments"]) == 3, win
+
+
+def test_preprocess_follows_the_runs_decoders(tmp_path):
+    """A run trained with PyAV audio and no video fallback is captioned the same way."""
+    from mmsparse.infer.captioner import load_preprocess
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "data:\n  frames: 12\n  backend: decord\n  extra:\n    audio_backend: pyav\n    video_fallback: null\n"
+        "    hop_seconds: 0.04\n")
+    cfg = load_preprocess(run / "export").data_config()
+    assert (cfg.num_frames, cfg.backend, cfg.audio_backend, cfg.video_fallback) == (12, "decord", "pyav", None)
+    assert cfg.hop_seconds == 0.04
