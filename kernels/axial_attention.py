@@ -32,10 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from mmsparse.attention.backends import check_key_padding_mask
+
 from .block_sparse_attention import (
-    _LOG2E, MAX_HEAD_DIM, _bwd_preprocess, _check_padding, _dims, _dkdv_inner, _dot_prec, _dq_inner,
-    _fwd_inner, _is_padding, _last_contiguous, _load_kv_tile, _load_lse2, _padding_flags,
-    unsupported_reason as _bsa_unsupported,
+    _LOG2E, MAX_HEAD_DIM, _bwd_preprocess, _dims, _dkdv_inner, _dot_prec, _dq_inner,
+    _finish_rows, _fwd_inner, _is_padding, _last_contiguous, _load_kv_tile, _load_lse2, _padding_flags,
+    tensor_unsupported_reason,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +95,18 @@ def _line_of(pid, L, INNER, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _line_start(X, b, h, base, stride_b, stride_h, stride_n):
+    """Pointer to the first token of this line in X[b, h]."""
+    return X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + base * stride_n
+
+
+@triton.jit
+def _line_tile(X_line, offs, INNER, stride_n, offs_d):
+    """Pointers (len(offs), D_PAD) of the line's tokens `offs` (INNER tokens apart)."""
+    return X_line + offs[:, None] * (INNER * stride_n) + offs_d[None, :]
+
+
+@triton.jit
 def _axial_fwd_kernel(
     Q, K, V, O, LSE, KPM,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -109,10 +123,10 @@ def _axial_fwd_kernel(
     line, base, offs_m = _line_of(tl.program_id(0), L, INNER, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + base * stride_qn
-                + offs_m[:, None] * (INNER * stride_qn) + offs_d[None, :], mask=row_mask, other=0.0)
-    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn
-    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn
+    q = tl.load(_line_tile(_line_start(Q, b, h, base, stride_qb, stride_qh, stride_qn), offs_m, INNER, stride_qn,
+                           offs_d), mask=row_mask, other=0.0)
+    K_base = _line_start(K, b, hk, base, stride_kb, stride_kh, stride_kn)
+    V_base = _line_start(V, b, hk, base, stride_vb, stride_vh, stride_vn)
     KPM_base = KPM + b.to(tl.int64) * stride_kpm + base
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -121,12 +135,9 @@ def _axial_fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, INNER, offs_m, start_n, L,
                                    qk_scale, INNER * stride_kn, INNER * stride_vn, Q, 0, Q,
                                    HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM)
-    # a line whose keys are all padding attends nothing: 0 and LSE -inf
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + base * stride_on
-             + offs_m[:, None] * (INNER * stride_on) + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_mask)
+    acc, lse = _finish_rows(acc, l_i, m_i)  # a line of padding keys only attends nothing: 0, -inf
+    tl.store(_line_tile(_line_start(O, b, h, base, stride_ob, stride_oh, stride_on), offs_m, INNER, stride_on, offs_d),
+             acc.to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + pid_bh.to(tl.int64) * N + line * L + offs_m, lse, mask=offs_m < L)
 
 
@@ -148,24 +159,23 @@ def _axial_dq_kernel(
     line, base, offs_m = _line_of(tl.program_id(0), L, INNER, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + base * stride_qn
-                + offs_m[:, None] * (INNER * stride_qn) + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + base * stride_don
-                 + offs_m[:, None] * (INNER * stride_don) + offs_d[None, :], mask=row_mask, other=0.0)
+    q = tl.load(_line_tile(_line_start(Q, b, h, base, stride_qb, stride_qh, stride_qn), offs_m, INNER, stride_qn,
+                           offs_d), mask=row_mask, other=0.0)
+    do = tl.load(_line_tile(_line_start(DO, b, h, base, stride_dob, stride_doh, stride_don), offs_m, INNER,
+                            stride_don, offs_d), mask=row_mask, other=0.0)
     stat = pid_bh.to(tl.int64) * N + line * L
     lse2 = _load_lse2(LSE + stat, offs_m, L)
     delta = tl.load(DELTA + stat + offs_m, mask=offs_m < L, other=0.0)
-    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn
-    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn
+    K_base = _line_start(K, b, hk, base, stride_kb, stride_kh, stride_kn)
+    V_base = _line_start(V, b, hk, base, stride_vb, stride_vh, stride_vn)
     KPM_base = KPM + b.to(tl.int64) * stride_kpm + base
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, INNER, offs_m, start_n, L, qk_scale,
                        INNER * stride_kn, INNER * stride_vn, Q, 0, Q,
                        HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + base * stride_dqn
-             + offs_m[:, None] * (INNER * stride_dqn) + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=row_mask)
+    tl.store(_line_tile(_line_start(DQ, b, h, base, stride_dqb, stride_dqh, stride_dqn), offs_m, INNER, stride_dqn,
+                        offs_d), (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -185,16 +195,16 @@ def _axial_dkdv_kernel(
     line, base, offs_n = _line_of(tl.program_id(0), L, INNER, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     col_mask = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    k, v = _load_kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + base * stride_kn,
-                         V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + base * stride_vn,
+    k, v = _load_kv_tile(_line_start(K, b, hk, base, stride_kb, stride_kh, stride_kn),
+                         _line_start(V, b, hk, base, stride_vb, stride_vh, stride_vn),
                          offs_n, L, INNER * stride_kn, INNER * stride_vn, HEAD_DIM, D_PAD, False)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for r in range(GROUP):  # the query heads of this key head, in order: no atomics
         h = hk * GROUP + r
         bh = b * (HK * GROUP) + h
-        Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + base * stride_qn
-        DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + base * stride_don
+        Q_base = _line_start(Q, b, h, base, stride_qb, stride_qh, stride_qn)
+        DO_base = _line_start(DO, b, h, base, stride_dob, stride_doh, stride_don)
         stat = bh.to(tl.int64) * N + line * L
         for start_m in range(0, L, BLOCK_M):
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE + stat, DELTA + stat, offs_n, start_m,
@@ -204,11 +214,10 @@ def _axial_dkdv_kernel(
         pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm + base, INNER, offs_n, L)[:, None]
         dk = tl.where(pad, 0.0, dk)
         dv = tl.where(pad, 0.0, dv)
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + base * stride_dkn
-             + offs_n[:, None] * (INNER * stride_dkn) + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=col_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + base * stride_dvn
-             + offs_n[:, None] * (INNER * stride_dvn) + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
+    tl.store(_line_tile(_line_start(DK, b, hk, base, stride_dkb, stride_dkh, stride_dkn), offs_n, INNER, stride_dkn,
+                        offs_d), (dk * sm_scale).to(DK.dtype.element_ty), mask=col_mask)
+    tl.store(_line_tile(_line_start(DV, b, hk, base, stride_dvb, stride_dvh, stride_dvn), offs_n, INNER, stride_dvn,
+                        offs_d), dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,18 +353,14 @@ def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None
     reason = unsupported_reason(q)
     if reason:
         raise ValueError(f"axial_attention: {reason}")
-    _check_padding(key_padding_mask, q)
+    check_key_padding_mask(key_padding_mask, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _AxialAttention.apply(q, k, v, (outer, length, inner), scale, key_padding_mask)
 
 
 def unsupported_reason(q) -> str | None:
-    """Why these kernels cannot run q (None when they can): the block-sparse kernels' rules."""
-
-    class _AnyLayout:  # the block rule does not apply here
-        block_q = block_k = 16
-
-    return _bsa_unsupported(q, q, q, _AnyLayout())
+    """Why these kernels cannot run q (None when they can): the block-sparse kernels' rules on q."""
+    return tensor_unsupported_reason(q)
 
 
 def axial_geometry(layout) -> tuple[int, int, int] | None:

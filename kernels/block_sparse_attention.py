@@ -48,6 +48,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from mmsparse.attention.backends import check_key_padding_mask  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 MAX_HEAD_DIM = 256
@@ -243,6 +245,16 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, stride_pn, offs_m, st
 
 
 @triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """End of the online softmax: (out, natural-log LSE); a row that attended nothing (all its
+    keys masked or padding) gives 0 and -inf."""
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    return acc, lse
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, ATTR, TAB, KPM, ITEMS, q_full_idx, q_part_idx,
     stride_qb, stride_qh, stride_qn,
@@ -293,9 +305,7 @@ def _fwd_kernel(
                                        HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
 
     # 3. normalise; rows that attended nothing give 0 and LSE -inf
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    acc, lse = _finish_rows(acc, l_i, m_i)
     # rows of O: the query rows, or a chunk's rows of the scratch buffers (split rows)
     O_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     o_ptrs = O_base + offs_out[:, None] * stride_on + offs_d[None, :]
@@ -563,6 +573,15 @@ def unsupported_reason(q, k, v, layout) -> str | None:
     """Why the Triton kernels cannot run these inputs, or None when they can.
 
     Lets `sparse_attention(backend="auto")` fall back with one log line."""
+    reason = tensor_unsupported_reason(q)
+    if reason is None and (layout.block_q % 16 or layout.block_k % 16):
+        reason = (f"layout blocks {layout.block_q}x{layout.block_k} must be multiples of 16 "
+                  f"(build the layout with block_q=block_k=128)")
+    return reason
+
+
+def tensor_unsupported_reason(q) -> str | None:
+    """The rules on q alone (device, dtype, head dim), shared with the axial kernels."""
     if q.device.type != "cuda" and not _interpreting():
         return f"the Triton kernels need CUDA tensors (got {q.device}; TRITON_INTERPRET=1 runs them on the CPU)"
     if q.dtype not in _DTYPES:
@@ -571,9 +590,6 @@ def unsupported_reason(q, k, v, layout) -> str | None:
         return f"head_dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
     if q.shape[-1] < 1:
         return "head_dim must be positive"
-    if layout.block_q % 16 or layout.block_k % 16:
-        return (f"layout blocks {layout.block_q}x{layout.block_k} must be multiples of 16 "
-                f"(build the layout with block_q=block_k=128)")
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
         return "bfloat16 needs compute capability 8.0 or newer"
     return None
@@ -704,10 +720,9 @@ class _WorkList:
                 direct.append((r, f0, f1, p0, p0 + int(np_[r]), r))
                 continue
             long_blocks.append(r)
-            ids = []
+            ids, nfr = [], f1 - f0
             for s in range(0, total, chunk):  # positions in the row's full list then partial list
                 e = min(s + chunk, total)
-                nfr = f1 - f0
                 ids.append(len(split))
                 split.append((r, f0 + min(s, nfr), f0 + min(e, nfr), p0 + max(s - nfr, 0), p0 + max(e - nfr, 0),
                               len(split)))
@@ -815,15 +830,14 @@ def _scratch(like: torch.Tensor, work: _WorkList, block: int, fill: float = 0.0)
     return t
 
 
-def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int, tensors, **kw):
-    """Launch `kernel` over the direct rows (writing `tensors["direct"]`) and, where rows were
-    split, over their chunks (writing `tensors["split"]`): each a list of the output-dependent
-    arguments, spliced in by the caller's `args` function."""
+def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int, args, direct, split, **kw):
+    """Launch `kernel` over the direct rows, writing the outputs `direct`, and, where rows were
+    split, over their chunks, writing the scratch outputs `split`; `args(items, outputs)` gives
+    the kernel's positional arguments."""
     per_block = layout_block // tile
-    for items, count, outs in ((work.direct, work.n_direct, tensors["direct"]),
-                               (work.split, work.n_split, tensors["split"])):
+    for items, count, outs in ((work.direct, work.n_direct, direct), (work.split, work.n_split, split)):
         if count:
-            kernel[(count * per_block, bh)](*tensors["args"](items, outs), **kw)
+            kernel[(count * per_block, bh)](*args(items, outs), **kw)
 
 
 def _padding_flags(key_padding, q):
@@ -862,7 +876,7 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
     def launch(cfg):
         bm, bn, warps, stages = cfg
         _launch_items(_fwd_kernel, rows, bm, layout.block_q, b * h,
-                      dict(args=args, direct=(out, lse), split=split),
+                      args, (out, lse), split,
                       GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
                       LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
                       PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
@@ -951,14 +965,14 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
         _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h,
-                      dict(args=dq_args, direct=dq, split=dq_split),
+                      dq_args, dq, dq_split,
                       BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, num_warps=warps,
                       num_stages=stages, **common)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk,
-                      dict(args=dkdv_args, direct=(dk, dv), split=dkdv_split),
+                      dkdv_args, (dk, dv), dkdv_split,
                       BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     _maybe_tune("dq", d_pad, q, layout, launch_dq)
@@ -1016,19 +1030,8 @@ def block_sparse_attention(q, k, v, layout, scale: float | None = None, key_padd
     _check(q, k, v, layout)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = layout.to(q.device)
-    _check_padding(key_padding_mask, q)
+    check_key_padding_mask(key_padding_mask, q)
     return _BlockSparseAttention.apply(q, k, v, layout, scale, key_padding_mask)
-
-
-def _check_padding(key_padding_mask, q):
-    if key_padding_mask is None:
-        return
-    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-        raise ValueError(f"key_padding_mask must be a bool tensor (B, N), got "
-                         f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
-    if tuple(key_padding_mask.shape) != (q.shape[0], q.shape[2]):
-        raise ValueError(f"key_padding_mask must be (B, N) = ({q.shape[0]}, {q.shape[2]}), "
-                         f"got {tuple(key_padding_mask.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def sparse_attention(q, k, v, block_layout: BlockLayout, backend: str = "auto", 
         out (B, H, N, D) in q's dtype, and lse when asked.
     """
     _check_inputs(q, k, v, block_layout)
-    _check_padding(key_padding_mask, q)
+    check_key_padding_mask(key_padding_mask, q)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -148,7 +148,9 @@ def _dispatch(q, k, v, layout, backend, scale, return_lse, kpm=None):
     return out, lse
 
 
-def _check_padding(kpm, q):
+def check_key_padding_mask(kpm, q):
+    """ValueError unless kpm is None or a bool (B, N) tensor matching q (B, H, N, D); shared
+    with the Triton kernels' own entry points."""
     if kpm is None:
         return
     if not isinstance(kpm, torch.Tensor) or kpm.dtype != torch.bool:
@@ -188,6 +190,20 @@ def _dense_mask(layout: BlockLayout) -> torch.Tensor:
     return cached
 
 
+def _kv_table(mq: int, mk: int, *lists):
+    """Per query block, the key blocks of the CSR lists (ptr, idx) one after the other, as
+    BlockMask.from_kv_blocks takes them: (counts (1, 1, Mq), table (1, 1, Mq, Mk)) int32."""
+    dev = lists[0][0].device
+    table = torch.zeros(mq, mk, dtype=torch.int32, device=dev)
+    filled = torch.zeros(mq, dtype=torch.long, device=dev)
+    for ptr, idx in lists:
+        rows = _rows_of(ptr).long()
+        slot = torch.arange(idx.numel(), device=dev) - ptr[:-1].long()[rows] + filled[rows]
+        table[rows, slot] = idx.to(torch.int32)
+        filled += (ptr[1:] - ptr[:-1]).long()
+    return filled.to(torch.int32)[None, None], table[None, None]
+
+
 def flex_block_mask(layout: BlockLayout):
     """The FlexAttention BlockMask of a BlockLayout (same full and partial blocks)."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -196,22 +212,13 @@ def flex_block_mask(layout: BlockLayout):
     if cached is not None:
         return cached
     mq, mk = layout.num_q_blocks, layout.num_k_blocks
-
-    def dense_lists(ptr, idx):
-        counts = (ptr[1:] - ptr[:-1]).to(torch.int32)
-        rows = _rows_of(ptr).long()
-        slot = torch.arange(idx.numel(), device=idx.device) - ptr[:-1].long()[rows]
-        table = torch.zeros(mq, mk, dtype=torch.int32, device=idx.device)
-        table[rows, slot] = idx
-        return counts[None, None], table[None, None]
-
     program = layout.program
 
     def mask_mod(b, h, q_idx, kv_idx):
         return program.evaluate(q_idx, kv_idx)
 
-    num, idx = dense_lists(layout.q_part_ptr, layout.q_part_idx)
-    full_num, full_idx = dense_lists(layout.q_full_ptr, layout.q_full_idx)
+    num, idx = _kv_table(mq, mk, (layout.q_part_ptr, layout.q_part_idx))
+    full_num, full_idx = _kv_table(mq, mk, (layout.q_full_ptr, layout.q_full_idx))
     mask = BlockMask.from_kv_blocks(
         num, idx, full_num, full_idx,
         BLOCK_SIZE=(layout.block_q, layout.block_k), mask_mod=mask_mod, seq_lengths=(layout.n, layout.n),
@@ -253,17 +260,8 @@ def _flex_padded_mask(layout: BlockLayout, kpm: torch.Tensor):
 
     cached = getattr(layout, "_flex_padded", None)
     if cached is None:
-        mq, mk = layout.num_q_blocks, layout.num_k_blocks
-        f_rows = _rows_of(layout.q_full_ptr).long()
-        p_rows = _rows_of(layout.q_part_ptr).long()
-        f_count = (layout.q_full_ptr[1:] - layout.q_full_ptr[:-1]).long()
-        p_count = (layout.q_part_ptr[1:] - layout.q_part_ptr[:-1]).long()
-        f_slot = torch.arange(layout.num_full, device=f_rows.device) - layout.q_full_ptr[:-1].long()[f_rows]
-        p_slot = (torch.arange(layout.num_partial, device=p_rows.device) - layout.q_part_ptr[:-1].long()[p_rows]
-                  + f_count[p_rows])
-        table = torch.zeros(mq, mk, dtype=torch.int32, device=f_rows.device)
-        table[f_rows, f_slot] = layout.q_full_idx.to(torch.int32)
-        table[p_rows, p_slot] = layout.q_part_idx.to(torch.int32)
+        num, table = _kv_table(layout.num_q_blocks, layout.num_k_blocks,
+                               (layout.q_full_ptr, layout.q_full_idx), (layout.q_part_ptr, layout.q_part_idx))
         holder: dict = {}
         program = layout.program
 
@@ -271,7 +269,7 @@ def _flex_padded_mask(layout: BlockLayout, kpm: torch.Tensor):
             return program.evaluate(q_idx, kv_idx) & ~holder["kpm"][b, kv_idx]
 
         mask = BlockMask.from_kv_blocks(
-            (f_count + p_count).to(torch.int32)[None, None], table[None, None],
+            num, table,
             BLOCK_SIZE=(layout.block_q, layout.block_k), mask_mod=mask_mod, seq_lengths=(layout.n, layout.n),
         )
         cached = layout._flex_padded = (mask, holder)
