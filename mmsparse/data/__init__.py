@@ -40,53 +40,22 @@ a missing image) is zero pixels, which the model sets to 0 after normalising, as
 path. ``pixel_norm`` is ``(0,) * C, (1,) * C`` with ``normalize=False``. Default ``auto``:
 uint8 when ``train`` (the training loop is the loader-bound consumer), float32 otherwise.
 
-Entry points: ``make_loader(manifest, config, batch_size, ...)``, ``synth.make_dataset`` (the
+Entry points: ``make_loader(manifest, config, batch_size, ...)`` (a DataLoader that survives
+decode workers killed by their decoder, see ``loader``), ``synth.make_dataset`` (the
 default data of every recipe), ``convert`` (MSR-VTT, ActivityNet Captions, YouCook2),
 ``mmsparse data {synth,convert,check}``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .collate import collate
 from .dataset import DataConfig, MediaDataset, read_image
-from .errors import REASONS, FailureStats, MediaError, TooManyBadSamples
+from .errors import REASONS, CrashGuard, FailureStats, MediaError, TooManyBadSamples
+from .loader import MediaLoader, make_loader
 from .manifest import Sample, load_manifest, write_manifest
 from .sampler import ShardedSampler
 
 __all__ = [
-    "DataConfig", "FailureStats", "MediaDataset", "MediaError", "REASONS", "Sample", "ShardedSampler",
-    "TooManyBadSamples", "collate", "load_manifest", "make_loader", "read_image", "write_manifest",
+    "CrashGuard", "DataConfig", "FailureStats", "MediaDataset", "MediaError", "MediaLoader", "REASONS", "Sample",
+    "ShardedSampler", "TooManyBadSamples", "collate", "load_manifest", "make_loader", "read_image", "write_manifest",
 ]
-
-
-def _worker_init(_worker_id: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # decode parallelism comes from workers; avoid oversubscription
-
-
-def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None = None, *, batch_size: int = 8,
-                num_workers: int = 0, sampler: ShardedSampler | None = None, rank: int = 0,
-                num_replicas: int = 1, shuffle: bool | None = None, drop_last: bool = False,
-                prefetch_factor: int | None = None, multiprocessing_context=None):
-    """A DataLoader over ``manifest`` yielding Batch dicts; sharded by ``rank`` / ``num_replicas``.
-
-    ``shuffle`` defaults to ``config.train``. The sampler (``loader.sampler``) carries the
-    resumable position; ``loader.dataset.stats`` the failure counts.
-    """
-    from torch.utils.data import DataLoader
-
-    ds = manifest if isinstance(manifest, MediaDataset) else MediaDataset(manifest, config)
-    if sampler is None:
-        sampler = ShardedSampler(len(ds), num_replicas, rank, shuffle=ds.cfg.train if shuffle is None else shuffle,
-                                 seed=ds.cfg.seed, drop_last=drop_last)
-    kw = {}
-    if num_workers > 0:
-        kw["worker_init_fn"] = _worker_init
-        kw["prefetch_factor"] = prefetch_factor or 2
-        if multiprocessing_context is not None:
-            kw["multiprocessing_context"] = multiprocessing_context
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=drop_last, **kw)

@@ -27,6 +27,12 @@ a failure, and the sample is what the fallback backend alone would give. Only wh
 is the sample bad (or, strict, raised), with the primary's reason and both errors in the detail.
 Both attempts share one ``decode_timeout``.
 
+Crashes: a decoder that kills its worker process (a segfault in C code) cannot raise. Each
+decode is registered in ``self.crashes`` (``errors.CrashGuard``) so that ``MediaLoader`` can
+name the sample a dead worker was decoding, after which the sample is decoded with PyAV, and
+skipped as ``crashed`` if that dies too. Run with ``num_workers >= 1`` for this protection: a
+crash in the main process ends it.
+
 Determinism: the clip offset, the replacement draw and the transform's random parameters all
 derive from (seed, epoch, index), so the same sample comes out whatever the worker count.
 Readers are opened inside ``__getitem__`` (in the worker that runs it), never pickled.
@@ -41,11 +47,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from . import audio as audio_mod
 from .decode import call_with_timeout, open_video, resolve_fallback, sample_indices, short_side_size, with_fallback
-from .errors import FailureStats, MediaError, TooManyBadSamples, check_file, diagnose
+from .errors import CrashGuard, FailureStats, MediaError, TooManyBadSamples, check_file, diagnose
 from .manifest import Sample, load_manifest
 from .transforms import PIXEL_DTYPES, TransformConfig, apply_clip, apply_image, build_transform, pixel_norm
 
@@ -130,8 +136,11 @@ class MediaDataset(Dataset):
             raise ValueError("manifest has no samples")
         self.cfg = config or DataConfig()
         self.stats = stats or FailureStats()
+        self.crashes = CrashGuard(len(self.samples))
         self.epoch = 0
         c = self.cfg
+        # after a crash: PyAV for video and audio, unless that is what crashed already
+        self._after_crash_level = CrashGuard.SKIP if (c.backend, c.audio_backend) == ("pyav", "pyav") else 1
         dtype = c.pixel_dtype_resolved
         video_tf = TransformConfig(None, c.crop, c.train, c.flip, normalize=c.normalize, dtype=dtype)
         self._video_tf = build_transform(video_tf)
@@ -152,6 +161,8 @@ class MediaDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         c = self.cfg
         i = int(index)
+        info = get_worker_info()
+        worker = info.id if info is not None else -1  # the main process is not guarded: its crash ends it
         for attempt in range(c.max_retries + 1):
             if attempt:
                 draw = np.random.default_rng([c.seed, self.epoch, int(index), attempt, 1])
@@ -159,8 +170,19 @@ class MediaDataset(Dataset):
             sample = self.samples[i]
             seed = [c.seed, self.epoch, i]
             self.stats.attempt()
+            level = self.crashes.level(i)
+            if level:
+                level = max(level, self._after_crash_level)
             try:
-                raw = call_with_timeout(lambda: self._decode(sample, seed), c.decode_timeout, sample.primary_path)
+                if level >= CrashGuard.SKIP:
+                    raise MediaError(sample.primary_path, "crashed", "a decoder crashed on this file before; "
+                                     "not decoded again")
+                self.crashes.begin(worker, i, level)
+                try:
+                    raw = call_with_timeout(lambda: self._decode(sample, seed, level), c.decode_timeout,
+                                            sample.primary_path)
+                finally:
+                    self.crashes.end(worker)
             except MediaError as err:
                 if c.strict:
                     raise
@@ -198,20 +220,25 @@ class MediaDataset(Dataset):
             raise diagnose(s.video, err) from err
         return frames, times, reader.fps
 
-    def _decode(self, s: Sample, seed: list[int]) -> _Raw:
+    def _decode(self, s: Sample, seed: list[int], level: int = 0) -> _Raw:
+        """Decode ``s``; ``level`` 1 (it crashed a worker before) uses PyAV for video and audio."""
         c = self.cfg
         raw = _Raw()
+        backend, fallback, audio_backend = (c.backend, c.video_fallback, c.audio_backend) if level == 0 else (
+            "pyav", None, "pyav")
         if s.video is not None and c.load_video:
             (raw.video, raw.video_times, fps), used, primary_err = with_fallback(
-                lambda b: self._decode_video(s, b, seed), s.video, c.backend, c.video_fallback)
+                lambda b: self._decode_video(s, b, seed), s.video, backend, fallback)
             if primary_err is not None:
                 self.stats.fallback(primary_err, used)
+            if level:
+                self.stats.fallback(MediaError(s.video, "crashed", "a decoder crashed on this file before"), "pyav")
             if c.load_audio:
                 src = s.audio or s.video
                 t0 = float(raw.video_times[0])
                 t1 = float(raw.video_times[-1]) + 1.0 / fps
                 try:
-                    raw.audio = audio_mod.read_audio(src, c.sample_rate, t0, t1, c.audio_backend)
+                    raw.audio = audio_mod.read_audio(src, c.sample_rate, t0, t1, audio_backend)
                     raw.audio_start = t0
                 except MediaError as err:
                     if err.reason != "no_audio" or c.require_audio or s.audio is not None:
@@ -219,7 +246,7 @@ class MediaDataset(Dataset):
         elif s.audio is not None and c.load_audio:
             start = s.start or 0.0
             end = s.end if s.end is not None else None
-            wave = audio_mod.read_audio(s.audio, c.sample_rate, start, end, c.audio_backend)
+            wave = audio_mod.read_audio(s.audio, c.sample_rate, start, end, audio_backend)
             raw.audio = wave[: int(c.max_audio_seconds * c.sample_rate)] if end is None else wave
             raw.audio_start = start
         if s.image is not None and c.load_image:

@@ -4,7 +4,8 @@ Reasons (``REASONS``): ``missing`` (no such file), ``unreadable`` (a directory, 
 I/O error), ``empty`` (zero bytes), ``truncated`` (the container declares more bytes than the
 file holds), ``corrupt`` (anything else the decoder rejects), ``no_audio`` (audio required but
 the file has no audio track), ``too_short`` (fewer frames than asked), ``timeout`` (decode did
-not finish in time).
+not finish in time), ``crashed`` (the decoder killed its DataLoader worker, e.g. a segfault in
+decord's C++ on a damaged file; see ``CrashGuard``).
 
 A decode that the configured fallback backend rescued (see ``decode.with_fallback``) is not a
 failure: ``FailureStats`` counts it apart, as ``fallback``, with the path and the primary
@@ -21,7 +22,8 @@ from pathlib import Path
 
 log = logging.getLogger("mmsparse.data")
 
-REASONS = ("missing", "unreadable", "empty", "truncated", "corrupt", "no_audio", "too_short", "timeout")
+REASONS = ("missing", "unreadable", "empty", "truncated", "corrupt", "no_audio", "too_short", "timeout",
+           "crashed")
 
 
 class MediaError(Exception):
@@ -177,3 +179,62 @@ class FailureStats:
         lines += [f"  {p}: {r}" + (f" ({d})" if d else "") for p, r, d in self.recent]
         lines += [f"  {p}: fallback to {b} ({d})" for p, b, d in self.recent_fallbacks]
         return "\n".join(lines)
+
+
+class CrashGuard:
+    """Which sample each DataLoader worker is decoding, and which samples crashed a worker.
+
+    A decoder that dies in C code (decord segfaults on some damaged files) takes its worker
+    process with it; Python never sees an exception. The guard makes that survivable: before a
+    decode, the worker writes (its pid, the sample index, the attempt level) into its slot of a
+    shared array; the loader (``MediaLoader``), told by torch which worker pid died, finds the
+    sample in that slot, marks it here and restarts its workers. A marked sample's level says
+    how it is decoded from then on:
+
+    - 0: as configured.
+    - 1: crashed once: video and audio both decoded with PyAV (whose FFmpeg build is not
+      decord's), so a file only decord chokes on still trains.
+    - 2: crashed twice, or PyAV was already the decoder: never decoded again; drawing it counts
+      as ``crashed`` and another sample is drawn, like any bad file.
+
+    Shared memory (``multiprocessing.RawArray``) created with the dataset, so workers of any
+    start method see it; ``slots`` bounds how many workers are tracked (ids past it decode
+    unguarded, so their crashes end the run as they would without the guard).
+    """
+
+    SKIP = 2
+
+    def __init__(self, n: int, slots: int = 256):
+        ctx = mp.get_context()
+        self.slots = slots
+        self._busy = ctx.RawArray("q", 3 * slots)  # per worker id: pid, sample index, level (pid 0 = idle)
+        self._level = ctx.RawArray("b", n)
+
+    def level(self, index: int) -> int:
+        return int(self._level[index])
+
+    def begin(self, worker: int, index: int, level: int) -> None:
+        if 0 <= worker < self.slots:
+            self._busy[3 * worker + 1] = index
+            self._busy[3 * worker + 2] = level
+            self._busy[3 * worker] = os.getpid()
+
+    def end(self, worker: int) -> None:
+        if 0 <= worker < self.slots:
+            self._busy[3 * worker] = 0
+
+    def mark_dead(self, pids: set[int]) -> list[tuple[int, int]]:
+        """Mark the samples the workers ``pids`` were decoding when they died.
+
+        Returns [(sample index, its new level)] for every dead worker caught mid-decode.
+        """
+        hit = []
+        for w in range(self.slots):
+            pid = int(self._busy[3 * w])
+            if pid and pid in pids:
+                index, level = int(self._busy[3 * w + 1]), int(self._busy[3 * w + 2])
+                new = min(self.SKIP, max(level + 1, int(self._level[index]) + 1))
+                self._level[index] = new
+                self._busy[3 * w] = 0
+                hit.append((index, new))
+        return hit

@@ -1,0 +1,125 @@
+"""The DataLoader over a MediaDataset, and its survival of decode workers that die.
+
+``make_loader`` builds a ``MediaLoader``: a torch DataLoader (same arguments, same attributes:
+``sampler``, ``dataset``, ``generator``) whose iterator outlives a worker process killed by its
+decoder. Damaged files make decord crash in C++ now and then (a segfault, an abort from an
+uncaught C++ exception) where no Python exception can be raised; a plain DataLoader then ends
+the run with ``RuntimeError: DataLoader worker (pid N) exited unexpectedly``.
+
+On that error ``MediaLoader.__iter__``:
+
+1. reads the dead pids from torch's message and asks the dataset's ``CrashGuard`` which sample
+   each was decoding; no sample found (a worker that died outside a decode) re-raises;
+2. marks those samples (decoded with PyAV from then on, skipped as ``crashed`` if that crashes
+   too), counts the crash in the failure stats (so the bad-fraction bound still applies) and
+   logs it with the path;
+3. rewinds the sampler to the first sample of the first batch not yet handed out and starts
+   fresh workers from there.
+
+The batches that follow are the ones a run where the file had failed cleanly would see: the
+sampler's order, the dataset's (seed, epoch, index) randomness and its replacement draws do not
+depend on the workers. Samples the dead iterator had prefetched are decoded again, so
+``stats.attempts`` counts those twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Iterator
+
+from torch.utils.data import DataLoader
+
+from .collate import collate
+from .dataset import DataConfig, MediaDataset
+from .errors import MediaError, TooManyBadSamples
+from .sampler import ShardedSampler
+
+log = logging.getLogger("mmsparse.data")
+
+# torch's messages: "DataLoader worker (pid 123) is killed by signal: ..." and
+# "DataLoader worker (pid(s) 123, 456) exited unexpectedly"
+_DEAD = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
+
+
+def _dead_pids(err: BaseException) -> set[int]:
+    pids: set[int] = set()
+    seen = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:  # torch chains the signal handler's error as the cause
+        seen.add(id(e))
+        for m in _DEAD.finditer(str(e)):
+            pids.update(int(p) for p in m.group(1).replace(" ", "").split(",") if p)
+        e = e.__cause__ or e.__context__
+    return pids
+
+
+def _worker_init(_worker_id: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # decode parallelism comes from workers; avoid oversubscription
+
+
+class MediaLoader(DataLoader):
+    """A DataLoader whose iteration survives decode workers that crash (see the module doc)."""
+
+    def __iter__(self) -> Iterator[dict]:
+        sampler, ds = self.sampler, self.dataset
+        if self.num_workers == 0 or not isinstance(ds, MediaDataset) or not hasattr(sampler, "position"):
+            yield from super().__iter__()
+            return
+        start, handed = sampler.position, 0
+        while True:
+            it = super().__iter__()
+            try:
+                for batch in it:
+                    handed += 1
+                    yield batch
+                return
+            except RuntimeError as err:
+                hits = ds.crashes.mark_dead(_dead_pids(err))
+                if not hits:
+                    raise
+                self._record(ds, hits, err)
+            finally:
+                del it  # shuts the (remaining) workers down before new ones start
+            sampler.position = start + handed * self.batch_size
+
+    @staticmethod
+    def _record(ds: MediaDataset, hits: list[tuple[int, int]], err: BaseException) -> None:
+        why = str(err).split("\n")[0]
+        for index, level in hits:
+            path = ds.samples[index].primary_path
+            then = "decoding it with PyAV from now on" if level == 1 else "skipping it from now on"
+            ds.stats.record(MediaError(path, "crashed", f"{why}; {then}"))
+        c = ds.cfg
+        if c.strict:
+            raise TooManyBadSamples(f"a decode worker crashed (strict mode): {ds.stats.summary()}") from err
+        if ds.stats.attempts >= c.min_attempts and ds.stats.fraction() > c.max_bad_fraction:
+            raise TooManyBadSamples(f"bad-sample fraction {ds.stats.fraction():.1%} passed the bound "
+                                    f"{c.max_bad_fraction:.1%}: {ds.stats.summary()}") from err
+
+
+def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None = None, *, batch_size: int = 8,
+                num_workers: int = 0, sampler: ShardedSampler | None = None, rank: int = 0,
+                num_replicas: int = 1, shuffle: bool | None = None, drop_last: bool = False,
+                prefetch_factor: int | None = None, multiprocessing_context=None) -> MediaLoader:
+    """A MediaLoader over ``manifest`` yielding Batch dicts; sharded by ``rank`` / ``num_replicas``.
+
+    ``shuffle`` defaults to ``config.train``. The sampler (``loader.sampler``) carries the
+    resumable position; ``loader.dataset.stats`` the failure counts. With ``num_workers >= 1``
+    a worker killed by its decoder costs the sample, not the run (module doc).
+    """
+    ds = manifest if isinstance(manifest, MediaDataset) else MediaDataset(manifest, config)
+    if sampler is None:
+        sampler = ShardedSampler(len(ds), num_replicas, rank, shuffle=ds.cfg.train if shuffle is None else shuffle,
+                                 seed=ds.cfg.seed, drop_last=drop_last)
+    kw = {}
+    if num_workers > 0:
+        kw["worker_init_fn"] = _worker_init
+        kw["prefetch_factor"] = prefetch_factor or 2
+        if multiprocessing_context is not None:
+            kw["multiprocessing_context"] = multiprocessing_context
+    return MediaLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                       collate_fn=collate, drop_last=drop_last, **kw)
