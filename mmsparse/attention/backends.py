@@ -8,7 +8,8 @@ Backends (all compute the same function of q, k, v and the BlockLayout; tests pr
   small N only (the mask is N x N).
 - `flex`: torch FlexAttention with a BlockMask built from the same CSR lists and the mask
   program as mask_mod; compiled on CUDA, unfused eager mode on the CPU (small N).
-- `triton`: the block-sparse Triton kernels (mmsparse.kernels), CUDA only.
+- `triton`: the Triton kernels (mmsparse.kernels), CUDA only: block-sparse, with exactly-axial
+  layouts on the axial kernels and `rest | Strided(s)` layouts split into both (strided_attention).
 
 `auto` picks triton on CUDA when the kernels are importable, else flex on CUDA, and the
 reference on the CPU; the environment variable MMSPARSE_ATTENTION_BACKEND overrides it.
@@ -284,9 +285,12 @@ def _triton(q, k, v, layout: BlockLayout, scale, kpm=None):
     try:
         from mmsparse.kernels.axial_attention import axial_attention, axial_geometry
         from mmsparse.kernels.block_sparse_attention import block_sparse_attention
+        from mmsparse.kernels.strided_attention import strided_attention, strided_split
     except ImportError as err:
         raise ValueError(f"backend='triton' is unavailable: {err}") from err
     geometry = axial_geometry(layout)
     if geometry is not None:  # lines read in place: no per-block waste, no permuted copies
         return axial_attention(q, k, v, geometry, scale, key_padding_mask=kpm)
+    if strided_split(layout) is not None:  # strided keys as axial lines, the rest block-sparse
+        return strided_attention(q, k, v, layout, scale, key_padding_mask=kpm)
     return block_sparse_attention(q, k, v, layout, scale, key_padding_mask=kpm)

@@ -1,0 +1,128 @@
+"""Strided layouts (`rest | Strided(s)`) split into block-sparse + axial kernels merged by LSE,
+against a float64 truth on the whole layout, forward and backward.
+
+CPU: TRITON_INTERPRET=1, float32 / float16 at small N; GPU: bf16 at real sizes. Error budget as
+in the other kernel tests (CONVENTIONS.md item 3): at most twice the error of the dense masked
+attention computed in the input dtype, plus a floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmsparse.attention import Global, Local, Strided, build_layout, sparse_attention
+from mmsparse.attention.patterns import sparse_transformer
+from mmsparse.kernels import block_sparse_attention as bs
+from mmsparse.kernels import strided_attention as st
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+BLOCK = 64 if CUDA else 16
+
+# (name, pattern, N): N a multiple of the stride or not, a band narrower than the stride (the
+# overlap is the diagonal), a band wider than it and global tokens (overlap off the diagonal),
+# the strided part alone
+if CUDA:
+    CASES = [("st128", sparse_transformer(128), 4096), ("st64-ragged", sparse_transformer(64), 3000),
+             ("wide+global", Local(97) | Global(40) | Strided(32), 2500), ("alone", Strided(100), 2048)]
+    DTYPES, SHAPE = (torch.bfloat16,), (2, 4, 2)
+else:
+    CASES = [("st8", sparse_transformer(8), 64), ("st8-ragged", sparse_transformer(8), 61),
+             ("wide+global", Local(13) | Global(3) | Strided(5), 53), ("alone", Strided(7), 45)]
+    DTYPES, SHAPE = (torch.float32, torch.float16), (1, 2, 1)
+RUNS = [(c, t) for c in CASES for t in DTYPES]
+
+
+def _inputs(n, d, seed):
+    b, h, hk = SHAPE
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, x, n, d, generator=gen) for x in (h, hk, hk))
+    return q, k, v, torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, generator=gen)
+
+
+def _grads(fn, q, k, v, dout, dlse, dtype):
+    q, k, v = (t.to(DEV, dtype).detach().requires_grad_(True) for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out.double() * dout.to(DEV).double()).sum() + (lse.double() * dlse.to(DEV).double()).sum()
+    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
+
+
+def _budget(got, low, truth, dtype):
+    for name, g, lo, t in zip(("out", "lse", "dq", "dk", "dv"), got, low, truth):
+        assert not torch.isnan(g).any(), f"{name}: NaN"
+        err = (g.double() - t.double()).abs().max().item()
+        base = (lo.double() - t.double()).abs().max().item()
+        assert err <= 2 * base + FLOOR[dtype], f"{name}: {err:.3e} > 2 x {base:.3e} + {FLOOR[dtype]}"
+
+
+@pytest.mark.parametrize("case,dtype", RUNS, ids=[f"{c[0]}-{str(t)[6:]}" for c, t in RUNS])
+def test_matches_truth(case, dtype):
+    name, pattern, n = case
+    layout = build_layout(pattern, (n,), BLOCK, BLOCK, device=DEV)
+    split = st.strided_split(layout)
+    assert split is not None
+    d = 24
+    q, k, v, dout, dlse = _inputs(n, d, seed=n)
+    ref = lambda up: (lambda q, k, v: bs.block_sparse_attention_ref(q, k, v, layout, d**-0.5, upcast=up))
+    truth = _grads(ref(True), q, k, v, dout, dlse, torch.float64)
+    low = _grads(ref(False), q, k, v, dout, dlse, dtype)
+    got = _grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5), q, k, v, dout, dlse, dtype)
+    _budget(got, low, truth, dtype)
+
+
+def test_key_padding():
+    """Padding keys are never attended by either part, and the overlap removes none of them."""
+    n, d = (3000, 64) if CUDA else (59, 16)
+    pattern = Local(97) | Global(40) | Strided(32) if CUDA else Local(13) | Global(3) | Strided(5)
+    layout = build_layout(pattern, (n,), BLOCK, BLOCK, device=DEV)
+    q, k, v, dout, dlse = _inputs(n, d, seed=5)
+    kpm = torch.zeros(SHAPE[0], n, dtype=torch.bool)
+    kpm[0, n // 3: n // 2] = True
+    kpm[-1, 1] = True  # a global token is padding
+    kpm[:, -7:] = True  # the ragged tail
+    kpm = kpm.to(DEV)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    ref = lambda up: (lambda q, k, v: bs.block_sparse_attention_ref(q, k, v, layout, d**-0.5, upcast=up,
+                                                                    key_padding_mask=kpm))
+    truth = _grads(ref(True), q, k, v, dout, dlse, torch.float64)
+    low = _grads(ref(False), q, k, v, dout, dlse, dtype)
+    got = _grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5, key_padding_mask=kpm),
+                 q, k, v, dout, dlse, dtype)
+    _budget(got, low, truth, dtype)
+    for b in range(SHAPE[0]):  # padding keys get no gradient from either part or the overlap
+        assert got[3][b][:, kpm[b]].abs().max() == 0 and got[4][b][:, kpm[b]].abs().max() == 0
+
+
+def test_overlap_pairs_are_exactly_the_intersection():
+    n, s = 50, 6
+    layout = build_layout(Local(9) | Global(2) | Strided(s), (n,), 16, 16)
+    split = st.strided_split(layout)
+    got = set(zip(split.oq.tolist(), split.ok.tolist()))
+    rest = build_layout(Local(9) | Global(2), (n,), 16, 16).dense_mask()
+    want = {(a, b) for a in range(n) for b in range(n) if (a - b) % s == 0 and rest[a, b]}
+    assert got == want and len(got) > n  # the diagonal and the global tokens' strided keys
+
+
+def test_only_strided_unions_split():
+    assert st.strided_split(build_layout(Local(9), (64,), 16, 16)) is None
+    assert st.strided_split(build_layout(Local(9) | Strided(8, causal=True), (64,), 16, 16)) is None
+    assert st.strided_split(build_layout(Local(9) | Strided(8) | Strided(4), (64,), 16, 16)) is None
+    assert st.strided_split(build_layout(Strided(64), (64,), 16, 16)) is None  # the diagonal alone
+    assert st.strided_split(build_layout(Strided(8), (64,), 16, 16)).rest is None
+    with pytest.raises(ValueError, match="Strided"):
+        q = torch.randn(1, 1, 64, 16, device=DEV)
+        st.strided_attention(q, q, q, build_layout(Local(9), (64,), 16, 16, device=DEV))
+
+
+@pytest.mark.skipif(not CUDA, reason="backend='triton' of sparse_attention needs CUDA tensors")
+def test_sparse_attention_triton_takes_the_strided_path():
+    layout = build_layout(sparse_transformer(128), (8192,), device="cuda")
+    q, k, v = (torch.randn(1, 4, layout.n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = sparse_attention(q, k, v, layout, backend="triton")
+    assert st.strided_split(layout) is not None
+    ref = sparse_attention(q, k, v, layout, backend="flex")
+    assert (out.float() - ref.float()).abs().max().item() < 3e-2
