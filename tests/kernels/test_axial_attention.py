@@ -15,12 +15,10 @@ import torch
 from mmsparse.attention import Axial, Local, Segment, StreamLayout, build_layout, sparse_attention
 from mmsparse.attention.reference import reference_attention
 from mmsparse.kernels import axial_attention as ax
+from tests.kernels.budget import CUDA, DEV, check_budget, grads, inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 # (grid, axes): time (stride H * W), a middle axis, the last axis (stride 1), two trailing axes
 # (a frame: stride 1, L = H * W) and a line longer than one tile with a ragged end
@@ -33,28 +31,6 @@ else:
 RUNS = [(g, a, t) for g, a in GRIDS for t in DTYPES]
 
 
-def _inputs(n, d, seed):
-    b, h, hk = SHAPE
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, x, n, d, generator=gen) for x in (h, hk, hk))
-    return q, k, v, torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, generator=gen)
-
-
-def _grads(fn, q, k, v, dout, dlse, dtype):
-    q, k, v = (t.to(DEV, dtype).detach().requires_grad_(True) for t in (q, k, v))
-    out, lse = fn(q, k, v)
-    loss = (out.double() * dout.to(DEV).double()).sum() + (lse.double() * dlse.to(DEV).double()).sum()
-    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
-
-
-def _budget(got, low, truth, dtype):
-    for name, g, lo, t in zip(("out", "lse", "dq", "dk", "dv"), got, low, truth):
-        assert not torch.isnan(g).any(), f"{name}: NaN (an unwritten element)"
-        err = (g.double() - t.double()).abs().max().item()
-        base = (lo.double() - t.double()).abs().max().item()
-        assert err <= 2 * base + FLOOR[dtype], f"{name}: {err:.3e} > 2 x {base:.3e} + {FLOOR[dtype]}"
-
-
 @pytest.mark.parametrize("grid,axes,dtype", RUNS, ids=[f"{g}-{a}-{str(t)[6:]}" for g, a, t in RUNS])
 def test_matches_truth_through_sparse_attention_layout(grid, axes, dtype):
     """The geometry comes from the layout of an Axial pattern; compared with the reference
@@ -63,13 +39,13 @@ def test_matches_truth_through_sparse_attention_layout(grid, axes, dtype):
     geometry = ax.axial_geometry(layout)
     assert geometry is not None and math.prod(geometry) == layout.n
     d = 40
-    q, k, v, dout, dlse = _inputs(layout.n, d, seed=sum(grid) + len(str(axes)))
-    truth = _grads(lambda q, k, v: reference_attention(q.double(), k.double(), v.double(), layout.to(DEV), d**-0.5),
+    q, k, v, dout, dlse = inputs(SHAPE, layout.n, d, seed=sum(grid) + len(str(axes)))
+    truth = grads(lambda q, k, v: reference_attention(q.double(), k.double(), v.double(), layout.to(DEV), d**-0.5),
                    q, k, v, dout, dlse, torch.float64)
-    low = _grads(lambda q, k, v: ax.axial_attention_ref(q, k, v, geometry, d**-0.5) if dtype == torch.float32
+    low = grads(lambda q, k, v: ax.axial_attention_ref(q, k, v, geometry, d**-0.5) if dtype == torch.float32
                  else _low_precision_ref(q, k, v, geometry, d**-0.5), q, k, v, dout, dlse, dtype)
-    got = _grads(lambda q, k, v: ax.axial_attention(q, k, v, geometry, d**-0.5), q, k, v, dout, dlse, dtype)
-    _budget(got, low, truth, dtype)
+    got = grads(lambda q, k, v: ax.axial_attention(q, k, v, geometry, d**-0.5), q, k, v, dout, dlse, dtype)
+    check_budget(got, low, truth, dtype)
 
 
 def _low_precision_ref(q, k, v, geometry, scale):
@@ -87,7 +63,7 @@ def _low_precision_ref(q, k, v, geometry, scale):
 
 def test_poisoned_buffers_are_all_written():
     geometry = (3, 19, 5)
-    q, k, v, dout, dlse = (t.to(DEV) for t in _inputs(math.prod(geometry), 24, seed=11))
+    q, k, v, dout, dlse = (t.to(DEV) for t in inputs(SHAPE, math.prod(geometry), 24, seed=11))
     nan = lambda t: torch.full_like(t, math.nan)
     out, lse_lines = ax._forward(q, k, v, geometry, 0.2, out=nan(q))
     dq, dk, dv = ax._backward(q, k, v, out, lse_lines, dout, geometry, 0.2, dlse=dlse, dq=nan(q), dk=nan(k), dv=nan(v))
@@ -100,9 +76,9 @@ def test_tiles_shorter_than_the_line(monkeypatch):
     for kernel in ("fwd", "dq", "dkdv"):
         monkeypatch.setitem(ax._OVERRIDE, kernel, (16, 16, 4, 1))
     geometry = (2, 37, 3)
-    q, k, v, dout, dlse = _inputs(math.prod(geometry), 32, seed=12)
-    truth = _grads(lambda q, k, v: ax.axial_attention_ref(q, k, v, geometry, 0.25), q, k, v, dout, dlse, torch.float64)
-    got = _grads(lambda q, k, v: ax.axial_attention(q, k, v, geometry, 0.25), q, k, v, dout, dlse, torch.float32)
+    q, k, v, dout, dlse = inputs(SHAPE, math.prod(geometry), 32, seed=12)
+    truth = grads(lambda q, k, v: ax.axial_attention_ref(q, k, v, geometry, 0.25), q, k, v, dout, dlse, torch.float64)
+    got = grads(lambda q, k, v: ax.axial_attention(q, k, v, geometry, 0.25), q, k, v, dout, dlse, torch.float32)
     for name, g, t in zip(("out", "lse", "dq", "dk", "dv"), got, truth):
         assert (g.double() - t).abs().max().item() < 1e-4, name  # float32 (tf32x3 on a GPU)
 

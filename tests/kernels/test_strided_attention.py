@@ -15,12 +15,10 @@ from mmsparse.attention import Global, Local, Strided, build_layout, sparse_atte
 from mmsparse.attention.patterns import sparse_transformer
 from mmsparse.kernels import block_sparse_attention as bs
 from mmsparse.kernels import strided_attention as st
+from tests.kernels.budget import CUDA, DEV, check_budget, grads, inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 BLOCK = 64 if CUDA else 16
 
 # (name, pattern, N): N a multiple of the stride or not, a band narrower than the stride (the
@@ -37,28 +35,6 @@ else:
 RUNS = [(c, t) for c in CASES for t in DTYPES]
 
 
-def _inputs(n, d, seed):
-    b, h, hk = SHAPE
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, x, n, d, generator=gen) for x in (h, hk, hk))
-    return q, k, v, torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, generator=gen)
-
-
-def _grads(fn, q, k, v, dout, dlse, dtype):
-    q, k, v = (t.to(DEV, dtype).detach().requires_grad_(True) for t in (q, k, v))
-    out, lse = fn(q, k, v)
-    loss = (out.double() * dout.to(DEV).double()).sum() + (lse.double() * dlse.to(DEV).double()).sum()
-    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
-
-
-def _budget(got, low, truth, dtype):
-    for name, g, lo, t in zip(("out", "lse", "dq", "dk", "dv"), got, low, truth):
-        assert not torch.isnan(g).any(), f"{name}: NaN"
-        err = (g.double() - t.double()).abs().max().item()
-        base = (lo.double() - t.double()).abs().max().item()
-        assert err <= 2 * base + FLOOR[dtype], f"{name}: {err:.3e} > 2 x {base:.3e} + {FLOOR[dtype]}"
-
-
 @pytest.mark.parametrize("case,dtype", RUNS, ids=[f"{c[0]}-{str(t)[6:]}" for c, t in RUNS])
 def test_matches_truth(case, dtype):
     name, pattern, n = case
@@ -66,12 +42,12 @@ def test_matches_truth(case, dtype):
     split = st.strided_split(layout)
     assert split is not None
     d = 24
-    q, k, v, dout, dlse = _inputs(n, d, seed=n)
+    q, k, v, dout, dlse = inputs(SHAPE, n, d, seed=n)
     ref = lambda up: (lambda q, k, v: bs.block_sparse_attention_ref(q, k, v, layout, d**-0.5, upcast=up))
-    truth = _grads(ref(True), q, k, v, dout, dlse, torch.float64)
-    low = _grads(ref(False), q, k, v, dout, dlse, dtype)
-    got = _grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5), q, k, v, dout, dlse, dtype)
-    _budget(got, low, truth, dtype)
+    truth = grads(ref(True), q, k, v, dout, dlse, torch.float64)
+    low = grads(ref(False), q, k, v, dout, dlse, dtype)
+    got = grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5), q, k, v, dout, dlse, dtype)
+    check_budget(got, low, truth, dtype)
 
 
 def test_key_padding():
@@ -79,7 +55,7 @@ def test_key_padding():
     n, d = (3000, 64) if CUDA else (59, 16)
     pattern = Local(97) | Global(40) | Strided(32) if CUDA else Local(13) | Global(3) | Strided(5)
     layout = build_layout(pattern, (n,), BLOCK, BLOCK, device=DEV)
-    q, k, v, dout, dlse = _inputs(n, d, seed=5)
+    q, k, v, dout, dlse = inputs(SHAPE, n, d, seed=5)
     kpm = torch.zeros(SHAPE[0], n, dtype=torch.bool)
     kpm[0, n // 3: n // 2] = True
     kpm[-1, 1] = True  # a global token is padding
@@ -88,11 +64,11 @@ def test_key_padding():
     dtype = torch.bfloat16 if CUDA else torch.float32
     ref = lambda up: (lambda q, k, v: bs.block_sparse_attention_ref(q, k, v, layout, d**-0.5, upcast=up,
                                                                     key_padding_mask=kpm))
-    truth = _grads(ref(True), q, k, v, dout, dlse, torch.float64)
-    low = _grads(ref(False), q, k, v, dout, dlse, dtype)
-    got = _grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5, key_padding_mask=kpm),
+    truth = grads(ref(True), q, k, v, dout, dlse, torch.float64)
+    low = grads(ref(False), q, k, v, dout, dlse, dtype)
+    got = grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5, key_padding_mask=kpm),
                  q, k, v, dout, dlse, dtype)
-    _budget(got, low, truth, dtype)
+    check_budget(got, low, truth, dtype)
     for b in range(SHAPE[0]):  # padding keys get no gradient from either part or the overlap
         assert got[3][b][:, kpm[b]].abs().max() == 0 and got[4][b][:, kpm[b]].abs().max() == 0
 
