@@ -23,14 +23,20 @@ merged per query row in float32, with m = max(lse_A, lse_B):
     lse = m + log Z
 
 Z >= e^(lse_B - m) because O lies inside A, so the subtraction loses no more than float32
-rounding of the terms. The merge is PyTorch on (B, H, N, D) tensors and differentiable; the
-kernels' backward takes the LSE gradient the merge produces (d lse / d s = P).
+rounding of the terms. The merge is PyTorch on (B, H, N, D) tensors, without autograd.
+
+Backward: no gradient goes through the merge. Each part's backward kernels run with the merged
+output and LSE instead of their own: P recomputed from the final LSE and delta = rowsum(dO *
+out) from the final output make dS = P (dP - delta + dlse) the union's gradient restricted to
+that part's pairs. The sum of both parts counts the overlap pairs twice; `_remove_overlap`
+subtracts them once (P pairs, a few (B, H, P, D) float32 tensors).
 
 Layers (CONVENTIONS.md item 1):
 1. Reference: `strided_attention_ref`, dense masked attention over the whole layout.
 2. Kernels: the block-sparse and axial kernels, unchanged.
 3. `strided_split` (which layouts take this path, with the rest's layout and the overlap
-   pairs, cached on the layout), `_merge`, and the public `strided_attention`.
+   pairs, cached on the layout), `_merge`, `_remove_overlap`, the autograd function and the
+   public `strided_attention`.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ import torch.nn.functional as F
 
 from mmsparse.attention.backends import check_key_padding_mask
 
-from .axial_attention import axial_attention
-from .block_sparse_attention import _check, block_sparse_attention, block_sparse_attention_ref
+from . import axial_attention as ax
+from . import block_sparse_attention as bs
+from .block_sparse_attention import _check, block_sparse_attention_ref
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference
@@ -120,42 +127,127 @@ def strided_split(layout) -> StridedSplit | None:
     return split
 
 
-def _lines_part(q, k, v, stride: int, scale: float, kpm):
-    """Strided(stride) alone through the axial kernels: (out, lse) for the N tokens."""
-    n = q.shape[2]
-    n_pad = -(-n // stride) * stride
-    if n_pad != n:  # a ragged last row of the (lines, stride) grid: padding keys, never attended
-        pad = (0, 0, 0, n_pad - n)
-        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        tail = torch.zeros(q.shape[0], n_pad, dtype=torch.bool, device=q.device)
-        tail[:, n:] = True
-        if kpm is not None:
-            tail[:, :n] = kpm
-        kpm = tail
-    out, lse = axial_attention(q, k, v, (1, n_pad // stride, stride), scale, key_padding_mask=kpm)
-    return out[:, :, :n], lse[:, :, :n]
+def _pad_lines(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
+    """(B, H, N, ...) padded along N to n_pad (a copy only when N < n_pad)."""
+    n = x.shape[2]
+    if n == n_pad:
+        return x
+    pad = [0, 0] * (x.dim() - 3) + [0, n_pad - n]
+    return F.pad(x, pad, value=value)
+
+
+def _line_padding(kpm, b: int, n: int, n_pad: int, device):
+    """Key padding of the padded line grid: the user's flags, then the tail of padding keys."""
+    if n == n_pad:
+        return kpm
+    tail = torch.ones(b, n_pad, dtype=torch.bool, device=device)
+    tail[:, :n] = False if kpm is None else kpm
+    return tail
 
 
 def _merge(out_a, lse_a, out_b, lse_b, q, k, v, oq, ok, scale: float, kpm):
     """Union of two attention results over key sets A and B whose intersection is the pairs
-    (oq, ok): out (B, H, N, D) in q's dtype, lse (B, H, N) float32 (module doc)."""
+    (oq, ok): out (B, H, N, D) in q's dtype, lse (B, H, N) float32 (module doc). No autograd."""
     g = q.shape[1] // k.shape[1]
     m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()  # out does not depend on m
+    m = torch.where(torch.isfinite(m), m, 0.0)
     wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)  # -inf rows weigh 0
     z = wa + wb
-    num = wa[..., None] * out_a.float() + wb[..., None] * out_b.float()
+    num = out_a.float().mul_(wa[..., None]).add_(out_b.float().mul_(wb[..., None]))
     if oq.numel():
-        kk = k[:, :, ok].float().repeat_interleave(g, 1)  # (B, H, P, D)
-        e = torch.exp((q[:, :, oq].float() * kk).sum(-1) * scale - m[:, :, oq])  # (B, H, P)
-        if kpm is not None:  # neither kernel attended a padding key, so there is nothing to remove
-            e = e.masked_fill(kpm[:, None, ok], 0.0)
-        z = z.index_add(2, oq, e, alpha=-1.0)
-        num = num.index_add(2, oq, e[..., None] * v[:, :, ok].float().repeat_interleave(g, 1), alpha=-1.0)
+        e = _overlap_scores(q, k, oq, ok, scale, kpm).sub_(m[:, :, oq]).exp_()  # (B, H, P)
+        z.index_add_(2, oq, e, alpha=-1.0)
+        num.index_add_(2, oq, e[..., None] * v[:, :, ok].float().repeat_interleave(g, 1), alpha=-1.0)
     live = z > 0
-    out = torch.where(live[..., None], num / torch.where(live, z, 1.0)[..., None], 0.0)
-    lse = torch.where(live, m + torch.log(torch.where(live, z, 1.0)), -math.inf)
+    zs = torch.where(live, z, 1.0)
+    out = num.div_(zs[..., None]).masked_fill_(~live[..., None], 0.0)
+    lse = torch.where(live, m + torch.log(zs), -math.inf)
     return out.to(q.dtype), lse
+
+
+def _overlap_scores(q, k, oq, ok, scale: float, kpm) -> torch.Tensor:
+    """Scores s_qk (B, H, P) float32 of the overlap pairs; -inf where the key is padding."""
+    g = q.shape[1] // k.shape[1]
+    s = (q[:, :, oq].float() * k[:, :, ok].float().repeat_interleave(g, 1)).sum(-1).mul_(scale)
+    if kpm is not None:  # neither kernel attended a padding key, so there is nothing to remove
+        s.masked_fill_(kpm[:, None, ok], -math.inf)
+    return s
+
+
+class _StridedAttention(torch.autograd.Function):
+    """Forward: both kernels' forwards and the merge. Backward: each part's backward kernels
+    run with the *merged* output and LSE (P recomputed from the final LSE and delta from the
+    final output is the union's gradient restricted to that part's pairs), and the overlap
+    pairs, counted by both, are subtracted once. No gradient flows through the merge itself."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, split, scale, kpm):
+        b, _, n, _ = q.shape
+        s = split.stride
+        n_pad = -(-n // s) * s
+        geometry = (1, n_pad // s, s)
+        out_b, lse_b = ax._forward(_pad_lines(q, n_pad), _pad_lines(k, n_pad), _pad_lines(v, n_pad), geometry,
+                                   scale, key_padding=_line_padding(kpm, b, n, n_pad, q.device))
+        out_b, lse_b = out_b[:, :, :n], ax._token_order(lse_b, *geometry)[:, :, :n]
+        if split.rest is None:
+            out, lse = out_b, lse_b.contiguous()
+        else:
+            out_a, lse_a = bs._attention_forward(q, k, v, split.rest, scale, key_padding=kpm)
+            out, lse = _merge(out_a, lse_a, out_b, lse_b, q, k, v, split.oq, split.ok, scale, kpm)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.split, ctx.scale, ctx.kpm = split, scale, kpm
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        split, scale, kpm = ctx.split, ctx.scale, ctx.kpm
+        b, h, n, _ = q.shape
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = torch.where(torch.isfinite(lse), dlse.float(), 0.0)
+        s = split.stride
+        n_pad = -(-n // s) * s
+        geometry = (1, n_pad // s, s)
+        # padded query rows: no output, no gradient, and an LSE of -inf, so their P is 0
+        lse_lines = ax._line_order(_pad_lines(lse[..., None], n_pad, -math.inf)[..., 0], *geometry)
+        dq, dk, dv = ax._backward(
+            _pad_lines(q, n_pad), _pad_lines(k, n_pad), _pad_lines(v, n_pad), _pad_lines(out, n_pad), lse_lines,
+            _pad_lines(dout, n_pad), geometry, scale,
+            dlse=None if dlse is None else _pad_lines(dlse[..., None], n_pad)[..., 0],
+            key_padding=_line_padding(kpm, b, n, n_pad, q.device))
+        dq, dk, dv = dq[:, :, :n], dk[:, :, :n], dv[:, :, :n]
+        if split.rest is None:
+            return dq, dk, dv, None, None, None
+        dq_a, dk_a, dv_a = bs._attention_backward(q, k, v, out, lse, dout, split.rest, scale, dlse=dlse,
+                                                  key_padding=kpm)
+        dq, dk, dv = dq.float().add_(dq_a.float()), dk.float().add_(dk_a.float()), dv.float().add_(dv_a.float())
+        if split.oq.numel():
+            _remove_overlap(dq, dk, dv, q, k, v, out, lse, dout, dlse, split.oq, split.ok, scale, kpm)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _remove_overlap(dq, dk, dv, q, k, v, out, lse, dout, dlse, oq, ok, scale: float, kpm) -> None:
+    """Subtract, in place, the gradient of the overlap pairs (which both parts' backward passes
+    counted): dS = P (dO . v - delta + dlse), P = exp(s - lse), delta = rowsum(dO * out)."""
+    b, h, _, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    lse_q = lse[:, :, oq]
+    p = _overlap_scores(q, k, oq, ok, scale, kpm).sub_(torch.where(torch.isfinite(lse_q), lse_q, math.inf)).exp_()
+    do = dout[:, :, oq].float()
+    vk = v[:, :, ok].float().repeat_interleave(g, 1)
+    delta = (dout.float() * out.float()).sum(-1)[:, :, oq]
+    ds = (do * vk).sum(-1).sub_(delta)
+    if dlse is not None:
+        ds.add_(dlse[:, :, oq])
+    ds.mul_(p)
+    kk = k[:, :, ok].float().repeat_interleave(g, 1)
+    dq.index_add_(2, oq, ds[..., None] * kk, alpha=-scale)
+    per_key = lambda x: x.reshape(b, hk, g, -1, d).sum(2)  # the query heads of each key head
+    dk.index_add_(2, ok, per_key(ds[..., None] * q[:, :, oq].float()), alpha=-scale)
+    dv.index_add_(2, ok, per_key(p[..., None] * do), alpha=-1.0)
 
 
 def strided_attention(q, k, v, layout, scale: float | None = None, key_padding_mask=None):
@@ -166,17 +258,17 @@ def strided_attention(q, k, v, layout, scale: float | None = None, key_padding_m
         ValueError: when `layout` is not such a layout (see `strided_split`), or on bad inputs.
     """
     _check(q, k, v, layout)
+    reason = ax.unsupported_reason(q)
+    if reason:
+        raise ValueError(f"strided_attention: {reason}")
+    layout = layout.to(q.device)
     split = strided_split(layout)
     if split is None:
         raise ValueError("strided_attention needs a layout of `rest | Strided(s)` (non-causal, s < N); "
                          f"got pattern {getattr(layout, 'pattern', None)!r}")
     check_key_padding_mask(key_padding_mask, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out_b, lse_b = _lines_part(q, k, v, split.stride, scale, key_padding_mask)
-    if split.rest is None:
-        return out_b, lse_b
-    out_a, lse_a = block_sparse_attention(q, k, v, split.rest, scale, key_padding_mask=key_padding_mask)
-    return _merge(out_a, lse_a, out_b, lse_b, q, k, v, split.oq, split.ok, scale, key_padding_mask)
+    return _StridedAttention.apply(q, k, v, split, scale, key_padding_mask)
 
 
 __all__ = ["StridedSplit", "strided_attention", "strided_attention_ref", "strided_split"]
