@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from mmsparse.fileio import atomic_write_text
 
-from .metrics import caption_metrics
+from .metrics import caption_metrics, meteor_status
 
 DEFAULT_SEED = 20_000   # synthetic benchmark seed: far from the training seeds (0, 1000)
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -233,6 +233,7 @@ def evaluate(model_dir: str | Path, benchmark: str | Path, out_dir: str | Path |
     if not preds:
         raise ValueError(f"benchmark {name}: no clip was captioned with references "
                          f"({len(failed)} of {len(records)} failed to decode)")
+    meteor, meteor_reason = meteor_status(meteor)  # decided once: model and baseline alike
     metrics = caption_metrics(preds, refs, meteor=meteor)
 
     train_m = Path(baseline_manifest) if baseline_manifest else training_manifest(model_dir)
@@ -249,7 +250,7 @@ def evaluate(model_dir: str | Path, benchmark: str | Path, out_dir: str | Path |
     result: dict[str, Any] = {
         "model": str(model_dir), "benchmark": name, "manifest": str(manifest),
         "clips": len(records), "captioned": n_ok, "failed": len(failed), "failures": failed,
-        "metrics": metrics,
+        "metrics": metrics, "meteor": meteor_reason,
         "baseline": {"kind": "most frequent training caption", "caption": base_cap, "source": source,
                      "metrics": base},
         "efficiency": {
@@ -274,6 +275,19 @@ def _fmt(v) -> str:
     return "absent" if v is None else f"{v:.3f}"
 
 
+_METEOR_NOTE = {
+    "scored": "METEOR: Java METEOR 1.5.",
+    "disabled": "METEOR is absent: disabled for this run (--no-meteor / meteor=False), never estimated.",
+    "no_java": "METEOR is absent: no Java (`java` not on PATH), never estimated.",
+}
+
+
+def md_cell(text) -> str:
+    """``text`` made safe inside one markdown table cell: backslashes and ``|`` escaped,
+    line breaks (which would end the row) turned into spaces."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def report_markdown(result: dict) -> str:
     """The markdown report of one ``evaluate`` result."""
     m, b, e = result["metrics"], result["baseline"], result["efficiency"]
@@ -285,8 +299,8 @@ def report_markdown(result: dict) -> str:
              "| | " + " | ".join(METRIC_ORDER) + " |", "|---" * (len(METRIC_ORDER) + 1) + "|",
              "| model | " + " | ".join(_fmt(m.get(k)) for k in METRIC_ORDER) + " |",
              "| baseline | " + " | ".join(_fmt(b["metrics"].get(k)) for k in METRIC_ORDER) + " |", "",
-             f"Baseline: always write \"{b['caption']}\" ({b['kind']}; from {b['source']}).",
-             "METEOR is absent where Java is not installed (never estimated).", "",
+             f"Baseline: always write \"{md_cell(b['caption'])}\" ({b['kind']}; from {md_cell(b['source'])}).",
+             _METEOR_NOTE.get(result.get("meteor"), "METEOR is absent where Java is not installed (never estimated)."), "",
              "## Efficiency", "",
              "| device | clips/s | seconds | decode s/clip | model s/clip | peak memory (MiB) |",
              "|---|---|---|---|---|---|",
@@ -294,11 +308,11 @@ def report_markdown(result: dict) -> str:
              f"{e['model_s_per_clip']} | {e['peak_memory_mb']} ({e['peak_memory_kind']}) |", "",
              "## Examples", "", "| id | prediction | references |", "|---|---|---|"]
     for ex in result["examples"]:
-        refs = "<br>".join(ex["references"])
-        lines.append(f"| {ex['id']} | {ex['prediction']} | {refs} |")
+        refs = "<br>".join(md_cell(r) for r in ex["references"])
+        lines.append(f"| {md_cell(ex['id'])} | {md_cell(ex['prediction'])} | {refs} |")
     if result["failures"]:
         lines += ["", "## Clips that could not be decoded", "", "| id | reason | error |", "|---|---|---|"]
-        lines += [f"| {f['id']} | {f['reason']} | {f['error']} |" for f in result["failures"]]
+        lines += [f"| {md_cell(f['id'])} | {md_cell(f['reason'])} | {md_cell(f['error'])} |" for f in result["failures"]]
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,15 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def meteor_status(meteor: bool | None = None) -> tuple[bool, str]:
+    """Whether METEOR is scored for the ``meteor`` argument of `caption_metrics`, and why:
+    ``"scored"`` (asked for, or Java found), ``"disabled"`` (``meteor=False``, e.g. ``--no-meteor``)
+    or ``"no_java"`` (left to auto-detection and no ``java`` executable on PATH)."""
+    if meteor is None:
+        return (True, "scored") if java_available() else (False, "no_java")
+    return (True, "scored") if meteor else (False, "disabled")
+
+
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]], meteor: bool | None = None) -> dict:
     """Corpus-level scores of `predictions` (id -> caption) against `references`
     (id -> list of reference captions). Returns BLEU-1..4, METEOR (None without Java),
@@ -61,9 +70,7 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
     scores["METEOR"] = None
-    if meteor is None:
-        meteor = java_available()
-    if meteor:
+    if meteor_status(meteor)[0]:
         from pycocoevalcap.meteor.meteor import Meteor
 
         scorer = Meteor()

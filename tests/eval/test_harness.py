@@ -11,7 +11,7 @@ import pytest
 from mmsparse.cli import main as cli_main
 from mmsparse.data import load_manifest
 from mmsparse.eval import caption_metrics
-from mmsparse.eval.harness import evaluate, most_frequent_caption
+from mmsparse.eval.harness import evaluate, most_frequent_caption, report_markdown
 
 # The trained model must beat the constant caption by a wide margin: at least 1.5 times its
 # CIDEr-D and 0.75 above it. A model that ignores its input and writes one fluent caption
@@ -80,3 +80,57 @@ def test_eval_cli(tiny_run, tmp_path, capsys):
     assert rc == 2 and "does not exist" in err
     rc = cli_main(["eval", "--model", str(tiny_run), "--benchmark", "no-such-benchmark"])
     assert rc == 2 and "neither a manifest" in capsys.readouterr().err
+
+
+def _hand_result(meteor: str, examples: list[dict], failures: list[dict] = ()) -> dict:
+    """A result dict shaped like `evaluate`'s, for the report alone (no model needed)."""
+    metrics = {"BLEU-1": 0.5, "BLEU-2": 0.4, "BLEU-3": 0.3, "BLEU-4": 0.2, "METEOR": None,
+               "ROUGE-L": 0.5, "CIDEr-D": 1.0}
+    return {"model": "m", "benchmark": "b", "manifest": "b.jsonl", "clips": len(examples) + len(failures),
+            "captioned": len(examples), "failed": len(failures), "failures": list(failures),
+            "metrics": metrics, "meteor": meteor,
+            "baseline": {"kind": "most frequent training caption", "caption": "a | b", "source": "train",
+                         "metrics": dict(metrics)},
+            "efficiency": {"device": "cpu", "backend": "auto", "seconds": 1.0, "clips_per_s": 2.0,
+                           "decode_s_per_clip": 0.1, "model_s_per_clip": 0.2, "peak_memory_mb": 100.0,
+                           "peak_memory_kind": "process_peak_rss"},
+            "settings": {"beam": 1}, "examples": examples}
+
+
+def _table(md: str, header: str) -> list[str]:
+    lines = md.splitlines()
+    start = lines.index(header) + 2  # skip the |---| row
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+def _cells(row: str) -> list[str]:
+    """Cells of one markdown table row, splitting on unescaped `|` only (as GFM does)."""
+    import re
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+
+
+def test_report_escapes_pipes_and_newlines_in_tables():
+    ex = [{"id": "c1", "prediction": "left | right\nsecond line", "references": ["a|b", "one\r\ntwo", "back\\slash"]},
+          {"id": "c2", "prediction": "plain", "references": ["plain ref"]}]
+    fail = [{"id": "c3", "reason": "decode", "error": "Traceback:\n  x | y"}]
+    md = report_markdown(_hand_result("no_java", ex, fail))
+    rows = _table(md, "| id | prediction | references |")
+    assert len(rows) == 2  # one row per example: no newline split a row
+    assert all(len(_cells(r)) == 3 for r in rows), rows
+    assert _cells(rows[0]) == ["c1", r"left \| right second line", r"a\|b<br>one two<br>back\\slash"]
+    assert _cells(rows[1]) == ["c2", "plain", "plain ref"]
+    frows = _table(md, "| id | reason | error |")
+    assert len(frows) == 1 and _cells(frows[0]) == ["c3", "decode", r"Traceback:   x \| y"]
+
+
+def test_report_states_why_meteor_is_absent():
+    note = {k: next(line for line in report_markdown(_hand_result(k, [])).splitlines() if line.startswith("METEOR"))
+            for k in ("disabled", "no_java", "scored")}
+    assert "disabled" in note["disabled"] and "Java" not in note["disabled"]
+    assert "no Java" in note["no_java"] and "disabled" not in note["no_java"]
+    assert "absent" not in note["scored"]

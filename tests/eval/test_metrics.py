@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mmsparse.eval.metrics import caption_metrics, java_available, tokenize
+from mmsparse.eval.metrics import caption_metrics, java_available, meteor_status, tokenize
 
 
 def test_tokenize_matches_coco_rules():
@@ -55,9 +55,22 @@ def test_meteor_with_java():
     assert 0.0 < s["METEOR"] <= 1.0
 
 
-def test_meteor_absent_without_java():
+def test_meteor_absent_without_java(monkeypatch, tmp_path):
+    # hide Java the way the code looks for it: `shutil.which("java")` on PATH (an empty folder)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert not java_available()
+    assert meteor_status() == (False, "no_java")
+    s = caption_metrics({"a": "a red circle"}, {"a": ["a red circle"]})  # meteor left to auto-detect
+    assert s["METEOR"] is None  # absent: not 0.0, not an estimate
+    assert s["BLEU-1"] == pytest.approx(1.0) and s["ROUGE-L"] == pytest.approx(1.0)  # the others still ran
+
+
+def test_meteor_disabled_is_not_no_java():
     s = caption_metrics({"a": "x"}, {"a": ["x"]}, meteor=False)
     assert s["METEOR"] is None
+    assert meteor_status(False) == (False, "disabled")
+    assert meteor_status(True) == (True, "scored")
+    assert meteor_status() == ((True, "scored") if java_available() else (False, "no_java"))
 
 
 def test_bad_inputs():
