@@ -59,10 +59,17 @@ def test_schedule_covers_modalities(tiny, batch):
     assert "AVSync" not in repr(layer_pattern(tiny.cfg, 0, layout2))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("cross", ["all", "pooled"])
 @pytest.mark.parametrize("beam", [1, 3])
-def test_kv_cache_generation_equals_no_cache(tiny, batch, beam):
-    with_cache = tiny.generate_ids(batch, beam=beam, max_len=12, use_cache=True)
-    without = tiny.generate_ids(batch, beam=beam, max_len=12, use_cache=False)
+def test_kv_cache_generation_equals_no_cache(tokenizer, batch, beam, cross, qk_norm):
+    torch.manual_seed(0)
+    model = create_model("captioner_tiny", tokenizer=tokenizer, cross=cross, n_pool=8, qk_norm=qk_norm).eval()
+    # the options are really on: pooled cross-attention reads n_pool tokens, qk_norm is a LayerNorm
+    assert (model.decoder.pooler is not None) == (cross == "pooled")
+    assert isinstance(model.decoder.blocks[0].cross.q_norm, nn.LayerNorm) == qk_norm
+    with_cache = model.generate_ids(batch, beam=beam, max_len=12, use_cache=True)
+    without = model.generate_ids(batch, beam=beam, max_len=12, use_cache=False)
     assert with_cache == without
     assert any(len(r) > 0 for r in with_cache)
 
@@ -213,3 +220,4 @@ def test_padding_is_never_attended(tiny, batch, schedule):
     assert (a[real] - b[real]).abs().max().item() < 1e-5
     # the padded tokens themselves do change: the test can fail
     assert (a[pad] - b[pad]).abs().max().item() > 1e-3
+
