@@ -247,11 +247,27 @@ def token_table(layout: StreamLayout) -> TokenTable:
 
 @dataclass
 class TokenStream:
-    """tokens (B, N, C) laid out as `layout`; pad_mask (B, N) True where a token is padding."""
+    """tokens (B, N, C) laid out as `layout`; pad_mask (B, N) True where a token is padding.
+
+    sample_layouts: one StreamLayout per sample when the samples' layouts differ (same
+    segments and grids, different times: clips of one batch sampled at different frame
+    spacings); None when `layout` serves every sample. `groups()` splits the batch by layout.
+    """
 
     tokens: torch.Tensor
     layout: StreamLayout
     pad_mask: torch.Tensor | None = field(default=None)
+    sample_layouts: tuple[StreamLayout, ...] | None = field(default=None)
+
+    def groups(self) -> list[tuple[StreamLayout, torch.Tensor | None]]:
+        """[(layout, sample indices (k,) int64 on the tokens' device)]; [(layout, None)] when
+        one layout serves the whole batch."""
+        if self.sample_layouts is None or len(set(self.sample_layouts)) == 1:
+            return [(self.layout if self.sample_layouts is None else self.sample_layouts[0], None)]
+        where: dict[StreamLayout, list[int]] = {}
+        for b, lay in enumerate(self.sample_layouts):
+            where.setdefault(lay, []).append(b)
+        return [(lay, torch.tensor(idx, dtype=torch.long, device=self.tokens.device)) for lay, idx in where.items()]
 
     def __post_init__(self):
         if self.tokens.dim() != 3:
@@ -265,3 +281,9 @@ class TokenStream:
                 f"TokenStream.pad_mask must be (B, N)={tuple(self.tokens.shape[:2])}, "
                 f"got {tuple(self.pad_mask.shape)}"
             )
+        if self.sample_layouts is not None:
+            if len(self.sample_layouts) != self.tokens.shape[0]:
+                raise ValueError(f"TokenStream.sample_layouts has {len(self.sample_layouts)} layouts for a batch "
+                                 f"of {self.tokens.shape[0]}")
+            if any(lay.length != self.layout.length for lay in self.sample_layouts):
+                raise ValueError("TokenStream.sample_layouts must all have the stream's length")

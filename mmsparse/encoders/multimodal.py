@@ -14,14 +14,17 @@ same numbers (see `normalize_pixels` and the Batch contract in `mmsparse.data`).
 
 Times: `Segment.seconds` and `Segment.start` come from the batch (`video_times`,
 `audio_start`, `audio_hop_seconds`), relative to the first video frame, so `AVSync` pairs
-audio and video tokens whose time spans overlap. One StreamLayout serves the whole batch: the
-times of the first sample that has the modality are used (clips of one batch share their
-frame rate in every recipe).
+audio and video tokens whose time spans overlap. Each sample keeps its own times: clips of
+one batch sampled at different frame spacings (the long-clip recipes sample 256 frames from
+clips of 256 to 2,048) get their own StreamLayout (`TokenStream.sample_layouts`, same grids,
+different seconds per token), and the model runs each group of equal layouts with its own
+attention layout. `TokenStream.layout` is the first sample's.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -158,6 +161,7 @@ class MultimodalTokenizer(nn.Module):
         if self.global_tokens is not None:
             pieces.append(self.global_tokens(bsz))
             pads.append(torch.zeros(bsz, self.n_global, dtype=torch.bool, device=device))
+        times: dict[str, list[tuple[float, float]]] = {}  # modality -> per sample (seconds, start)
         video_t0 = None
         for m in present:
             x = batch[m].to(device, non_blocking=True)  # uint8 pixels move as uint8: 4x fewer bytes
@@ -169,9 +173,13 @@ class MultimodalTokenizer(nn.Module):
                 tokens, grid = self.embeds[m](x)  # (B, n, D) raster
             seconds, start, pad = None, 0.0, self._pad_mask(m, batch, grid, bsz, device)
             if m == "video":
-                seconds, video_t0 = self._video_time(batch, grid)
+                video = self._video_time(batch, grid, bsz)
+                times[m] = [(sec, 0.0) for sec, _ in video]
+                video_t0 = [t0 for _, t0 in video]
             elif m == "audio":
-                seconds, start = self._audio_time(batch, video_t0)
+                times[m] = self._audio_time(batch, video_t0, bsz)
+            if m in times:
+                seconds, start = times[m][0]
             seg_offset = self._aligned(offset)
             if seg_offset > offset:  # alignment gap: padding tokens of no segment
                 gap = seg_offset - offset
@@ -187,7 +195,14 @@ class MultimodalTokenizer(nn.Module):
         layout = StreamLayout(tuple(segments), n_global=self.n_global, length=offset)
         tokens = torch.cat(pieces, dim=1)  # (B, N, D)
         pad_mask = torch.cat(pads, dim=1)
-        return TokenStream(tokens, layout, pad_mask)
+        per_sample = None
+        if any(len(set(t)) > 1 for t in times.values()):  # samples with different times
+            per_sample = tuple(
+                StreamLayout(tuple(replace(seg, seconds=times[seg.modality][b][0], start=times[seg.modality][b][1])
+                                   if seg.modality in times else seg for seg in segments),
+                             n_global=self.n_global, length=offset)
+                for b in range(bsz))
+        return TokenStream(tokens, layout, pad_mask, per_sample)
 
     # ---------------------------------------------------------------------------------------
     def _pad_mask(self, m, batch, grid, bsz, device) -> torch.Tensor:
@@ -209,29 +224,40 @@ class MultimodalTokenizer(nn.Module):
             return (~real)[:, None].expand(bsz, n)
         return torch.zeros(bsz, n, dtype=torch.bool, device=device)
 
-    def _video_time(self, batch, grid):
+    def _video_time(self, batch, grid, bsz: int) -> list[tuple[float, float]]:
+        """Per sample: (seconds per video token, time of its first frame in the file).
+
+        A sample's frame spacing is the mean over its real frames, rounded to 0.1 us so that
+        clips sampled alike share one layout; samples with fewer than two real frames take the
+        first spaced sample's (or the default fps)."""
         kt = self.embeds["video"].tubelet[0]
         times, mask = batch.get("video_times"), batch.get("video_mask")
-        dt, t0 = 1.0 / self.default_fps, 0.0
+        spacing: list[float | None] = [None] * bsz
+        t0 = [0.0] * bsz
         if isinstance(times, torch.Tensor):
             times = times.detach().double().cpu()
             mask = torch.ones(times.shape, dtype=torch.bool) if mask is None else mask.detach().cpu()
             for b in range(times.shape[0]):
                 real = times[b][mask[b]]
                 if real.numel() >= 1:
-                    t0 = float(real[0])
+                    t0[b] = float(real[0])
                 if real.numel() >= 2 and float(real[-1] - real[0]) > 0:
-                    dt = float(real[-1] - real[0]) / (real.numel() - 1)
-                    break
-        return kt * dt, t0
+                    spacing[b] = round(float(real[-1] - real[0]) / (real.numel() - 1), 7)
+        first = next((dt for dt in spacing if dt is not None), 1.0 / self.default_fps)
+        return [(kt * (dt if dt is not None else first), t0[b]) for b, dt in enumerate(spacing)]
 
-    def _audio_time(self, batch, video_t0):
+    def _audio_time(self, batch, video_t0: list[float] | None, bsz: int) -> list[tuple[float, float]]:
+        """Per sample: (seconds per audio token, time of its first token relative to the
+        sample's first video frame)."""
         emb = self.embeds["audio"]
         hop = float(batch.get("audio_hop_seconds") or 0.01)
         start = batch.get("audio_start")
-        a0 = float(start.reshape(-1)[0]) if isinstance(start, torch.Tensor) and start.numel() else 0.0
-        rel = a0 - (video_t0 if video_t0 is not None else a0)
+        a0 = [0.0] * bsz
+        if isinstance(start, torch.Tensor) and start.numel():
+            flat = start.detach().double().cpu().reshape(-1)
+            a0 = [float(flat[b if flat.numel() == bsz else 0]) for b in range(bsz)]
         # patch u covers frames [u * st, u * st + pt), frame j centred on a0 + j * hop; the
         # Segment centre is start + (u + 1/2) * st * hop
         pt, st = emb.patch[1], emb.stride[1]
-        return st * hop, rel + ((pt - 1) / 2 - st / 2) * hop
+        rel = [a0[b] - (video_t0[b] if video_t0 is not None else a0[b]) for b in range(bsz)]
+        return [(st * hop, round(r + ((pt - 1) / 2 - st / 2) * hop, 7)) for r in rel]

@@ -197,9 +197,20 @@ class VideoCaptioner(nn.Module):
         x = stream.tokens
         pad = stream.pad_mask
         pad = None if pad is None else pad.to(x.device)
-        for blk, lay in zip(self.blocks, self.layer_layouts(stream.layout)):
+        groups = stream.groups()
+        if len(groups) == 1:
+            return self.norm(self._blocks(x, groups[0][0], rope, pad)), stream.pad_mask, stream.layout
+        # samples whose times differ (e.g. frame spacings) get their own attention layouts
+        out = x
+        for layout, idx in groups:
+            part = self._blocks(x[idx], layout, rope, None if pad is None else pad[idx])
+            out = out.index_copy(0, idx, part)
+        return self.norm(out), stream.pad_mask, stream.layout
+
+    def _blocks(self, x, layout: StreamLayout, rope, pad):
+        for blk, lay in zip(self.blocks, self.layer_layouts(layout)):
             x = blk(x, lay, rope, pad)
-        return self.norm(x), stream.pad_mask, stream.layout
+        return x
 
     def forward(self, batch: Mapping[str, Any], ids: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for caption ids (B, L) (default: the batch captions
