@@ -18,9 +18,11 @@ Audio longer than the model's ``max_audio_frames`` is average-pooled in time to 
 
 Failure behaviour: an input that cannot be decoded (missing, empty, truncated, corrupt ...)
 yields an error record ``{"id", "path", "error", "reason"}`` in its place and the other inputs
-are still captioned; a replacement sample is never drawn (``strict`` decoding), so a caption
-always belongs to the file it is reported for. A missing or corrupt model folder raises
-``ModelLoadError`` naming the folder and what is wrong.
+are still captioned; so does an input the model cannot take (``missing_modality``: e.g. an
+audio-only line for a model that requires video; see ``UnsupportedInput``). A replacement
+sample is never drawn (``strict`` decoding), so a caption always belongs to the file it is
+reported for. A missing or corrupt model folder raises ``ModelLoadError`` naming the folder
+and what is wrong.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 class ModelLoadError(ValueError):
     """The model folder is missing, is not a saved captioner, or holds corrupt files."""
+
+
+class UnsupportedInput(ValueError):
+    """An input that decodes but that the model cannot take: a modality it requires is missing
+    (an audio-only line for a video model, a silent video for a model that requires audio), or
+    it has none of the modalities the model reads. Reported like a MediaError: ``path``,
+    ``reason`` (``missing_modality``) and ``detail``, in an error record of its own."""
+
+    reason = "missing_modality"
+
+    def __init__(self, path: str | os.PathLike, detail: str):
+        self.path, self.detail = str(path), detail
+        super().__init__(f"{path}: {self.reason} ({detail})")
 
 
 @dataclass
@@ -148,7 +163,7 @@ class _Item:
     sample: Sample
     path: str
     units: list[_Unit] = field(default_factory=list)
-    error: MediaError | None = None
+    error: MediaError | UnsupportedInput | None = None
     duration: float | None = None
     pending: int = 0
     decoded: bool = False
@@ -176,6 +191,7 @@ class Captioner:
         cfg = self.model.cfg
         self.patch = (cfg.tubelet[1], cfg.tubelet[2])
         self.modalities = set(cfg.modalities)
+        self.required = tuple(cfg.required_modalities)
         self._candidates: list[str] | None = None
         self._cost = None
 
@@ -267,8 +283,9 @@ class Captioner:
                     t0 = time.perf_counter()
                     u.data = self._fit(MediaDataset([u.sample], cfg)[0])
                     u.decode_s = time.perf_counter() - t0
+                    self._check_modalities(u.data, item.path)
                 item.units = units
-            except MediaError as err:
+            except (MediaError, UnsupportedInput) as err:
                 item.error, item.units = err, []
             except (ValueError, RuntimeError, OSError) as err:  # e.g. a frame size the model cannot take
                 item.error = MediaError(item.path, "corrupt", f"{type(err).__name__}: {err}")
@@ -290,6 +307,18 @@ class Captioner:
             emitted += 1
 
     # internals -------------------------------------------------------------------------------
+    def _check_modalities(self, d: dict, path: str) -> None:
+        """Raise UnsupportedInput when fitted input ``d`` lacks a modality the model requires or
+        has none that it reads (the model would reject the whole batch it is put in)."""
+        have = [m for m in ("video", "audio", "image") if d.get(m) is not None]
+        missing = [m for m in self.required if d.get(m) is None]
+        if missing:
+            raise UnsupportedInput(path, f"the model requires {' and '.join(missing)}; this input has "
+                                         f"{' and '.join(have) or 'no media'} (model reads {sorted(self.modalities)})")
+        if not self.modalities.intersection(have):
+            raise UnsupportedInput(path, f"this input has {' and '.join(have) or 'no media'}, none of the "
+                                         f"modalities the model reads ({sorted(self.modalities)})")
+
     def _plan_units(self, item: _Item, window: float | None, stride: float | None, backend: str) -> list[_Unit]:
         s = item.sample
         if s.video is None:

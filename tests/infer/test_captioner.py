@@ -175,3 +175,31 @@ def test_preprocess_follows_the_runs_decoders(tmp_path):
     cfg = load_preprocess(run / "export").data_config()
     assert (cfg.num_frames, cfg.backend, cfg.audio_backend, cfg.video_fallback) == (12, "decord", "pyav", None)
     assert cfg.hop_seconds == 0.04
+
+
+def test_an_input_the_model_cannot_take_gets_an_error_record(tiny_run, captioner, clips, tmp_path):
+    """An audio-only line (a real WAV) for a model that requires video: an error record naming
+    the missing modality, and the video line beside it is still captioned (library and CLI)."""
+    import numpy as np
+    import soundfile as sf
+
+    assert captioner.required == ("video",)
+    plan = synth.plan_clip(np.random.default_rng(7), 8, 8)
+    wav = tmp_path / "tone.wav"
+    sf.write(wav, synth.render_audio(plan, 16000), 16000)
+    m = tmp_path / "mixed.jsonl"
+    m.write_text(json.dumps({"id": "clip", "video": str(clips["videos"][0])}) + "\n"
+                 + json.dumps({"id": "sound", "audio": str(wav)}) + "\n")
+    good, bad = captioner.caption([m])
+    (alone,) = captioner.caption([clips["videos"][0]])
+    assert good["id"] == "clip" and good["caption"] == alone["caption"]
+    assert bad["id"] == "sound" and bad["path"] == str(wav) and "caption" not in bad
+    assert bad["reason"] == "missing_modality"
+    assert str(wav) in bad["error"] and "requires video" in bad["error"] and "has audio" in bad["error"]
+
+    out = tmp_path / "mixed_caps.jsonl"
+    rc = cli_main(["caption", str(m), "--model", str(tiny_run / "export"), "--beam", "1", "--out", str(out)])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rc == 1 and [r["id"] for r in lines] == ["clip", "sound"]
+    assert lines[0]["caption"] == alone["caption"] and lines[1]["reason"] == "missing_modality"
+
