@@ -159,3 +159,58 @@ def test_sharded_loader_covers_dataset(synth_manifest):
            for i in b["id"]]
     assert sorted(ids) == sorted(s.id for s in MediaDataset(synth_manifest, cfg).samples)
     assert isinstance(make_loader(synth_manifest, cfg).sampler, ShardedSampler)
+
+
+def _separate_wav(path, spec, seed: int = 7):
+    """A real synthetic soundtrack (a tone of its own plan) as a standalone 16 kHz WAV."""
+    import soundfile as sf
+
+    plan = synth.plan_clip(np.random.default_rng(seed), spec.frames, spec.fps)
+    sf.write(path, synth.render_audio(plan, 16000), 16000)
+    return path
+
+
+def test_audio_only_manifest_line(tmp_path, spec):
+    from mmsparse.data.audio import log_mel, read_audio
+
+    wav = _separate_wav(tmp_path / "tone.wav", spec)
+    recs = [{"id": "window", "audio": "tone.wav", "caption": "a tone", "start": 0.5, "end": 2.0},
+            {"id": "whole", "audio": "tone.wav", "caption": "a tone"}]
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = MediaDataset(m, DataConfig(num_frames=4, max_audio_seconds=1.0))
+    win, whole = ds[0], ds[1]
+    assert "video" not in win and "video" not in whole
+    # [0.5, 2.0) s at 16 kHz = 24000 samples -> 24000 // 160 + 1 mel frames, starting at 0.5 s
+    assert win["audio"].shape == (128, 151) and win["audio_start"] == 0.5
+    assert torch.equal(win["audio"], log_mel(read_audio(wav, 16000, 0.5, 2.0)))
+    # no end: the file from 0 s, cut to max_audio_seconds
+    assert whole["audio"].shape == (128, 101) and whole["audio_start"] == 0.0
+    assert torch.equal(whole["audio"], log_mel(read_audio(wav, 16000, 0.0, None)[:16000]))
+    b = collate([win, whole])
+    assert "video" not in b and b["audio"].shape == (2, 128, 151)
+    assert b["audio_mask"].sum(1).tolist() == [151, 101]
+    np.testing.assert_allclose(b["audio_start"].numpy(), [0.5, 0.0])
+
+
+def test_video_with_separate_audio_file(tmp_path, synth_manifest, synth_records, spec):
+    from mmsparse.data.audio import log_mel, read_audio
+
+    wav = _separate_wav(tmp_path / "tone.wav", spec)
+    video = synth_manifest.parent / synth_records[0]["video"]
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"id": "v", "video": str(video), "audio": "tone.wav", "caption": "c"}) + "\n")
+    cfg = DataConfig(num_frames=6)
+    item = MediaDataset(m, cfg)[0]
+    times = item["video_times"].numpy()
+    t0, t1 = float(times[0]), float(times[-1]) + 1 / spec.fps
+    assert item["video"].shape[:2] == (6, 3)
+    # the audio window is the video's (first frame to one frame past the last), read from the WAV
+    assert item["audio_start"] == t0
+    want = log_mel(read_audio(wav, cfg.sample_rate, t0, t1))
+    assert item["audio"].shape == want.shape == (128, round((t1 - t0) * 16000) // 160 + 1)
+    assert torch.equal(item["audio"], want)
+    # ... and not the video's own soundtrack over the same window (a different tone)
+    own = log_mel(read_audio(video, cfg.sample_rate, t0, t1))
+    n = min(own.shape[1], want.shape[1])
+    assert (own[:, :n] - want[:, :n]).abs().mean() > 1.0
