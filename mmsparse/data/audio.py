@@ -1,5 +1,9 @@
 """Audio: read a track (a video's own or a separate file) as 16 kHz mono, and log-mel features.
 
+``read_audio(path, sr, start, end)`` decodes from the beginning of the file (decord's
+AudioReader always loads the whole track) and cuts ``[start, end)`` out with ``slice_wave``;
+to read many windows of one file, decode it once (``start=end=None``) and slice it.
+
 Legend: S samples, M mel bins (``n_mels``), Tm feature frames.
 
 Feature frame j is centred on ``start + j * hop_seconds`` (``center=True`` padding), which is what
@@ -80,6 +84,18 @@ def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
             raise
         except Exception as err:
             raise diagnose(path, err) from err
+    return slice_wave(wave, sample_rate, start, end)
+
+
+def slice_wave(wave: np.ndarray, sample_rate: int, start: float | None = None,
+               end: float | None = None) -> np.ndarray:
+    """The part of a track decoded from its beginning, ``wave`` (S,), between ``start`` and
+    ``end`` seconds: exactly what ``read_audio(path, sample_rate, start, end)`` returns.
+
+    A track that ends before ``end`` is padded with silence up to ``end - start`` seconds, so
+    that feature times stay aligned with video frame times. Callers that need many windows of
+    one file (sliding-window captioning) decode it once and slice it here.
+    """
     a = 0 if start is None else max(0, int(round(start * sample_rate)))
     b = len(wave) if end is None else min(len(wave), int(round(end * sample_rate)))
     if end is not None and b > a:

@@ -16,6 +16,11 @@ Audio longer than the model's ``max_audio_frames`` is average-pooled in time to 
 ``audio_hop_seconds`` scaled by the same factor, so the audio stays aligned with the frames
 (the audio counterpart of sampling frames).
 
+In window mode the soundtrack of a video is decoded once and cut into the windows
+(``audio.slice_wave``): decoding it per window would read the whole track again each time
+(decord's AudioReader loads the whole file), a cost quadratic in the video's length. The
+windows get the same audio as ``start`` / ``end`` manifest lines for them would.
+
 Failure behaviour: an input that cannot be decoded (missing, empty, truncated, corrupt ...)
 yields an error record ``{"id", "path", "error", "reason"}`` in its place and the other inputs
 are still captioned; so does an input the model cannot take (``missing_modality``: e.g. an
@@ -38,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from mmsparse.data import DataConfig, MediaDataset, MediaError, Sample, collate, load_manifest
+from mmsparse.data import audio as audio_mod
+from mmsparse.data.decode import call_with_timeout
 from mmsparse.models.text import PAD
 
 MANIFEST_SUFFIXES = (".jsonl", ".json")
@@ -165,6 +172,7 @@ class _Item:
     units: list[_Unit] = field(default_factory=list)
     error: MediaError | UnsupportedInput | None = None
     duration: float | None = None
+    fps: float | None = None  # window mode: the video's frame rate, from the duration probe
     pending: int = 0
     decoded: bool = False
 
@@ -279,11 +287,7 @@ class Captioner:
             cfg = image_cfg if (s.video is None and s.image is not None) else dcfg
             try:
                 units = self._plan_units(item, window_seconds, window_stride, dcfg.backend)
-                for u in units:
-                    t0 = time.perf_counter()
-                    u.data = self._fit(MediaDataset([u.sample], cfg)[0])
-                    u.decode_s = time.perf_counter() - t0
-                    self._check_modalities(u.data, item.path)
+                self._decode_units(item, units, cfg, window_seconds is not None)
                 item.units = units
             except (MediaError, UnsupportedInput) as err:
                 item.error, item.units = err, []
@@ -307,6 +311,55 @@ class Captioner:
             emitted += 1
 
     # internals -------------------------------------------------------------------------------
+    def _decode_units(self, item: _Item, units: list[_Unit], cfg: DataConfig, windowed: bool) -> None:
+        """Decode and fit every unit of ``item`` (``u.data``, ``u.decode_s``) and check that the
+        model can take it. The windows of a video share one decode of its soundtrack, cut per
+        window (only when the model reads audio: otherwise ``_fit`` would drop it anyway).
+
+        Raises:
+            MediaError: the input (or its soundtrack) cannot be decoded.
+            UnsupportedInput: the model cannot take the decoded input.
+        """
+        track: dict[str, Any] = {}  # "wave": the whole soundtrack (S,), None when there is none
+        for u in units:
+            t0 = time.perf_counter()
+            if windowed and u.sample.video is not None:
+                d = MediaDataset([u.sample], replace(cfg, load_audio=False))[0]
+                if cfg.load_audio and "audio" in self.modalities:
+                    self._add_window_audio(d, item, u.sample, cfg, track)
+            else:
+                d = MediaDataset([u.sample], cfg)[0]
+            u.data = self._fit(d)
+            u.decode_s = time.perf_counter() - t0
+            self._check_modalities(u.data, item.path)
+
+    def _add_window_audio(self, d: dict, item: _Item, s: Sample, cfg: DataConfig, track: dict) -> None:
+        """Give window ``d`` (decoded without audio) the features ``MediaDataset`` would compute
+        for it, from the video's soundtrack decoded once into ``track`` (shared by its windows).
+
+        The audio span is the dataset's: from the first sampled frame to one frame past the
+        last, with the frame rate of the video's (duration probe) reader.
+        """
+        src = s.audio or s.video
+        if "wave" not in track:
+            try:
+                track["wave"] = call_with_timeout(
+                    lambda: audio_mod.read_audio(src, cfg.sample_rate, None, None, cfg.audio_backend),
+                    cfg.decode_timeout, src)
+            except MediaError as err:  # as MediaDataset: a missing track is fine unless asked for
+                if err.reason != "no_audio" or cfg.require_audio or s.audio is not None:
+                    raise
+                track["wave"] = None
+        if track["wave"] is None:
+            return
+        if item.fps is None:
+            item.fps = _probe(s.video, cfg.backend)[1]
+        t0 = float(d["video_times"][0])
+        t1 = float(d["video_times"][-1]) + 1.0 / item.fps
+        wave = audio_mod.slice_wave(track["wave"], cfg.sample_rate, t0, t1)  # (S,)
+        d["audio"] = audio_mod.log_mel(wave, cfg.sample_rate, cfg.n_mels, cfg.win_seconds, cfg.hop_seconds)
+        d["audio_start"] = t0
+
     def _check_modalities(self, d: dict, path: str) -> None:
         """Raise UnsupportedInput when fitted input ``d`` lacks a modality the model requires or
         has none that it reads (the model would reject the whole batch it is put in)."""
@@ -327,10 +380,13 @@ class Captioner:
             if s.start is not None or s.end is not None:
                 item.duration = (s.end - (s.start or 0.0)) if s.end is not None else None
             else:
-                item.duration = _probe_duration(s.video, backend)
+                item.duration = _probe(s.video, backend)[0]
             return [_Unit(item.index, s)]
         t0 = s.start or 0.0
-        t1 = s.end if s.end is not None else _probe_duration(s.video, backend)
+        if s.end is not None:
+            t1 = s.end
+        else:
+            t1, item.fps = _probe(s.video, backend)
         item.duration = t1 - t0
         stride = stride or window
         units, a = [], t0
@@ -446,16 +502,17 @@ class Captioner:
         return rec
 
 
-def _probe_duration(path: Path, backend: str) -> float:
-    """Seconds of video at `path`, read by `backend` or, when its decoder rejects the file (AV1
-    with decord 0.6.0), by the other one: the same fallback the clips themselves decode with."""
+def _probe(path: Path, backend: str) -> tuple[float, float]:
+    """(seconds, fps) of the video at `path`, read by `backend` or, when its decoder rejects the
+    file (AV1 with decord 0.6.0), by the other one: the same fallback the clips themselves
+    decode with."""
     from mmsparse.data.decode import open_video, with_fallback
     from mmsparse.data.errors import diagnose
 
-    def probe(b: str) -> float:
+    def probe(b: str) -> tuple[float, float]:
         try:
             r = open_video(path, b)
-            return r.num_frames / r.fps
+            return r.num_frames / r.fps, r.fps
         except MediaError:
             raise
         except Exception as err:

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from mmsparse.data.audio import log_mel, read_audio
+from mmsparse.data.audio import log_mel, read_audio, slice_wave
 from mmsparse.data.errors import MediaError
 
 SR = 16000
@@ -47,6 +47,22 @@ def test_window_keeps_time_alignment(synth_manifest, synth_records):
         a, _ = _onsets(log_mel(wave))
         assert abs(a - (tone["start"] - start)) < 0.03
 
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_window_read_is_a_slice_of_the_whole_track(synth_manifest, synth_records, spec, backend):
+    """read_audio of [start, end) equals slice_wave of the whole decoded track, sample for sample,
+    so a caller may decode a file once and cut its windows (including one past the track's end,
+    padded with silence)."""
+    path = synth_manifest.parent / synth_records[0]["video"]
+    whole = read_audio(path, backend=backend)
+    dur = spec.frames / spec.fps
+    for start, end in [(0.0, 1.0), (0.37, 1.21), (1.0625, 2.5), (dur - 0.4, dur + 0.6)]:
+        part = read_audio(path, start=start, end=end, backend=backend)
+        cut = slice_wave(whole, SR, start, end)
+        assert len(part) == int(round((end - start) * SR))
+        np.testing.assert_array_equal(part, cut)
+    assert np.array_equal(slice_wave(whole, SR, 0.5, None), whole[SR // 2:])
 
 def test_separate_wav_resampled_to_16k(tmp_path):
     sr = 44100

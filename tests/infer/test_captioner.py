@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmsparse.cli import main as cli_main
 from mmsparse.data import load_manifest, synth
@@ -202,4 +203,37 @@ def test_an_input_the_model_cannot_take_gets_an_error_record(tiny_run, captioner
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert rc == 1 and [r["id"] for r in lines] == ["clip", "sound"]
     assert lines[0]["caption"] == alone["caption"] and lines[1]["reason"] == "missing_modality"
+
+
+def test_windows_share_one_decode_of_the_soundtrack(captioner, clips, monkeypatch):
+    """Window mode reads a video's audio once, and each window gets exactly the features that
+    decoding it on its own (a start / end manifest line) gives."""
+    from mmsparse.data import MediaDataset
+    from mmsparse.data import audio as audio_mod
+    from mmsparse.infer.captioner import _Item
+
+    calls = []
+    real = audio_mod.read_audio
+
+    def counting(path, *args, **kw):
+        calls.append(path)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(audio_mod, "read_audio", counting)
+    (rec,) = captioner.caption([clips["long"]], window_seconds=1.0)
+    assert len(rec["segments"]) == 5 and "error" not in rec
+    assert len(calls) == 1, calls  # not once per window
+
+    monkeypatch.setattr(audio_mod, "read_audio", real)
+    cfg = captioner.preprocess.data_config()
+    (sample,) = captioner.expand_inputs([clips["long"]])
+    item = _Item(0, sample, str(sample.video))
+    units = captioner._plan_units(item, 2.0, 1.5, cfg.backend)
+    captioner._decode_units(item, units, cfg, windowed=True)
+    for u in units:
+        alone = captioner._fit(MediaDataset([u.sample], cfg)[0])
+        assert u.data["audio"].shape == alone["audio"].shape
+        assert torch.equal(u.data["audio"], alone["audio"]), (u.start, u.end)
+        assert u.data["audio_start"] == alone["audio_start"]
+        assert torch.equal(u.data["video"], alone["video"])
 
