@@ -1,7 +1,8 @@
-"""Captioning with the shared tiny_cpu model: bad inputs get error records and the rest are
-captioned (the same captions as alone), missing or corrupt model folders are clear errors,
-sliding windows carry exact time stamps, and the `mmsparse caption` command writes JSONL / text
-with the documented exit status."""
+"""Captioning with the shared tiny_cpu model: bad inputs (undecodable, or missing a modality
+the model requires) get error records and the rest are captioned (the same captions as alone),
+missing or corrupt model folders are clear errors, sliding windows carry exact time stamps and
+share one decode of the soundtrack, images are one-frame clips, and the `mmsparse caption`
+command writes JSONL / text with the documented exit status."""
 
 from __future__ import annotations
 
@@ -237,3 +238,35 @@ def test_windows_share_one_decode_of_the_soundtrack(captioner, clips, monkeypatc
         assert u.data["audio_start"] == alone["audio_start"]
         assert torch.equal(u.data["video"], alone["video"])
 
+
+def test_caption_cli_image_frames_and_text_output(tiny_run, clips, tmp_path, capsys):
+    """An image is captioned as a one-frame clip; --frames sets the frames per clip; without
+    --out or window mode the output is `<id>\\t<caption>` text, one line per input."""
+    import numpy as np
+
+    img, _ = synth.write_image(tmp_path / "shape.png", np.random.default_rng(3), (32, 32))
+    vids = clips["videos"]
+    model = str(tiny_run / "export")
+
+    out = tmp_path / "image.jsonl"
+    rc = cli_main(["caption", str(img), str(vids[0]), "--model", model, "--beam", "1", "--out", str(out)])
+    im, vid = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rc == 0 and "error" not in im and im["caption"]
+    assert im["id"] == "shape" and im["path"] == str(img) and im["frames"] == 1 and "duration" not in im
+    assert vid["frames"] == 8  # the run's data.frames
+    capsys.readouterr()
+
+    out4 = tmp_path / "frames4.jsonl"
+    rc = cli_main(["caption", str(vids[0]), "--model", model, "--beam", "1", "--frames", "4", "--out", str(out4)])
+    (four,) = [json.loads(x) for x in out4.read_text().splitlines()]
+    assert rc == 0 and four["frames"] == 4 and four["caption"]
+    rc = cli_main(["caption", str(vids[0]), "--model", model, "--frames", "1000"])
+    assert rc == 2 and "max_frames" in capsys.readouterr().err  # over the model's limit: a usage error
+
+    rc = cli_main(["caption", str(vids[0]), str(img), str(vids[1]), "--model", model, "--beam", "1"])
+    text = capsys.readouterr().out.splitlines()
+    assert rc == 0 and len(text) == 3
+    ids = [line.split("\t")[0] for line in text]
+    assert ids == [Path(vids[0]).stem, "shape", Path(vids[1]).stem]
+    assert all(len(line.split("\t")) == 2 for line in text)
+    assert text[1].split("\t")[1] == im["caption"] and text[0].split("\t")[1] == vid["caption"]
