@@ -41,6 +41,7 @@ def test_trained_model_beats_most_frequent_caption(result, tiny_run):
     preds = {e["id"]: e["prediction"] for e in res["examples"]}
     assert len(preds) == 8
     assert res["metrics"]["METEOR"] is None  # meteor=False: absent, never estimated
+    assert res["meteor"] == "disabled"  # and the result says why
 
 
 def test_result_json_and_markdown_report(result):
@@ -75,6 +76,7 @@ def test_eval_cli(tiny_run, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "result.json").read_text())
     assert res["clips"] == 6 and len(res["examples"]) == 3 and (out / "report.md").is_file()
+    assert res["meteor"] == "disabled" and "disabled for this run" in (out / "report.md").read_text()
     rc = cli_main(["eval", "--model", str(tmp_path / "nothing"), "--benchmark", "synthetic"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err
