@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-clips", type=int, default=1024)
     p.add_argument("--val-clips", type=int, default=32)
     p.add_argument("--train-frames", type=_ints, default=(256, 2048), help="LO,HI frames of training clips")
+    p.add_argument("--train-lengths", choices=("range", "doubling"), default="doubling",
+                   help="training clip lengths: any in LO..HI, or LO, 2 LO, ... <= HI (default: a few frame "
+                        "spacings, so the per-spacing attention layouts are built once and cached)")
     p.add_argument("--lengths", type=_ints, default=(256, 512, 1024, 2048), help="benchmark clip lengths")
     p.add_argument("--clips-per-length", type=int, default=24)
     p.add_argument("--steps", type=int, default=None,
@@ -215,9 +218,9 @@ def make_data(args, work: Path, size: tuple[int, int], workers: int) -> tuple[Pa
 
     lo, hi = args.train_frames
     train = longclip.make_train_set(work / "data" / "train", args.train_clips, (lo, hi), args.seed, size,
-                                    workers=workers)
+                                    workers=workers, long_lengths=args.train_lengths)
     val = longclip.make_train_set(work / "data" / "val", args.val_clips, (lo, hi), args.seed + 500_000, size,
-                                  workers=workers)
+                                  workers=workers, long_lengths=args.train_lengths)
     bench = longclip.make_benchmark(work / "data" / "bench", args.lengths, args.clips_per_length, size=size,
                                     workers=workers)
     return train, val, bench

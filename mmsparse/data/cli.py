@@ -12,7 +12,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     path = make_dataset(args.out, clips=args.clips, frames=args.frames, seed=args.seed,
                         size=tuple(args.size), long=args.long, fps=args.fps, images=args.images,
-                        long_frames=tuple(args.long_frames), audio=not args.no_audio)
+                        long_frames=tuple(args.long_frames), audio=not args.no_audio,
+                        long_lengths=args.long_lengths)
     print(path)
     return 0
 
@@ -76,6 +77,8 @@ def register(subparsers) -> None:
     s.add_argument("--images", type=int, default=None, help="PNG images (default: --clips; 0 with --long)")
     s.add_argument("--long", action="store_true", help="needle clips of 512..4096 frames with one key event")
     s.add_argument("--long-frames", type=int, nargs=2, default=[512, 4096], metavar=("MIN", "MAX"))
+    s.add_argument("--long-lengths", choices=("range", "doubling"), default="range",
+                   help="long clip lengths: any in MIN..MAX, or MIN, 2 MIN, 4 MIN, ... <= MAX")
     s.add_argument("--no-audio", action="store_true", help="write video-only files")
     s.set_defaults(func=_synth)
 

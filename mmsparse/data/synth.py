@@ -255,12 +255,16 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
                  size: tuple[int, int] = (64, 64), long: bool = False, fps: int = 8,
                  images: int | None = None, sample_rate: int = 16000,
                  long_frames: tuple[int, int] = (512, 4096), audio: bool = True,
-                 frame_code: bool = True, processes: int = 1) -> Path:
+                 frame_code: bool = True, processes: int = 1, long_lengths: str = "range") -> Path:
     """Write a synthetic dataset under ``out_dir`` and return the path of its ``manifest.jsonl``.
 
     Args:
         clips: number of video clips (``videos/clip-XXXX.mp4`` or ``videos/long-XXXX.mp4``).
         frames: frames per clip (ignored with ``long``: drawn from ``long_frames`` per clip).
+        long_lengths: how a long clip's length is drawn from ``long_frames`` = (lo, hi):
+            ``range`` any integer in [lo, hi]; ``doubling`` one of lo, 2 lo, 4 lo, ... <= hi, so
+            a fixed number of sampled frames lands at a handful of frame spacings (clips of
+            one spacing share their attention layouts; every other spacing builds its own).
         size: (H, W) of frames and images; H and W must be even (yuv420p) and at least 16.
         images: PNG images in ``images/`` listed in ``images.jsonl``; default ``clips`` (0 with
             ``long``).
@@ -275,6 +279,9 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
     lo, hi = long_frames
     if long and not (fps <= lo <= hi < 2 ** CODE_BITS):
         raise ValueError(f"long_frames must satisfy fps <= lo <= hi < {2 ** CODE_BITS}, got {long_frames}")
+    if long_lengths not in ("range", "doubling"):
+        raise ValueError(f"long_lengths must be 'range' or 'doubling', got {long_lengths!r}")
+    doubling = [lo << k for k in range(32) if lo << k <= hi]
     if not long and frames >= 2 ** CODE_BITS:
         raise ValueError(f"frames must be < {2 ** CODE_BITS}, got {frames}")
     out = Path(out_dir)
@@ -283,7 +290,12 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
     prefix = "long" if long else "clip"
     for i in range(clips):
         rng = np.random.default_rng([seed, 0 if not long else 1, i])
-        n = int(rng.integers(lo, hi + 1)) if long else frames
+        if not long:
+            n = frames
+        elif long_lengths == "doubling":
+            n = doubling[int(rng.integers(len(doubling)))]
+        else:
+            n = int(rng.integers(lo, hi + 1))
         plan = plan_clip(rng, n, fps, long=long)
         rel = f"videos/{prefix}-{i:04d}.mp4"
         jobs.append((out / rel, plan))

@@ -124,21 +124,23 @@ def make_benchmark(out_dir: str | Path, lengths: Sequence[int] = DEFAULT_LENGTHS
 
 
 def make_train_set(out_dir: str | Path, clips: int, long_frames: tuple[int, int] = (256, 2048), seed: int = 0,
-                   size: tuple[int, int] = (32, 32), fps: int = 8, workers: int = 1) -> Path:
-    """Needle clips of random lengths in ``long_frames`` to train on (the recipes' data, written
-    in parallel); returns the combined ``manifest.jsonl``. Part j is drawn with seed
+                   size: tuple[int, int] = (32, 32), fps: int = 8, workers: int = 1,
+                   long_lengths: str = "range") -> Path:
+    """Needle clips of random lengths in ``long_frames`` (drawn as ``synth.make_dataset``'s
+    ``long_lengths`` says) to train on (the recipes' data, written in parallel); returns the
+    combined ``manifest.jsonl``. Part j is drawn with seed
     ``seed + j * PART_SEED``: keep ``seed`` away from the benchmark's (``seed + length``)."""
     from mmsparse.data import load_manifest, write_manifest
 
     root = Path(out_dir)
     spec = json.dumps({"clips": clips, "long_frames": list(long_frames), "seed": seed, "size": list(size),
-                       "fps": fps, "part": PART_CLIPS})
+                       "fps": fps, "part": PART_CLIPS, "long_lengths": long_lengths})
     manifest = root / "manifest.jsonl"
     if _cached(root, spec):
         return manifest
     parts = _parts(clips)
     jobs = [dict(out_dir=root / f"part{j:03d}", clips=m, seed=seed + j * PART_SEED, size=tuple(size), long=True,
-                 fps=fps, long_frames=tuple(long_frames), images=0) for j, m in parts]
+                 fps=fps, long_frames=tuple(long_frames), long_lengths=long_lengths, images=0) for j, m in parts]
     records = []
     for (j, _), m in zip(parts, _make_parts(jobs, workers)):
         for s in load_manifest(m):

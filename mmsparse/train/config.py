@@ -73,6 +73,7 @@ class SynthConfig:
     seed: int = 0
     long: bool = False
     long_frames: tuple[int, int] = (512, 4096)
+    long_lengths: str = "range"        # range: any length in long_frames; doubling: lo, 2 lo, ... (synth.make_dataset)
 
 
 @dataclass

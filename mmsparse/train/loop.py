@@ -76,7 +76,8 @@ def prepare_data(cfg: TrainConfig, topo: Topology, run_dir: Path) -> tuple[Path,
     if topo.is_main and not (done.is_file() and done.read_text() == spec):
         from mmsparse.data import synth
 
-        kw = dict(frames=s.frames, size=tuple(s.size), long=s.long, long_frames=tuple(s.long_frames), images=0)
+        kw = dict(frames=s.frames, size=tuple(s.size), long=s.long, long_frames=tuple(s.long_frames),
+                  long_lengths=s.long_lengths, images=0)
         synth.make_dataset(root / "train", clips=s.clips, seed=s.seed, **kw)
         if s.val_clips:
             synth.make_dataset(root / "val", clips=s.val_clips, seed=s.seed + 1000, **kw)

@@ -129,3 +129,13 @@ def test_processes_give_the_same_dataset(tmp_path):
         a, _ = read_frames(one.parent / f"videos/clip-{k:04d}.mp4", range(16))
         b, _ = read_frames(many.parent / f"videos/clip-{k:04d}.mp4", range(16))
         np.testing.assert_array_equal(a, b)
+
+
+def test_long_lengths_doubling(tmp_path):
+    """``doubling`` draws long clips of lo, 2 lo, 4 lo ... <= hi frames only (a few frame spacings)."""
+    m = synth.make_dataset(tmp_path, clips=6, long=True, long_frames=(16, 40), long_lengths="doubling",
+                           size=(16, 16), audio=False)
+    frames = [json.loads(x)["frames"] for x in m.read_text().splitlines()]
+    assert set(frames) <= {16, 32} and len(set(frames)) == 2
+    with pytest.raises(ValueError, match="long_lengths"):
+        synth.make_dataset(tmp_path / "bad", clips=1, long=True, long_frames=(16, 40), long_lengths="powers")
