@@ -53,7 +53,7 @@ def test_offload_precision_clipping_optimizer_scheduler():
 
 
 def test_activation_checkpointing_sequence_parallel_and_extra():
-    d = _ds(["deepspeed.activation_checkpointing=true", "deepspeed.sequence_parallel_size=2",
+    d = _ds(["data.batch_size=2", "deepspeed.activation_checkpointing=true", "deepspeed.sequence_parallel_size=2",
              "deepspeed.extra={zero_optimization: {reduce_bucket_size: 123}, steps_per_print: 5}"], world=4)
     assert "activation_checkpointing" in d
     # DeepSpeed counts all 4 processes (2 data-parallel x 2 sequence-parallel) as replicas
@@ -73,7 +73,7 @@ def test_recipes_generate_their_stage():
 
 def test_print_deepspeed_config_cli():
     out = subprocess.run([sys.executable, "-m", "mmsparse.train", "tiny_cpu", "deepspeed.zero_stage=3",
-                          "--print-deepspeed-config", "--world-size", "2"], capture_output=True, text=True,
+                          "data.batch_size=2", "--print-deepspeed-config", "--world-size", "2"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)

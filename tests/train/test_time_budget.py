@@ -32,7 +32,7 @@ def test_budget_ends_the_run_cleanly(tmp_path):
     run = tmp_path / "budget"
     cmd = [sys.executable, "-m", "mmsparse.train", "tiny_cpu", f"run.dir={run}", f"run.steps={STEPS}",
            f"run.max_minutes={BUDGET_MIN}", "run.progress=false", "checkpoint.every=0", "eval.captions=2",
-           "eval.batches=1", "data.synth.clips=8", "data.synth.val_clips=2"]
+           "eval.batches=1", "data.synth.clips=8", "data.synth.val_clips=2", "data.batch_size=2"]
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=280)
     wall = time.monotonic() - t0

@@ -25,7 +25,8 @@ from mmsparse.train.logs import read_metrics
 
 STEPS, EVERY, KILL_AFTER = 24, 8, 12
 COMMON = [f"run.steps={STEPS}", f"checkpoint.every={EVERY}", "run.progress=false", "eval.captions=2",
-          "eval.batches=1", "deepspeed.zero_stage=2", "data.synth.clips=8", "data.synth.val_clips=2"]
+          "eval.batches=1", "deepspeed.zero_stage=2", "data.synth.clips=8", "data.synth.val_clips=2",
+          "data.batch_size=2", "data.num_workers=0", "optim.lr=2e-3", "optim.warmup_steps=5"]
 
 
 def _env() -> dict:
@@ -118,7 +119,7 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     run.mkdir()
     base = [sys.executable, "-m", "mmsparse.train", "tiny_cpu", f"run.dir={run}", "run.steps=2",
             "checkpoint.every=1", "run.progress=false", "eval.at_end=false", "checkpoint.export=false",
-            "data.synth.clips=4", "data.synth.val_clips=0"]
+            "data.synth.clips=4", "data.synth.val_clips=0", "data.batch_size=2"]
 
     def go(*extra):
         return subprocess.run(base + list(extra), capture_output=True, text=True, env=_env(), timeout=240)
@@ -144,7 +145,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
     run = tmp_path / "nan"
     cmd = [sys.executable, "-m", "mmsparse.train", "tiny_cpu", f"run.dir={run}", "run.steps=12",
            "optim.lr=1e30", "optim.warmup_steps=1", "optim.grad_clip=0", "run.max_nonfinite_in_row=3",
-           "run.progress=false", "checkpoint.every=0", "data.synth.clips=4", "data.synth.val_clips=0"]
+           "run.progress=false", "checkpoint.every=0", "data.synth.clips=4", "data.synth.val_clips=0",
+           "data.batch_size=2"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
     text = out.stdout + out.stderr
     assert out.returncode == 4, text[-3000:]
