@@ -11,6 +11,9 @@ Schedules (`ModelConfig.schedule`):
 - "tiled_axial": even layers as "tiled"; odd layers the video time columns (Axial(0)) with the
   own tile, plus the audio / image / global / AVSync parts (TimeSformer-like reach in time).
 - "local": token-level Local windows instead of tiles (NATTEN semantics, partial blocks).
+- "local_axial": even layers as "local"; odd layers the video time columns (Axial(0)) with the
+  token-level window, plus the other parts: "local" with TimeSformer-like reach in time, so it
+  differs from "local" in the axial layers alone (the long-clip benchmark compares the two).
 - "dense": every layer dense (the baseline of bench/model.py); `backend` is then unused.
 """
 
@@ -22,7 +25,7 @@ import torch
 
 from mmsparse.attention import AVSync, Axial, Global, Local, Pattern, StreamLayout, Tiled
 
-SCHEDULES = ("tiled", "tiled_axial", "local", "dense")
+SCHEDULES = ("tiled", "tiled_axial", "local", "local_axial", "dense")
 
 
 @dataclass(frozen=True)
@@ -49,17 +52,18 @@ def layer_pattern(cfg, layer: int, stream: StreamLayout) -> Pattern | None:
         return None
     present = {s.modality: s for s in stream.segments}
     parts: list[Pattern] = []
-    odd_axial = cfg.schedule == "tiled_axial" and layer % 2 == 1
+    odd_axial = cfg.schedule in ("tiled_axial", "local_axial") and layer % 2 == 1
     for m, tile, radius in (("video", cfg.video_tile, cfg.video_radius),
                             ("audio", cfg.audio_tile, cfg.audio_radius),
                             ("image", cfg.image_tile, cfg.image_radius)):
         seg = present.get(m)
         if seg is None:
             continue
-        if cfg.schedule == "local":
+        if cfg.schedule in ("local", "local_axial"):
             window = tuple(min(2 * r * t + 1 if r else t, s) for t, r, s in
                            zip(_tup(tile, seg.ndim), _tup(radius, seg.ndim), seg.shape))
-            parts.append(Local(window, modality=m))
+            local = Local(window, modality=m)
+            parts.append(Axial(0, modality=m) | local if odd_axial and m == "video" else local)
         elif odd_axial and m == "video":
             parts.append(Axial(0, modality=m) | Tiled(tuple(tile), radius=0, modality=m))
         else:

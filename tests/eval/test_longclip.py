@@ -90,7 +90,7 @@ def test_longclip_recipes_differ_only_in_the_pattern():
 
     cfgs = {n: load_config(f"longclip_{n}") for n in ("local", "local_global", "local_axial", "dense")}
     pats = {n: (c.model.overrides["schedule"], c.model.overrides["n_global"]) for n, c in cfgs.items()}
-    assert pats == {"local": ("local", 0), "local_global": ("local", 8), "local_axial": ("tiled_axial", 0),
+    assert pats == {"local": ("local", 0), "local_global": ("local", 8), "local_axial": ("local_axial", 0),
                     "dense": ("dense", 0)}
     strip = lambda c: {k: v for k, v in to_dict(c).items() if k not in ("run", "model")}  # noqa: E731
     assert all(strip(c) == strip(cfgs["local"]) for c in cfgs.values())

@@ -19,7 +19,7 @@ def _logits(model, batch):
         return model(batch).float()
 
 
-@pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local"])
+@pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local", "local_axial"])
 def test_every_backend_gives_the_same_output(tiny, batch, schedule):
     """Error budget: each backend's error against the float32 reference is at most twice the
     error of the reference itself run in bfloat16 (plus float32 rounding)."""
@@ -221,3 +221,13 @@ def test_padding_is_never_attended(tiny, batch, schedule):
     # the padded tokens themselves do change: the test can fail
     assert (a[pad] - b[pad]).abs().max().item() > 1e-3
 
+
+
+def test_local_axial_differs_from_local_in_the_axial_layers_only(tiny, batch):
+    _, _, layout = tiny.encode(batch)
+    cfg = tiny.cfg
+    pat = lambda schedule, layer: layer_pattern(type(cfg)(**{**cfg.__dict__, "schedule": schedule}), layer, layout)  # noqa: E731
+    assert pat("local_axial", 0) == pat("local", 0) and pat("local_axial", 2) == pat("local", 2)
+    odd = repr(pat("local_axial", 1))
+    assert "Axial(axes=0, modality='video')" in odd and "Local(" in odd and "Tiled(" not in odd
+    assert pat("local_axial", 1) != pat("local", 1)
