@@ -249,7 +249,8 @@ class Captioner:
         ``duration`` (seconds, when known), ``timings`` (``decode_s``, ``model_s``, ``total_s``:
         decode time of this input and its share of the batched model time), ``references``
         (manifest captions, when present), ``segments`` (window mode: ``start``, ``end``,
-        ``caption`` per window), or ``error`` and ``reason`` when the input could not be read.
+        ``caption`` per window), or ``error`` and ``reason`` when the input could not be read or
+        the model cannot take it (``missing_modality``).
 
         ``candidates``: also rank these captions by the model's log-likelihood given the clip
         (multiple choice): ``choice`` (the most likely) and ``choice_logprobs`` (sum of token

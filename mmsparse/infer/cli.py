@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    print(f"captioned {ok} of {ok + bad} inputs" + (f"; {bad} could not be read (see their error lines)" if bad else "")
+    print(f"captioned {ok} of {ok + bad} inputs" + (f"; {bad} could not be captioned (see their error lines)" if bad else "")
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return EXIT_PARTIAL if bad else EXIT_OK
 

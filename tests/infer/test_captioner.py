@@ -137,7 +137,7 @@ def test_caption_cli_jsonl_text_and_exit_status(tiny_run, clips, tmp_path, capsy
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [("error" in r) for r in lines] == [False, True, False]
     assert lines[1]["reason"] == "corrupt" and lines[0]["caption"] and "timings" in lines[0]
-    assert "1 could not be read" in capsys.readouterr().err
+    assert "1 could not be captioned" in capsys.readouterr().err
 
     rc = cli_main(["caption", str(clips["long"]), "--model", str(tiny_run), "--window-seconds", "2"])
     text = capsys.readouterr().out.splitlines()
