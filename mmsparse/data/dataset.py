@@ -177,10 +177,11 @@ class MediaDataset(Dataset):
                 if level >= CrashGuard.SKIP:
                     raise MediaError(sample.primary_path, "crashed", "a decoder crashed on this file before; "
                                      "not decoded again")
-                self.crashes.begin(worker, i, level)
-                try:
+                self.crashes.begin(worker, i, level)  # until the sample is done: decoders' C++ and
+                try:                                  # destructors, transforms and features
                     raw = call_with_timeout(lambda: self._decode(sample, seed, level), c.decode_timeout,
                                             sample.primary_path)
+                    return self._finish(sample, raw, seed)
                 finally:
                     self.crashes.end(worker)
             except MediaError as err:
@@ -191,8 +192,6 @@ class MediaDataset(Dataset):
                     raise TooManyBadSamples(
                         f"bad-sample fraction {self.stats.fraction():.1%} passed the bound "
                         f"{c.max_bad_fraction:.1%}: {self.stats.summary()}") from None
-                continue
-            return self._finish(sample, raw, seed)
         raise TooManyBadSamples(f"no loadable sample after {c.max_retries + 1} draws starting at index "
                                 f"{index}: {self.stats.summary()}")
 

@@ -9,10 +9,12 @@ the run with ``RuntimeError: DataLoader worker (pid N) exited unexpectedly``.
 On that error ``MediaLoader.__iter__``:
 
 1. reads the dead pids from torch's message and asks the dataset's ``CrashGuard`` which sample
-   each was decoding; no sample found (a worker that died outside a decode) re-raises;
+   each was decoding;
 2. marks those samples (decoded with PyAV from then on, skipped as ``crashed`` if that crashes
    too), counts the crash in the failure stats (so the bad-fraction bound still applies) and
-   logs it with the path;
+   logs it with the path; a worker that died outside any decode (no sample to blame: a
+   decoder's state gone bad earlier, the kernel's OOM killer) is only logged, and after
+   ``max_blind_restarts`` such deaths in one iteration the error is raised;
 3. rewinds the sampler to the first sample of the first batch not yet handed out and starts
    fresh workers from there.
 
@@ -64,12 +66,14 @@ def _worker_init(_worker_id: int) -> None:
 class MediaLoader(DataLoader):
     """A DataLoader whose iteration survives decode workers that crash (see the module doc)."""
 
+    max_blind_restarts = 2  # worker deaths outside any decode tolerated per iteration
+
     def __iter__(self) -> Iterator[dict]:
         sampler, ds = self.sampler, self.dataset
         if self.num_workers == 0 or not isinstance(ds, MediaDataset) or not hasattr(sampler, "position"):
             yield from super().__iter__()
             return
-        start, handed = sampler.position, 0
+        start, handed, blind = sampler.position, 0, 0
         while True:
             it = super().__iter__()
             try:
@@ -78,10 +82,20 @@ class MediaLoader(DataLoader):
                     yield batch
                 return
             except RuntimeError as err:
-                hits = ds.crashes.mark_dead(_dead_pids(err))
-                if not hits:
+                pids = _dead_pids(err)
+                if not pids:
                     raise
-                self._record(ds, hits, err)
+                hits = ds.crashes.mark_dead(pids)
+                if hits:
+                    self._record(ds, hits, err)
+                else:
+                    blind += 1
+                    if blind > self.max_blind_restarts:
+                        raise RuntimeError(f"decode workers died {blind} times outside any decode in this "
+                                           f"iteration; last: {str(err).splitlines()[0]}") from err
+                    log.warning("a decode worker died outside any decode (%s); restarting the workers from "
+                                "batch %d (%d of %d such restarts)", str(err).splitlines()[0], handed, blind,
+                                self.max_blind_restarts)
             finally:
                 del it  # shuts the (remaining) workers down before new ones start
             sampler.position = start + handed * self.batch_size

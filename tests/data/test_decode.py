@@ -11,6 +11,7 @@ from mmsparse.data import synth
 from mmsparse.data.decode import (call_with_timeout, open_video, read_frames, resize_frames, sample_indices,
                                   short_side_size)
 from mmsparse.data.errors import MediaError
+from tests.data.hangs import release_hung_decodes
 
 BACKENDS = ["decord", "pyav"]
 
@@ -150,8 +151,7 @@ def test_timeout_abandons_a_hanging_decode(tmp_path):
         call_with_timeout(lambda: read_frames(fifo, [0]), 0.5, fifo)
     assert err.value.reason == "timeout" and "hang.mp4" in str(err.value)
     assert time.monotonic() - t < 5
-    fd = os.open(fifo, os.O_WRONLY)  # release the abandoned thread
-    os.close(fd)
+    release_hung_decodes(fifo)
 
 
 def test_timeout_passes_results_and_errors():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mmsparse.data import DataConfig, MediaDataset, MediaError, TooManyBadSamples, make_loader, synth
+from tests.data.hangs import release_hung_decodes
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,7 @@ def broken(tmp_path_factory, synth_manifest, synth_records):
     for k, r in recs.items():
         r.update(id=f"bad-{k}", caption="x")
     yield root, recs
-    try:  # release any decode thread still blocked on the pipe
-        fd = os.open(root / "hang.mp4", os.O_WRONLY | os.O_NONBLOCK)
-        os.close(fd)
-    except OSError:
-        pass
+    release_hung_decodes(root / "hang.mp4")
 
 
 def _manifest(root, name, records):
@@ -62,6 +59,13 @@ CFG = dict(num_frames=4, require_audio=True, decode_timeout=1.0)
                                     "too_short", "timeout"])
 def test_each_reason_strict_raises_lenient_skips(broken, synth_manifest, synth_records, reason, caplog):
     root, recs = broken
+    try:
+        _each_reason(root, recs, synth_manifest, synth_records, reason, caplog)
+    finally:  # no abandoned decode thread may outlive the test (tests/data/hangs.py)
+        release_hung_decodes(root / "hang.mp4")
+
+
+def _each_reason(root, recs, synth_manifest, synth_records, reason, caplog):
     m = _manifest(root, f"m-{reason}.jsonl", [recs[reason]] + _goods(synth_manifest, synth_records))
     with pytest.raises(MediaError) as err:
         MediaDataset(m, DataConfig(strict=True, **CFG))[0]
@@ -182,3 +186,40 @@ def test_worker_crash_in_strict_mode_stops_with_the_path(broken, synth_manifest,
     with pytest.raises(TooManyBadSamples, match="crashed") as err:
         list(make_loader(ds, batch_size=2, num_workers=2))
     assert synth_records[3]["video"].split("/")[-1] in str(err.value)
+
+
+class _DiesAfterDecoding(MediaDataset):
+    """Kills its worker with SIGSEGV after sample 2 is done (outside any decode), the first
+    ``times`` times only (a file counts the deaths across worker processes)."""
+
+    times = 1
+    count_file = None
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        if index == 2:
+            died = int(self.count_file.read_text() or 0)
+            if died < self.times:
+                self.count_file.write_text(str(died + 1))
+                os.kill(os.getpid(), signal.SIGSEGV)
+        return item
+
+
+def test_worker_death_outside_a_decode_restarts_then_gives_up(broken, synth_manifest, synth_records, tmp_path,
+                                                              caplog):
+    root, _ = broken
+    m = _manifest(root, "m-blind.jsonl", _goods(synth_manifest, synth_records))
+    ds = _DiesAfterDecoding(m, DataConfig(num_frames=4))
+    ds.count_file = tmp_path / "deaths"
+    ds.count_file.write_text("0")
+    with caplog.at_level(logging.WARNING, logger="mmsparse.data"):
+        ids = [i for b in make_loader(ds, batch_size=2, num_workers=2) for i in b["id"]]
+    assert ids == [r["id"] for r in map(json.loads, m.read_text().splitlines())]  # nothing lost, in order
+    assert not ds.stats.counts  # no sample is blamed
+    assert any("outside any decode" in r.getMessage() for r in caplog.records)
+
+    ds = _DiesAfterDecoding(m, DataConfig(num_frames=4))
+    ds.times, ds.count_file = 10, tmp_path / "deaths-again"
+    ds.count_file.write_text("0")
+    with pytest.raises(RuntimeError, match="died 3 times outside any decode"):
+        list(make_loader(ds, batch_size=2, num_workers=2))
