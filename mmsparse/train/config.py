@@ -74,6 +74,7 @@ class SynthConfig:
     long: bool = False
     long_frames: tuple[int, int] = (512, 4096)
     long_lengths: str = "range"        # range: any length in long_frames; doubling: lo, 2 lo, ... (synth.make_dataset)
+    frame_code: bool = True            # the frame-index band at the top of each frame (synth.make_dataset)
 
 
 @dataclass

@@ -171,3 +171,20 @@ def test_report_names_failures_machine_and_constant_answer(tiny_run, bench16, tm
     cells = " / ".join(f"{summ[f'{a}_correct']:.2f}" for a in longclip.ATTRIBUTES)
     assert f"| {summ['attributes_correct']:.2f} | {cells} |" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clips_carry_no_frame_code_band(tmp_path):
+    """The frame-index band (a quarter of a 32x32 frame, new every frame) is left out of the
+    long-clip clips, training and benchmark alike: only the background and the needle remain."""
+    import numpy as np
+
+    from mmsparse.data import synth
+    from mmsparse.data.decode import read_frames
+
+    band = synth.frame_code_height((32, 32))
+    for m in (longclip.make_benchmark(tmp_path / "b", lengths=(16,), clips_per_length=2),
+              longclip.make_train_set(tmp_path / "t", clips=2, long_frames=(16, 16))):
+        s = load_manifest(m)[0]
+        frames, _ = read_frames(s.video, np.arange(16))
+        top = frames[:, :band].astype(np.int16)
+        assert np.abs(top - np.array(synth.BACKGROUND)).max() <= 12  # codec noise only, no black/white blocks
