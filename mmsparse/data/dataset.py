@@ -188,12 +188,20 @@ class MediaDataset(Dataset):
                 if c.strict:
                     raise
                 self.stats.record(err)
-                if self.stats.attempts >= c.min_attempts and self.stats.fraction() > c.max_bad_fraction:
-                    raise TooManyBadSamples(
-                        f"bad-sample fraction {self.stats.fraction():.1%} passed the bound "
-                        f"{c.max_bad_fraction:.1%}: {self.stats.summary()}") from None
+                bound = self.bad_fraction_error()
+                if bound is not None:
+                    raise bound from None
         raise TooManyBadSamples(f"no loadable sample after {c.max_retries + 1} draws starting at index "
                                 f"{index}: {self.stats.summary()}")
+
+    def bad_fraction_error(self) -> TooManyBadSamples | None:
+        """The error to stop with when the failed fraction of loads has passed the configured
+        bound (after ``min_attempts`` loads), else None."""
+        c, st = self.cfg, self.stats
+        if st.attempts >= c.min_attempts and st.fraction() > c.max_bad_fraction:
+            return TooManyBadSamples(f"bad-sample fraction {st.fraction():.1%} passed the bound "
+                                     f"{c.max_bad_fraction:.1%}: {st.summary()}")
+        return None
 
     def _decode_video(self, s: Sample, backend: str, seed: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
         """Frames (T, H, W, 3) uint8, their times (T,) and the fps of ``s.video`` read with ``backend``."""

@@ -107,12 +107,11 @@ class MediaLoader(DataLoader):
             path = ds.samples[index].primary_path
             then = "decoding it with PyAV from now on" if level == 1 else "skipping it from now on"
             ds.stats.record(MediaError(path, "crashed", f"{why}; {then}"))
-        c = ds.cfg
-        if c.strict:
+        if ds.cfg.strict:
             raise TooManyBadSamples(f"a decode worker crashed (strict mode): {ds.stats.summary()}") from err
-        if ds.stats.attempts >= c.min_attempts and ds.stats.fraction() > c.max_bad_fraction:
-            raise TooManyBadSamples(f"bad-sample fraction {ds.stats.fraction():.1%} passed the bound "
-                                    f"{c.max_bad_fraction:.1%}: {ds.stats.summary()}") from err
+        bound = ds.bad_fraction_error()
+        if bound is not None:
+            raise bound from err
 
 
 def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None = None, *, batch_size: int = 8,
