@@ -136,6 +136,12 @@ def _pad_lines(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, pad, value=value)
 
 
+def _line_grid(n: int, stride: int) -> tuple[int, tuple[int, int, int]]:
+    """(N padded to a multiple of the stride, the axial geometry of the strided lines)."""
+    n_pad = -(-n // stride) * stride
+    return n_pad, (1, n_pad // stride, stride)
+
+
 def _line_padding(kpm, b: int, n: int, n_pad: int, device):
     """Key padding of the padded line grid: the user's flags, then the tail of padding keys."""
     if n == n_pad:
@@ -155,7 +161,7 @@ def _merge(out_a, lse_a, out_b, lse_b, q, k, v, oq, ok, scale: float, kpm):
     z = wa + wb
     num = out_a.float().mul_(wa[..., None]).add_(out_b.float().mul_(wb[..., None]))
     if oq.numel():
-        e = _overlap_scores(q, k, oq, ok, scale, kpm).sub_(m[:, :, oq]).exp_()  # (B, H, P)
+        e = _overlap_scores(*_overlap_pairs(q, k, oq, ok), ok, scale, kpm).sub_(m[:, :, oq]).exp_()  # (B, H, P)
         z.index_add_(2, oq, e, alpha=-1.0)
         num.index_add_(2, oq, e[..., None] * v[:, :, ok].float().repeat_interleave(g, 1), alpha=-1.0)
     live = z > 0
@@ -165,10 +171,15 @@ def _merge(out_a, lse_a, out_b, lse_b, q, k, v, oq, ok, scale: float, kpm):
     return out.to(q.dtype), lse
 
 
-def _overlap_scores(q, k, oq, ok, scale: float, kpm) -> torch.Tensor:
-    """Scores s_qk (B, H, P) float32 of the overlap pairs; -inf where the key is padding."""
-    g = q.shape[1] // k.shape[1]
-    s = (q[:, :, oq].float() * k[:, :, ok].float().repeat_interleave(g, 1)).sum(-1).mul_(scale)
+def _overlap_pairs(q, k, oq, ok) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of the overlap pairs, (B, H, P, D) float32 each (k repeated over its query heads)."""
+    return q[:, :, oq].float(), k[:, :, ok].float().repeat_interleave(q.shape[1] // k.shape[1], 1)
+
+
+def _overlap_scores(qo, ko, ok, scale: float, kpm) -> torch.Tensor:
+    """Scores s_qk (B, H, P) float32 of the overlap pairs (`_overlap_pairs`); -inf where the key
+    is padding."""
+    s = (qo * ko).sum(-1).mul_(scale)
     if kpm is not None:  # neither kernel attended a padding key, so there is nothing to remove
         s.masked_fill_(kpm[:, None, ok], -math.inf)
     return s
@@ -183,9 +194,7 @@ class _StridedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, split, scale, kpm):
         b, _, n, _ = q.shape
-        s = split.stride
-        n_pad = -(-n // s) * s
-        geometry = (1, n_pad // s, s)
+        n_pad, geometry = _line_grid(n, split.stride)
         out_b, lse_b = ax._forward(_pad_lines(q, n_pad), _pad_lines(k, n_pad), _pad_lines(v, n_pad), geometry,
                                    scale, key_padding=_line_padding(kpm, b, n, n_pad, q.device))
         out_b, lse_b = out_b[:, :, :n], ax._token_order(lse_b, *geometry)[:, :, :n]
@@ -207,9 +216,7 @@ class _StridedAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = torch.where(torch.isfinite(lse), dlse.float(), 0.0)
-        s = split.stride
-        n_pad = -(-n // s) * s
-        geometry = (1, n_pad // s, s)
+        n_pad, geometry = _line_grid(n, split.stride)
         # padded query rows: no output, no gradient, and an LSE of -inf, so their P is 0
         lse_lines = ax._line_order(_pad_lines(lse[..., None], n_pad, -math.inf)[..., 0], *geometry)
         dq, dk, dv = ax._backward(
@@ -235,18 +242,18 @@ def _remove_overlap(dq, dk, dv, q, k, v, out, lse, dout, dlse, oq, ok, scale: fl
     hk = k.shape[1]
     g = h // hk
     lse_q = lse[:, :, oq]
-    p = _overlap_scores(q, k, oq, ok, scale, kpm).sub_(torch.where(torch.isfinite(lse_q), lse_q, math.inf)).exp_()
+    qo, ko = _overlap_pairs(q, k, oq, ok)
+    p = _overlap_scores(qo, ko, ok, scale, kpm).sub_(torch.where(torch.isfinite(lse_q), lse_q, math.inf)).exp_()
     do = dout[:, :, oq].float()
     vk = v[:, :, ok].float().repeat_interleave(g, 1)
-    delta = (dout.float() * out.float()).sum(-1)[:, :, oq]
+    delta = (do * out[:, :, oq].float()).sum(-1)
     ds = (do * vk).sum(-1).sub_(delta)
     if dlse is not None:
         ds.add_(dlse[:, :, oq])
     ds.mul_(p)
-    kk = k[:, :, ok].float().repeat_interleave(g, 1)
-    dq.index_add_(2, oq, ds[..., None] * kk, alpha=-scale)
+    dq.index_add_(2, oq, ds[..., None] * ko, alpha=-scale)
     per_key = lambda x: x.reshape(b, hk, g, -1, d).sum(2)  # the query heads of each key head
-    dk.index_add_(2, ok, per_key(ds[..., None] * q[:, :, oq].float()), alpha=-scale)
+    dk.index_add_(2, ok, per_key(ds[..., None] * qo), alpha=-scale)
     dv.index_add_(2, ok, per_key(p[..., None] * do), alpha=-1.0)
 
 
