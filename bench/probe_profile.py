@@ -1,0 +1,130 @@
+"""Probe: where the time goes, as torch.profiler tables (a CUDA GPU).
+
+    python bench/probe_profile.py strided            # A5 Sparse Transformer strided 128, 16x64
+    python bench/probe_profile.py model --frames 64  # E1 captioner_base sparse training step
+
+`strided` times the two parts of `kernels/strided_attention.py` (block-sparse rest, axial
+lines) and the merge separately, then the whole autograd op, then prints the CUDA and CPU
+profile of three forward+backward steps. `model` runs bench/model.py's training step and
+prints the same two tables for three steps after warm-up, with the step's wall time beside the
+sum of its CUDA kernel times (a wall time far above the kernel sum means the step waits on the
+host). bench/NOTES.md quotes the outputs (results/logs/probe-profile-*.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROWS = 22
+
+
+def _tables(prof, title: str) -> None:
+    ka = prof.key_averages()
+    print(f"\n## {title}: by CUDA time\n")
+    print(ka.table(sort_by="cuda_time_total", row_limit=ROWS, max_name_column_width=70))
+    print(f"\n## {title}: by CPU time (self)\n")
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=ROWS, max_name_column_width=70))
+
+
+def _profile(fn, steps: int = 3):
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+    print(f"\nprofiled step: wall {wall:.2f} ms, CUDA kernel time {kernels:.2f} ms (sum over kernels)")
+    return prof
+
+
+def strided(args) -> None:
+    import triton.testing as tt
+
+    from mmsparse.attention import build_layout, sparse_transformer
+    from mmsparse.kernels import axial_attention as ax
+    from mmsparse.kernels import block_sparse_attention as bs
+    from mmsparse.kernels import strided_attention as st
+
+    n, h, d = args.n, 16, 64
+    lay = build_layout(sparse_transformer(args.stride), (n,), device="cuda")
+    split = st.strided_split(lay)
+    print(f"N {n}, stride {args.stride}, rest {split.rest.pattern if split.rest is not None else None}, "
+          f"rest blocks full {split.rest.num_full} partial {split.rest.num_partial}, overlap pairs {split.oq.numel()}")
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    scale = d ** -0.5
+    n_pad, geometry = st._line_grid(n, args.stride)
+    ms = lambda f: tt.do_bench(f, return_mode="median")
+    t_rest = ms(lambda: bs._attention_forward(q, k, v, split.rest, scale))
+    t_lines = ms(lambda: ax._forward(q, k, v, geometry, scale))
+    out_a, lse_a = bs._attention_forward(q, k, v, split.rest, scale)
+    out_b, lse_b = ax._forward(q, k, v, geometry, scale)
+    lse_b = ax._token_order(lse_b, *geometry)
+    t_merge = ms(lambda: st._merge(out_a, lse_a, out_b, lse_b, q, k, v, split.oq, split.ok, scale, None))
+    out, lse = st.strided_attention(q, k, v, lay)
+    do = torch.randn_like(out)
+    t_fwd = ms(lambda: st.strided_attention(q, k, v, lay))
+    t_fb = ms(lambda: torch.autograd.grad(st.strided_attention(q, k, v, lay)[0], (q, k, v), do))
+    t_rest_b = ms(lambda: bs._attention_backward(q, k, v, out, lse, do, split.rest, scale))
+    lse_lines = ax._line_order(lse, *geometry)
+    t_lines_b = ms(lambda: ax._backward(q, k, v, out, lse_lines, do, geometry, scale))
+    print(f"forward: rest {t_rest:.3f} ms, lines {t_lines:.3f} ms, merge {t_merge:.3f} ms; op {t_fwd:.3f} ms")
+    print(f"backward kernels: rest {t_rest_b:.3f} ms, lines {t_lines_b:.3f} ms; op fwd+bwd {t_fb:.3f} ms")
+    _tables(_profile(lambda: torch.autograd.grad(st.strided_attention(q, k, v, lay)[0], (q, k, v), do)),
+            "strided fwd+bwd")
+
+
+def model(args) -> None:
+    import bench.model as bm  # noqa: F401  (bench/ is on sys.path's parent)
+    from mmsparse.models import CaptionTask, CaptionTokenizer, create_model
+
+    tok = CaptionTokenizer.train([bm.CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
+    overrides = dict(max_frames=max(args.frames, 64))
+    if args.dense:
+        overrides["schedule"] = "dense"
+    torch.manual_seed(0)
+    m = create_model(args.model, tokenizer=tok, **overrides).cuda()
+    task = CaptionTask(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+    batch = bm.make_batch(args.frames, 224, 1024, torch.device("cuda"))
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = task.training_forward(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    _tables(_profile(step), f"{args.model} {'dense' if args.dense else 'sparse'} {args.frames} frames")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("strided")
+    s.add_argument("--n", type=int, default=65536)
+    s.add_argument("--stride", type=int, default=128)
+    m = sub.add_parser("model")
+    m.add_argument("--frames", type=int, default=64)
+    m.add_argument("--model", default="captioner_base")
+    m.add_argument("--dense", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    {"strided": strided, "model": model}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
