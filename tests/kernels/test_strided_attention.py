@@ -22,15 +22,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 BLOCK = 64 if CUDA else 16
 
 # (name, pattern, N): N a multiple of the stride or not, a band narrower than the stride (the
-# overlap is the diagonal), a band wider than it and global tokens (overlap off the diagonal),
-# the strided part alone
+# overlap is the diagonal: the merge kernels remove it), a band wider than it and global tokens
+# (the diagonal and pairs off it: PyTorch removes those), the strided part alone, global tokens
+# without a band (only the global rows' diagonal: every overlap pair through PyTorch)
 if CUDA:
     CASES = [("st128", sparse_transformer(128), 4096), ("st64-ragged", sparse_transformer(64), 3000),
-             ("wide+global", Local(97) | Global(40) | Strided(32), 2500), ("alone", Strided(100), 2048)]
+             ("wide+global", Local(97) | Global(40) | Strided(32), 2500), ("alone", Strided(100), 2048),
+             ("global-only", Global(64) | Strided(128), 4000)]
     DTYPES, SHAPE = (torch.bfloat16,), (2, 4, 2)
 else:
     CASES = [("st8", sparse_transformer(8), 64), ("st8-ragged", sparse_transformer(8), 61),
-             ("wide+global", Local(13) | Global(3) | Strided(5), 53), ("alone", Strided(7), 45)]
+             ("wide+global", Local(13) | Global(3) | Strided(5), 53), ("alone", Strided(7), 45),
+             ("global-only", Global(3) | Strided(5), 47)]
     DTYPES, SHAPE = (torch.float32, torch.float16), (1, 2, 1)
 RUNS = [(c, t) for c in CASES for t in DTYPES]
 
@@ -41,6 +44,8 @@ def test_matches_truth(case, dtype):
     layout = build_layout(pattern, (n,), BLOCK, BLOCK, device=DEV)
     split = st.strided_split(layout)
     assert split is not None
+    assert split.diag == (name not in ("alone", "global-only"))
+    assert (split.xq.numel() > 0) == (name in ("wide+global", "global-only"))
     d = 24
     q, k, v, dout, dlse = inputs(SHAPE, n, d, seed=n)
     ref = lambda up: (lambda q, k, v: bs.block_sparse_attention_ref(q, k, v, layout, d**-0.5, upcast=up))
