@@ -66,9 +66,8 @@ def strided(args) -> None:
     t_rest = ms(lambda: bs._attention_forward(q, k, v, split.rest, scale))
     t_lines = ms(lambda: ax._forward(q, k, v, geometry, scale))
     out_a, lse_a = bs._attention_forward(q, k, v, split.rest, scale)
-    out_b, lse_b = ax._forward(q, k, v, geometry, scale)
-    lse_b = ax._token_order(lse_b, *geometry)
-    t_merge = ms(lambda: st._merge(out_a, lse_a, out_b, lse_b, q, k, v, split.oq, split.ok, scale, None))
+    out_b, lse_b = ax._forward(q, k, v, geometry, scale)  # LSE in line order, as the op passes it
+    t_merge = ms(lambda: st._merge(out_a, lse_a, out_b, lse_b, q, k, v, split, scale, None, n_pad))
     out, lse = st.strided_attention(q, k, v, lay)
     do = torch.randn_like(out)
     t_fwd = ms(lambda: st.strided_attention(q, k, v, lay))
