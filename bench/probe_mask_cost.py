@@ -1,0 +1,75 @@
+"""Probe: what the partial blocks' mask evaluation costs the block-sparse kernels (a CUDA GPU).
+
+    python bench/probe_mask_cost.py
+
+For a few layouts (the E1 captioner_base layer at 64 and 512 frames, A2's token-level 3D
+window in raster order), times the forward and backward launchers with the layout's real mask program, then
+with the program replaced by "every pair attends" (wrong results, same blocks, same loads):
+the difference is the most any cheaper mask evaluation (e.g. precomputed bit tiles) can save.
+bench/NOTES.md quotes the output (results/logs/probe-mask-cost-*.log).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing as tt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmsparse.kernels import block_sparse_attention as bs  # noqa: E402
+
+
+def captioner_layout(frames: int):
+    import bench.model as bm
+    from mmsparse.models import CaptionTokenizer, create_model
+
+    tok = CaptionTokenizer.train([bm.CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
+    m = create_model("captioner_base", tokenizer=tok, max_frames=max(frames, 64)).cuda()
+    with torch.no_grad():
+        stream = m.embed(bm.make_batch(frames, 224, 1024, torch.device("cuda")))
+    return m.layer_layouts(stream.layout)[0], m.cfg.num_heads, m.cfg.embed_dim // m.cfg.num_heads
+
+
+def a2_layout():
+    from mmsparse.attention import Local, build_layout
+
+    return build_layout(Local((7, 13, 13)), (32, 48, 48), device="cuda"), 16, 64
+
+
+def run(name, layout, h, d):
+    n = layout.n
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = d ** -0.5
+    kp = bs._kernel_program(layout, q.device)
+    real = kp.program
+    times = {}
+    for label, program in (("real", real), ("all-true", ())):
+        kp.program = program
+        out, lse = bs._attention_forward(q, k, v, layout, scale)
+        do = torch.randn_like(out)
+        f = tt.do_bench(lambda: bs._attention_forward(q, k, v, layout, scale), return_mode="median")
+        b = tt.do_bench(lambda: bs._attention_backward(q, k, v, out, lse, do, layout, scale), return_mode="median")
+        times[label] = (f, b)
+    kp.program = real
+    (fr, br), (ft, bt) = times["real"], times["all-true"]
+    print(f"{name:34s} N {n:7d} full {layout.num_full:7d} partial {layout.num_partial:7d} "
+          f"predicates {len(real) // 5:3d} | fwd {fr:7.3f} -> {ft:7.3f} ms | bwd {br:7.3f} -> {bt:7.3f} ms "
+          f"| fwd+bwd saving {100 * (1 - (ft + bt) / (fr + br)):5.1f} %", flush=True)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    for frames in (64, 512):
+        lay, h, d = captioner_layout(frames)
+        run(f"E1 captioner_base {frames} frames", lay, h, d)
+    lay, h, d = a2_layout()
+    run("A2 Local(7,13,13) raster 16x64", lay, h, d)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
