@@ -133,7 +133,10 @@ class VideoCaptioner(nn.Module):
         self.embed = MultimodalTokenizer(
             cfg.embed_dim, cfg.modalities, cfg.tubelet, cfg.audio_patch, cfg.audio_stride, cfg.n_mels,
             cfg.image_patch, cfg.video_tile, cfg.audio_tile, cfg.image_tile, cfg.n_global,
-            cfg.segment_align, max_frames=cfg.max_frames, max_audio_frames=cfg.max_audio_frames,
+            # a dense model has no blocks to align to: gap tokens would only be padding, and a
+            # padding mask keeps SDPA off its flash kernel
+            1 if cfg.schedule == "dense" else cfg.segment_align,
+            max_frames=cfg.max_frames, max_audio_frames=cfg.max_audio_frames,
         )
         dpr = [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -197,6 +200,8 @@ class VideoCaptioner(nn.Module):
         x = stream.tokens
         pad = stream.pad_mask
         pad = None if pad is None else pad.to(x.device)
+        if pad is not None and not bool(pad.any()):  # one sync a step: no mask for the kernels
+            pad = None  # (SDPA runs flash, the sparse kernels skip the per-key padding test)
         groups = stream.groups()
         if len(groups) == 1:
             return self.norm(self._blocks(x, groups[0][0], rope, pad)), stream.pad_mask, stream.layout
