@@ -22,6 +22,17 @@ The batches that follow are the ones a run where the file had failed cleanly wou
 sampler's order, the dataset's (seed, epoch, index) randomness and its replacement draws do not
 depend on the workers. Samples the dead iterator had prefetched are decoded again, so
 ``stats.attempts`` counts those twice.
+
+Workers start clean of the main process's PyAV scaler. PyAV 19 keeps one FFmpeg scaler
+(SwsContext) per thread and lets it scale with one slice thread per CPU. Once the main process has
+converted a frame with PyAV (a ``num_workers=0`` pass, a stage timing, evaluation), its main
+thread holds such a scaler, and every worker forked later inherits it without its threads:
+the worker's first PyAV frame conversion (``to_ndarray`` with a size) then waits forever for
+slice threads that do not exist in the child (``sws_scale_frame`` ->
+``avpriv_slicethread_execute`` -> ``pthread_cond_wait``). A decode run inline
+(``decode_timeout=None``) hangs that way; under a decode timeout each decode runs in a fresh
+thread and never sees the inherited scaler. ``_worker_init`` therefore sets the inherited scaler
+aside (never freed: freeing it would join the missing threads) so the worker builds its own.
 """
 
 from __future__ import annotations
@@ -57,10 +68,36 @@ def _dead_pids(err: BaseException) -> set[int]:
     return pids
 
 
+# scalers inherited from the main process, kept alive for the worker's lifetime (see _fresh_pyav_scaler)
+_INHERITED_SCALERS: list = []
+
+
+def _fresh_pyav_scaler() -> bool:
+    """Set aside the PyAV scaler this forked process inherited with its thread (module doc).
+
+    PyAV 19 caches a ``VideoReformatter`` per thread in ``av.video.frame._thread_local``; one
+    made in the parent owns FFmpeg slice threads that a forked child does not have. The next
+    conversion here builds a new one. The old one is kept referenced, never freed: freeing
+    joins its threads, which would wait forever too. Returns whether one was set aside; a
+    no-op when PyAV was never imported (spawned workers, decord only) or keeps no such cache.
+    """
+    import sys
+
+    frame_mod = sys.modules.get("av.video.frame")
+    local = getattr(frame_mod, "_thread_local", None) if frame_mod is not None else None
+    old = getattr(local, "reformatter", None) if local is not None else None
+    if old is None:
+        return False
+    _INHERITED_SCALERS.append(old)
+    local.reformatter = None  # av.video.frame.VideoFrame.reformat makes a new one when it finds None
+    return True
+
+
 def _worker_init(_worker_id: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # decode parallelism comes from workers; avoid oversubscription
+    _fresh_pyav_scaler()  # before any decode: a scaler forked from the main thread deadlocks
 
 
 class MediaLoader(DataLoader):
@@ -117,12 +154,16 @@ class MediaLoader(DataLoader):
 def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None = None, *, batch_size: int = 8,
                 num_workers: int = 0, sampler: ShardedSampler | None = None, rank: int = 0,
                 num_replicas: int = 1, shuffle: bool | None = None, drop_last: bool = False,
-                prefetch_factor: int | None = None, multiprocessing_context=None) -> MediaLoader:
+                prefetch_factor: int | None = None, multiprocessing_context=None,
+                timeout: float = 0) -> MediaLoader:
     """A MediaLoader over ``manifest`` yielding Batch dicts; sharded by ``rank`` / ``num_replicas``.
 
     ``shuffle`` defaults to ``config.train``. The sampler (``loader.sampler``) carries the
     resumable position; ``loader.dataset.stats`` the failure counts. With ``num_workers >= 1``
-    a worker killed by its decoder costs the sample, not the run (module doc).
+    a worker killed by its decoder costs the sample, not the run (module doc). ``timeout``
+    (seconds, workers only; 0: wait forever) bounds the wait for each batch: past it the
+    iteration raises torch's ``RuntimeError: DataLoader timed out after N seconds`` instead of
+    waiting on workers that no longer deliver.
     """
     ds = manifest if isinstance(manifest, MediaDataset) else MediaDataset(manifest, config)
     if sampler is None:
@@ -132,6 +173,7 @@ def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None =
     if num_workers > 0:
         kw["worker_init_fn"] = _worker_init
         kw["prefetch_factor"] = prefetch_factor or 2
+        kw["timeout"] = timeout
         if multiprocessing_context is not None:
             kw["multiprocessing_context"] = multiprocessing_context
     return MediaLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
