@@ -29,7 +29,11 @@ it). Prints tables and writes ``bench/results/data-<tag>-<date>.json`` (``--out`
 ``-runN`` when the file exists); the tag names the GPU (or ``cpu``) and the CPU count, the JSON
 the CPU model, cores, memory and /dev/shm size. The JSON is rewritten after every row, with
 ``"complete": false`` until the end, so a run cut short keeps what it measured. A row that
-fails (a worker killed, /dev/shm full) is recorded with its error and the run goes on.
+fails (a worker killed, /dev/shm full) is recorded with its error and the run goes on; so is a
+throughput row that hangs: past ``--row-limit`` (default 60 s + 5 s a worker + 10 x
+``--seconds``), or that long without a batch, it is abandoned and its error row says what it
+saw (``"seen"``: batches, phase, loads begun, the sample each worker was decoding). Shutting a
+hung row's workers down costs up to 5 s a worker more (torch joins each before killing it).
 """
 
 from __future__ import annotations
@@ -59,6 +63,23 @@ DTYPES = ("float32", "uint8")  # DataConfig.pixel_dtype
 CLIP_FRAMES, OUT = 64, 224
 TARGET = (8, 200.0)  # (workers, clips/s) of issue 4
 MIN_ROUNDS = 3       # timed rounds of batches (one from each worker) at least, whatever --seconds says
+# A row is abandoned (recorded as an error with what it saw; the run goes on) once it has run
+# past its limit, or no batch has come for that long: STARTUP_S + STARTUP_PER_WORKER_S a worker
+# (forks, imports, first decodes on a loaded host) + LIMIT_FACTOR times --seconds.
+LIMIT_FACTOR, STARTUP_S, STARTUP_PER_WORKER_S = 10, 60.0, 5.0
+
+
+def row_limit(workers: int, seconds: float) -> float:
+    """Seconds after which a throughput row is given up as hung (see LIMIT_FACTOR)."""
+    return STARTUP_S + STARTUP_PER_WORKER_S * workers + LIMIT_FACTOR * seconds
+
+
+class RowHung(Exception):
+    """A throughput row ran past its limit; ``seen`` is what it had measured by then."""
+
+    def __init__(self, msg: str, seen: dict):
+        super().__init__(msg)
+        self.seen = seen
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,27 +241,54 @@ def stages(manifest: Path, backend: str, dtype: str, clips: int, batch_size: int
             **({"to_device_ms": round(dev, 2)} if dev is not None else {})}
 
 
-def throughput(manifest: Path, backend: str, dtype: str, workers: int, batch_size: int, seconds: float) -> dict:
+def throughput(manifest: Path, backend: str, dtype: str, workers: int, batch_size: int, seconds: float,
+               limit: float | None = None) -> dict:
     """Clips/s out of the loader, timed from the moment every worker has delivered a batch.
 
     Workers that start together deliver in rounds (one batch each, in order); the clock stops
     at the end of a whole round once ``seconds`` and at least ``MIN_ROUNDS`` rounds have passed:
     work that a worker began before the clock started is then at most a small part of the count.
+
+    ``limit`` (default ``row_limit``): past it since the start, or that long without a batch
+    (the loader's per-batch timeout, with workers), the row is abandoned with RowHung, whose
+    ``seen`` says how far it got and which sample each worker was decoding. With 0 workers
+    only the first applies, between batches: a decode stuck in C in this process cannot be cut.
     """
     import torch
 
     from mmsparse.data import MediaDataset, make_loader
 
+    limit = row_limit(workers, seconds) if limit is None else limit
     ds = MediaDataset(manifest, _config(backend, dtype))
-    loader = make_loader(ds, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None)
+    loader = make_loader(ds, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None,
+                         timeout=limit if workers else 0)
     rnd = max(1, workers)  # batches a round; the first round is not timed (worker start-up)
     n = clips = 0
-    t_start = time.perf_counter()
+    t_start = t_last = time.perf_counter()
     t0 = t1 = None
+
+    def seen(why: str) -> RowHung:
+        now = time.perf_counter()
+        busy = [{"worker": w, "pid": pid, "sample": i, "path": str(ds.samples[i].primary_path),
+                 "crash_level": lv}
+                for w, pid, i, lv in ds.crashes.busy()]
+        info = {"limit_s": round(limit, 1), "elapsed_s": round(now - t_start, 1),
+                "since_last_batch_s": round(now - t_last, 1), "batches": n,
+                "phase": "start-up (first round)" if t0 is None else "timed",
+                "timed_clips": clips, "timed_s": round(t1 - t0, 2) if t1 is not None else None,
+                "loads_begun": ds.stats.attempts, "failures": ds.stats.counts, "decoding_when_abandoned": busy}
+        return RowHung(f"row abandoned after {info['elapsed_s']:g} s (limit {limit:g} s): {why}; {n} batches "
+                       f"came, {len(busy)} workers mid-decode", info)
+
     it = iter(loader)
+    hung = None
     try:
         for batch in it:
             n += 1
+            t_last = time.perf_counter()
+            if t_last - t_start > limit:
+                hung = "still running at its limit"
+                break
             if n < rnd:
                 continue
             if n == rnd:
@@ -252,8 +300,14 @@ def throughput(manifest: Path, backend: str, dtype: str, workers: int, batch_siz
             t1 = time.perf_counter()
             if t1 - t0 >= seconds and (n - rnd) % rnd == 0 and n - rnd >= MIN_ROUNDS * rnd:
                 break
+    except RuntimeError as err:  # the loader's per-batch timeout; its workers are shut down by now
+        if "timed out" not in str(err):
+            raise
+        hung = f"no batch for {limit:g} s ({str(err).splitlines()[0]})"
     finally:
-        del it  # shuts the workers down
+        del it  # shuts the workers down (a hung one after torch's 5 s join, by SIGTERM)
+    if hung:
+        raise seen(hung)
     if not clips:
         raise RuntimeError(f"the manifest ran out before the clock started ({len(ds)} samples); raise --samples")
     dt_s = t1 - t0
@@ -325,13 +379,14 @@ def result_path(out: Path, tag: str, day: str) -> Path:
 
 
 def _guarded(fn, *args, **what) -> dict:
-    """A row of results, or the row's error (the other rows still run)."""
+    """A row of results, or the row's error (the other rows still run); a hung row's error
+    comes with what it saw (``RowHung.seen``) under ``"seen"``."""
     try:
         return fn(*args)
-    except Exception as err:  # a killed worker, /dev/shm full, a decoder missing on this host
+    except Exception as err:  # a killed worker, /dev/shm full, a decoder missing on this host, a hang
         msg = " ".join(f"{type(err).__name__}: {err}".split())[:300]
         print(f"  ! {what}: {msg}", flush=True)
-        return {**what, "error": msg}
+        return {**what, "error": msg, **({"seen": err.seen} if isinstance(err, RowHung) else {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,6 +463,10 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=8192, help="manifest length (the clips repeated)")
     ap.add_argument("--src-frames", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--row-limit", type=float, default=None,
+                    help=f"seconds after which a throughput row is abandoned as hung, or after which one "
+                         f"without a new batch is (default: {STARTUP_S:g} + {STARTUP_PER_WORKER_S:g} a worker "
+                         f"+ {LIMIT_FACTOR} x --seconds)")
     ap.add_argument("--stage-clips", type=int, default=8, help="clips timed per backend on one core")
     ap.add_argument("--long-frames", type=int, default=4096)
     ap.add_argument("--gen-procs", type=int, default=0, help="processes generating the media (0: all CPUs)")
@@ -453,7 +512,9 @@ def main(argv=None) -> int:
                      "clip_frames": CLIP_FRAMES, "out_size": [OUT, OUT], "dtypes": a.dtypes,
                      "batch_size": a.batch_size, "prefetch_factor": 2, "audio": False, "decode_threads": 1,
                      "torch_threads_main": torch.get_num_threads(), "stage_clips": min(a.stage_clips, a.clips),
-                     "long_frames": a.long_frames, "quick": a.quick, "generate_processes": procs},
+                     "long_frames": a.long_frames, "quick": a.quick, "generate_processes": procs,
+                     "row_limit_s": a.row_limit if a.row_limit else {
+                         "startup_s": STARTUP_S, "per_worker_s": STARTUP_PER_WORKER_S, "seconds_factor": LIMIT_FACTOR}},
         "target": {"workers": TARGET[0], "clips_per_s": TARGET[1]},
         "stages": [], "throughput": [], "long_clip_memory": [],
     }
@@ -486,8 +547,8 @@ def main(argv=None) -> int:
         for w in a.workers:
             for b in BACKENDS:
                 for d in a.dtypes:  # side by side, so a change in the machine's load hits both alike
-                    r = _guarded(throughput, manifest, b, d, w, a.batch_size, a.seconds, backend=b, dtype=d,
-                                 workers=w)
+                    r = _guarded(throughput, manifest, b, d, w, a.batch_size, a.seconds, a.row_limit or None,
+                                 backend=b, dtype=d, workers=w)
                     res["throughput"].append(r)
                     save()
                     if "error" not in r:

@@ -223,6 +223,19 @@ class CrashGuard:
         if 0 <= worker < self.slots:
             self._busy[3 * worker] = 0
 
+    def busy(self) -> list[tuple[int, int, int, int]]:
+        """[(worker id, pid, sample index, level)] of every worker registered as mid-decode now.
+
+        What each worker was decoding when last seen: a worker killed mid-decode (by a signal,
+        or by its loader's shutdown after it stopped answering) leaves its slot set.
+        """
+        out = []
+        for w in range(self.slots):
+            pid = int(self._busy[3 * w])
+            if pid:
+                out.append((w, pid, int(self._busy[3 * w + 1]), int(self._busy[3 * w + 2])))
+        return out
+
     def mark_dead(self, pids: set[int]) -> list[tuple[int, int]]:
         """Mark the samples the workers ``pids`` were decoding when they died.
 

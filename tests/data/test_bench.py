@@ -35,3 +35,51 @@ def test_bench_data_smoke(tmp_path, capsys):
     assert len(res["long_clip_memory"]) == 4 and all(r["frames"] > 0 for r in res["long_clip_memory"])
     again = mod.result_path(tmp_path, "smoke", res["date"][:10])  # a rerun the same day keeps the first file
     assert again.name == f"data-smoke-{res['date'][:10]}-run2.json"
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[2] / "bench" / "data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(900)  # a regression that hangs the run fails instead (it takes ~40 s on 2 idle cores)
+def test_bench_data_hung_row_is_recorded_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    """A throughput row whose worker never delivers (here: PyAV samples sleep in the worker) is
+    abandoned at --row-limit, recorded with what it saw, and the rows after it still run."""
+    import time
+
+    from torch.utils.data import get_worker_info
+
+    from mmsparse.data import MediaDataset
+
+    real = MediaDataset.__getitem__
+
+    def hang_pyav_in_workers(self, index):
+        if self.cfg.backend == "pyav" and get_worker_info() is not None:
+            self.crashes.begin(get_worker_info().id, int(index), 0)  # as a real decode registers itself
+            time.sleep(600)  # ended by the loader's shutdown (SIGTERM)
+        return real(self, index)
+
+    monkeypatch.setattr(MediaDataset, "__getitem__", hang_pyav_in_workers)  # forked workers inherit it
+    mod = _bench()
+    argv = ["--workers", "1", "--dtypes", "uint8", "--seconds", "0.2", "--row-limit", "8", "--clips", "2",
+            "--samples", "24", "--src-frames", "64", "--long-frames", "64", "--stage-clips", "2", "--batch-size",
+            "2", "--gen-procs", "2", "--tag", "hang", "--out", str(tmp_path)]
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    (result,) = tmp_path.glob("data-hang-*.json")
+    res = json.loads(result.read_text())
+    assert res["complete"] and res["settings"]["row_limit_s"] == 8
+    rows = {r["backend"]: r for r in res["throughput"]}
+    assert rows["decord"]["clips_per_s"] > 0 and "error" not in rows["decord"]
+    hung = rows["pyav"]
+    assert "abandoned" in hung["error"] and "no batch for 8 s" in hung["error"] and "abandoned" in out
+    seen = hung["seen"]
+    assert seen["phase"] == "start-up (first round)" and seen["batches"] == 0 and seen["limit_s"] == 8
+    assert 8 <= seen["elapsed_s"] < 30  # the limit, plus torch's join of the hung worker
+    (busy,) = seen["decoding_when_abandoned"]
+    assert busy["worker"] == 0 and busy["path"].endswith(".mp4")
+    assert len(res["long_clip_memory"]) == 4  # the run went on past the hung row
