@@ -194,6 +194,7 @@ class PyAVVideo:
             self._c.close()
             raise MediaError(path, "corrupt", "no video stream")
         self._s = self._c.streams.video[0]
+        self._threads = max(1, int(num_threads))
         self._s.codec_context.thread_count = num_threads  # same thread budget as decord's
         self._s.thread_type = "AUTO"
         rate = self._s.average_rate or self._s.guessed_rate
@@ -244,10 +245,13 @@ class PyAVVideo:
                 if idx < wanted[k]:
                     continue
                 # a requested index absent from the stream (variable frame rate) takes the next frame
+                # the scaler gets the decoder's thread budget (PyAV's default, 0, is one thread
+                # per CPU: a 16-worker loader would run ~270 scaling threads)
                 if size is None:
-                    arr = frame.to_ndarray(format="rgb24")
+                    arr = frame.to_ndarray(format="rgb24", threads=self._threads)
                 else:  # FFmpeg's scaler, bicubic like decord's
-                    arr = frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC")
+                    arr = frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC",
+                                           threads=self._threads)
                 while k < len(wanted) and wanted[k] <= idx:
                     pending.append((int(order[k]), arr))
                     times[order[k]] = float(frame.pts - self._t0) * self._tb
