@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,8 @@ def init(sequence_parallel_size: int = 1) -> Topology:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if not gpu:
+        _release_shm_names(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     if gpu:
@@ -64,6 +67,29 @@ def init(sequence_parallel_size: int = 1) -> Topology:
             if rank // sp == g:
                 group = pg
     return Topology(rank, world, local_rank, sp, world // sp, rank // sp, rank % sp, group, device)
+
+
+def shm_buffer(rank: int, addr: str | None = None, port: str | int | None = None) -> Path:
+    """The /dev/shm file of DeepSpeed's CPU all-reduce for `rank` (deepspeed_shm_comm names it
+    after the user, MASTER_ADDR and MASTER_PORT)."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _release_shm_names(rank: int, world: int) -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one machine) maps one 69 MB /dev/shm file per
+    rank and never unlinks it: every finished or killed run left its files in memory (16 GB
+    after a few days of tests here). init_distributed returns once every rank has mapped every
+    rank's file, so after a barrier each rank unlinks its own name: the mappings stay valid,
+    and a run killed later leaves nothing behind."""
+    path = shm_buffer(rank)
+    if world > 1:
+        dist.barrier()
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # not ours to remove, or /dev/shm absent: leave it
+        pass
 
 
 def all_mean(value: float, device: torch.device) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mmsparse.train.distributed import free_port
+from mmsparse.train.distributed import free_port, shm_buffer
 from mmsparse.train.logs import read_metrics
 
 STEPS, EVERY, KILL_AFTER = 24, 8, 12
@@ -40,11 +40,21 @@ def _env() -> dict:
 
 
 def _launch(run_dir: Path, *extra: str, procs: int = 2) -> subprocess.Popen:
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(procs), "--master_port", str(port),
            "--module", "mmsparse.train", "tiny_cpu", f"run.dir={run_dir}", *COMMON, *extra]
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
     # own session: the kill below reaches the launcher and both ranks, and nothing else
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    p.master_port, p.procs = port, procs
+    return p
+
+
+def _shm_left(p: subprocess.Popen) -> list[str]:
+    """DeepSpeed's CPU all-reduce files of this run still in /dev/shm (distributed.py unlinks
+    them once every rank has mapped them)."""
+    return [str(f) for r in range(p.procs) for addr in ("127.0.0.1", "localhost")
+            if (f := shm_buffer(r, addr, p.master_port)).exists()]
 
 
 def _wait(p: subprocess.Popen, run_dir: Path, timeout: float = 480) -> int:
@@ -95,6 +105,7 @@ def test_two_process_zero2_kill_and_resume_matches(tmp_path):
     assert p.poll() is None, f"the run ended before it could be killed: {_tail(killed)}"
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
+    assert not _shm_left(p), "a killed run left its shared-memory all-reduce files behind"
     done = len(_losses(killed))
     assert EVERY < done < STEPS, done
     assert (killed / "checkpoints" / "latest").read_text().strip() == f"step{EVERY:08d}"
@@ -164,6 +175,7 @@ def test_two_process_zero3_with_activation_checkpointing_trains(tmp_path):
     p = _launch(run, "run.steps=4", "checkpoint.every=0", "deepspeed.zero_stage=3",
                 "deepspeed.activation_checkpointing=true", "eval.every=0", "checkpoint.export=false")
     assert _wait(p, run, timeout=420) == 0, _tail(run)
+    assert not _shm_left(p), "the run left its shared-memory all-reduce files behind"
     ds = json.loads((run / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3
     losses = _losses(run)
