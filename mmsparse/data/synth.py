@@ -44,6 +44,10 @@ TONES = {"high": 880.0, "low": 220.0}
 # near-black (40, 40, 40) background (-1.1 to -1.4 after normalisation, in every pixel) the
 # tiny_cpu captioner learnt the tone and the order of events but ignored the video entirely.
 BACKGROUND = (124, 116, 104)
+# Version of what the generator writes for a given spec: part of every cache key of generated
+# data (training runs, the harness and long-clip benchmarks), so a change to the content (as the
+# background above, version 2) regenerates cached sets instead of reusing stale ones.
+FORMAT = 2
 CODE_BITS = 16
 _BLACK, _WHITE = 16, 235
 

@@ -103,7 +103,7 @@ def synthetic_benchmark(cache_dir: str | Path, clips: int = 32, frames: int = 16
     """Held-out synthetic clips (``mmsparse.data.synth``), written once per spec into ``cache_dir``."""
     from mmsparse.data import synth
 
-    root = Path(cache_dir) / f"synthetic-n{clips}-f{frames}-{size[0]}x{size[1]}-s{seed}"
+    root = Path(cache_dir) / f"synthetic-n{clips}-f{frames}-{size[0]}x{size[1]}-s{seed}-v{synth.FORMAT}"
     manifest = root / "manifest.jsonl"
     if not (root / "done").is_file():
         synth.make_dataset(root, clips=clips, frames=frames, size=tuple(size), seed=seed, images=0)

@@ -102,9 +102,11 @@ def make_benchmark(out_dir: str | Path, lengths: Sequence[int] = DEFAULT_LENGTHS
     length n is drawn with seed ``seed + n + j * PART_SEED``."""
     from mmsparse.data import load_manifest, write_manifest
 
+    from mmsparse.data import synth
+
     root = Path(out_dir)
     spec = json.dumps({"lengths": list(lengths), "clips": clips_per_length, "seed": seed, "size": list(size),
-                       "fps": fps, "part": PART_CLIPS, "frame_code": FRAME_CODE})
+                       "fps": fps, "part": PART_CLIPS, "frame_code": FRAME_CODE, "format": synth.FORMAT})
     manifest = root / "manifest.jsonl"
     if _cached(root, spec):
         return manifest
@@ -138,9 +140,12 @@ def make_train_set(out_dir: str | Path, clips: int, long_frames: tuple[int, int]
     ``seed + j * PART_SEED``: keep ``seed`` away from the benchmark's (``seed + length``)."""
     from mmsparse.data import load_manifest, write_manifest
 
+    from mmsparse.data import synth
+
     root = Path(out_dir)
     spec = json.dumps({"clips": clips, "long_frames": list(long_frames), "seed": seed, "size": list(size),
-                       "fps": fps, "part": PART_CLIPS, "long_lengths": long_lengths, "frame_code": FRAME_CODE})
+                       "fps": fps, "part": PART_CLIPS, "long_lengths": long_lengths, "frame_code": FRAME_CODE,
+                       "format": synth.FORMAT})
     manifest = root / "manifest.jsonl"
     if _cached(root, spec):
         return manifest

@@ -72,9 +72,10 @@ def prepare_data(cfg: TrainConfig, topo: Topology, run_dir: Path) -> tuple[Path,
     root = run_dir / "data"
     train, val = root / "train" / "manifest.jsonl", root / "val" / "manifest.jsonl"
     done = root / "done.json"
-    spec = json.dumps(to_dict(s), sort_keys=True)
+    from mmsparse.data import synth
+
+    spec = json.dumps({**to_dict(s), "format": synth.FORMAT}, sort_keys=True)
     if topo.is_main and not (done.is_file() and done.read_text() == spec):
-        from mmsparse.data import synth
 
         kw = dict(frames=s.frames, size=tuple(s.size), long=s.long, long_frames=tuple(s.long_frames),
                   long_lengths=s.long_lengths, frame_code=s.frame_code, images=0)
