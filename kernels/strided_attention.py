@@ -48,7 +48,7 @@ Layers (CONVENTIONS.md item 1):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -197,15 +197,18 @@ class StridedSplit:
     stride: int
     oq: torch.Tensor
     ok: torch.Tensor
-    diag: bool = False
-    xq: torch.Tensor | None = None
-    xk: torch.Tensor | None = None
+    diag: bool = field(init=False)
+    xq: torch.Tensor = field(init=False)
+    xk: torch.Tensor = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self):  # derived from the overlap, once per layout (cached with the split)
         n_diag = int((self.oq == self.ok).sum())
         self.diag = self.rest is not None and n_diag > 0 and n_diag == self.rest.n
-        off = self.oq != self.ok if self.diag else torch.ones_like(self.oq, dtype=torch.bool)
-        self.xq, self.xk = self.oq[off], self.ok[off]
+        if self.diag:
+            off = self.oq != self.ok
+            self.xq, self.xk = self.oq[off], self.ok[off]
+        else:
+            self.xq, self.xk = self.oq, self.ok
 
 
 def _overlap(program, n: int, stride: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,9 +100,7 @@ def make_benchmark(out_dir: str | Path, lengths: Sequence[int] = DEFAULT_LENGTHS
     Each line keeps the generator's ``events``, ``frames`` and ``fps`` and adds ``length`` and
     ``position`` (the event start as a fraction of the span where it can start). Part j of
     length n is drawn with seed ``seed + n + j * PART_SEED``."""
-    from mmsparse.data import load_manifest, write_manifest
-
-    from mmsparse.data import synth
+    from mmsparse.data import load_manifest, synth, write_manifest
 
     root = Path(out_dir)
     spec = json.dumps({"lengths": list(lengths), "clips": clips_per_length, "seed": seed, "size": list(size),
@@ -138,9 +136,7 @@ def make_train_set(out_dir: str | Path, clips: int, long_frames: tuple[int, int]
     ``long_lengths`` says) to train on (the recipes' data, written in parallel); returns the
     combined ``manifest.jsonl``. Part j is drawn with seed
     ``seed + j * PART_SEED``: keep ``seed`` away from the benchmark's (``seed + length``)."""
-    from mmsparse.data import load_manifest, write_manifest
-
-    from mmsparse.data import synth
+    from mmsparse.data import load_manifest, synth, write_manifest
 
     root = Path(out_dir)
     spec = json.dumps({"clips": clips, "long_frames": list(long_frames), "seed": seed, "size": list(size),

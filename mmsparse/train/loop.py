@@ -76,7 +76,6 @@ def prepare_data(cfg: TrainConfig, topo: Topology, run_dir: Path) -> tuple[Path,
 
     spec = json.dumps({**to_dict(s), "format": synth.FORMAT}, sort_keys=True)
     if topo.is_main and not (done.is_file() and done.read_text() == spec):
-
         kw = dict(frames=s.frames, size=tuple(s.size), long=s.long, long_frames=tuple(s.long_frames),
                   long_lengths=s.long_lengths, frame_code=s.frame_code, images=0)
         synth.make_dataset(root / "train", clips=s.clips, seed=s.seed, **kw)

@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 
 
-def test_bench_data_smoke(tmp_path, capsys):
+def _bench():
     path = Path(__file__).resolve().parents[2] / "bench" / "data.py"
     spec = importlib.util.spec_from_file_location("bench_data", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_data_smoke(tmp_path, capsys):
+    mod = _bench()
     argv = ["--workers", "0", "2", "--seconds", "0.2", "--clips", "2", "--samples", "24", "--src-frames", "64",
             "--long-frames", "64", "--stage-clips", "2", "--batch-size", "2", "--gen-procs", "2",
             "--tag", "smoke", "--out", str(tmp_path)]
@@ -35,14 +40,6 @@ def test_bench_data_smoke(tmp_path, capsys):
     assert len(res["long_clip_memory"]) == 4 and all(r["frames"] > 0 for r in res["long_clip_memory"])
     again = mod.result_path(tmp_path, "smoke", res["date"][:10])  # a rerun the same day keeps the first file
     assert again.name == f"data-smoke-{res['date'][:10]}-run2.json"
-
-
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "bench" / "data.py"
-    spec = importlib.util.spec_from_file_location("bench_data", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.timeout(900)  # a regression that hangs the run fails instead (it takes ~40 s on 2 idle cores)
