@@ -37,6 +37,7 @@ aside (never freed: freeing it would join the missing threads) so the worker bui
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from pathlib import Path
@@ -98,6 +99,11 @@ def _worker_init(_worker_id: int) -> None:
 
     torch.set_num_threads(1)  # decode parallelism comes from workers; avoid oversubscription
     _fresh_pyav_scaler()  # before any decode: a scaler forked from the main thread deadlocks
+    # Objects inherited from the main process are never garbage-collected here: a decoder made
+    # there (a decord VideoReader) owns threads this process does not have, and finalising it
+    # in a worker aborted the worker (std::system_error from its thread join; seen in CI, in
+    # the queue feeder thread's collection). The main process collects before forking, too.
+    gc.freeze()
 
 
 class MediaLoader(DataLoader):
@@ -112,6 +118,7 @@ class MediaLoader(DataLoader):
             return
         start, handed, blind = sampler.position, 0, 0
         while True:
+            gc.collect()  # finalise dead decoders here, where their threads live (_worker_init)
             it = super().__iter__()
             try:
                 for batch in it:
