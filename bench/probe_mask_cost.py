@@ -3,15 +3,18 @@
     python bench/probe_mask_cost.py
 
 For a few layouts (the E1 captioner_base layer at 64 and 512 frames, A2's token-level 3D
-window in raster order), times the forward and backward launchers with the layout's real mask program, then
-with the program replaced by "every pair attends" (wrong results, same blocks, same loads):
-the difference is the most any cheaper mask evaluation (e.g. precomputed bit tiles) can save.
+window in raster order), times the forward and backward launchers three ways: the partial
+blocks' mask from the layout's program in registers, from the precomputed uint8 mask tiles
+(MMSPARSE_MASK_TILES=1; their build time and memory are printed), and with the program
+replaced by "every pair attends" (wrong results, same blocks, same loads): the last is the
+most any cheaper mask evaluation can save.
 bench/NOTES.md quotes the output (results/logs/probe-mask-cost-*.log).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,19 +48,26 @@ def run(name, layout, h, d):
     scale = d ** -0.5
     kp = bs._kernel_program(layout, q.device)
     real = kp.program
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    kp.mask_tiles()
+    torch.cuda.synchronize()
+    build_ms = 1e3 * (time.perf_counter() - t0)
     times = {}
-    for label, program in (("real", real), ("all-true", ())):
-        kp.program = program
+    for label, program, tiles in (("program", real, "0"), ("tiles", real, "1"), ("all-true", (), "0")):
+        kp.program, bs._MASK_TILES = program, tiles
         out, lse = bs._attention_forward(q, k, v, layout, scale)
         do = torch.randn_like(out)
         f = tt.do_bench(lambda: bs._attention_forward(q, k, v, layout, scale), return_mode="median")
         b = tt.do_bench(lambda: bs._attention_backward(q, k, v, out, lse, do, layout, scale), return_mode="median")
         times[label] = (f, b)
-    kp.program = real
-    (fr, br), (ft, bt) = times["real"], times["all-true"]
+    kp.program, bs._MASK_TILES = real, None
+    (fr, br), (fm, bm), (ft, bt) = times["program"], times["tiles"], times["all-true"]
     print(f"{name:34s} N {n:7d} full {layout.num_full:7d} partial {layout.num_partial:7d} "
-          f"predicates {len(real) // 5:3d} | fwd {fr:7.3f} -> {ft:7.3f} ms | bwd {br:7.3f} -> {bt:7.3f} ms "
-          f"| fwd+bwd saving {100 * (1 - (ft + bt) / (fr + br)):5.1f} %", flush=True)
+          f"predicates {len(real) // 5:3d} | tiles {kp.tile_bytes / 2**20:7.1f} MiB built in {build_ms:6.1f} ms"
+          f" | fwd program / tiles / all-true {fr:7.3f} / {fm:7.3f} / {ft:7.3f} ms"
+          f" | bwd {br:7.3f} / {bm:7.3f} / {bt:7.3f} ms"
+          f" | fwd+bwd tiles vs program {(fr + br) / (fm + bm):5.2f}x", flush=True)
 
 
 def main() -> int:

@@ -32,6 +32,15 @@ predicate (kind, a, b, c, d), with kind 0 separating the clauses of the DNF. Att
 the token position and is never loaded (the tile offsets are the positions). Coarse tables
 (Random, BlockSparse) are concatenated into one int32 buffer; a coarse predicate loads its
 query rows (a few int32 per query) and compares them with the key groups.
+
+Partial blocks read their mask one of two ways (`_use_mask_tiles`). By default the program is
+evaluated once per layout by `_mask_tiles_kernel` into one uint8 per pair of every partial block
+(bq x bk bytes each, in the row order of q_part_idx; k_part_ord maps the column order to it),
+and the kernels load a tile of it like a K tile: a coalesced, software-pipelined load whatever
+the program's size. Where the tiles would take more than MMSPARSE_MASK_TILE_MB (a very long
+sequence), or with MMSPARSE_MASK_TILES=0, the kernels evaluate the program in registers on
+every tile instead: no memory, but a few attribute loads and integer operations per pair and
+predicate in every tile of every head.
 """
 
 from __future__ import annotations
@@ -175,6 +184,34 @@ def _program_mask(ATTR, stride_attr, TAB, oq, ok, N, PROGRAM: tl.constexpr):
 
 
 @triton.jit
+def _tile_keep(MT, ordinal, rows, cols, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    """A partial block's precomputed mask (one uint8 per pair, `_mask_tiles_kernel`) on a tile.
+
+    ordinal: the block's position in the row-ordered partial list; rows / cols: offsets within
+    the layout block, shaped to broadcast ((BM, 1) and (1, BN), or transposed for dK / dV)."""
+    base = MT + tl.cast(ordinal, tl.int64) * (LAYOUT_BQ * LAYOUT_BK)
+    return tl.load(base + rows * LAYOUT_BK + cols) != 0
+
+
+@triton.jit
+def _mask_tiles_kernel(ATTR, stride_attr, TAB, PAIRS, MT, N,
+                       LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, COLS: tl.constexpr,
+                       ROWS: tl.constexpr, PROGRAM: tl.constexpr):
+    """MT[p] (LAYOUT_BQ, LAYOUT_BK) uint8 = the mask program on partial block p = (PAIRS[2p],
+    PAIRS[2p + 1]); 0 for queries or keys past N. One program per ROWS rows of one block."""
+    p = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    qb = tl.load(PAIRS + 2 * p)
+    kb = tl.load(PAIRS + 2 * p + 1)
+    oq = (qb * LAYOUT_BQ + rows)[:, None]
+    ok = (kb * LAYOUT_BK + cols)[None, :]
+    keep = _program_mask(ATTR, stride_attr, TAB, oq, ok, N, PROGRAM) & (oq < N)
+    ptrs = MT + p.to(tl.int64) * (LAYOUT_BQ * LAYOUT_BK) + rows[:, None] * LAYOUT_BK + cols[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=cols[None, :] < LAYOUT_BK)
+
+
+@triton.jit
 def _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_N: tl.constexpr):
     """K and V rows offs_n: (BN, D_PAD) each, zero past N and past HEAD_DIM; unmasked loads
@@ -218,17 +255,24 @@ def _work_item(ITEMS, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, stride_pn, offs_m, start_n, N, qk_scale,
-               stride_kn, stride_vn, ATTR, stride_attr, TAB,
+               stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, ordinal, rows_in, cols0,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
-               DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr):
-    """One key tile of the online softmax (log2 domain)."""
+               DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
+               LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    """One key tile of the online softmax (log2 domain). Partial blocks (MASKED): the mask from
+    the block's precomputed tile (MASK_TILES; `ordinal`, the rows' offsets `rows_in` and the
+    tile's first column `cols0` within the block) or from the program in registers."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
     # scores, scaled into the log2 domain: (BM, BN)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
-        keep = _program_mask(ATTR, stride_attr, TAB, offs_m[:, None], offs_n[None, :], N, PROGRAM)
+        if MASK_TILES:
+            keep = _tile_keep(MT, ordinal, rows_in[:, None], cols0 + tl.arange(0, BLOCK_N)[None, :],
+                              LAYOUT_BQ, LAYOUT_BK)
+        else:
+            keep = _program_mask(ATTR, stride_attr, TAB, offs_m[:, None], offs_n[None, :], N, PROGRAM)
         qk = tl.where(keep, qk, float("-inf"))
     elif not EVEN_N:
         qk = tl.where(offs_n[None, :] < N, qk, float("-inf"))
@@ -256,7 +300,7 @@ def _finish_rows(acc, l_i, m_i):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, ATTR, TAB, KPM, ITEMS, q_full_idx, q_part_idx,
+    Q, K, V, O, LSE, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -266,7 +310,7 @@ def _fwd_kernel(
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -293,16 +337,20 @@ def _fwd_kernel(
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, 1, offs_m, start_n, N,
-                                   qk_scale, stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
-    # 2. partial key blocks: the mask program in registers
+                                   qk_scale, stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, 0, offs_m, 0,
+                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
+                                   MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
+    # 2. partial key blocks: the mask from the block's tile or the program in registers
     if HAS_PARTIAL:
+        rows_in = offs_m - qb * LAYOUT_BQ
         for i in range(part_lo * SUB_N, part_hi * SUB_N):
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, 1, offs_m, start_n, N,
                                        qk_scale, stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                                       HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
+                                       MT, i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N,
+                                       HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
+                                       MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
 
     # 3. normalise; rows that attended nothing give 0 and LSE -inf
     acc, lse = _finish_rows(acc, l_i, m_i)
@@ -342,17 +390,22 @@ def _load_lse2(LSE_base, offs_m, N):
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, stride_pn, offs_m, start_n, N, qk_scale,
-              stride_kn, stride_vn, ATTR, stride_attr, TAB,
+              stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, ordinal, rows_in, cols0,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
-              DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr):
+              DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
+              LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
     # P recomputed from the LSE: (BM, BN)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if MASKED:
-        keep = _program_mask(ATTR, stride_attr, TAB, offs_m[:, None], offs_n[None, :], N, PROGRAM)
+        if MASK_TILES:
+            keep = _tile_keep(MT, ordinal, rows_in[:, None], cols0 + tl.arange(0, BLOCK_N)[None, :],
+                              LAYOUT_BQ, LAYOUT_BK)
+        else:
+            keep = _program_mask(ATTR, stride_attr, TAB, offs_m[:, None], offs_n[None, :], N, PROGRAM)
         p = tl.where(keep, p, 0.0)
     elif not EVEN_N:
         p = tl.where(offs_n[None, :] < N, p, 0.0)
@@ -367,7 +420,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, stride_pn, offs_
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, KPM, ITEMS, q_full_idx, q_part_idx,
+    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -378,7 +431,7 @@ def _bwd_dq_kernel(
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -405,15 +458,19 @@ def _bwd_dq_kernel(
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
         dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
-                       stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
+                       stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, 0, offs_m, 0,
+                       HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
+                       MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
     if HAS_PARTIAL:
+        rows_in = offs_m - qb * LAYOUT_BQ
         for i in range(part_lo * SUB_N, part_hi * SUB_N):
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
                            stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                           HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM)
+                           MT, i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N,
+                           HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
+                           MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_out[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
@@ -421,10 +478,13 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m, N, qk_scale,
-                stride_qn, stride_don, ATTR, stride_attr, TAB,
+                stride_qn, stride_don, ATTR, stride_attr, TAB, MT, ordinal, rows0, cols_in,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, PROGRAM: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One query tile against this program's key tile, everything transposed: (BN, BM)."""
+                MASKED: tl.constexpr, PROGRAM: tl.constexpr, DOT_PREC: tl.constexpr,
+                MASK_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    """One query tile against this program's key tile, everything transposed: (BN, BM). A
+    partial block's tile mask is read transposed: the tile's first query row `rows0` and the
+    keys' offsets `cols_in` within the block."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
@@ -436,7 +496,11 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
     pT = tl.math.exp2(qkT - lse2[None, :])
     if MASKED:
-        keep = _program_mask(ATTR, stride_attr, TAB, offs_m[None, :], offs_n[:, None], N, PROGRAM)
+        if MASK_TILES:
+            keep = _tile_keep(MT, ordinal, rows0 + tl.arange(0, BLOCK_M)[None, :], cols_in[:, None],
+                              LAYOUT_BQ, LAYOUT_BK)
+        else:
+            keep = _program_mask(ATTR, stride_attr, TAB, offs_m[None, :], offs_n[:, None], N, PROGRAM)
         pT = tl.where(keep, pT, 0.0)
     # dV += P^T dO;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
@@ -448,7 +512,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB, KPM, ITEMS, k_full_idx, k_part_idx,
+    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -460,7 +524,7 @@ def _bwd_dkdv_kernel(
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -489,15 +553,22 @@ def _bwd_dkdv_kernel(
             qb = tl.load(k_full_idx + i // SUB_M)
             start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
-                                 N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
-                                 HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC)
+                                 N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB, MT, 0, 0, offs_n,
+                                 HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC,
+                                 MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
         if HAS_PARTIAL:
+            cols_in = offs_n - kb * LAYOUT_BK
             for i in range(part_lo * SUB_M, part_hi * SUB_M):
                 qb = tl.load(k_part_idx + i // SUB_M)
                 start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
+                ordinal = 0
+                if MASK_TILES:  # the block's position in the row-ordered partial list
+                    ordinal = tl.load(k_part_ord + i // SUB_M)
                 dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
                                      N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
-                                     HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC)
+                                     MT, ordinal, (i % SUB_M) * BLOCK_M, cols_in,
+                                     HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC,
+                                     MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
     dk = dk * sm_scale
     if HAS_KPM:  # a padding key is attended by no query: its gradients are exactly zero
         pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm, 1, offs_n, N)[:, None]
@@ -767,6 +838,60 @@ class _KernelProgram:
         self.rows = _WorkList(layout.q_full_ptr, layout.q_part_ptr, layout.block_q, layout.n, device)  # fwd, dQ
         self.cols = _WorkList(layout.k_full_ptr, layout.k_part_ptr, layout.block_k, layout.n, device)  # dK, dV
         self.has_partial = layout.num_partial > 0
+        self.tile_bytes = layout.num_partial * layout.block_q * layout.block_k
+        self._layout, self._device, self._tiles = layout, device, None
+
+    def mask_tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tiles (P, bq, bk) uint8, k_part_ord (P,) int32), built on first use by one launch
+        of `_mask_tiles_kernel`: every partial block's mask, one byte per pair, in the order of
+        q_part_idx; k_part_ord maps the column-ordered list (k_part_idx) to that order."""
+        if self._tiles is None:
+            lay, dev = self._layout, self._device
+            qb = torch.repeat_interleave(torch.arange(lay.num_q_blocks), lay.q_part_ptr.long().cpu().diff())
+            kb = lay.q_part_idx.long().cpu()
+            pairs = torch.stack([qb, kb], 1).to(device=dev, dtype=torch.int32).contiguous()
+            tiles = torch.empty(lay.num_partial, lay.block_q, lay.block_k, dtype=torch.uint8, device=dev)
+            rows = 16  # layout blocks are multiples of 16
+            _mask_tiles_kernel[(lay.num_partial, lay.block_q // rows)](
+                self.attrs, self.attrs.stride(0), self.tab, pairs, tiles, lay.n,
+                LAYOUT_BQ=lay.block_q, LAYOUT_BK=lay.block_k, COLS=triton.next_power_of_2(lay.block_k),
+                ROWS=rows, PROGRAM=self.program, num_warps=4)
+            # the row-ordered list is sorted by (qb, kb): find each column entry's (qb, kb) in it
+            mk = lay.num_k_blocks
+            kb_col = torch.repeat_interleave(torch.arange(mk), lay.k_part_ptr.long().cpu().diff())
+            key_col = lay.k_part_idx.long().cpu() * mk + kb_col
+            ordinal = torch.searchsorted(qb * mk + kb, key_col)
+            self._tiles = (tiles, ordinal.to(device=dev, dtype=torch.int32).contiguous())
+        return self._tiles
+
+
+# Partial blocks' masks: from the program in registers (loads of a few attribute vectors and a
+# few integer operations per pair and predicate, every tile of every head), or read from tiles
+# precomputed once per layout (one byte per pair, a coalesced load like a K tile's). "auto"
+# takes the tiles while they fit MMSPARSE_MASK_TILE_MB (default 1024) of GPU memory; "0" / "1"
+# force the program / the tiles. Tests set _MASK_TILES.
+_MASK_TILES: str | None = None
+_MASK_TILE_MB_DEFAULT = 1024
+
+
+def _use_mask_tiles(kp: "_KernelProgram") -> bool:
+    mode = _MASK_TILES or os.environ.get("MMSPARSE_MASK_TILES", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MMSPARSE_MASK_TILES must be auto, 0 or 1, got {mode!r}")
+    if not kp.has_partial or not kp.program or mode == "0":
+        return False
+    if mode == "1":
+        return True
+    limit = float(os.environ.get("MMSPARSE_MASK_TILE_MB", _MASK_TILE_MB_DEFAULT)) * 2**20
+    return kp.tile_bytes <= limit
+
+
+def _tile_args(kp: "_KernelProgram"):
+    """(MT, k_part_ord, MASK_TILES) kernel arguments: the tiles, or dummy pointers."""
+    if _use_mask_tiles(kp):
+        tiles, ordinal = kp.mask_tiles()
+        return tiles, ordinal, True
+    return kp.tab, kp.tab, False
 
 
 def _kernel_program(layout, device) -> _KernelProgram:
@@ -864,9 +989,11 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
     if rows.n_split:
         split = (_scratch(q, rows, layout.block_q), _scratch(lse, rows, layout.block_q, float("-inf")))
 
+    mt, _, mask_tiles = _tile_args(kp)
+
     def args(items, outs):
         o, l = outs
-        return (q, k, v, o, l, kp.attrs, kp.tab, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
+        return (q, k, v, o, l, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -880,7 +1007,8 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
                       GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
                       LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
                       PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
-                      DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, num_warps=warps, num_stages=stages)
+                      DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, MASK_TILES=mask_tiles,
+                      num_warps=warps, num_stages=stages)
 
     _maybe_tune("fwd", d_pad, q, layout, launch)
     launch(_config("fwd", d_pad, q, layout))
@@ -934,14 +1062,15 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
         # d lse_i / d s_ij = P_ij, so dS = P * (dP - delta + dlse): dlse shifts delta
         delta -= torch.where(torch.isfinite(lse), dlse.float(), 0.0)
     kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
+    mt, k_part_ord, mask_tiles = _tile_args(kp)
     common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, LAYOUT_BQ=layout.block_q,
                   LAYOUT_BK=layout.block_k, PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial,
-                  DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm)
+                  DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, MASK_TILES=mask_tiles)
     dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
     def dq_args(items, g):
-        return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, kpm, items, kp.lists["q_full_idx"],
+        return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
                 kp.lists["q_part_idx"],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -952,7 +1081,7 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
 
     def dkdv_args(items, g):
         gk, gv = g
-        return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, kpm, items,
+        return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
                 kp.lists["k_full_idx"], kp.lists["k_part_idx"],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),

@@ -126,8 +126,16 @@ def _check_budget(got, low, truth, dtype):
         assert err <= 2 * base + FLOOR[dtype], f"{name}: error {err:.3e} > 2 x {base:.3e} + {FLOOR[dtype]}"
 
 
+@pytest.fixture(params=["program", "tiles"])
+def mask_mode(request, monkeypatch):
+    """Partial blocks' masks evaluated by the program in registers, or read from the layout's
+    precomputed uint8 tiles."""
+    monkeypatch.setattr(bsa, "_MASK_TILES", {"program": "0", "tiles": "1"}[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("name,dtype,d", RUNS, ids=[f"{n}-{str(t)[6:]}-d{d}" for n, t, d in RUNS])
-def test_matches_dense_truth(name, dtype, d):
+def test_matches_dense_truth(name, dtype, d, mask_mode):
     layout = _layout(name)
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=hash(name) % 1000)
     scale = d**-0.5
@@ -138,7 +146,7 @@ def test_matches_dense_truth(name, dtype, d):
 
 
 @pytest.mark.parametrize("n", [96, 97])
-def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n):
+def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n, mask_mode):
     """Layout blocks of 64 run as 2 x 4 and 4 x 2 kernel tiles; N = 96 leaves a last layout
     block with one tile past N, N = 97 a ragged tile."""
     monkeypatch.setitem(bsa._OVERRIDE, "fwd", (32, 16, 4, 1))
@@ -156,7 +164,7 @@ SPLIT_RUNS = [(name, chunk) for name in ("longformer", "bigbird", "multimodal", 
 
 
 @pytest.mark.parametrize("name,chunk", SPLIT_RUNS, ids=[f"{n}-chunk{c}" for n, c in SPLIT_RUNS])
-def test_split_rows(monkeypatch, name, chunk):
+def test_split_rows(monkeypatch, name, chunk, mask_mode):
     """Rows and columns cut into chunks of 1 or 3 blocks (every row split, ragged last chunks,
     rows whose chunks straddle the full and partial lists): merged by LSE in the forward and
     summed in the backward, the result stays within the budget."""
@@ -169,6 +177,46 @@ def test_split_rows(monkeypatch, name, chunk):
     truth = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, torch.float64, True)
     low = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype, False)
     _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype), low, truth, dtype)
+
+
+@pytest.mark.parametrize("name", ["multimodal", "bigbird", "kernel_tiles"])
+def test_mask_tiles_are_the_partial_blocks_of_the_dense_mask(name):
+    """Each tile is its partial block of the layout's dense mask (zero past N), in row order;
+    k_part_ord finds the same block from the column-ordered list."""
+    if name == "kernel_tiles":
+        layout = build_layout(longformer(15, 3) | Local(5), (97,), 64, 32, device=DEV)
+    else:
+        layout = _layout(name)
+    tiles, ordinal = bsa._kernel_program(layout, torch.device(DEV)).mask_tiles()
+    bq, bk, n = layout.block_q, layout.block_k, layout.n
+    assert tiles.shape == (layout.num_partial, bq, bk) and tiles.dtype == torch.uint8
+    dense = torch.zeros(layout.num_q_blocks * bq, layout.num_k_blocks * bk, dtype=torch.bool, device=DEV)
+    dense[:n, :n] = layout.dense_mask()
+    blocks = dense.view(layout.num_q_blocks, bq, layout.num_k_blocks, bk).transpose(1, 2)
+    qb = torch.repeat_interleave(torch.arange(layout.num_q_blocks, device=DEV), layout.q_part_ptr.long().diff())
+    assert torch.equal(tiles.bool(), blocks[qb, layout.q_part_idx.long()])
+    kb = torch.repeat_interleave(torch.arange(layout.num_k_blocks, device=DEV), layout.k_part_ptr.long().diff())
+    assert torch.equal(tiles[ordinal.long()].bool(), blocks[layout.k_part_idx.long(), kb])
+
+
+def test_mask_tile_policy(monkeypatch):
+    """auto: tiles while they fit MMSPARSE_MASK_TILE_MB; 0 / 1 force; anything else is an error."""
+    kp = bsa._kernel_program(_layout("multimodal"), torch.device(DEV))
+    monkeypatch.delenv("MMSPARSE_MASK_TILES", raising=False)
+    assert bsa._use_mask_tiles(kp)
+    monkeypatch.setenv("MMSPARSE_MASK_TILE_MB", str(kp.tile_bytes / 2**20 / 2))
+    assert not bsa._use_mask_tiles(kp)
+    monkeypatch.setenv("MMSPARSE_MASK_TILES", "1")
+    assert bsa._use_mask_tiles(kp)
+    monkeypatch.setenv("MMSPARSE_MASK_TILES", "0")
+    monkeypatch.delenv("MMSPARSE_MASK_TILE_MB")
+    assert not bsa._use_mask_tiles(kp)
+    monkeypatch.setenv("MMSPARSE_MASK_TILES", "yes")
+    with pytest.raises(ValueError, match="MMSPARSE_MASK_TILES"):
+        bsa._use_mask_tiles(kp)
+    dense = bsa._kernel_program(_layout("dense"), torch.device(DEV))
+    monkeypatch.setenv("MMSPARSE_MASK_TILES", "1")
+    assert not bsa._use_mask_tiles(dense)  # no partial block, nothing to read
 
 
 def test_long_rows_split_automatically():
