@@ -1,7 +1,8 @@
 """mmsparse.encoders: from a modality-keyed batch to one TokenStream.
 
 - `TubeletEmbed` (video, Conv3d 2x16x16), `SpectrogramEmbed` (AST 16x16 patches of the log-mel,
-  stride 10), `ImageEmbed` (timm PatchEmbed): raster tokens and their grid.
+  stride 10; `AUDIO_NORM` shifts silence to 0 where a model asks), `ImageEmbed` (timm
+  PatchEmbed): raster tokens and their grid.
 - `MultimodalTokenizer`: the segments of a sample (any subset of video, audio, image, plus
   learned global tokens) in tile order, with modality embeddings and `Segment.seconds` taken
   from the batch times -> `TokenStream`.

@@ -85,6 +85,8 @@ class MultimodalTokenizer(nn.Module):
         n_global: learned global tokens at positions [0, n_global).
         align: segment offsets are rounded up to a multiple of this.
         max_frames, max_audio_frames: longest input accepted (ValueError past it; None: any).
+        audio_norm: (shift, scale) of the log-mel before its patch embedding (e.g. `AUDIO_NORM`:
+            silence -> 0); None: raw.
         default_fps: frame rate assumed when the batch has no usable `video_times`.
     """
 
@@ -92,7 +94,7 @@ class MultimodalTokenizer(nn.Module):
                  audio_stride=10, n_mels: int = 128, image_patch: int = 16, video_order=(4, 4, 8),
                  audio_order=(4, 32), image_order=(8, 8), n_global: int = 0, align: int = 1,
                  in_chans: int = 3, max_frames: int | None = None, max_audio_frames: int | None = None,
-                 default_fps: float = 8.0):
+                 default_fps: float = 8.0, audio_norm: tuple[float, float] | None = None):
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
@@ -105,7 +107,7 @@ class MultimodalTokenizer(nn.Module):
         if "video" in self.modalities:
             self.embeds["video"] = TubeletEmbed(tubelet, in_chans, embed_dim)
         if "audio" in self.modalities:
-            self.embeds["audio"] = SpectrogramEmbed(audio_patch, audio_stride, n_mels, embed_dim)
+            self.embeds["audio"] = SpectrogramEmbed(audio_patch, audio_stride, n_mels, embed_dim, audio_norm)
         if "image" in self.modalities:
             self.embeds["image"] = ImageEmbed(image_patch, in_chans, embed_dim)
         self.modality_embed = ModalityEmbedding(self.modalities, embed_dim)

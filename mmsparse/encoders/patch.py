@@ -8,17 +8,30 @@ in tile order (`Segment.to_order`).
 
 Video and image embeds take float frames (already normalised) or uint8 pixels, which they
 normalise on the pixels' device with `normalize_pixels` and the data's (mean, std) (the batch's
-`pixel_norm`, see `mmsparse.data`), giving the float path's numbers.
+`pixel_norm`, see `mmsparse.data`), giving the float path's numbers. The audio embed can shift
+and scale the log-mel (``AUDIO_NORM``: silence -> 0, as the video background is ~0).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
+
+
+# (shift, scale) of the log-mel before the spectrogram patch embedding: (x - shift) / scale. shift
+# is the log-mel of silence (log of ``mmsparse.data.audio.log_mel``'s eps, 1e-6), so silence is 0
+# and a token is the sound in it. Fed raw, every silent patch was 256 values of -13.8: one large
+# offset shared by all audio tokens (trained token norm ~460 against ~1.6 for video), and the
+# long-clip captioners ignored the audio entirely (a 1-second tone in 4-32 s: tone accuracy at
+# chance, swapping clips' audio changed no log-prob by more than 2e-4; with this: tone 1.00).
+# scale keeps a tone's peak (log-mel ~8) near 4. Opt-in (ModelConfig.audio_norm, the longclip
+# recipes): tiny_cpu's 200-step run, whose tone fills a third of the clip, did worse with it.
+AUDIO_NORM = (math.log(1e-6), 5.0)
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -122,11 +135,16 @@ class TubeletEmbed(nn.Module):
 
 class SpectrogramEmbed(nn.Module):
     """Log-mel (B, M, Tm) -> tokens (B, f * u, D) raster, grid (f, u) (AST: 16 x 16 patches,
-    stride 10 by default, so patches overlap)."""
+    stride 10 by default, so patches overlap). ``norm`` = (shift, scale): the log-mel is embedded
+    as ``(x - shift) / scale`` (``AUDIO_NORM``: silence -> 0); None (default) embeds it raw."""
 
-    def __init__(self, patch=16, stride=10, n_mels: int = 128, embed_dim: int = 768):
+    def __init__(self, patch=16, stride=10, n_mels: int = 128, embed_dim: int = 768,
+                 norm: tuple[float, float] | None = None):
         super().__init__()
         self.patch, self.stride, self.n_mels = _pair(patch), _pair(stride), n_mels
+        if norm is not None and (len(norm) != 2 or not float(norm[1])):
+            raise ValueError(f"norm must be (shift, scale) with scale non-zero, got {norm!r}")
+        self.norm = None if norm is None else (float(norm[0]), float(norm[1]))
         if n_mels < self.patch[0]:
             raise ValueError(f"n_mels={n_mels} is smaller than the audio patch {self.patch}")
         self.proj = nn.Conv2d(1, embed_dim, kernel_size=self.patch, stride=self.stride)
@@ -145,7 +163,10 @@ class SpectrogramEmbed(nn.Module):
 
     def forward(self, audio: torch.Tensor):
         self.check(audio)
-        x = self.proj(audio[:, None].to(self.proj.weight.dtype))  # (B, D, f, u)
+        x = audio[:, None]
+        if self.norm is not None:  # in float32, also for bf16 / fp16 features, then cast
+            x = (x.float() - self.norm[0]) * (1.0 / self.norm[1])
+        x = self.proj(x.to(self.proj.weight.dtype))  # (B, D, f, u)
         grid = tuple(x.shape[2:])
         return x.flatten(2).transpose(1, 2), grid  # (B, f*u, D)
 

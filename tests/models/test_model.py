@@ -231,3 +231,21 @@ def test_local_axial_differs_from_local_in_the_axial_layers_only(tiny, batch):
     odd = repr(pat("local_axial", 1))
     assert "Axial(axes=0, modality='video')" in odd and "Local(" in odd and "Tiled(" not in odd
     assert pat("local_axial", 1) != pat("local", 1)
+
+
+
+def test_audio_norm_is_saved_and_reaches_the_output(tiny, batch, tmp_path):
+    """audio_norm (raw by default) round-trips through config.json and changes the audio tokens."""
+    from mmsparse.encoders.patch import AUDIO_NORM
+
+    assert tiny.cfg.audio_norm is None and tiny.embed.embeds["audio"].norm is None
+    torch.manual_seed(0)
+    normed = create_model("captioner_tiny", tokenizer=tiny.tokenizer, audio_norm=AUDIO_NORM).eval()
+    normed.load_state_dict(tiny.state_dict())
+    d = tmp_path / "m"
+    normed.save_pretrained(d)
+    assert tuple(json.loads((d / "config.json").read_text())["config"]["audio_norm"]) == AUDIO_NORM
+    loaded = VideoCaptioner.from_pretrained(d).eval()
+    assert loaded.cfg.audio_norm == AUDIO_NORM and loaded.embed.embeds["audio"].norm == AUDIO_NORM
+    assert torch.equal(_logits(loaded, batch), _logits(normed, batch))
+    assert not torch.equal(_logits(normed, batch), _logits(tiny, batch))
