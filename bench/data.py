@@ -164,11 +164,15 @@ def generate(work: Path, clips: int, src_frames: int, samples: int, long_frames:
                                                                     "long_clip_s": round(long_s, 1)}
 
 
+DECODE_THREADS = 1  # --decode-threads: the codec's threads per reader (DataConfig.decode_threads)
+
+
 def _config(backend: str, dtype: str):
     from mmsparse.data import DataConfig
 
     return DataConfig(backend=backend, video_fallback=None, num_frames=CLIP_FRAMES, short_side=OUT,
-                      crop=(OUT, OUT), load_audio=False, decode_timeout=None, pixel_dtype=dtype)
+                      crop=(OUT, OUT), load_audio=False, decode_timeout=None, pixel_dtype=dtype,
+                      decode_threads=DECODE_THREADS)
 
 
 def _to_device_ms(batch: dict, repeats: int = 5) -> float | None:
@@ -463,6 +467,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=8192, help="manifest length (the clips repeated)")
     ap.add_argument("--src-frames", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="codec threads per video reader (DataConfig.decode_threads); with W workers on C "
+                         "cores, C // W uses the cores a worker count leaves idle")
     ap.add_argument("--row-limit", type=float, default=None,
                     help=f"seconds after which a throughput row is abandoned as hung, or after which one "
                          f"without a new batch is (default: {STARTUP_S:g} + {STARTUP_PER_WORKER_S:g} a worker "
@@ -477,6 +484,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="folder for the generated media, kept (default: a temp folder)")
     ap.add_argument("--rss-child", nargs=3, metavar=("PATH", "BACKEND", "HOW"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    global DECODE_THREADS
+    if a.decode_threads < 1:
+        ap.error(f"--decode-threads must be at least 1, got {a.decode_threads}")
+    DECODE_THREADS = a.decode_threads
     if a.rss_child:
         rss_child(*a.rss_child)
         return 0
@@ -510,7 +521,7 @@ def main(argv=None) -> int:
         "settings": {"workers": a.workers, "seconds": a.seconds, "min_rounds": MIN_ROUNDS, "clips": a.clips,
                      "samples": a.samples, "src_frames": a.src_frames, "src_size": [256, 340], "src_fps": 25,
                      "clip_frames": CLIP_FRAMES, "out_size": [OUT, OUT], "dtypes": a.dtypes,
-                     "batch_size": a.batch_size, "prefetch_factor": 2, "audio": False, "decode_threads": 1,
+                     "batch_size": a.batch_size, "prefetch_factor": 2, "audio": False, "decode_threads": a.decode_threads,
                      "torch_threads_main": torch.get_num_threads(), "stage_clips": min(a.stage_clips, a.clips),
                      "long_frames": a.long_frames, "quick": a.quick, "generate_processes": procs,
                      "row_limit_s": a.row_limit if a.row_limit else {
