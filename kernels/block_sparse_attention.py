@@ -48,6 +48,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -846,6 +848,7 @@ class _KernelProgram:
         of `_mask_tiles_kernel`: every partial block's mask, one byte per pair, in the order of
         q_part_idx; k_part_ord maps the column-ordered list (k_part_idx) to that order."""
         if self._tiles is None:
+            _make_room_for_tiles(self)
             lay, dev = self._layout, self._device
             qb = torch.repeat_interleave(torch.arange(lay.num_q_blocks), lay.q_part_ptr.long().cpu().diff())
             kb = lay.q_part_idx.long().cpu()
@@ -862,16 +865,42 @@ class _KernelProgram:
             key_col = lay.k_part_idx.long().cpu() * mk + kb_col
             ordinal = torch.searchsorted(qb * mk + kb, key_col)
             self._tiles = (tiles, ordinal.to(device=dev, dtype=torch.int32).contiguous())
+        _TILE_HOLDERS[id(self)] = weakref.ref(self)  # most recently used last
+        _TILE_HOLDERS.move_to_end(id(self))
         return self._tiles
 
 
 # Partial blocks' masks: from the program in registers (loads of a few attribute vectors and a
 # few integer operations per pair and predicate, every tile of every head), or read from tiles
 # precomputed once per layout (one byte per pair, a coalesced load like a K tile's). "auto"
-# takes the tiles while they fit MMSPARSE_MASK_TILE_MB (default 1024) of GPU memory; "0" / "1"
-# force the program / the tiles. Tests set _MASK_TILES.
+# takes the tiles while they fit MMSPARSE_MASK_TILE_MB (default 2048) of device memory, a budget
+# shared by every cached layout: the least recently used layouts' tiles are dropped to make room
+# (rebuilt on their next use, a few ms), so a training run over many frame spacings (one
+# layout each) holds at most that much. "0" / "1" force the program / the tiles. Tests set
+# _MASK_TILES.
 _MASK_TILES: str | None = None
-_MASK_TILE_MB_DEFAULT = 1024
+_MASK_TILE_MB_DEFAULT = 2048
+# kernel programs holding tiles, least recently used first; weak, so a layout dropped from the
+# layout cache frees its tiles with it
+_TILE_HOLDERS: "OrderedDict[int, weakref.ref]" = OrderedDict()
+
+
+def _tile_budget() -> float:
+    return float(os.environ.get("MMSPARSE_MASK_TILE_MB", _MASK_TILE_MB_DEFAULT)) * 2**20
+
+
+def _make_room_for_tiles(kp: "_KernelProgram") -> None:
+    """Drop the least recently used layouts' tiles until kp's fit the budget next to the rest."""
+    for key in [k for k, ref in _TILE_HOLDERS.items() if ref() is None or ref()._tiles is None]:
+        del _TILE_HOLDERS[key]
+    held = sum(ref().tile_bytes for ref in _TILE_HOLDERS.values())
+    budget = _tile_budget()
+    while _TILE_HOLDERS and held + kp.tile_bytes > budget:
+        _, ref = _TILE_HOLDERS.popitem(last=False)
+        old = ref()
+        if old is not None:
+            old._tiles = None
+            held -= old.tile_bytes
 
 
 def _use_mask_tiles(kp: "_KernelProgram") -> bool:
@@ -882,8 +911,7 @@ def _use_mask_tiles(kp: "_KernelProgram") -> bool:
         return False
     if mode == "1":
         return True
-    limit = float(os.environ.get("MMSPARSE_MASK_TILE_MB", _MASK_TILE_MB_DEFAULT)) * 2**20
-    return kp.tile_bytes <= limit
+    return kp.tile_bytes <= _tile_budget()
 
 
 def _tile_args(kp: "_KernelProgram"):

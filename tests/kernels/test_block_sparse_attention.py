@@ -219,6 +219,24 @@ def test_mask_tile_policy(monkeypatch):
     assert not bsa._use_mask_tiles(dense)  # no partial block, nothing to read
 
 
+def test_mask_tiles_share_one_memory_budget(monkeypatch):
+    """Tiles of every cached layout share MMSPARSE_MASK_TILE_MB: building one layout's tiles
+    drops the least recently used others' (rebuilt, identical, on their next use)."""
+    a = bsa._kernel_program(_layout("multimodal"), torch.device(DEV))
+    b = bsa._kernel_program(_layout("bigbird"), torch.device(DEV))
+    for kp in (a, b):
+        kp._tiles = None
+    monkeypatch.setattr(bsa, "_TILE_HOLDERS", type(bsa._TILE_HOLDERS)())
+    monkeypatch.setenv("MMSPARSE_MASK_TILE_MB", str(1.5 * max(a.tile_bytes, b.tile_bytes) / 2**20))
+    tiles_a = a.mask_tiles()[0].clone()
+    b.mask_tiles()
+    assert a._tiles is None and b._tiles is not None  # both do not fit: a, the older, was dropped
+    assert torch.equal(a.mask_tiles()[0], tiles_a) and b._tiles is None
+    monkeypatch.setenv("MMSPARSE_MASK_TILE_MB", str(2.5 * max(a.tile_bytes, b.tile_bytes) / 2**20))
+    b.mask_tiles()
+    assert a._tiles is not None and b._tiles is not None
+
+
 def test_long_rows_split_automatically():
     """Global tokens make one row and one column as long as the sequence: they are split, the
     window rows are not; a window or a dense layout splits nothing."""
