@@ -1154,6 +1154,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout, scale, key_padding):
         out, lse = _attention_forward(q, k, v, layout, scale, key_padding=key_padding)
         ctx.save_for_backward(q, k, v, out, lse)
+        # an output nobody differentiates (the LSE, in a model) arrives as None in the
+        # backward instead of a tensor of zeros: no allocation, no delta correction
+        ctx.set_materialize_grads(False)
         ctx.layout, ctx.scale, ctx.key_padding = layout, scale, key_padding
         return out, lse
 
