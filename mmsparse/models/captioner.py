@@ -36,7 +36,6 @@ from .text import BOS, EOS, PAD, CaptionTokenizer
 
 FORMAT = "mmsparse-captioner"
 FORMAT_VERSION = 1
-MEMORY_SUMMARIES = (None, "max", "max_mean")
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 
@@ -90,13 +89,6 @@ class ModelConfig:
     max_text_len: int = 48
     cross: str = "pooled"
     n_pool: int = 256
-    # summary tokens appended to the memory the decoder reads (issue 7): None (default) the
-    # encoder tokens only, as every model before it; "max": per modality segment in the stream,
-    # the elementwise max over its non-padding tokens; "max_mean": the max and the mean. Each gets
-    # a learned per-(modality, statistic) embedding, zero-initialised. With local-window encoders a
-    # short event survives only in the few tokens at it, and cross-attention spread over thousands
-    # of tokens averages it away; a max keeps it.
-    memory_summary: str | None = None
     # contrastive head
     proj_dim: int = 256
 
@@ -112,8 +104,6 @@ class ModelConfig:
             )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.memory_summary not in MEMORY_SUMMARIES:
-            raise ValueError(f"memory_summary must be one of {MEMORY_SUMMARIES}, got {self.memory_summary!r}")
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
             raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must be an even head_dim")
 
@@ -174,12 +164,6 @@ class VideoCaptioner(nn.Module):
         self.text_proj = nn.Linear(cfg.dec_dim, cfg.proj_dim, bias=False)
         # shape (1,), not 0-dim: DeepSpeed's broadcast and ZeRO-3 partitioning view parameters as bytes
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
-        if cfg.memory_summary is not None:
-            n_stats = len(cfg.memory_summary.split("_"))
-            # (modality, statistic) -> an embedding added to that summary token; zeros at the start
-            self.summary_embed = nn.Parameter(torch.zeros(len(cfg.modalities), n_stats, cfg.embed_dim))
-        else:
-            self.summary_embed = None
         self.apply(_init_weights)
         self.tokenizer = None
         if tokenizer is not None:
@@ -244,46 +228,10 @@ class VideoCaptioner(nn.Module):
             x = blk(x, lay, rope, pad)
         return x
 
-    def decoder_memory(self, memory: torch.Tensor, pad: torch.Tensor | None, layout: StreamLayout):
-        """What the decoder reads: memory (B, N, E), pad (B, N) -> (B, N + S, E), (B, N + S), with
-        S summary tokens appended when cfg.memory_summary is set (unchanged otherwise). Per
-        modality with a segment in `layout` (cfg.modalities order) and per statistic (max, then
-        mean), one token over that segment's non-padding tokens; a sample with no real token of a
-        modality gets a zero token marked as padding."""
-        mode = self.cfg.memory_summary
-        if mode is None:
-            return memory, pad
-        b, n, _ = memory.shape
-        keep = (torch.ones(b, n, dtype=torch.bool, device=memory.device) if pad is None
-                else ~pad.to(memory.device))
-        tokens, pads = [], []
-        for i, m in enumerate(self.cfg.modalities):
-            segs = [s for s in layout.segments if s.modality == m]
-            if not segs:
-                continue
-            idx = torch.cat([torch.arange(s.offset, s.end, device=memory.device) for s in segs])
-            x, k = memory[:, idx], keep[:, idx, None]  # (B, n_m, E), (B, n_m, 1)
-            real = k.any(1)  # (B, 1)
-            stats = [torch.where(real, x.masked_fill(~k, -torch.inf).amax(1), 0.0)]
-            if mode == "max_mean":
-                stats.append((x * k).sum(1) / k.sum(1).clamp(min=1))
-            for j, st in enumerate(stats):
-                tokens.append(st + self.summary_embed[i, j])
-                pads.append(~real[:, 0])
-        if not tokens:
-            return memory, pad
-        out = torch.cat([memory, torch.stack(tokens, 1)], dim=1)
-        extra = torch.stack(pads, 1)
-        if pad is None and not bool(extra.any()):
-            return out, None
-        base = torch.zeros(b, n, dtype=torch.bool, device=memory.device) if pad is None else pad.to(memory.device)
-        return out, torch.cat([base, extra], dim=1)
-
     def forward(self, batch: Mapping[str, Any], ids: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for caption ids (B, L) (default: the batch captions
         with <bos>, so logits[:, i] predicts token i + 1)."""
-        memory, pad, layout = self.encode(batch)
-        memory, pad = self.decoder_memory(memory, pad, layout)
+        memory, pad, _ = self.encode(batch)
         if ids is None:
             ids = self.tokenize(batch)[:, :-1]
         return self.decoder(ids.to(self.device), memory, pad)
@@ -317,8 +265,7 @@ class VideoCaptioner(nn.Module):
             raise ValueError(f"beam and max_len must be >= 1, got beam={beam}, max_len={max_len}")
         if max_len + 1 > self.cfg.max_text_len:
             raise ValueError(f"max_len={max_len} exceeds the decoder's max_text_len - 1 = {self.cfg.max_text_len - 1}")
-        memory, pad, layout = self.encode(batch)
-        memory, pad = self.decoder_memory(memory, pad, layout)
+        memory, pad, _ = self.encode(batch)
         dec = self.decoder
         mem, mpad = dec.prepare_memory(memory, pad)
         b, k = mem.shape[0], beam
