@@ -164,15 +164,12 @@ def generate(work: Path, clips: int, src_frames: int, samples: int, long_frames:
                                                                     "long_clip_s": round(long_s, 1)}
 
 
-DECODE_THREADS = 1  # --decode-threads: the codec's threads per reader (DataConfig.decode_threads)
-
-
-def _config(backend: str, dtype: str):
+def _config(backend: str, dtype: str, threads: int = 1):
     from mmsparse.data import DataConfig
 
     return DataConfig(backend=backend, video_fallback=None, num_frames=CLIP_FRAMES, short_side=OUT,
                       crop=(OUT, OUT), load_audio=False, decode_timeout=None, pixel_dtype=dtype,
-                      decode_threads=DECODE_THREADS)
+                      decode_threads=threads)
 
 
 def _to_device_ms(batch: dict, repeats: int = 5) -> float | None:
@@ -246,7 +243,7 @@ def stages(manifest: Path, backend: str, dtype: str, clips: int, batch_size: int
 
 
 def throughput(manifest: Path, backend: str, dtype: str, workers: int, batch_size: int, seconds: float,
-               limit: float | None = None) -> dict:
+               limit: float | None = None, threads: int = 1) -> dict:
     """Clips/s out of the loader, timed from the moment every worker has delivered a batch.
 
     Workers that start together deliver in rounds (one batch each, in order); the clock stops
@@ -263,7 +260,7 @@ def throughput(manifest: Path, backend: str, dtype: str, workers: int, batch_siz
     from mmsparse.data import MediaDataset, make_loader
 
     limit = row_limit(workers, seconds) if limit is None else limit
-    ds = MediaDataset(manifest, _config(backend, dtype))
+    ds = MediaDataset(manifest, _config(backend, dtype, threads))
     loader = make_loader(ds, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None,
                          timeout=limit if workers else 0)
     rnd = max(1, workers)  # batches a round; the first round is not timed (worker start-up)
@@ -468,8 +465,9 @@ def main(argv=None) -> int:
     ap.add_argument("--src-frames", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--decode-threads", type=int, default=1,
-                    help="codec threads per video reader (DataConfig.decode_threads); with W workers on C "
-                         "cores, C // W uses the cores a worker count leaves idle")
+                    help="codec threads per video reader in the loader rows (DataConfig.decode_threads); "
+                         "with W workers on C cores, C // W uses the cores a worker count leaves idle; "
+                         "the one-core stage timings always decode with one")
     ap.add_argument("--row-limit", type=float, default=None,
                     help=f"seconds after which a throughput row is abandoned as hung, or after which one "
                          f"without a new batch is (default: {STARTUP_S:g} + {STARTUP_PER_WORKER_S:g} a worker "
@@ -484,10 +482,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="folder for the generated media, kept (default: a temp folder)")
     ap.add_argument("--rss-child", nargs=3, metavar=("PATH", "BACKEND", "HOW"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    global DECODE_THREADS
     if a.decode_threads < 1:
         ap.error(f"--decode-threads must be at least 1, got {a.decode_threads}")
-    DECODE_THREADS = a.decode_threads
     if a.rss_child:
         rss_child(*a.rss_child)
         return 0
@@ -559,7 +555,7 @@ def main(argv=None) -> int:
             for b in BACKENDS:
                 for d in a.dtypes:  # side by side, so a change in the machine's load hits both alike
                     r = _guarded(throughput, manifest, b, d, w, a.batch_size, a.seconds, a.row_limit or None,
-                                 backend=b, dtype=d, workers=w)
+                                 a.decode_threads, backend=b, dtype=d, workers=w)
                     res["throughput"].append(r)
                     save()
                     if "error" not in r:
