@@ -848,10 +848,11 @@ class _KernelProgram:
         of `_mask_tiles_kernel`: every partial block's mask, one byte per pair, in the order of
         q_part_idx; k_part_ord maps the column-ordered list (k_part_idx) to that order."""
         if self._tiles is None:
+            from mmsparse.attention.blocklayout import _rows_of
+
             _make_room_for_tiles(self)
             lay, dev = self._layout, self._device
-            qb = torch.repeat_interleave(torch.arange(lay.num_q_blocks), lay.q_part_ptr.long().cpu().diff())
-            kb = lay.q_part_idx.long().cpu()
+            qb, kb = _rows_of(lay.q_part_ptr).long(), lay.q_part_idx.long()
             pairs = torch.stack([qb, kb], 1).to(device=dev, dtype=torch.int32).contiguous()
             tiles = torch.empty(lay.num_partial, lay.block_q, lay.block_k, dtype=torch.uint8, device=dev)
             rows = 16  # layout blocks are multiples of 16
@@ -861,8 +862,7 @@ class _KernelProgram:
                 ROWS=rows, PROGRAM=self.program, num_warps=4)
             # the row-ordered list is sorted by (qb, kb): find each column entry's (qb, kb) in it
             mk = lay.num_k_blocks
-            kb_col = torch.repeat_interleave(torch.arange(mk), lay.k_part_ptr.long().cpu().diff())
-            key_col = lay.k_part_idx.long().cpu() * mk + kb_col
+            key_col = lay.k_part_idx.long() * mk + _rows_of(lay.k_part_ptr).long()
             ordinal = torch.searchsorted(qb * mk + kb, key_col)
             self._tiles = (tiles, ordinal.to(device=dev, dtype=torch.int32).contiguous())
         _TILE_HOLDERS[id(self)] = weakref.ref(self)  # most recently used last
