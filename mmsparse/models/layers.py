@@ -18,6 +18,7 @@ from timm.layers import DropPath, Mlp
 
 from mmsparse.attention import BlockLayout, sparse_attention
 from mmsparse.encoders import apply_rope
+from mmsparse.kernels.rope import fused_rope_available, qkv_rope
 
 
 class SparseSelfAttention(nn.Module):
@@ -33,17 +34,24 @@ class SparseSelfAttention(nn.Module):
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        # the fused split + rotary kernel (kernels/rope.py) applies where no QK-norm sits
+        # between the split and the rotation
+        self.fused_rope = not qk_norm
 
     def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None,
                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2);
         pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended."""
         b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, N, D) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        if rope is not None and self.fused_rope and fused_rope_available(qkv):
+            # one Triton pass: split into heads and rotate q, k (and its transpose backward)
+            q, k, v = qkv_rope(qkv, *rope)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layout is None:
             mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,0 +1,197 @@
+"""Fused QKV split + rotary embedding: one Triton pass from the qkv projection to q, k, v.
+
+Legend: B batch, N tokens, H heads, D head dim (even), P = D / 2 rotary pairs.
+
+An attention layer's projection gives qkv (B, N, 3, H, D); the attention kernels want q, k, v
+as (B, H, N, D), q and k rotated. In PyTorch that is a permute, an unbind, and per q and k a
+float32 upcast of both halves, four multiplies, two adds, a cat and a cast back, each a full
+pass over memory, and the same again in the backward (plus the stack that rebuilds dqkv). On
+the E1 captioner (bench/model.py) those passes were a fifth of the sparse training step at
+512 to 1,024 frames (bench/NOTES.md, profile of session 6). Here one program reads a tile of
+tokens of one (head, q | k | v) from qkv, rotates it in float32 registers and writes it to its
+(B, H, N, D) place; the backward reads dq, dk, dv and writes dqkv in the projection's layout,
+rotating by the negative angle (the rotation's transpose).
+
+Rotation (GPT-NeoX layout, as `mmsparse.encoders.apply_rope`): pairs (x[j], x[j + P]),
+    y[j] = x[j] cos - x[j + P] sin,   y[j + P] = x[j] sin + x[j + P] cos,
+with (cos, sin) (N, P) float32 per token; the result is cast back to the input dtype.
+
+Layers (CONVENTIONS.md item 1):
+1. `qkv_rope_ref`: the PyTorch composition it replaces.
+2. `_qkv_rope_kernel`: one tile of tokens of one (batch, head, q | k | v), either direction.
+3. The autograd function and the public `qkv_rope`; `fused_rope_available` says when the
+   model layers take this path (a CUDA tensor, or the CPU under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """qkv (B, N, 3, H, D) -> q, k, v (B, H, N, D), q and k rotated; cos / sin (N, D / 2)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    cos, sin = cos.to(qkv.device), sin.to(qkv.device)
+    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin), v
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _qkv_rope_kernel(
+    SRC, DST, COS, SIN, N, H, WHICH0,
+    s_b, s_w, s_h, s_n,  # SRC strides: batch, q|k|v, head, token (D contiguous)
+    d_b, d_w, d_h, d_n,  # DST strides, same order
+    stride_cn,  # COS / SIN token stride (P contiguous)
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr, INVERSE: tl.constexpr,
+):
+    """Program (token tile, batch x head, w): copies SRC[b, w, h, tile, :] to
+    DST[b, WHICH0 + w, h, tile, :], rotated when WHICH0 + w is q (0) or k (1); INVERSE rotates
+    by the negative angle (the backward)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    w = tl.program_id(2)
+    which = WHICH0 + w
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, HALF_PAD)
+    mask = (offs_n < N)[:, None] & (offs_p < HALF)[None, :]
+    src = SRC + b * s_b + w.to(tl.int64) * s_w + h * s_h + offs_n.to(tl.int64)[:, None] * s_n + offs_p[None, :]
+    dst = DST + b * d_b + which.to(tl.int64) * d_w + h * d_h + offs_n.to(tl.int64)[:, None] * d_n + offs_p[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    if which < 2:
+        trig = offs_n[:, None] * stride_cn + offs_p[None, :]
+        c = tl.load(COS + trig, mask=mask, other=0.0)
+        s = tl.load(SIN + trig, mask=mask, other=0.0)
+        if INVERSE:
+            s = -s
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        y1 = (f1 * c - f2 * s).to(DST.dtype.element_ty)
+        y2 = (f1 * s + f2 * c).to(DST.dtype.element_ty)
+    else:
+        y1 = x1.to(DST.dtype.element_ty)
+        y2 = x2.to(DST.dtype.element_ty)
+    tl.store(dst, y1, mask=mask)
+    tl.store(dst + HALF, y2, mask=mask)
+
+
+_BLOCK_N = 64
+
+
+def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
+    """Output buffers (tests replace this with a NaN-filled allocation to catch unwritten elements)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count, inverse):
+    """src / dst strides (batch, q|k|v, head, token); `count` of q|k|v from src starting at
+    which0 in dst."""
+    half = cos.shape[-1]
+    grid = (triton.cdiv(n, _BLOCK_N), b * h, count)
+    _qkv_rope_kernel[grid](
+        src, dst, cos, sin, n, h, which0, *src_strides, *dst_strides, cos.stride(0),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_N=_BLOCK_N, INVERSE=inverse,
+        num_warps=4,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Autograd and the public functional
+# ---------------------------------------------------------------------------------------------
+
+
+class _QKVRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        b, n, _, h, d = qkv.shape
+        out = _alloc((3, b, h, n, d), qkv)  # q, k, v
+        # qkv (B, N, 3, H, D) -> out (3, B, H, N, D): strides as (batch, q|k|v, head, token)
+        _launch(qkv, out, cos, sin, b, n, h, 0,
+                (qkv.stride(0), qkv.stride(2), qkv.stride(3), qkv.stride(1)),
+                (out.stride(1), out.stride(0), out.stride(2), out.stride(3)), 3, False)
+        ctx.save_for_backward(cos, sin)
+        ctx.set_materialize_grads(False)
+        ctx.shape = qkv.shape
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        b, n, _, h, d = ctx.shape
+        like = next(g for g in (dq, dk, dv) if g is not None)
+        dqkv = _alloc(ctx.shape, like)
+        for which, g in enumerate((dq, dk, dv)):
+            if g is None:
+                dqkv[:, :, which] = 0
+                continue
+            if g.stride(-1) != 1:
+                g = g.contiguous()
+            # g (B, H, N, D) -> dqkv[:, :, which] (B, N, H, D)
+            _launch(g, dqkv, cos, sin, b, n, h, which,
+                    (g.stride(0), 0, g.stride(1), g.stride(2)),
+                    (dqkv.stride(0), dqkv.stride(2), dqkv.stride(3), dqkv.stride(1)), 1, True)
+        return dqkv, None, None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_rope_available(x: torch.Tensor) -> bool:
+    """Whether `qkv_rope` runs on x: a CUDA tensor (or the CPU under TRITON_INTERPRET=1) of
+    float16, bfloat16 or float32, unless MMSPARSE_FUSED_ROPE=0."""
+    if os.environ.get("MMSPARSE_FUSED_ROPE", "1") == "0":
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and _interpreting())
+
+
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Split a QKV projection into heads and rotate q and k, in one Triton pass each way.
+
+    Args:
+        qkv: (B, N, 3, H, D), D even, the head dim contiguous (a view of the (B, N, 3 H D)
+            output of the projection).
+        cos, sin: (N, D / 2) float32 rotary tables (moved to qkv's device if needed).
+
+    Returns:
+        q, k, v, each (B, H, N, D) contiguous in qkv's dtype; q and k rotated. Differentiable
+        in qkv. Equal to `qkv_rope_ref` up to the float32 rounding of the rotation.
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D), got shape {tuple(qkv.shape)}")
+    b, n, _, h, d = qkv.shape
+    if d % 2:
+        raise ValueError(f"the head dim must be even for rotary pairs, got D={d}")
+    if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
+        raise ValueError(f"cos and sin must be (N, D / 2) = ({n}, {d // 2}), got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
+    if not fused_rope_available(qkv):
+        raise ValueError(f"qkv_rope needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of float16, "
+                         f"bfloat16 or float32; got {qkv.dtype} on {qkv.device}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos = cos.to(device=qkv.device, dtype=torch.float32).contiguous()
+    sin = sin.to(device=qkv.device, dtype=torch.float32).contiguous()
+    return _QKVRope.apply(qkv, cos, sin)

@@ -1,0 +1,109 @@
+"""Fused QKV split + rotary kernel (kernels/rope.py) against the PyTorch composition it
+replaces (`mmsparse.encoders.apply_rope` on the permuted projection), forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmsparse.encoders import apply_rope, rope_cos_sin
+from mmsparse.kernels import rope as rope_kernel
+from mmsparse.kernels.rope import fused_rope_available, qkv_rope
+
+from .budget import DEV
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Outputs start as NaN: an element the kernel does not write fails the comparison."""
+    monkeypatch.setattr(rope_kernel, "_alloc", lambda shape, like: torch.full(
+        shape, float("nan"), device=like.device, dtype=like.dtype))
+
+
+def _tables(n, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.randint(0, 50, (n, 3), generator=gen).float()  # (t, h, w) of each token
+    return rope_cos_sin(coords, d)
+
+
+def _expected(qkv, cos, sin):
+    """The model layer's former path: permute, unbind, apply_rope on q and k."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,n,h,d", [(1, 64, 1, 32), (2, 77, 3, 64), (1, 130, 2, 80), (2, 33, 2, 96)])
+def test_qkv_rope_matches_reference(b, n, h, d, dtype):
+    seed = hash((b, n, h, d, str(dtype))) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    cos, sin = _tables(n, d, seed)
+    x = torch.randn(b, n, 3, h, d, generator=gen).to(DEV, dtype)
+    grads = [torch.randn(b, h, n, d, generator=gen).to(DEV, dtype) for _ in range(3)]
+    cos, sin = cos.to(DEV), sin.to(DEV)
+
+    a = x.clone().requires_grad_(True)
+    got = qkv_rope(a, cos, sin)
+    r = x.clone().requires_grad_(True)
+    want = _expected(r, cos, sin)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == (b, h, n, d) and g.dtype == dtype and g.is_contiguous(), name
+        assert not torch.isnan(g).any(), f"{name}: NaN (an unwritten element)"
+        err = (g.float() - w.float()).abs().max().item()
+        assert err <= TOL[dtype] * (1 + w.float().abs().max().item()), f"{name}: {err:.3e}"
+    (ga,) = torch.autograd.grad(got, a, grads)
+    (gr,) = torch.autograd.grad(want, r, grads)
+    err = (ga.float() - gr.float()).abs().max().item()
+    assert err <= TOL[dtype] * (1 + gr.float().abs().max().item()), f"dqkv: {err:.3e}"
+
+
+def test_qkv_rope_rotates_by_the_angle():
+    """Independent of apply_rope: a pair (1, 0) at angle a becomes (cos a, sin a) in q and k;
+    v is copied; the backward rotates by -a."""
+    n, d = 5, 4
+    ang = torch.linspace(0.1, 2.0, n * 2).reshape(n, 2)
+    cos, sin = ang.cos().to(DEV), ang.sin().to(DEV)
+    x = torch.zeros(1, n, 3, 1, d, device=DEV)
+    x[..., 0] = 1.0  # x[j] = 1 for pair 0, x[j + P] = 0
+    x[:, :, 2] = 7.0
+    x.requires_grad_(True)
+    q, k, v = qkv_rope(x, cos, sin)
+    for t in (q, k):
+        torch.testing.assert_close(t[0, 0, :, 0], cos[:, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(t[0, 0, :, 2], sin[:, 0], rtol=0, atol=1e-6)
+        assert (t[0, 0, :, [1, 3]] == 0).all()
+    assert (v == 7.0).all()
+    gq = torch.zeros_like(q)
+    gq[..., 0], gq[..., 2] = cos[:, 0], sin[:, 0]  # the rotated unit vector rotates back to (1, 0)
+    (g,) = torch.autograd.grad(q, x, gq)
+    torch.testing.assert_close(g[0, :, 0, 0, 0], torch.ones(n, device=DEV), rtol=0, atol=1e-6)
+    assert g[0, :, 0, 0, 2].abs().max() < 1e-6 and (g[:, :, 1:] == 0).all()
+
+
+def test_unused_output_gets_zero_gradient():
+    n, h, d = 40, 2, 32
+    cos, sin = (t.to(DEV) for t in _tables(n, d, 1))
+    x = torch.randn(1, n, 3, h, d, device=DEV, requires_grad=True)
+    q, k, v = qkv_rope(x, cos, sin)
+    (g,) = torch.autograd.grad(q.sum() + v.sum(), x)
+    assert (g[:, :, 1] == 0).all() and (g[:, :, 2] == 1).all()
+
+
+def test_bad_inputs_name_the_argument():
+    cos, sin = (t.to(DEV) for t in _tables(8, 32, 0))
+    with pytest.raises(ValueError, match="qkv must be"):
+        qkv_rope(torch.randn(1, 8, 2, 1, 32, device=DEV), cos, sin)
+    with pytest.raises(ValueError, match="cos and sin"):
+        qkv_rope(torch.randn(1, 9, 3, 1, 32, device=DEV), cos, sin)
+    with pytest.raises(ValueError, match="even"):
+        qkv_rope(torch.randn(1, 8, 3, 1, 31, device=DEV), cos[:, :15], sin[:, :15])
+
+
+def test_availability_follows_the_switch(monkeypatch):
+    x = torch.randn(2, 2, device=DEV)
+    assert fused_rope_available(x)
+    monkeypatch.setenv("MMSPARSE_FUSED_ROPE", "0")
+    assert not fused_rope_available(x)
+    assert not fused_rope_available(torch.zeros(2, dtype=torch.int32, device=DEV))
