@@ -1,6 +1,7 @@
 """Probe: what the partial blocks' mask evaluation costs the block-sparse kernels (a CUDA GPU).
 
     python bench/probe_mask_cost.py
+    python bench/probe_mask_cost.py --sweep   # tile configs of the three kernels, E1 512 frames
 
 For a few layouts (the E1 captioner_base layer at 64 and 512 frames, A2's token-level 3D
 window in raster order), times the forward and backward launchers three ways: the partial
@@ -73,6 +74,11 @@ def run(name, layout, h, d):
 def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
+    if "--sweep" in sys.argv[1:]:  # the kernels' tile configs on the E1 layer layout at 512 frames
+        lay, h, d = captioner_layout(512)
+        print(f"E1 captioner_base 512 frames: N {lay.n}, {h} heads x {d}, tiles {bs._use_mask_tiles(bs._kernel_program(lay, lay.device))}")
+        bs.sweep(None, None, h, d, layout=lay)
+        return 0
     for frames in (64, 512):
         lay, h, d = captioner_layout(frames)
         run(f"E1 captioner_base {frames} frames", lay, h, d)

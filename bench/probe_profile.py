@@ -2,6 +2,7 @@
 
     python bench/probe_profile.py strided            # A5 Sparse Transformer strided 128, 16x64
     python bench/probe_profile.py model --frames 64  # E1 captioner_base sparse training step
+    python bench/probe_profile.py rope               # fused QKV split + rotary against PyTorch
 
 `strided` times the two parts of `kernels/strided_attention.py` (block-sparse rest, axial
 lines) and the merge separately, then the whole autograd op, then prints the CUDA and CPU
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROWS = 22
+ROWS = 40
 
 
 def _tables(prof, title: str) -> None:
@@ -105,7 +106,60 @@ def model(args) -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if args.sync_debug:  # every host-device synchronisation of one step, with where it happens
+        _sync_points(step)
+        return
     _tables(_profile(step), f"{args.model} {'dense' if args.dense else 'sparse'} {args.frames} frames")
+
+
+def _sync_points(fn) -> None:
+    import traceback
+    import warnings
+
+    seen: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename or "warnings" in f.filename]
+        where = "\n".join(f"    {f.filename.split('mmsparse/')[-1]}:{f.lineno} {f.name}" for f in stack[-6:])
+        seen[where] = seen.get(where, 0) + 1
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    warnings.showwarning = old
+    print(f"\n## synchronising calls in one step: {sum(seen.values())}\n")
+    for where, count in sorted(seen.items(), key=lambda kv: -kv[1]):
+        print(f"{count} x\n{where}\n")
+
+
+def rope(args) -> None:
+    """kernels/rope.py against the PyTorch composition it replaces (E1 shapes: 12 x 64 heads)."""
+    import triton.testing as tt
+
+    from mmsparse.kernels.rope import qkv_rope, qkv_rope_ref
+
+    h, d = 12, 64
+    print("| tokens | torch fwd ms | fused fwd ms | torch fwd+bwd ms | fused fwd+bwd ms |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in (7612, 51516, 101692):
+        x = torch.randn(1, n, 3, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        ang = torch.rand(n, d // 2, device="cuda") * 100
+        cos, sin = ang.cos(), ang.sin()
+        g = [torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        ms = lambda f: tt.do_bench(f, return_mode="median")
+        row = []
+        for fn in (qkv_rope_ref, qkv_rope):
+            row.append(ms(lambda: fn(x, cos, sin)))
+        for fn in (qkv_rope_ref, qkv_rope):
+            row.append(ms(lambda: torch.autograd.grad(fn(x, cos, sin), x, g)))
+        print(f"| {n} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | {row[3]:.3f} |")
 
 
 def main(argv=None) -> int:
@@ -118,10 +172,13 @@ def main(argv=None) -> int:
     m.add_argument("--frames", type=int, default=64)
     m.add_argument("--model", default="captioner_base")
     m.add_argument("--dense", action="store_true")
+    m.add_argument("--sync-debug", action="store_true",
+                   help="list the host-device synchronisations of one step (torch.cuda.set_sync_debug_mode)")
+    sub.add_parser("rope")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    {"strided": strided, "model": model}[args.what](args)
+    {"strided": strided, "model": model, "rope": rope}[args.what](args)
     return 0
 
 

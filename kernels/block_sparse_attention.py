@@ -612,8 +612,10 @@ _CONFIGS_FP32 = {
 # candidates timed when MMSPARSE_TRITON_AUTOTUNE=1
 _CANDIDATES = {
     "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
-    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
-    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2),
+           (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2),
+             (32, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2)],
 }
 _TUNED: dict = {}
 _OVERRIDE: dict = {}  # tests: kernel name -> config
@@ -1197,14 +1199,16 @@ def block_sparse_attention(q, k, v, layout, scale: float | None = None, key_padd
 # ---------------------------------------------------------------------------------------------
 
 
-def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkdv")):
-    """Time every candidate tile config of each kernel on one workload (CUDA, bf16).
+def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkdv"), layout=None):
+    """Time every candidate tile config of each kernel on one workload (CUDA, bf16): `pattern`
+    over `tokens`, or a ready `layout` (then pattern and tokens are unused).
 
     Returns rows (kernel, config, ms): forward alone for "fwd", the whole backward with the
     other backward kernel at its default for "dq" / "dkdv"."""
     from mmsparse.attention import build_layout
 
-    layout = build_layout(pattern, tokens, device="cuda")
+    if layout is None:
+        layout = build_layout(pattern, tokens, device="cuda")
     n, d_pad = layout.n, max(16, triton.next_power_of_2(head_dim))
     q, k, v, dout = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale = head_dim**-0.5
