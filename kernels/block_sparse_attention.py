@@ -594,13 +594,16 @@ def _bwd_dkdv_kernel(
 # workloads except dq, where A1 preferred BLOCK_N = 32 by a few per cent. 16 / 32 follow 64;
 # 256 is untimed (compiled without spills for sm_90 on the CPU).
 _CONFIGS = {
-    "fwd": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 3),
+    "fwd": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3),
             128: (128, 128, 8, 3), 256: (64, 64, 8, 2)},
-    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3),
+    "dq": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 3),
            128: (64, 64, 4, 3), 256: (64, 32, 8, 2)},
     "dkdv": {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (32, 64, 4, 3),
              128: (64, 64, 4, 3), 256: (32, 64, 8, 2)},
 }
+# D_PAD 16-64 fwd (128, 64, 8, 3) and dq (64, 128, 4, 3) since session 6: the sweep on the E1
+# captioner layer at 512 frames (bench/probe_mask_cost.py --sweep; v7 in bench/NOTES.md) timed
+# them 4 % (fwd) and 5 % (whole backward) under the former (64, 128, 4, 3) and (64, 64, 4, 3).
 # v1 table (first H200 run): fwd 64: (128, 128, 8, 3), 128: (128, 64, 8, 3); dq (128, 64, 8, 3|2);
 # dkdv (64, 128, 8, 3|2)
 # float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
