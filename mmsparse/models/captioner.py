@@ -31,7 +31,7 @@ from mmsparse.encoders import MODALITIES, MultimodalTokenizer, rope_cos_sin, str
 
 from .decoder import CaptionDecoder
 from .layers import SparseBlock
-from .schedule import SCHEDULES, layer_pattern
+from .schedule import SCHEDULES, gap_positions, layer_pattern
 from .text import BOS, EOS, PAD, CaptionTokenizer
 
 FORMAT = "mmsparse-captioner"
@@ -131,6 +131,11 @@ def _rope_on(layout: StreamLayout, head_dim: int, theta: float, device: torch.de
     return tuple(t.to(device) for t in _rope_cpu(layout, head_dim, theta))
 
 
+@lru_cache(maxsize=8)
+def _gaps_on(layout: StreamLayout, device: torch.device) -> torch.Tensor:
+    return gap_positions(layout).to(device)
+
+
 class VideoCaptioner(nn.Module):
     """Multimodal sparse-attention encoder + caption decoder.
 
@@ -211,8 +216,11 @@ class VideoCaptioner(nn.Module):
         x = stream.tokens
         pad = stream.pad_mask
         pad = None if pad is None else pad.to(x.device)
-        if pad is not None and not bool(pad.any()):  # one sync a step: no mask for the kernels
-            pad = None  # (SDPA runs flash, the sparse kernels skip the per-key padding test)
+        # one sync a step: without padding tokens of shorter clips, no mask for the kernels
+        # (SDPA runs flash, the sparse kernels skip the per-key padding test); the alignment gaps
+        # need none, their own patterns (Gaps, StreamGlobal) keep them from every real token
+        if pad is not None and not bool((pad & ~_gaps_on(stream.layout, x.device)).any()):
+            pad = None
         groups = stream.groups()
         if len(groups) == 1:
             return self.norm(self._blocks(x, groups[0][0], rope, pad)), stream.pad_mask, stream.layout

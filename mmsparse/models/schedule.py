@@ -40,6 +40,32 @@ class Gaps(Pattern):
         return [(("qflag", flag), ("kflag", flag))]
 
 
+@dataclass(frozen=True)
+class StreamGlobal(Pattern):
+    """`Global(n)` on a stream with alignment gaps: the first `n` positions attend every
+    position that is not a gap and are attended by everything. The gaps (padding tokens of no
+    segment, isolated by `Gaps`) are then out of every real token's reach by the pattern alone,
+    so the model passes no key-padding mask for them: the kernels skip the per-key padding test
+    in every block (Global's row would otherwise reach the gaps, which only the mask hid)."""
+
+    n: int
+
+    def clauses(self, ctx):
+        n_glob = ctx.stream.n_global
+        first = ctx.attr(f"first{self.n}", lambda: torch.arange(ctx.n) < self.n)
+        real = ctx.attr("real", lambda: (ctx.table.segment >= 0) | (torch.arange(ctx.n) < n_glob))
+        return [(("qflag", first), ("kflag", real)), (("kflag", first),)]
+
+
+def gap_positions(stream: StreamLayout) -> torch.Tensor:
+    """(N,) bool: the stream's alignment gaps (positions of no segment past the global tokens)."""
+    gap = torch.ones(stream.length, dtype=torch.bool)
+    gap[: stream.n_global] = False
+    for s in stream.segments:
+        gap[s.offset: s.end] = False
+    return gap
+
+
 def _has_gaps(stream: StreamLayout) -> bool:
     return sum(s.numel for s in stream.segments) + stream.n_global < stream.length
 
@@ -68,12 +94,13 @@ def layer_pattern(cfg, layer: int, stream: StreamLayout) -> Pattern | None:
             parts.append(Axial(0, modality=m) | Tiled(tuple(tile), radius=0, modality=m))
         else:
             parts.append(Tiled(tuple(tile), radius=_tup(radius, seg.ndim), modality=m))
+    gaps = _has_gaps(stream)
     if stream.n_global:
-        parts.append(Global(stream.n_global))
+        parts.append(StreamGlobal(stream.n_global) if gaps else Global(stream.n_global))
     timed = {s.modality for s in stream.segments if s.seconds is not None}
     if cfg.av_window and len(timed) >= 2:
         parts.append(AVSync(float(cfg.av_window)))
-    if _has_gaps(stream):
+    if gaps:
         parts.append(Gaps())
     pattern = parts[0]
     for p in parts[1:]:
