@@ -5,8 +5,9 @@ Legend: B batch, N stream length, D embed dim, T frames, Tm audio frames, G glob
 Stream layout (positions):  [0, G) global tokens | video (t, h, w) | audio (f, u) | image (h, w)
 Each segment is stored in tile order (`Segment.order`), so the 3D / 2D neighbourhoods of the
 Tiled patterns are whole blocks. With `align > 1` every segment starts at a multiple of
-`align` (the attention block size on GPU), so no block straddles two segments; the gap
-positions are padding tokens (zeros, pad_mask True) that belong to no segment.
+`align` (the attention block size on GPU), so no block straddles two segments, and the stream
+ends on a block (the kernels' tiles never reach past N, so they load without bounds masks); the
+gap positions are padding tokens (zeros, pad_mask True) that belong to no segment.
 
 Pixels: video and image come as float32 frames or as uint8 pixels with the batch's
 `pixel_norm` (mean, std); uint8 is normalised here, after the move to the model's device, to the
@@ -83,7 +84,7 @@ class MultimodalTokenizer(nn.Module):
         image_patch: image patch size.
         video_order, audio_order, image_order: tile shapes of each segment's stored order.
         n_global: learned global tokens at positions [0, n_global).
-        align: segment offsets are rounded up to a multiple of this.
+        align: segment offsets and the stream's length are rounded up to a multiple of this.
         max_frames, max_audio_frames: longest input accepted (ValueError past it; None: any).
         audio_norm: (shift, scale) of the log-mel before its patch embedding (e.g. `AUDIO_NORM`:
             silence -> 0); None: raw.
@@ -194,6 +195,11 @@ class MultimodalTokenizer(nn.Module):
             pads.append(seg.to_order(pad, dim=1))
             segments.append(seg)
             offset = seg.end
+        end = self._aligned(offset)
+        if end > offset:  # the stream ends on a block too: no kernel tile reads past N
+            pieces.append(pieces[-1].new_zeros(bsz, end - offset, pieces[-1].shape[-1]))
+            pads.append(torch.ones(bsz, end - offset, dtype=torch.bool, device=device))
+            offset = end
         layout = StreamLayout(tuple(segments), n_global=self.n_global, length=offset)
         tokens = torch.cat(pieces, dim=1)  # (B, N, D)
         pad_mask = torch.cat(pads, dim=1)

@@ -36,7 +36,9 @@ def test_token_counts_follow_the_grids(big_stream):
     assert big_stream.layout.n_global == 8
     # every segment starts on a 128-token block; the gaps are padding
     assert all(s.offset % 128 == 0 for s in segs.values())
-    assert big_stream.layout.length == segs["image"].end
+    # ... and the stream ends on one: trailing gap tokens after the last segment
+    assert big_stream.layout.length == -(-segs["image"].end // 128) * 128 > segs["image"].end
+    assert big_stream.pad_mask[0, segs["image"].end:].all()
     n_real = 8 + 6272 + 1212 + 196
     assert int((~big_stream.pad_mask).sum()) == n_real
     assert big_stream.tokens.shape == (1, big_stream.layout.length, 8)
