@@ -113,13 +113,13 @@ class Segment:
         """Reorder raster tokens (along `dim`, length numel) into this segment's order."""
         if self.order == "raster":
             return x
-        return x.index_select(dim, self.order_to_raster().to(x.device))
+        return x.index_select(dim, _perm_on(self.shape, self.order, x.device, 1))
 
     def to_raster(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of `to_order`."""
         if self.order == "raster":
             return x
-        return x.index_select(dim, self.raster_to_order().to(x.device))
+        return x.index_select(dim, _perm_on(self.shape, self.order, x.device, 0))
 
 
 def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -129,6 +129,13 @@ def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         out.append(index % size)
         index = index // size
     return torch.stack(out[::-1], dim=-1)
+
+
+@lru_cache(maxsize=64)
+def _perm_on(shape, order, device: torch.device, which: int) -> torch.Tensor:
+    """`_perms(shape, order)[which]` on `device`, kept: a copy from pageable host memory to a
+    GPU waits for the GPU's queue (a host-device synchronisation each step, four per batch)."""
+    return _perms(shape, order)[which].to(device)
 
 
 @lru_cache(maxsize=64)

@@ -89,7 +89,11 @@ class CaptionTokenizer:
         out = torch.full((len(rows), length), PAD, dtype=torch.long)
         for i, r in enumerate(rows):
             out[i, : len(r)] = torch.tensor(r)
-        return out.to(device) if device is not None else out
+        if device is None:
+            return out
+        if torch.device(device).type == "cuda":  # from pinned memory: a copy that does not wait
+            return out.pin_memory().to(device, non_blocking=True)  # for the GPU's queue
+        return out.to(device)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, CaptionTokenizer) and json.loads(self.to_str()) == json.loads(other.to_str())
