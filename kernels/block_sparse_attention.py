@@ -238,6 +238,27 @@ def _is_padding(KPM_base, stride_pn, offs, N):
 
 
 @triton.jit
+def _partial_range(SUB_RANGES, pid, lo, hi, SKIP_EMPTY: tl.constexpr):
+    """The range of this program's partial-block loop: every tile position i in [lo, hi) of its
+    row's partial list, or (SKIP_EMPTY) a range of SUB_ENTRIES holding only the positions whose
+    tile has an attending pair (`_KernelProgram.sub_lists`)."""
+    if SKIP_EMPTY:
+        lo = tl.load(SUB_RANGES + 2 * pid)
+        hi = tl.load(SUB_RANGES + 2 * pid + 1)
+    return lo, hi
+
+
+@triton.jit
+def _partial_step(SUB_ENTRIES, e, SKIP_EMPTY: tl.constexpr):
+    """Tile position i of loop step e (see `_partial_range`)."""
+    if SKIP_EMPTY:
+        i = tl.load(SUB_ENTRIES + e)
+    else:
+        i = e
+    return i
+
+
+@triton.jit
 def _work_item(ITEMS, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
     """This program's row of the work list: a layout block (query block for fwd / dQ, key
     block for dK / dV), its ranges in the full and partial index lists, and the block of the
@@ -302,7 +323,7 @@ def _finish_rows(acc, l_i, m_i):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx,
+    Q, K, V, O, LSE, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -312,7 +333,7 @@ def _fwd_kernel(
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -345,7 +366,9 @@ def _fwd_kernel(
     # 2. partial key blocks: the mask from the block's tile or the program in registers
     if HAS_PARTIAL:
         rows_in = offs_m - qb * LAYOUT_BQ
-        for i in range(part_lo * SUB_N, part_hi * SUB_N):
+        lo, hi = _partial_range(SUB_RANGES, pid_m, part_lo * SUB_N, part_hi * SUB_N, SKIP_EMPTY)
+        for e in range(lo, hi):
+            i = _partial_step(SUB_ENTRIES, e, SKIP_EMPTY)
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, 1, offs_m, start_n, N,
@@ -422,7 +445,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, stride_pn, offs_
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx,
+    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -433,7 +456,7 @@ def _bwd_dq_kernel(
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -465,7 +488,9 @@ def _bwd_dq_kernel(
                        MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
     if HAS_PARTIAL:
         rows_in = offs_m - qb * LAYOUT_BQ
-        for i in range(part_lo * SUB_N, part_hi * SUB_N):
+        lo, hi = _partial_range(SUB_RANGES, pid_m, part_lo * SUB_N, part_hi * SUB_N, SKIP_EMPTY)
+        for e in range(lo, hi):
+            i = _partial_step(SUB_ENTRIES, e, SKIP_EMPTY)
             kb = tl.load(q_part_idx + i // SUB_N)
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
@@ -515,6 +540,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
+    SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -526,7 +552,7 @@ def _bwd_dkdv_kernel(
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -560,7 +586,9 @@ def _bwd_dkdv_kernel(
                                  MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
         if HAS_PARTIAL:
             cols_in = offs_n - kb * LAYOUT_BK
-            for i in range(part_lo * SUB_M, part_hi * SUB_M):
+            lo, hi = _partial_range(SUB_RANGES, pid_n, part_lo * SUB_M, part_hi * SUB_M, SKIP_EMPTY)
+            for e in range(lo, hi):
+                i = _partial_step(SUB_ENTRIES, e, SKIP_EMPTY)
                 qb = tl.load(k_part_idx + i // SUB_M)
                 start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
                 ordinal = 0
@@ -847,6 +875,7 @@ class _KernelProgram:
         self.has_partial = layout.num_partial > 0
         self.tile_bytes = layout.num_partial * layout.block_q * layout.block_k
         self._layout, self._device, self._tiles = layout, device, None
+        self._subs: dict = {}
 
     def mask_tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tiles (P, bq, bk) uint8, k_part_ord (P,) int32), built on first use by one launch
@@ -873,6 +902,46 @@ class _KernelProgram:
         _TILE_HOLDERS[id(self)] = weakref.ref(self)  # most recently used last
         _TILE_HOLDERS.move_to_end(id(self))
         return self._tiles
+
+    def sub_lists(self, side: str, bm: int, bn: int):
+        """The partial-block loop of each program over the kernel tiles that attend something.
+
+        A partial block is cut into (bm x bn) kernel tiles; where a block straddles a window's
+        edge many of them attend no pair at all (E1 captioner at 512 frames: 34 % of the dK / dV
+        kernel's 32 x 64 tiles, 15 % of the forward's 128 x 64; `bench/NOTES.md` v8). From the
+        mask tiles, this lists per program (a `side` "q" query tile of the row work list, or a
+        "k" key tile of the column list) the loop positions i whose tile is not empty:
+        (entries int32, ranges of the direct items, ranges of the split items), ranges
+        (items x tiles per block, 2) int32 into entries, indexed by the program id."""
+        key = (side, bm, bn)
+        if key not in self._subs:
+            lay = self._layout
+            tiles, k_ord = self.mask_tiles()
+            sq, sk = lay.block_q // bm, lay.block_k // bn
+            occ = tiles.view(lay.num_partial, sq, bm, sk, bn).amax(dim=(2, 4)) != 0  # (P, SQ, SK)
+            if side == "q":  # program: query tile s of a row; loop i = ordinal * SK + key tile
+                work, inner = self.rows, sk
+                valid = [occ[:, t, :].reshape(-1) for t in range(sq)]
+            else:  # program: key tile s of a column; loop i = column position * SQ + query tile
+                work, inner = self.cols, sq
+                occ = occ[k_ord.long()]
+                valid = [occ[:, :, t].reshape(-1) for t in range(sk)]
+            idx = [v.nonzero().flatten() for v in valid]
+            base = [0]
+            for ix in idx:
+                base.append(base[-1] + ix.numel())
+            dev = tiles.device
+            entries = torch.cat(idx).to(torch.int32) if base[-1] else torch.zeros(1, dtype=torch.int32, device=dev)
+            ranges = []
+            for items, count in ((work.direct, work.n_direct), (work.split, work.n_split)):
+                lo, hi = items[:count, 3].long() * inner, items[:count, 4].long() * inner
+                r = torch.zeros(max(count, 1), len(idx), 2, dtype=torch.int32, device=dev)
+                for t, ix in enumerate(idx):
+                    r[:count, t, 0] = (torch.searchsorted(ix, lo) + base[t]).to(torch.int32)
+                    r[:count, t, 1] = (torch.searchsorted(ix, hi) + base[t]).to(torch.int32)
+                ranges.append(r.reshape(-1).contiguous())
+            self._subs[key] = (entries.contiguous(), ranges[0], ranges[1])
+        return self._subs[key]
 
 
 # Partial blocks' masks: from the program in registers (loads of a few attribute vectors and a
@@ -904,7 +973,7 @@ def _make_room_for_tiles(kp: "_KernelProgram") -> None:
         _, ref = _TILE_HOLDERS.popitem(last=False)
         old = ref()
         if old is not None:
-            old._tiles = None
+            old._tiles, old._subs = None, {}
             held -= old.tile_bytes
 
 
@@ -917,6 +986,20 @@ def _use_mask_tiles(kp: "_KernelProgram") -> bool:
     if mode == "1":
         return True
     return kp.tile_bytes <= _tile_budget()
+
+
+def _skip_empty(mask_tiles: bool) -> bool:
+    """Whether the partial-block loops skip the kernel tiles that attend nothing (with mask
+    tiles only: the lists come from them); MMSPARSE_SKIP_EMPTY_TILES=0 turns it off."""
+    return mask_tiles and os.environ.get("MMSPARSE_SKIP_EMPTY_TILES", "1") != "0"
+
+
+def _sub_args(kp: "_KernelProgram", skip: bool, side: str, bm: int, bn: int, which: int):
+    """(SUB_ENTRIES, SUB_RANGES) kernel arguments of launch `which` (0 direct, 1 split items)."""
+    if not skip:
+        return kp.tab, kp.tab
+    entries, *ranges = kp.sub_lists(side, bm, bn)
+    return entries, ranges[which]
 
 
 def _tile_args(kp: "_KernelProgram"):
@@ -990,12 +1073,13 @@ def _scratch(like: torch.Tensor, work: _WorkList, block: int, fill: float = 0.0)
 
 def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int, args, direct, split, **kw):
     """Launch `kernel` over the direct rows, writing the outputs `direct`, and, where rows were
-    split, over their chunks, writing the scratch outputs `split`; `args(items, outputs)` gives
-    the kernel's positional arguments."""
+    split, over their chunks, writing the scratch outputs `split`; `args(items, outputs, which)` gives
+    the kernel's positional arguments (which: 0 for the direct rows, 1 for the chunks)."""
     per_block = layout_block // tile
-    for items, count, outs in ((work.direct, work.n_direct, direct), (work.split, work.n_split, split)):
+    for which, (items, count, outs) in enumerate(((work.direct, work.n_direct, direct),
+                                                  (work.split, work.n_split, split))):
         if count:
-            kernel[(count * per_block, bh)](*args(items, outs), **kw)
+            kernel[(count * per_block, bh)](*args(items, outs, which), **kw)
 
 
 def _padding_flags(key_padding, q):
@@ -1024,24 +1108,27 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
 
     mt, _, mask_tiles = _tile_args(kp)
 
-    def args(items, outs):
+    def args(items, outs, which, bm, bn):
         o, l = outs
         return (q, k, v, o, l, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
+                *_sub_args(kp, skip, "q", bm, bn, which),
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 o.stride(0), o.stride(1), o.stride(2), l.stride(1),
                 kp.attrs.stride(0), stride_kpm, n, h, scale * _LOG2E)
 
+    skip = _skip_empty(mask_tiles)
+
     def launch(cfg):
         bm, bn, warps, stages = cfg
         _launch_items(_fwd_kernel, rows, bm, layout.block_q, b * h,
-                      args, (out, lse), split,
+                      lambda items, outs, which: args(items, outs, which, bm, bn), (out, lse), split,
                       GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
                       LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
                       PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
                       DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, MASK_TILES=mask_tiles,
-                      num_warps=warps, num_stages=stages)
+                      SKIP_EMPTY=skip, num_warps=warps, num_stages=stages)
 
     _maybe_tune("fwd", d_pad, q, layout, launch)
     launch(_config("fwd", d_pad, q, layout))
@@ -1096,15 +1183,16 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
         delta -= torch.where(torch.isfinite(lse), dlse.float(), 0.0)
     kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
     mt, k_part_ord, mask_tiles = _tile_args(kp)
+    skip = _skip_empty(mask_tiles)
     common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, LAYOUT_BQ=layout.block_q,
                   LAYOUT_BK=layout.block_k, PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial,
-                  DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, MASK_TILES=mask_tiles)
+                  DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, MASK_TILES=mask_tiles, SKIP_EMPTY=skip)
     dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
-    def dq_args(items, g):
+    def dq_args(items, g, which, bm, bn):
         return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
-                kp.lists["q_part_idx"],
+                kp.lists["q_part_idx"], *_sub_args(kp, skip, "q", bm, bn, which),
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1112,10 +1200,10 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
                 g.stride(0), g.stride(1), g.stride(2),
                 kp.attrs.stride(0), stride_kpm, n, h, scale * _LOG2E, scale)
 
-    def dkdv_args(items, g):
+    def dkdv_args(items, g, which, bm, bn):
         gk, gv = g
         return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
-                kp.lists["k_full_idx"], kp.lists["k_part_idx"],
+                kp.lists["k_full_idx"], kp.lists["k_part_idx"], *_sub_args(kp, skip, "k", bm, bn, which),
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1127,14 +1215,14 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
         _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h,
-                      dq_args, dq, dq_split,
+                      lambda items, g, which: dq_args(items, g, which, bm, bn), dq, dq_split,
                       BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, num_warps=warps,
                       num_stages=stages, **common)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk,
-                      dkdv_args, (dk, dv), dkdv_split,
+                      lambda items, g, which: dkdv_args(items, g, which, bm, bn), (dk, dv), dkdv_split,
                       BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     _maybe_tune("dq", d_pad, q, layout, launch_dq)

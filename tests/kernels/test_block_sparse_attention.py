@@ -145,10 +145,54 @@ def test_matches_dense_truth(name, dtype, d, mask_mode):
     _check_budget(got, low, truth, dtype)
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_sub_lists_hold_exactly_the_non_empty_tiles(monkeypatch, chunk):
+    """The partial-block loops' lists (`sub_lists`) against a brute force over the mask tiles:
+    each program's range holds, in order, the loop positions whose kernel tile attends a pair;
+    also for the chunks of split rows (chunk=2 splits every row longer than two blocks: the
+    global tokens' row and column)."""
+    monkeypatch.setattr(bsa, "_SPLIT_CHUNK", chunk)
+    layout = build_layout(longformer(15, 3) | Local(5), (227,), 64, 64, device=DEV)
+    kp = bsa._kernel_program(layout, torch.device(DEV))
+    tiles, k_ord = (t.cpu() for t in kp.mask_tiles())
+    if chunk:
+        assert kp.rows.n_split and kp.cols.n_split
+    seen_empty = False
+    for side, bm, bn in (("q", 32, 16), ("k", 16, 32), ("q", 64, 64)):
+        entries, *ranges = (t.cpu() for t in kp.sub_lists(side, bm, bn))
+        sq, sk = 64 // bm, 64 // bn
+        work = kp.rows if side == "q" else kp.cols
+        for items, count, r in ((work.direct, work.n_direct, ranges[0]), (work.split, work.n_split, ranges[1])):
+            r = r.reshape(-1, sq if side == "q" else sk, 2)
+            for item in range(count):
+                _, _, _, p_lo, p_hi, _ = items[item].tolist()
+                for t in range(r.shape[1]):
+                    want = []
+                    if side == "q":  # query tile t, loop over (ordinal, key tile)
+                        for i in range(p_lo * sk, p_hi * sk):
+                            o, j = divmod(i, sk)
+                            tile = tiles[o, t * bm:(t + 1) * bm, j * bn:(j + 1) * bn]
+                            want += [i] if tile.any() else []
+                            seen_empty |= not tile.any()
+                    else:  # key tile t, loop over (column position, query tile)
+                        for i in range(p_lo * sq, p_hi * sq):
+                            c, j = divmod(i, sq)
+                            tile = tiles[int(k_ord[c]), j * bm:(j + 1) * bm, t * bn:(t + 1) * bn]
+                            want += [i] if tile.any() else []
+                    lo, hi = r[item, t].tolist()
+                    assert entries[lo:hi].tolist() == want, (side, bm, bn, item, t)
+    assert seen_empty  # the layout has empty kernel tiles: the lists do skip something
+
+
 @pytest.mark.parametrize("n", [96, 97])
-def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n, mask_mode):
+@pytest.mark.parametrize("skip", ["1", "0"])
+def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n, mask_mode, skip):
     """Layout blocks of 64 run as 2 x 4 and 4 x 2 kernel tiles; N = 96 leaves a last layout
-    block with one tile past N, N = 97 a ragged tile."""
+    block with one tile past N, N = 97 a ragged tile. With mask tiles, the loops skip the
+    kernel tiles that attend nothing (skip "1", the default) or visit them all ("0")."""
+    if skip == "0" and mask_mode == "program":
+        pytest.skip("skipping empty tiles needs the mask tiles")
+    monkeypatch.setenv("MMSPARSE_SKIP_EMPTY_TILES", skip)
     monkeypatch.setitem(bsa._OVERRIDE, "fwd", (32, 16, 4, 1))
     monkeypatch.setitem(bsa._OVERRIDE, "dq", (32, 16, 4, 1))
     monkeypatch.setitem(bsa._OVERRIDE, "dkdv", (16, 32, 4, 1))
