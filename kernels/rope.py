@@ -158,12 +158,18 @@ def _interpreting() -> bool:
 
 
 def fused_rope_available(x: torch.Tensor) -> bool:
-    """Whether `qkv_rope` runs on x: a CUDA tensor (or the CPU under TRITON_INTERPRET=1) of
-    float16, bfloat16 or float32, unless MMSPARSE_FUSED_ROPE=0."""
-    if os.environ.get("MMSPARSE_FUSED_ROPE", "1") == "0":
+    """Whether the model layers take `qkv_rope` for x: a CUDA tensor of float16, bfloat16 or
+    float32. MMSPARSE_FUSED_ROPE=0 turns it off; =1 also takes it on the CPU under
+    TRITON_INTERPRET=1 (tests: the interpreter runs it ~10x slower than PyTorch's rotation)."""
+    mode = os.environ.get("MMSPARSE_FUSED_ROPE", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MMSPARSE_FUSED_ROPE must be auto, 0 or 1, got {mode!r}")
+    if mode == "0" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
+    return x.is_cuda or (mode == "1" and x.device.type == "cpu" and _interpreting())
+
+
+def _runs_on(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and _interpreting())
 
 
@@ -187,7 +193,7 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
         raise ValueError(f"cos and sin must be (N, D / 2) = ({n}, {d // 2}), got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
-    if not fused_rope_available(qkv):
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _runs_on(qkv):
         raise ValueError(f"qkv_rope needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of float16, "
                          f"bfloat16 or float32; got {qkv.dtype} on {qkv.device}")
     if qkv.stride(-1) != 1:

@@ -103,7 +103,34 @@ def test_bad_inputs_name_the_argument():
 
 def test_availability_follows_the_switch(monkeypatch):
     x = torch.randn(2, 2, device=DEV)
+    assert fused_rope_available(x) == (DEV == "cuda")  # auto: CUDA only
+    monkeypatch.setenv("MMSPARSE_FUSED_ROPE", "1")  # and the CPU under the interpreter
     assert fused_rope_available(x)
+    assert not fused_rope_available(torch.zeros(2, dtype=torch.int32, device=DEV))
     monkeypatch.setenv("MMSPARSE_FUSED_ROPE", "0")
     assert not fused_rope_available(x)
-    assert not fused_rope_available(torch.zeros(2, dtype=torch.int32, device=DEV))
+    monkeypatch.setenv("MMSPARSE_FUSED_ROPE", "yes")
+    with pytest.raises(ValueError, match="MMSPARSE_FUSED_ROPE"):
+        fused_rope_available(x)
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "dense"])
+def test_model_layers_give_the_same_output_fused_or_not(monkeypatch, schedule):
+    """The encoder layers' fused path (SparseSelfAttention -> qkv_rope) against their PyTorch
+    path on a tiny model: same logits within float32 rounding."""
+    from mmsparse.models import CaptionTokenizer, create_model
+
+    tok = CaptionTokenizer.train(["a red square moves left", "a low tone plays"], vocab_size=300)
+    torch.manual_seed(0)
+    model = create_model("captioner_tiny", tokenizer=tok, schedule=schedule, backend="reference").to(DEV).eval()
+    gen = torch.Generator().manual_seed(1)
+    batch = {"video": torch.randn(2, 8, 3, 32, 32, generator=gen).to(DEV),
+             "audio": torch.randn(2, 128, 200, generator=gen).to(DEV),
+             "caption": ["a red square moves left", "a low tone plays"]}
+    outs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("MMSPARSE_FUSED_ROPE", mode)
+        with torch.no_grad():
+            outs[mode] = model(batch).float()
+    assert (outs["0"] - outs["1"]).abs().max().item() < 1e-4
+    assert outs["0"].abs().max().item() > 1e-2  # not trivially zero
