@@ -31,22 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
+from mmsparse.encoders.rope import apply_rope
+
+from .block_sparse_attention import _DTYPES, _interpreting
+
 # ---------------------------------------------------------------------------------------------
 # 1. Reference
 # ---------------------------------------------------------------------------------------------
 
 
-def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
 def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """qkv (B, N, 3, H, D) -> q, k, v (B, H, N, D), q and k rotated; cos / sin (N, D / 2)."""
+    """qkv (B, N, 3, H, D) -> q, k, v (B, H, N, D), q and k rotated by `apply_rope`; cos / sin
+    (N, D / 2): the model layers' PyTorch path."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    cos, sin = cos.to(qkv.device), sin.to(qkv.device)
-    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin), v
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,10 +151,6 @@ class _QKVRope(torch.autograd.Function):
         return dqkv, None, None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def fused_rope_available(x: torch.Tensor) -> bool:
     """Whether the model layers take `qkv_rope` for x: a CUDA tensor of float16, bfloat16 or
     float32. MMSPARSE_FUSED_ROPE=0 turns it off; =1 also takes it on the CPU under
@@ -164,13 +158,12 @@ def fused_rope_available(x: torch.Tensor) -> bool:
     mode = os.environ.get("MMSPARSE_FUSED_ROPE", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"MMSPARSE_FUSED_ROPE must be auto, 0 or 1, got {mode!r}")
-    if mode == "0" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    return x.is_cuda or (mode == "1" and x.device.type == "cpu" and _interpreting())
+    return mode != "0" and _runs_on(x) and (x.is_cuda or mode == "1")
 
 
 def _runs_on(x: torch.Tensor) -> bool:
-    return x.is_cuda or (x.device.type == "cpu" and _interpreting())
+    """The kernel's own limits: a CUDA tensor, or the CPU under the interpreter; a dtype it has."""
+    return x.dtype in _DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -193,7 +186,7 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
         raise ValueError(f"cos and sin must be (N, D / 2) = ({n}, {d // 2}), got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
-    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _runs_on(qkv):
+    if not _runs_on(qkv):
         raise ValueError(f"qkv_rope needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of float16, "
                          f"bfloat16 or float32; got {qkv.dtype} on {qkv.device}")
     if qkv.stride(-1) != 1:

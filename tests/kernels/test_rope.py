@@ -1,14 +1,15 @@
 """Fused QKV split + rotary kernel (kernels/rope.py) against the PyTorch composition it
-replaces (`mmsparse.encoders.apply_rope` on the permuted projection), forward and backward."""
+replaces (`qkv_rope_ref`: `mmsparse.encoders.apply_rope` on the permuted projection), forward
+and backward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mmsparse.encoders import apply_rope, rope_cos_sin
+from mmsparse.encoders import rope_cos_sin
 from mmsparse.kernels import rope as rope_kernel
-from mmsparse.kernels.rope import fused_rope_available, qkv_rope
+from mmsparse.kernels.rope import fused_rope_available, qkv_rope, qkv_rope_ref
 
 from .budget import DEV
 
@@ -28,12 +29,6 @@ def _tables(n, d, seed):
     return rope_cos_sin(coords, d)
 
 
-def _expected(qkv, cos, sin):
-    """The model layer's former path: permute, unbind, apply_rope on q and k."""
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,n,h,d", [(1, 64, 1, 32), (2, 77, 3, 64), (1, 130, 2, 80), (2, 33, 2, 96)])
 def test_qkv_rope_matches_reference(b, n, h, d, dtype):
@@ -47,7 +42,7 @@ def test_qkv_rope_matches_reference(b, n, h, d, dtype):
     a = x.clone().requires_grad_(True)
     got = qkv_rope(a, cos, sin)
     r = x.clone().requires_grad_(True)
-    want = _expected(r, cos, sin)
+    want = qkv_rope_ref(r, cos, sin)
     for name, g, w in zip("qkv", got, want):
         assert g.shape == (b, h, n, d) and g.dtype == dtype and g.is_contiguous(), name
         assert not torch.isnan(g).any(), f"{name}: NaN (an unwritten element)"
