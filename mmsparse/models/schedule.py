@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mmsparse.attention import AVSync, Axial, Global, Local, Pattern, StreamLayout, Tiled
+from mmsparse.attention.patterns import _global_flag
 
 SCHEDULES = ("tiled", "tiled_axial", "local", "local_axial", "dense")
 
@@ -38,9 +39,7 @@ class Gaps(Pattern):
     one another, so no query row is empty (an empty row would be NaN in masked SDPA)."""
 
     def clauses(self, ctx):
-        n_glob = ctx.stream.n_global
-        gap = (ctx.table.segment < 0) & (torch.arange(ctx.n) >= n_glob)
-        flag = ctx.attr("gap", lambda: gap)
+        flag = ctx.attr("gap", lambda: gap_positions(ctx.stream))
         return [(("qflag", flag), ("kflag", flag))]
 
 
@@ -55,9 +54,8 @@ class StreamGlobal(Pattern):
     n: int
 
     def clauses(self, ctx):
-        n_glob = ctx.stream.n_global
-        first = ctx.attr(f"first{self.n}", lambda: torch.arange(ctx.n) < self.n)
-        real = ctx.attr("real", lambda: (ctx.table.segment >= 0) | (torch.arange(ctx.n) < n_glob))
+        first = _global_flag(ctx, self.n, "StreamGlobal")
+        real = ctx.attr("real", lambda: ~gap_positions(ctx.stream))
         return [(("qflag", first), ("kflag", real)), (("kflag", first),)]
 
 
