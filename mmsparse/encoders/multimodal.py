@@ -160,6 +160,16 @@ class MultimodalTokenizer(nn.Module):
             if batch[m].shape[0] != bsz:
                 raise ValueError(f"batch[{m!r}] has batch size {batch[m].shape[0]}, expected {bsz}")
         pieces, pads, segments = [], [], []
+
+        def gap(start: int, like: torch.Tensor) -> int:
+            """Alignment gap from `start` to the next multiple of `align`: padding tokens of no
+            segment (zeros, pad_mask True). Returns where it ends."""
+            end = self._aligned(start)
+            if end > start:
+                pieces.append(like.new_zeros(bsz, end - start, like.shape[-1]))
+                pads.append(torch.ones(bsz, end - start, dtype=torch.bool, device=device))
+            return end
+
         offset = self.n_global
         if self.global_tokens is not None:
             pieces.append(self.global_tokens(bsz))
@@ -183,11 +193,7 @@ class MultimodalTokenizer(nn.Module):
                 times[m] = self._audio_time(batch, video_t0, bsz)
             if m in times:
                 seconds, start = times[m][0]
-            seg_offset = self._aligned(offset)
-            if seg_offset > offset:  # alignment gap: padding tokens of no segment
-                gap = seg_offset - offset
-                pieces.append(tokens.new_zeros(bsz, gap, tokens.shape[-1]))
-                pads.append(torch.ones(bsz, gap, dtype=torch.bool, device=device))
+            seg_offset = gap(offset, tokens)
             seg = Segment(m, grid, seg_offset, self.orders[m][: len(grid)] if len(self.orders[m]) >= len(grid) else "raster",
                           seconds, start)
             tokens = seg.to_order(self.modality_embed(tokens, m), dim=1)
@@ -195,11 +201,7 @@ class MultimodalTokenizer(nn.Module):
             pads.append(seg.to_order(pad, dim=1))
             segments.append(seg)
             offset = seg.end
-        end = self._aligned(offset)
-        if end > offset:  # the stream ends on a block too: no kernel tile reads past N
-            pieces.append(pieces[-1].new_zeros(bsz, end - offset, pieces[-1].shape[-1]))
-            pads.append(torch.ones(bsz, end - offset, dtype=torch.bool, device=device))
-            offset = end
+        offset = gap(offset, pieces[-1])  # the stream ends on a block too: no kernel tile reads past N
         layout = StreamLayout(tuple(segments), n_global=self.n_global, length=offset)
         tokens = torch.cat(pieces, dim=1)  # (B, N, D)
         pad_mask = torch.cat(pads, dim=1)
