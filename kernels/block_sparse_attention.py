@@ -994,14 +994,6 @@ def _skip_empty(mask_tiles: bool) -> bool:
     return mask_tiles and os.environ.get("MMSPARSE_SKIP_EMPTY_TILES", "1") != "0"
 
 
-def _sub_args(kp: "_KernelProgram", skip: bool, side: str, bm: int, bn: int, which: int):
-    """(SUB_ENTRIES, SUB_RANGES) kernel arguments of launch `which` (0 direct, 1 split items)."""
-    if not skip:
-        return kp.tab, kp.tab
-    entries, *ranges = kp.sub_lists(side, bm, bn)
-    return entries, ranges[which]
-
-
 def _tile_args(kp: "_KernelProgram"):
     """(MT, k_part_ord, MASK_TILES) kernel arguments: the tiles, or dummy pointers."""
     if _use_mask_tiles(kp):
@@ -1071,15 +1063,18 @@ def _scratch(like: torch.Tensor, work: _WorkList, block: int, fill: float = 0.0)
     return t
 
 
-def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int, args, direct, split, **kw):
+def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int, args, direct, split,
+                  subs=None, **kw):
     """Launch `kernel` over the direct rows, writing the outputs `direct`, and, where rows were
-    split, over their chunks, writing the scratch outputs `split`; `args(items, outputs, which)` gives
-    the kernel's positional arguments (which: 0 for the direct rows, 1 for the chunks)."""
+    split, over their chunks, writing the scratch outputs `split`; `args(items, outputs, sub)`
+    gives the kernel's positional arguments, sub the (SUB_ENTRIES, SUB_RANGES) of that launch
+    from `subs` (`_KernelProgram.sub_lists`; None: SKIP_EMPTY is off, dummy pointers)."""
     per_block = layout_block // tile
     for which, (items, count, outs) in enumerate(((work.direct, work.n_direct, direct),
                                                   (work.split, work.n_split, split))):
         if count:
-            kernel[(count * per_block, bh)](*args(items, outs, which), **kw)
+            sub = (items, items) if subs is None else (subs[0], subs[1 + which])
+            kernel[(count * per_block, bh)](*args(items, outs, sub), **kw)
 
 
 def _padding_flags(key_padding, q):
@@ -1108,10 +1103,9 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
 
     mt, _, mask_tiles = _tile_args(kp)
 
-    def args(items, outs, which, bm, bn):
+    def args(items, outs, sub):
         o, l = outs
-        return (q, k, v, o, l, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"],
-                *_sub_args(kp, skip, "q", bm, bn, which),
+        return (q, k, v, o, l, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1122,8 +1116,8 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
-        _launch_items(_fwd_kernel, rows, bm, layout.block_q, b * h,
-                      lambda items, outs, which: args(items, outs, which, bm, bn), (out, lse), split,
+        _launch_items(_fwd_kernel, rows, bm, layout.block_q, b * h, args, (out, lse), split,
+                      kp.sub_lists("q", bm, bn) if skip else None,
                       GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
                       LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
                       PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
@@ -1190,9 +1184,9 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
-    def dq_args(items, g, which, bm, bn):
+    def dq_args(items, g, sub):
         return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
-                kp.lists["q_part_idx"], *_sub_args(kp, skip, "q", bm, bn, which),
+                kp.lists["q_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1200,10 +1194,10 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
                 g.stride(0), g.stride(1), g.stride(2),
                 kp.attrs.stride(0), stride_kpm, n, h, scale * _LOG2E, scale)
 
-    def dkdv_args(items, g, which, bm, bn):
+    def dkdv_args(items, g, sub):
         gk, gv = g
         return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
-                kp.lists["k_full_idx"], kp.lists["k_part_idx"], *_sub_args(kp, skip, "k", bm, bn, which),
+                kp.lists["k_full_idx"], kp.lists["k_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1214,15 +1208,15 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
-        _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h,
-                      lambda items, g, which: dq_args(items, g, which, bm, bn), dq, dq_split,
+        _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h, dq_args, dq, dq_split,
+                      kp.sub_lists("q", bm, bn) if skip else None,
                       BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, num_warps=warps,
                       num_stages=stages, **common)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
-        _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk,
-                      lambda items, g, which: dkdv_args(items, g, which, bm, bn), (dk, dv), dkdv_split,
+        _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk, dkdv_args, (dk, dv), dkdv_split,
+                      kp.sub_lists("k", bm, bn) if skip else None,
                       BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     _maybe_tune("dq", d_pad, q, layout, launch_dq)
