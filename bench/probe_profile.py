@@ -123,9 +123,7 @@ def _sync_points(fn) -> None:
         where = "\n".join(f"    {f.filename.split('mmsparse/')[-1]}:{f.lineno} {f.name}" for f in stack[-6:])
         seen[where] = seen.get(where, 0) + 1
 
-    old = warnings.showwarning
-    warnings.showwarning = show
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
         warnings.simplefilter("always")
         warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
@@ -133,7 +131,6 @@ def _sync_points(fn) -> None:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    warnings.showwarning = old
     print(f"\n## synchronising calls in one step: {sum(seen.values())}\n")
     for where, count in sorted(seen.items(), key=lambda kv: -kv[1]):
         print(f"{count} x\n{where}\n")
