@@ -17,8 +17,13 @@ check that a decoder returned exactly the frames it was asked for.
 event, a shape and a tone together for one second at a random time (``meta.events`` gives the
 seconds). PNG images of one shape each go to ``images/`` with their own ``images.jsonl``.
 
-Everything is a pure function of ``seed``: the same seed gives the same manifests and the same
-decoded content.
+Everything drawn is a pure function of ``seed``: the same seed gives the same manifests,
+captions, events, rendered frames and audio. The encoded video is not quite: libx264 (through
+PyAV, single- or multi-threaded alike) gives about one clip in a hundred a different bitstream
+when another process encodes it (pixels off by up to ~20 in a few frames; the frame codes and
+events still read back right; measured on a 2-core CPU, cause inside the encoder not found).
+Within one process the output repeats. Runs that must agree to the bit share one generated
+folder (tests/train/test_whole_run.py does).
 
 Shapes: frames (T, H, W, 3) uint8 RGB; audio (S,) float32 at ``sample_rate``.
 """
