@@ -162,7 +162,7 @@ def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None =
                 num_workers: int = 0, sampler: ShardedSampler | None = None, rank: int = 0,
                 num_replicas: int = 1, shuffle: bool | None = None, drop_last: bool = False,
                 prefetch_factor: int | None = None, multiprocessing_context=None,
-                timeout: float = 0) -> MediaLoader:
+                timeout: float = 0, pin_memory: bool = False) -> MediaLoader:
     """A MediaLoader over ``manifest`` yielding Batch dicts; sharded by ``rank`` / ``num_replicas``.
 
     ``shuffle`` defaults to ``config.train``. The sampler (``loader.sampler``) carries the
@@ -170,7 +170,9 @@ def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None =
     a worker killed by its decoder costs the sample, not the run (module doc). ``timeout``
     (seconds, workers only; 0: wait forever) bounds the wait for each batch: past it the
     iteration raises torch's ``RuntimeError: DataLoader timed out after N seconds`` instead of
-    waiting on workers that no longer deliver.
+    waiting on workers that no longer deliver. ``pin_memory``: batches come in page-locked
+    memory (DataLoader's pinning thread), so ``tensor.to("cuda", non_blocking=True)`` neither
+    waits for the GPU to finish its queue nor blocks the host; training on CUDA sets it.
     """
     ds = manifest if isinstance(manifest, MediaDataset) else MediaDataset(manifest, config)
     if sampler is None:
@@ -184,4 +186,4 @@ def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None =
         if multiprocessing_context is not None:
             kw["multiprocessing_context"] = multiprocessing_context
     return MediaLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                       collate_fn=collate, drop_last=drop_last, **kw)
+                       collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory, **kw)

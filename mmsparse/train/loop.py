@@ -92,10 +92,12 @@ def make_loaders(cfg: TrainConfig, topo: Topology, train_manifest: Path, val_man
     from mmsparse.data import make_loader
 
     seed = cfg.run.seed
+    # pinned batches: _to_device's non-blocking copies then leave the host free to queue the step
+    pin = topo.device.type == "cuda"
     # rank = data-parallel rank: the members of a sequence-parallel group draw the same clips
     train = make_loader(train_manifest, data_config(cfg, train=True), batch_size=cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, rank=topo.dp_rank, num_replicas=topo.dp,
-                        drop_last=True)
+                        drop_last=True, pin_memory=pin)
     # the iterator's base seed must not come from (and advance) the global RNG: a resumed run
     # creates its iterator at a different point than the uninterrupted one
     train.generator = torch.Generator().manual_seed(seed)
@@ -105,7 +107,8 @@ def make_loaders(cfg: TrainConfig, topo: Topology, train_manifest: Path, val_man
     val = None
     if val_manifest is not None:
         val = make_loader(val_manifest, data_config(cfg, train=False), batch_size=cfg.data.batch_size,
-                          num_workers=cfg.data.num_workers, rank=topo.dp_rank, num_replicas=topo.dp, shuffle=False)
+                          num_workers=cfg.data.num_workers, rank=topo.dp_rank, num_replicas=topo.dp, shuffle=False,
+                          pin_memory=pin)
         val.generator = torch.Generator().manual_seed(seed)
     return train, val
 

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from mmsparse.data import DataConfig, MediaDataset, ShardedSampler, collate, make_loader, synth
 from mmsparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -13,6 +14,23 @@ def _unnorm(x: torch.Tensor) -> np.ndarray:
     m = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     s = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return ((x * s + m) * 255).movedim(-3, -1).numpy()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_batches_keep_their_layout(synth_manifest):
+    cfg = DataConfig(num_frames=4, crop=(32, 32), train=True, seed=2)
+    plain = next(iter(make_loader(synth_manifest, cfg, batch_size=2)))
+    pinned = next(iter(make_loader(synth_manifest, cfg, batch_size=2, pin_memory=True, num_workers=1)))
+    assert pinned.keys() == plain.keys()
+    for k, v in plain.items():
+        a, spec_a = tree_flatten(v)
+        b, spec_b = tree_flatten(pinned[k])
+        assert spec_a == spec_b, k
+        for x, y in zip(a, b):
+            if isinstance(x, torch.Tensor):
+                assert y.is_pinned() and torch.equal(x, y), k
+            else:
+                assert x == y, k
 
 
 def test_batch_layout(synth_manifest, spec):
