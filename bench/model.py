@@ -53,12 +53,14 @@ class _Checkpointed(nn.Module):
 
 
 def make_batch(frames: int, size: int, audio_frames: int, device) -> dict:
+    """Media on ``device``; masks and times on the host, where the training loop leaves them
+    (``mmsparse.encoders.HOST_KEYS``)."""
     return {
         "video": torch.randn(1, frames, 3, size, size, device=device),
-        "video_mask": torch.ones(1, frames, dtype=torch.bool, device=device),
+        "video_mask": torch.ones(1, frames, dtype=torch.bool),
         "video_times": (torch.arange(frames, dtype=torch.float64) / 30.0)[None],
         "audio": torch.randn(1, 128, audio_frames, device=device),
-        "audio_mask": torch.ones(1, audio_frames, dtype=torch.bool, device=device),
+        "audio_mask": torch.ones(1, audio_frames, dtype=torch.bool),
         "audio_start": torch.zeros(1, dtype=torch.float64), "audio_hop_seconds": 0.01,
         "caption": [CAPTION], "captions": [[CAPTION]], "id": ["bench"],
     }

@@ -259,12 +259,15 @@ class TokenStream:
     sample_layouts: one StreamLayout per sample when the samples' layouts differ (same
     segments and grids, different times: clips of one batch sampled at different frame
     spacings); None when `layout` serves every sample. `groups()` splits the batch by layout.
+    has_padding: whether pad_mask marks padding of shorter clips (beyond alignment gaps), when
+    that is known on the host (None: read pad_mask to find out, a device sync on a GPU).
     """
 
     tokens: torch.Tensor
     layout: StreamLayout
     pad_mask: torch.Tensor | None = field(default=None)
     sample_layouts: tuple[StreamLayout, ...] | None = field(default=None)
+    has_padding: bool | None = field(default=None)
 
     def groups(self) -> list[tuple[StreamLayout, torch.Tensor | None]]:
         """[(layout, sample indices (k,) int64 on the tokens' device)]; [(layout, None)] when

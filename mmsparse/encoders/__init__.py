@@ -12,11 +12,11 @@
   (`stream_coords(layout)`), so clips of any length and size need no interpolated table.
 """
 
-from .multimodal import MODALITIES, MultimodalTokenizer, stream_coords
+from .multimodal import HOST_KEYS, MODALITIES, MultimodalTokenizer, stream_coords
 from .patch import ImageEmbed, SpectrogramEmbed, TubeletEmbed, normalize_pixels
 from .rope import apply_rope, axis_pairs, rope_angles, rope_cos_sin
 
 __all__ = [
-    "MODALITIES", "ImageEmbed", "MultimodalTokenizer", "SpectrogramEmbed", "TubeletEmbed",
+    "HOST_KEYS", "MODALITIES", "ImageEmbed", "MultimodalTokenizer", "SpectrogramEmbed", "TubeletEmbed",
     "apply_rope", "axis_pairs", "normalize_pixels", "rope_angles", "rope_cos_sin", "stream_coords",
 ]

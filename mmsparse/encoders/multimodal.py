@@ -37,6 +37,9 @@ from mmsparse.attention.stream import token_table
 from .patch import ImageEmbed, SpectrogramEmbed, TubeletEmbed
 
 MODALITIES = ("video", "audio", "image")
+# batch entries the tokenizer reads on the host (padding flags, frame times): code that moves a
+# batch to the GPU leaves them where the loader put them, or each read costs a device sync
+HOST_KEYS = ("video_mask", "audio_mask", "image_mask", "video_times", "audio_start")
 
 
 def stream_coords(layout: StreamLayout) -> torch.Tensor:
@@ -175,16 +178,19 @@ class MultimodalTokenizer(nn.Module):
             pieces.append(self.global_tokens(bsz))
             pads.append(torch.zeros(bsz, self.n_global, dtype=torch.bool, device=device))
         times: dict[str, list[tuple[float, float]]] = {}  # modality -> per sample (seconds, start)
+        has_padding: bool | None = False  # padding of shorter clips; None: only the device knows
         video_t0 = None
         for m in present:
             x = batch[m].to(device, non_blocking=True)  # uint8 pixels move as uint8: 4x fewer bytes
             if m in ("video", "image"):
                 mask = batch.get(f"{m}_mask")
                 tokens, grid = self.embeds[m](x, norm=batch.get("pixel_norm"),
-                                              mask=None if mask is None else mask.to(device))
+                                              mask=None if mask is None else mask.to(device, non_blocking=True))
             else:
                 tokens, grid = self.embeds[m](x)  # (B, n, D) raster
-            seconds, start, pad = None, 0.0, self._pad_mask(m, batch, grid, bsz, device)
+            pad, padded = self._pad_mask(m, batch, grid, bsz, device)
+            has_padding = None if None in (has_padding, padded) else (has_padding or padded)
+            seconds, start = None, 0.0
             if m == "video":
                 video = self._video_time(batch, grid, bsz)
                 times[m] = [(sec, 0.0) for sec, _ in video]
@@ -212,27 +218,31 @@ class MultimodalTokenizer(nn.Module):
                                    if seg.modality in times else seg for seg in segments),
                              n_global=self.n_global, length=offset)
                 for b in range(bsz))
-        return TokenStream(tokens, layout, pad_mask, per_sample)
+        return TokenStream(tokens, layout, pad_mask, per_sample, has_padding)
 
     # ---------------------------------------------------------------------------------------
-    def _pad_mask(self, m, batch, grid, bsz, device) -> torch.Tensor:
-        """(B, n) True on padding tokens, in raster order."""
+    def _pad_mask(self, m, batch, grid, bsz, device) -> tuple[torch.Tensor, bool | None]:
+        """((B, n) bool on ``device``, True on padding tokens, in raster order; whether there is
+        any). The mask is built where the batch's mask lives: a mask on the host (as the loader
+        delivers it) answers "any padding?" without waiting for the device; for a mask already
+        on the device the answer is None (the caller asks the device if it must)."""
         n = math.prod(grid)
-        if m == "video" and batch.get("video_mask") is not None:
+        mask = batch.get(f"{m}_mask")
+        if mask is None or m not in ("video", "audio", "image"):
+            return torch.zeros(bsz, n, dtype=torch.bool, device=device), False
+        if m == "video":
             kt = self.embeds["video"].tubelet[0]
-            vm = batch["video_mask"].to(device)
-            vm = torch.nn.functional.pad(vm, (0, grid[0] * kt - vm.shape[1]))  # (B, t * kt)
+            vm = torch.nn.functional.pad(mask, (0, grid[0] * kt - mask.shape[1]))  # (B, t * kt)
             real = vm.view(bsz, grid[0], kt).any(-1)  # (B, t)
-            return (~real)[:, :, None].expand(bsz, grid[0], grid[1] * grid[2]).reshape(bsz, n)
-        if m == "audio" and batch.get("audio_mask") is not None:
+            pad = (~real)[:, :, None].expand(bsz, grid[0], grid[1] * grid[2]).reshape(bsz, n)
+        elif m == "audio":
             st = self.embeds["audio"].stride[1]
-            am = batch["audio_mask"].to(device)
-            real = am[:, torch.arange(grid[1], device=device) * st]  # (B, u): first frame of each patch
-            return (~real)[:, None, :].expand(bsz, grid[0], grid[1]).reshape(bsz, n)
-        if m == "image" and batch.get("image_mask") is not None:
-            real = batch["image_mask"].to(device)
-            return (~real)[:, None].expand(bsz, n)
-        return torch.zeros(bsz, n, dtype=torch.bool, device=device)
+            real = mask[:, torch.arange(grid[1], device=mask.device) * st]  # (B, u): first frame of each patch
+            pad = (~real)[:, None, :].expand(bsz, grid[0], grid[1]).reshape(bsz, n)
+        else:
+            pad = (~mask.bool())[:, None].expand(bsz, n)
+        padded = bool(pad.any()) if pad.device.type == "cpu" else None
+        return pad.to(device, non_blocking=True), padded
 
     def _video_time(self, batch, grid, bsz: int) -> list[tuple[float, float]]:
         """Per sample: (seconds per video token, time of its first frame in the file).

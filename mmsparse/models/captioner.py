@@ -216,10 +216,12 @@ class VideoCaptioner(nn.Module):
         x = stream.tokens
         pad = stream.pad_mask
         pad = None if pad is None else pad.to(x.device)
-        # one sync a step: without padding tokens of shorter clips, no mask for the kernels
-        # (SDPA runs flash, the sparse kernels skip the per-key padding test); the alignment gaps
-        # need none, their own patterns (Gaps, StreamGlobal) keep them from every real token
-        if pad is not None and not bool((pad & ~_gaps_on(stream.layout, x.device)).any()):
+        # without padding tokens of shorter clips, no mask for the kernels (SDPA runs flash, the
+        # sparse kernels skip the per-key padding test); the alignment gaps need none, their own
+        # patterns (Gaps, StreamGlobal) keep them from every real token. Host masks (the loader's)
+        # tell without a device sync; masks already on the device cost one
+        if pad is not None and (stream.has_padding is False or (
+                stream.has_padding is None and not bool((pad & ~_gaps_on(stream.layout, x.device)).any()))):
             pad = None
         groups = stream.groups()
         if len(groups) == 1:

@@ -214,9 +214,13 @@ class StreamStats:
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype | None) -> dict:
+    """Tensors to ``device`` (float32 ones cast to ``dtype``), except the entries the tokenizer
+    reads on the host (``HOST_KEYS``: padding flags and times stay put, it copies what it needs)."""
+    from mmsparse.encoders import HOST_KEYS
+
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and k not in HOST_KEYS:
             v = v.to(device, non_blocking=True)
             if dtype is not None and v.dtype == torch.float32:
                 v = v.to(dtype)

@@ -59,3 +59,27 @@ def test_global_tokens_do_not_reach_the_gaps(aligned, batch):
 def _parts(pattern):
     parts = getattr(pattern, "parts", None)
     return [pattern] if parts is None else [q for p in parts for q in _parts(p)]
+
+
+def test_host_masks_tell_whether_clips_are_padded(aligned, batch, monkeypatch):
+    """The loader's masks are host tensors: the stream knows whether shorter clips pad it without
+    reading the pad mask (a device sync on a GPU), and encode() gives what the device check gives."""
+    from dataclasses import replace
+
+    short = dict(batch)
+    short["video_mask"] = batch["video_mask"].clone()
+    short["video_mask"][0, -4:] = False  # clip 0 ends 4 frames early: its last tubelets are padding
+    with torch.no_grad():
+        full, padded = aligned.embed(batch), aligned.embed(short)
+    assert full.has_padding is False and padded.has_padding is True
+    extra = padded.pad_mask & ~gap_positions(padded.layout)
+    assert extra[0].any() and not extra[1:].any()
+
+    forward = aligned.embed.forward
+    with torch.no_grad():
+        got = [aligned.encode(b)[0] for b in (batch, short)]
+        monkeypatch.setattr(aligned.embed, "forward", lambda *a, **k: replace(forward(*a, **k), has_padding=None))
+        want = [aligned.encode(b)[0] for b in (batch, short)]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert (got[0][0] - got[1][0]).abs().max().item() > 1e-3  # the padding changed clip 0's encoding
