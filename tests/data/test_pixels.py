@@ -133,3 +133,25 @@ def test_collate_rejects_mixed_dtypes_and_missing_norm():
         collate([{k: v for k, v in u.items() if k != "pixel_norm"}])
     with pytest.raises(ValueError, match="different pixel_norm"):
         collate([u, {**u, "pixel_norm": ((0.0,) * 3, (1.0,) * 3)}])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_float_path_is_torchvisions_to_dtype_and_normalize(normalize):
+    """The loader's float32 conversion (one pass, normalize_pixels' arithmetic) gives torchvision's
+    ToDtype(scale=True) + Normalize bit for bit, on channels-last clips and on images."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from mmsparse.data.transforms import TransformConfig, apply_clip, apply_image, build_transform
+
+    g = torch.Generator().manual_seed(5)
+    clip = torch.randint(0, 256, (5, 37, 41, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+    image = torch.randint(0, 256, (3, 29, 33), dtype=torch.uint8, generator=g)
+    cfg = TransformConfig(crop=(32, 24), normalize=normalize, dtype="float32")
+    ref = v2.Compose([v2.CenterCrop((32, 24)), v2.ToDtype(torch.float32, scale=True)]
+                     + ([v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))] if normalize else []))
+    got_clip = apply_clip(build_transform(cfg), clip)
+    got_image = apply_image(build_transform(cfg), image)
+    assert got_clip.is_contiguous() and got_clip.dtype == torch.float32
+    assert torch.equal(got_clip, ref(tv_tensors.Video(clip)).as_subclass(torch.Tensor))
+    assert torch.equal(got_image, ref(tv_tensors.Image(image)).as_subclass(torch.Tensor))
