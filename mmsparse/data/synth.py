@@ -21,7 +21,9 @@ Everything drawn is a pure function of ``seed``: the same seed gives the same ma
 captions, events, rendered frames and audio. The encoded video is not quite: libx264 (through
 PyAV, single- or multi-threaded alike) gives about one clip in a hundred a different bitstream
 when another process encodes it (pixels off by up to ~20 in a few frames; the frame codes and
-events still read back right; measured on a 2-core CPU, cause inside the encoder not found).
+events still read back right; measured on a 2-core CPU at 32 x 32: the rendered frames and
+their YUV planes hash the same in every process, the x264 packets do not; cause inside the
+encoder not found).
 Within one process the output repeats. Runs that must agree to the bit share one generated
 folder (tests/train/test_whole_run.py does).
 
