@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +43,10 @@ def _profile(fn, steps: int = 3):
             fn()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps * 1e3
-    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+    # kernel events only: a CPU op's self device time repeats its kernels' time (and the custom
+    # autograd nodes carry their kernels' whole time), so a sum over every event double counts
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA) / steps / 1e3
     print(f"\nprofiled step: wall {wall:.2f} ms, CUDA kernel time {kernels:.2f} ms (sum over kernels)")
     return prof
 
