@@ -81,9 +81,12 @@ class Preprocess:
     source: str = "defaults"
 
     def data_config(self, frames: int | None = None) -> DataConfig:
+        """The DataConfig of captioning. Pixels stay uint8 (``extra`` may say otherwise): the
+        model normalises them on its device with the float path's arithmetic, so the captions
+        are the same while the CPU does no float work per pixel and a quarter of the bytes move."""
         kw = dict(backend=self.backend, mode="count", num_frames=frames or self.frames, crop=self.crop,
                   short_side=self.short_side, load_audio=self.load_audio, load_image=True, train=False,
-                  flip=False, strict=True, min_frames=1, max_retries=0)
+                  flip=False, strict=True, min_frames=1, max_retries=0, pixel_dtype="uint8")
         kw.update({k: v for k, v in self.extra.items() if k in DataConfig.__dataclass_fields__
                    and k not in ("strict", "train", "max_retries")})
         return DataConfig(**kw)

@@ -270,3 +270,24 @@ def test_caption_cli_image_frames_and_text_output(tiny_run, clips, tmp_path, cap
     assert ids == [Path(vids[0]).stem, "shape", Path(vids[1]).stem]
     assert all(len(line.split("\t")) == 2 for line in text)
     assert text[1].split("\t")[1] == im["caption"] and text[0].split("\t")[1] == vid["caption"]
+
+
+def test_uint8_pixels_caption_like_float_pixels(tiny_run, captioner, clips):
+    """Captioning decodes uint8 pixels for the model to normalise; float32 pixels from the loader
+    give the same captions and candidate likelihoods (sliding windows included)."""
+    from dataclasses import replace
+
+    assert captioner.preprocess.data_config().pixel_dtype == "uint8"
+    floats = Captioner(tiny_run / "export",
+                       preprocess=replace(captioner.preprocess, extra={**captioner.preprocess.extra,
+                                                                        "pixel_dtype": "float32"}))
+    assert floats.preprocess.data_config().pixel_dtype == "float32"
+    inputs = clips["videos"][:2]
+    cands = ["a red circle appears with a high tone", "tone tone tone"]
+    for kw in ({}, {"candidates": cands}, {"window_seconds": 2.0}):
+        want = floats.caption(inputs + [clips["long"]], **kw)
+        got = captioner.caption(inputs + [clips["long"]], **kw)
+        for a, b in zip(got, want):
+            assert a["caption"] == b["caption"]
+            if "choice_logprobs" in b:
+                assert a["choice_logprobs"] == pytest.approx(b["choice_logprobs"], abs=1e-3)
