@@ -287,6 +287,7 @@ def test_uint8_pixels_caption_like_float_pixels(tiny_run, captioner, clips):
     for kw in ({}, {"candidates": cands}, {"window_seconds": 2.0}):
         want = floats.caption(inputs + [clips["long"]], **kw)
         got = captioner.caption(inputs + [clips["long"]], **kw)
+        assert len(got) == len(want) == 3
         for a, b in zip(got, want):
             assert a["caption"] == b["caption"]
             if "choice_logprobs" in b:
