@@ -634,6 +634,14 @@ _CONFIGS = {
 # them 4 % (fwd) and 5 % (whole backward) under the former (64, 128, 4, 3) and (64, 64, 4, 3).
 # v1 table (first H200 run): fwd 64: (128, 128, 8, 3), 128: (128, 64, 8, 3); dq (128, 64, 8, 3|2);
 # dkdv (64, 128, 8, 3|2)
+# Layouts whose blocks are mostly partial (token-level windows: A1, A2, the E1 layers at 64
+# frames) at D_PAD 128: the forward on 64 x 64 tiles. bench/NOTES.md v9, sweep of 2026-12-02 on an
+# H200 (results/logs/sweep-d128-partial-h200-2026-12-02.log): A1 8x128 0.569 -> 0.398 ms, A2
+# 6.65 -> 4.85 ms, A2 in tile order 5.01 -> 3.85 ms; smaller tiles skip more empty tiles and hold
+# a (64, 64) byte mask instead of (128, 128). dq and dK/dV keep their table entry (the best there).
+# Full-block layouts (A3, dense) keep the larger tiles of _CONFIGS.
+_CONFIGS_PARTIAL = {"fwd": {128: (64, 64, 4, 3)}}
+PARTIAL_HEAVY = 0.5  # share of partial blocks above which _CONFIGS_PARTIAL applies
 # float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
 _CONFIGS_FP32 = {
     "fwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
@@ -664,14 +672,26 @@ def _fit(block: int, layout_block: int) -> int:
     return b
 
 
-def _default_config(kernel: str, d_pad: int, dtype):
-    return (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS)[kernel][d_pad]
+def _partial_heavy(layout) -> bool:
+    """Whether most of the layout's listed blocks are partial (they pick other tiles)."""
+    total = layout.num_full + layout.num_partial
+    return total > 0 and layout.num_partial > PARTIAL_HEAVY * total
+
+
+def _default_config(kernel: str, d_pad: int, dtype, layout=None):
+    if dtype == torch.float32:
+        return _CONFIGS_FP32[kernel][d_pad]
+    if layout is not None and _partial_heavy(layout):
+        cfg = _CONFIGS_PARTIAL.get(kernel, {}).get(d_pad)
+        if cfg is not None:
+            return cfg
+    return _CONFIGS[kernel][d_pad]
 
 
 def _config(kernel: str, d_pad: int, q, layout):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): a test override, a tuned entry, or the table."""
     cfg = _OVERRIDE.get(kernel) or _TUNED.get(_autotune_key(kernel, d_pad, q, layout))
-    bm, bn, warps, stages = cfg or _default_config(kernel, d_pad, q.dtype)
+    bm, bn, warps, stages = cfg or _default_config(kernel, d_pad, q.dtype, layout)
     return _fit(bm, layout.block_q), _fit(bn, layout.block_k), warps, stages
 
 
@@ -1028,7 +1048,7 @@ def _last_contiguous(t):
 
 
 def _autotune_key(kernel, d_pad, q, layout):
-    return (kernel, d_pad, q.dtype, layout.block_q, layout.block_k, str(q.device))
+    return (kernel, d_pad, q.dtype, layout.block_q, layout.block_k, _partial_heavy(layout), str(q.device))
 
 
 def _maybe_tune(kernel, d_pad, q, layout, launch):
@@ -1039,7 +1059,8 @@ def _maybe_tune(kernel, d_pad, q, layout, launch):
     if key in _TUNED or q.dtype == torch.float32:
         return
     best, best_ms = None, float("inf")
-    for cand in dict.fromkeys([_CONFIGS[kernel][d_pad]] + _CANDIDATES[kernel]):
+    default = _default_config(kernel, d_pad, q.dtype, layout)
+    for cand in dict.fromkeys([default] + _CANDIDATES[kernel]):
         cfg = (_fit(cand[0], layout.block_q), _fit(cand[1], layout.block_k), cand[2], cand[3])
         try:
             ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
@@ -1051,7 +1072,7 @@ def _maybe_tune(kernel, d_pad, q, layout, launch):
     if best is not None:
         _TUNED[key] = best
         log.info("autotune %s D_PAD=%d %s layout %dx%d: %s (%.3f ms; default %s)", kernel, d_pad,
-                 str(q.dtype)[6:], layout.block_q, layout.block_k, best, best_ms, _CONFIGS[kernel][d_pad])
+                 str(q.dtype)[6:], layout.block_q, layout.block_k, best, best_ms, default)
 
 
 def _scratch(like: torch.Tensor, work: _WorkList, block: int, fill: float = 0.0) -> torch.Tensor:
@@ -1300,7 +1321,7 @@ def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkd
     out, lse = _attention_forward(q, k, v, layout, scale)
     rows = []
     for kernel in kernels:
-        for cand in dict.fromkeys([_CONFIGS[kernel][d_pad]] + _CANDIDATES[kernel]):
+        for cand in dict.fromkeys([_default_config(kernel, d_pad, q.dtype, layout)] + _CANDIDATES[kernel]):
             _OVERRIDE[kernel] = cand
             try:
                 if kernel == "fwd":
@@ -1326,14 +1347,23 @@ def main():  # python -m mmsparse.kernels.block_sparse_attention [--sweep]
     from mmsparse.attention import Local, Segment, StreamLayout, Tiled, build_layout
 
     cuda = torch.cuda.is_available()
-    if cuda and "--sweep" in sys.argv:
+    if cuda and "--sweep" in sys.argv:  # --sweep [NAME,NAME...]: a subset of the workloads below
         a3 = StreamLayout.from_grid((16, 32, 32), order=(4, 4, 8))
-        for name, pattern, tokens, h, d in (
-            ("A3 8x128", Tiled((4, 4, 8), 1), a3, 8, 128),
-            ("A3 16x64", Tiled((4, 4, 8), 1), a3, 16, 64),
-            ("A1 16x64 raster", Local((5, 9, 9)), (16, 32, 32), 16, 64),
-            ("A1 8x128 raster", Local((5, 9, 9)), (16, 32, 32), 8, 128),
-        ):
+        a2_tiles = StreamLayout.from_grid((32, 48, 48), order=(4, 4, 8))
+        workloads = {
+            "A3-8x128": (Tiled((4, 4, 8), 1), a3, 8, 128),
+            "A3-16x64": (Tiled((4, 4, 8), 1), a3, 16, 64),
+            "A1-16x64": (Local((5, 9, 9)), (16, 32, 32), 16, 64),
+            "A1-8x128": (Local((5, 9, 9)), (16, 32, 32), 8, 128),
+            "A2-8x128": (Local((7, 13, 13)), (32, 48, 48), 8, 128),
+            "A2tile-8x128": (Local((7, 13, 13)), a2_tiles, 8, 128),
+        }
+        at = sys.argv.index("--sweep") + 1
+        names = sys.argv[at].split(",") if at < len(sys.argv) else ["A3-8x128", "A3-16x64", "A1-16x64", "A1-8x128"]
+        for name in names:
+            if name not in workloads:
+                raise SystemExit(f"--sweep: unknown workload {name!r}; known: {', '.join(workloads)}")
+            pattern, tokens, h, d = workloads[name]
             print(f"# sweep {name}", flush=True)
             sweep(pattern, tokens, h, d)
         return

@@ -184,6 +184,34 @@ def test_sub_lists_hold_exactly_the_non_empty_tiles(monkeypatch, chunk):
     assert seen_empty  # the layout has empty kernel tiles: the lists do skip something
 
 
+def test_partial_heavy_layouts_pick_their_own_forward_tiles():
+    """Token-level windows (mostly partial blocks) at D_PAD 128 take the forward tiles of
+    _CONFIGS_PARTIAL; tile-aligned windows (all blocks full) keep _CONFIGS; float32 keeps its own."""
+    window = build_layout(Local((3, 5, 7)), (6, 12, 20), 128, 128, device=DEV)
+    tiled = build_layout(Tiled((2, 4, 8), 1), StreamLayout.from_grid((8, 16, 24), order=(2, 4, 8)), 128, 128,
+                         device=DEV)
+    assert bsa._partial_heavy(window) and not bsa._partial_heavy(tiled)
+    bf16 = torch.bfloat16
+    assert bsa._default_config("fwd", 128, bf16, window) == bsa._CONFIGS_PARTIAL["fwd"][128]
+    assert bsa._default_config("fwd", 128, bf16, tiled) == bsa._CONFIGS["fwd"][128]
+    assert bsa._default_config("fwd", 64, bf16, window) == bsa._CONFIGS["fwd"][64]  # no entry: the table
+    assert bsa._default_config("dkdv", 128, bf16, window) == bsa._CONFIGS["dkdv"][128]
+    assert bsa._default_config("fwd", 128, torch.float32, window) == bsa._CONFIGS_FP32["fwd"][128]
+
+
+def test_partial_heavy_forward_tiles_match_truth(mask_mode):
+    """The partial-block forward tiles run end to end: D = 72 (padded to 128), layout blocks of
+    64, a window whose blocks are mostly partial, N = 105 (a ragged last block)."""
+    layout = build_layout(Local((3, 3, 3)), (3, 5, 7), 64, 64, device=DEV)
+    assert bsa._partial_heavy(layout)
+    dtype, d = (torch.bfloat16 if CUDA else torch.float16), 72
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=11)
+    scale = d**-0.5
+    truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
+    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, scale, dtype), low, truth, dtype)
+
+
 @pytest.mark.parametrize("n", [96, 97])
 @pytest.mark.parametrize("skip", ["1", "0"])
 def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n, mask_mode, skip):
