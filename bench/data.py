@@ -312,7 +312,8 @@ def throughput(manifest: Path, backend: str, dtype: str, workers: int, batch_siz
     if not clips:
         raise RuntimeError(f"the manifest ran out before the clock started ({len(ds)} samples); raise --samples")
     dt_s = t1 - t0
-    return {"backend": backend, "dtype": dtype, "workers": workers, "clips": clips, "seconds": round(dt_s, 2),
+    return {"backend": backend, "dtype": dtype, "workers": workers, "decode_threads": ds.decode_threads,
+            "clips": clips, "seconds": round(dt_s, 2),
             "startup_s": round(t0 - t_start, 2), "rounds": (n - rnd) // rnd, "clips_per_s": round(clips / dt_s, 2),
             "frames_per_s": round(CLIP_FRAMES * clips / dt_s, 1), "manifest_exhausted": n * batch_size >= len(ds)}
 
@@ -428,7 +429,8 @@ def print_tables(res: dict) -> None:
 
     cols = [(b, d) for b in BACKENDS for d in dtypes]
     print(f"\nloader clips/s, 64 x 224 x 224 clips from 256 x 340 H.264 "
-          f"({s['seconds']:g} s a row after warm-up, batch {s['batch_size']})")
+          f"({s['seconds']:g} s a row after warm-up, batch {s['batch_size']}, decode threads per reader "
+          f"{s.get('decode_threads') or 'auto'})")
     both = len(dtypes) == 2
     print(f"{'workers':>8} | " + " | ".join(f"{b + ' ' + d:>14}" for b, d in cols)
           + (" | " + " | ".join(f"{b + ' u8/f32':>13}" for b in BACKENDS) if both else "")
@@ -465,8 +467,9 @@ def main(argv=None) -> int:
     ap.add_argument("--src-frames", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--decode-threads", type=int, default=1,
-                    help="codec threads per video reader in the loader rows (DataConfig.decode_threads); "
-                         "with W workers on C cores, C // W uses the cores a worker count leaves idle; "
+                    help="codec threads per video reader in the loader rows (DataConfig.decode_threads, "
+                         "default 1 like the config's; 0: auto); "
+                         "auto gives W workers on C cores C // W (at most 4), the cores they leave idle; "
                          "the one-core stage timings always decode with one")
     ap.add_argument("--row-limit", type=float, default=None,
                     help=f"seconds after which a throughput row is abandoned as hung, or after which one "
@@ -482,8 +485,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="folder for the generated media, kept (default: a temp folder)")
     ap.add_argument("--rss-child", nargs=3, metavar=("PATH", "BACKEND", "HOW"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.decode_threads < 1:
-        ap.error(f"--decode-threads must be at least 1, got {a.decode_threads}")
+    if a.decode_threads < 0:
+        ap.error(f"--decode-threads must be 0 (auto) or at least 1, got {a.decode_threads}")
     if a.rss_child:
         rss_child(*a.rss_child)
         return 0
@@ -559,7 +562,7 @@ def main(argv=None) -> int:
                     res["throughput"].append(r)
                     save()
                     if "error" not in r:
-                        print(f"  {b:6s} {d:7s} workers={w:2d}: {r['clips_per_s']:7.2f} clips/s "
+                        print(f"  {b:6s} {d:7s} workers={w:2d} threads={r['decode_threads']}: {r['clips_per_s']:7.2f} clips/s "
                               f"({r['rounds']} rounds, start-up {r['startup_s']} s)", flush=True)
         # 4 cores a child on big hosts; one at a time on small ones, so its seconds stay honest
         res["long_clip_memory"] = long_clip_memory(

@@ -41,6 +41,7 @@ Readers are opened inside ``__getitem__`` (in the worker that runs it), never pi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,10 @@ class DataConfig:
     hop_seconds: float = 0.010
     max_audio_seconds: float = 10.0    # audio-only samples without an ``end``
     chunk: int = 64                    # frames decoded at full size at a time
-    decode_threads: int = 1
+    decode_threads: int = 1            # codec (and scaler) threads per video reader; 0: auto, the
+                                       # CPUs a loader's workers leave idle (`auto_decode_threads`);
+                                       # 1 stays the default: on the 16-core GPU host 8 PyAV workers
+                                       # gave 256 clips/s with 1 and 226 with auto's 2 (bench/NOTES.md d3)
     decode_timeout: float | None = 60.0
     strict: bool = False
     max_bad_fraction: float = 0.1
@@ -96,6 +100,8 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be 0 (auto) or a positive count, got {self.decode_threads}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.crop is not None:
@@ -112,6 +118,37 @@ class DataConfig:
         if self.pixel_dtype != "auto":
             return self.pixel_dtype
         return "uint8" if self.train else "float32"
+
+
+MAX_AUTO_DECODE_THREADS = 4  # FFmpeg's frame threads gain little past a few on one clip
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    """Training processes on this host (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE), 1 alone."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+def auto_decode_threads(num_workers: int, cpus: int | None = None, processes: int | None = None) -> int:
+    """Decode threads per reader when ``DataConfig.decode_threads`` is 0: the usable CPUs shared
+    out among the decoding processes of this host (each training process's workers, or the
+    process itself when it has none), at least 1 and at most MAX_AUTO_DECODE_THREADS. On the
+    16-core GPU host one process with 8 workers gets 2 threads a reader."""
+    cpus = usable_cpus() if cpus is None else cpus
+    processes = local_processes() if processes is None else processes
+    return max(1, min(MAX_AUTO_DECODE_THREADS, cpus // (max(1, num_workers) * processes)))
 
 
 @dataclass
@@ -139,6 +176,8 @@ class MediaDataset(Dataset):
         self.crashes = CrashGuard(len(self.samples))
         self.epoch = 0
         c = self.cfg
+        # threads per video reader; make_loader re-resolves auto for its number of workers
+        self.decode_threads = c.decode_threads or auto_decode_threads(0)
         # after a crash: PyAV for video and audio, unless that is what crashed already
         self._after_crash_level = CrashGuard.SKIP if (c.backend, c.audio_backend) == ("pyav", "pyav") else 1
         dtype = c.pixel_dtype_resolved
@@ -207,7 +246,7 @@ class MediaDataset(Dataset):
         """Frames (T, H, W, 3) uint8, their times (T,) and the fps of ``s.video`` read with ``backend``."""
         c = self.cfg
         rng = np.random.default_rng(seed) if c.train else None  # fresh per backend: a fallback samples alike
-        reader = open_video(s.video, backend, c.decode_threads)
+        reader = open_video(s.video, backend, self.decode_threads)
         try:
             first = int(math.floor(s.start * reader.fps)) if s.start is not None else 0
             last = int(math.ceil(s.end * reader.fps)) if s.end is not None else None

@@ -46,7 +46,7 @@ from typing import Iterator
 from torch.utils.data import DataLoader
 
 from .collate import collate
-from .dataset import DataConfig, MediaDataset
+from .dataset import DataConfig, MediaDataset, auto_decode_threads
 from .errors import MediaError, TooManyBadSamples
 from .sampler import ShardedSampler
 
@@ -175,6 +175,8 @@ def make_loader(manifest: str | Path | MediaDataset, config: DataConfig | None =
     waits for the GPU to finish its queue nor blocks the host; training on CUDA sets it.
     """
     ds = manifest if isinstance(manifest, MediaDataset) else MediaDataset(manifest, config)
+    if ds.cfg.decode_threads == 0:  # auto: the CPUs shared out among this loader's workers
+        ds.decode_threads = auto_decode_threads(num_workers)
     if sampler is None:
         sampler = ShardedSampler(len(ds), num_replicas, rank, shuffle=ds.cfg.train if shuffle is None else shuffle,
                                  seed=ds.cfg.seed, drop_last=drop_last)

@@ -116,6 +116,45 @@ def test_deterministic_across_worker_counts(synth_manifest, pixel_dtype):
     assert not torch.equal(next(iter(other))["video"], torch.cat([a[0][1], a[1][1]])[:4])
 
 
+def test_auto_decode_threads_share_out_the_cpus(monkeypatch):
+    from mmsparse.data.dataset import MAX_AUTO_DECODE_THREADS, auto_decode_threads
+
+    assert auto_decode_threads(8, cpus=16, processes=1) == 2  # the GPU host's 8 workers
+    assert auto_decode_threads(8, cpus=32, processes=2) == 2  # two training processes on 32 cores
+    assert auto_decode_threads(16, cpus=16, processes=1) == 1
+    assert auto_decode_threads(2, cpus=2, processes=1) == 1
+    assert auto_decode_threads(0, cpus=2, processes=1) == 2  # no workers: the process decodes itself
+    assert auto_decode_threads(1, cpus=64, processes=1) == MAX_AUTO_DECODE_THREADS
+    assert auto_decode_threads(4, cpus=2, processes=1) == 1  # never below one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert auto_decode_threads(2, cpus=16) == 2
+
+
+def test_decode_threads_config(synth_manifest):
+    with pytest.raises(ValueError, match="decode_threads"):
+        DataConfig(decode_threads=-1)
+    assert MediaDataset(synth_manifest, DataConfig(decode_threads=3)).decode_threads == 3
+    loader = make_loader(synth_manifest, DataConfig(decode_threads=3), num_workers=2)
+    assert loader.dataset.decode_threads == 3  # a count given is kept
+    from mmsparse.data.dataset import auto_decode_threads
+
+    loader = make_loader(synth_manifest, DataConfig(decode_threads=0), num_workers=2)
+    assert loader.dataset.decode_threads == auto_decode_threads(2)
+    assert MediaDataset(synth_manifest, DataConfig()).decode_threads == 1  # the default
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_decode_threads_do_not_change_pixels(synth_manifest, backend):
+    """Frame threads and the scaler's slice threads are bit-exact: a clip decoded with one
+    thread equals the same clip decoded with three."""
+    def clip(threads):
+        cfg = DataConfig(num_frames=6, short_side=24, crop=(24, 24), backend=backend, audio_backend="pyav",
+                         decode_threads=threads, pixel_dtype="uint8", load_audio=False)
+        return MediaDataset(synth_manifest, cfg)[1]["video"]
+
+    assert torch.equal(clip(1), clip(3))
+
+
 def test_epoch_changes_offsets(synth_manifest):
     ds = MediaDataset(synth_manifest, DataConfig(num_frames=4, train=True, seed=0))
     t0 = [ds[i]["video_times"] for i in range(4)]
