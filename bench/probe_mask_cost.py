@@ -1,7 +1,7 @@
 """Probe: what the partial blocks' mask evaluation costs the block-sparse kernels (a CUDA GPU).
 
     python bench/probe_mask_cost.py
-    python bench/probe_mask_cost.py --sweep   # tile configs of the three kernels, E1 512 frames
+    python bench/probe_mask_cost.py --sweep [FRAMES]   # tile configs of the three kernels, E1 layer (512 frames)
 
 For a few layouts (the E1 captioner_base layer at 64 and 512 frames, A2's token-level 3D
 window in raster order), times the forward and backward launchers three ways: the partial
@@ -74,9 +74,12 @@ def run(name, layout, h, d):
 def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    if "--sweep" in sys.argv[1:]:  # the kernels' tile configs on the E1 layer layout at 512 frames
-        lay, h, d = captioner_layout(512)
-        print(f"E1 captioner_base 512 frames: N {lay.n}, {h} heads x {d}, tiles {bs._use_mask_tiles(bs._kernel_program(lay, lay.device))}")
+    if "--sweep" in sys.argv[1:]:  # the kernels' tile configs on the E1 layer layout (512 frames, or --sweep F)
+        at = sys.argv.index("--sweep") + 1
+        frames = int(sys.argv[at]) if at < len(sys.argv) else 512
+        lay, h, d = captioner_layout(frames)
+        print(f"E1 captioner_base {frames} frames: N {lay.n}, {h} heads x {d}, full {lay.num_full}, partial "
+              f"{lay.num_partial}, tiles {bs._use_mask_tiles(bs._kernel_program(lay, lay.device))}")
         bs.sweep(None, None, h, d, layout=lay)
         return 0
     for frames in (64, 512):
