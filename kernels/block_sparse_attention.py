@@ -634,8 +634,8 @@ _CONFIGS = {
 # them 4 % (fwd) and 5 % (whole backward) under the former (64, 128, 4, 3) and (64, 64, 4, 3).
 # v1 table (first H200 run): fwd 64: (128, 128, 8, 3), 128: (128, 64, 8, 3); dq (128, 64, 8, 3|2);
 # dkdv (64, 128, 8, 3|2)
-# Layouts whose blocks are mostly partial (token-level windows: A1, A2, the E1 layers at 64
-# frames) at D_PAD 128: the forward on 64 x 64 tiles. bench/NOTES.md v9, sweep of 2026-12-02 on an
+# Layouts whose blocks are mostly partial (token-level windows such as A1, A2) at D_PAD 128: the
+# forward on 64 x 64 tiles (the E1 captioner's heads are 64 wide: this entry does not reach it). bench/NOTES.md v9, sweep of 2026-12-02 on an
 # H200 (results/logs/sweep-d128-partial-h200-2026-12-02.log): A1 8x128 0.569 -> 0.398 ms, A2
 # 6.65 -> 4.85 ms, A2 in tile order 5.01 -> 3.85 ms; smaller tiles skip more empty tiles and hold
 # a (64, 64) byte mask instead of (128, 128). dq and dK/dV keep their table entry (the best there).
