@@ -9,7 +9,7 @@ lines) and the merge separately, then the whole autograd op, then prints the CUD
 profile of three forward+backward steps. `model` runs bench/model.py's training step and
 prints the same two tables for three steps after warm-up, with the step's wall time beside the
 sum of its CUDA kernel times (a wall time far above the kernel sum means the step waits on the
-host). bench/NOTES.md quotes the outputs (results/logs/probe-profile-*.log).
+host); `model --host` then says which Python functions the host spends that time in (cProfile). bench/NOTES.md quotes the outputs (results/logs/probe-profile-*.log).
 """
 
 from __future__ import annotations
@@ -113,7 +113,31 @@ def model(args) -> None:
     if args.sync_debug:  # every host-device synchronisation of one step, with where it happens
         _sync_points(step)
         return
+    if args.host:  # where the host's time goes: a wall far above the kernel sum waits on Python
+        _host_profile(step, 10)
+        return
     _tables(_profile(step), f"{args.model} {'dense' if args.dense else 'sparse'} {args.frames} frames")
+
+
+def _host_profile(fn, steps: int) -> None:
+    """cProfile of `steps` calls after warm-up: the Python functions by own and cumulative time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        fn()
+    prof.disable()
+    host = (time.perf_counter() - t0) / steps * 1e3
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    print(f"\nhost time to issue a step {host:.2f} ms, wall {wall:.2f} ms (a step, {steps} steps, under cProfile)")
+    for key in ("tottime", "cumulative"):
+        print(f"\n## host functions by {key} ({steps} steps)\n")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(45)
 
 
 def _sync_points(fn) -> None:
@@ -175,6 +199,8 @@ def main(argv=None) -> int:
     m.add_argument("--dense", action="store_true")
     m.add_argument("--sync-debug", action="store_true",
                    help="list the host-device synchronisations of one step (torch.cuda.set_sync_debug_mode)")
+    m.add_argument("--host", action="store_true",
+                   help="cProfile the Python side of 10 steps (where a host-bound step spends its time)")
     sub.add_parser("rope")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
