@@ -2,12 +2,13 @@
 
     python bench/model.py                         # GPU: 64 / 512 / 1,024 frames, sparse and dense
     python bench/model.py --frames 64 --steps 5   # a subset
+    python bench/model.py --frames 64 --batch 8   # 8 clips a step: a GPU-bound 64-frame step
     python bench/model.py --checkpointing         # activation checkpointing on model.blocks
     python bench/model.py --override video_radius=1,1,0   # any ModelConfig field
     python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
 
 Each row: clip of T frames of 224x224 plus 10.24 s of audio (1,024 log-mel frames, AST patches:
-1,212 tokens) as one stream, batch 1, bf16 autocast, AdamW step included (CaptionTask loss).
+1,212 tokens) as one stream, batch 1 (``--batch``), bf16 autocast, AdamW step included (CaptionTask loss).
 The sparse model uses the config's pattern schedule with backend "auto" (triton when the
 kernels import, else flex); the dense model is the same model with `schedule="dense"`, i.e.
 SDPA flash with no mask. Reported: step ms, tokens/s, MFU, peak memory, the sparse/dense
@@ -52,17 +53,18 @@ class _Checkpointed(nn.Module):
         return checkpoint(self.block, *args, use_reentrant=False)
 
 
-def make_batch(frames: int, size: int, audio_frames: int, device) -> dict:
-    """Media on ``device``; masks and times on the host, where the training loop leaves them
-    (``mmsparse.encoders.HOST_KEYS``)."""
+def make_batch(frames: int, size: int, audio_frames: int, device, batch: int = 1) -> dict:
+    """``batch`` clips of the same shape: media on ``device``; masks and times on the host, where
+    the training loop leaves them (``mmsparse.encoders.HOST_KEYS``)."""
+    b = batch
     return {
-        "video": torch.randn(1, frames, 3, size, size, device=device),
-        "video_mask": torch.ones(1, frames, dtype=torch.bool),
-        "video_times": (torch.arange(frames, dtype=torch.float64) / 30.0)[None],
-        "audio": torch.randn(1, 128, audio_frames, device=device),
-        "audio_mask": torch.ones(1, audio_frames, dtype=torch.bool),
-        "audio_start": torch.zeros(1, dtype=torch.float64), "audio_hop_seconds": 0.01,
-        "caption": [CAPTION], "captions": [[CAPTION]], "id": ["bench"],
+        "video": torch.randn(b, frames, 3, size, size, device=device),
+        "video_mask": torch.ones(b, frames, dtype=torch.bool),
+        "video_times": (torch.arange(frames, dtype=torch.float64) / 30.0).expand(b, frames).clone(),
+        "audio": torch.randn(b, 128, audio_frames, device=device),
+        "audio_mask": torch.ones(b, audio_frames, dtype=torch.bool),
+        "audio_start": torch.zeros(b, dtype=torch.float64), "audio_hop_seconds": 0.01,
+        "caption": [CAPTION] * b, "captions": [[CAPTION]] * b, "id": [f"bench{i}" for i in range(b)],
     }
 
 
@@ -101,10 +103,10 @@ def run_case(name, frames, variant, args, tok, device, dtype):
             model.blocks[i] = _Checkpointed(blk)
     task = CaptionTask(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = make_batch(frames, args.size, args.audio_frames, device)
-    n, pairs, flops = encoder_flops(model, batch)
-    row = {"frames": frames, "variant": variant, "tokens": n, "attended_pairs": pairs,
-           "density": pairs / (model.cfg.depth * n * n), "train_flops": flops}
+    batch = make_batch(frames, args.size, args.audio_frames, device, args.batch)
+    n, pairs, flops = encoder_flops(model, batch)  # per clip
+    row = {"frames": frames, "variant": variant, "batch": args.batch, "tokens": n, "attended_pairs": pairs,
+           "density": pairs / (model.cfg.depth * n * n), "train_flops": flops * args.batch}
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -126,8 +128,8 @@ def run_case(name, frames, variant, args, tok, device, dtype):
             loss = step()
         sync()
         ms = (time.perf_counter() - t0) / args.steps * 1e3
-        row.update(step_ms=ms, tokens_per_s=n / ms * 1e3, loss=float(loss),
-                   mfu=flops / (ms / 1e3) / (PEAK_TFLOPS * 1e12))
+        row.update(step_ms=ms, tokens_per_s=args.batch * n / ms * 1e3, loss=float(loss),
+                   mfu=args.batch * flops / (ms / 1e3) / (PEAK_TFLOPS * 1e12))
         if device.type == "cuda":
             row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     except torch.cuda.OutOfMemoryError as err:
@@ -149,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--audio-frames", type=int, default=1024)
     p.add_argument("--model", default="captioner_base")
+    p.add_argument("--batch", type=int, default=1,
+                   help="clips a step (1: at 64 frames the step is then host-bound, NOTES session 9)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--override", action="append", default=[], help="ModelConfig field=value")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, tiny clips, on the CPU")
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\n{args.model} on {gpu} (torch {torch.__version__}, triton {triton_version}, sparse backend {backend})\n")
+    print(f"batch {args.batch} clips a step; tokens per clip\n")
     print("| frames | variant | tokens | density | step ms | tokens/s | MFU | peak GB | speedup |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

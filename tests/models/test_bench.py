@@ -20,3 +20,16 @@ def test_bench_model_cpu_smoke(tmp_path):
     assert {r["variant"] for r in res["rows"]} == {"sparse", "dense"}
     sparse = next(r for r in res["rows"] if r["variant"] == "sparse")
     assert sparse["tokens_per_s"] > 0 and sparse["density"] < 1.0 and "speedup_vs_dense" in sparse
+
+
+def test_bench_model_batch_counts_every_clip(tmp_path):
+    """--batch B: B clips a step, tokens/s counts all of them (tokens stays per clip)."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--cpu-smoke", "--frames", "4", "--batch", "3", "--variants", "sparse",
+                     "--out", str(tmp_path / "r.json")]) == 0
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row["batch"] == 3 and row["tokens"] > 0
+    assert abs(row["tokens_per_s"] - 3 * row["tokens"] / row["step_ms"] * 1e3) < 1e-6 * row["tokens_per_s"]
