@@ -106,12 +106,13 @@ def machine() -> dict:
             core = ln.split(":")[1].strip()
             cores.add((phys, core))
     mem = re.search(r"MemTotal:\s+(\d+)", _read("/proc/meminfo"))
-    quota = _read("/sys/fs/cgroup/cpu.max").split()
+    from mmsparse.data.dataset import cgroup_cpu_limit, usable_cpus
+
+    limit = cgroup_cpu_limit(_read("/sys/fs/cgroup/cpu.max"))
     out = {"hostname": platform.node(), "cpu_model": model, "cpus_logical": os.cpu_count(),
-           "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "cpus_usable": usable_cpus(),  # affinity mask capped by the cgroup quota, as the loader counts
            "cores_physical": len(cores) or None,
-           "cgroup_cpu_limit": (round(int(quota[0]) / int(quota[1]), 2) if len(quota) == 2 and quota[0] != "max"
-                                else None),
+           "cgroup_cpu_limit": round(limit, 2) if limit else None,
            "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
            "platform": platform.platform(), "python": platform.python_version()}
     try:

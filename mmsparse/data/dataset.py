@@ -123,12 +123,30 @@ class DataConfig:
 MAX_AUTO_DECODE_THREADS = 4  # FFmpeg's frame threads gain little past a few on one clip
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+def cgroup_cpu_limit(cpu_max: str) -> float | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` text (``"quota period"``; ``"max ..."``: none)."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by the cgroup's CPU quota (a
+    container limited to 4 CPUs of a 64-core host sees 64 in its mask)."""
+    try:
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        limit = cgroup_cpu_limit(Path("/sys/fs/cgroup/cpu.max").read_text())
+    except OSError:
+        limit = None
+    return max(1, min(n, math.ceil(limit))) if limit else n
 
 
 def local_processes() -> int:

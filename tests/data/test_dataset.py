@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -271,3 +272,33 @@ def test_video_with_separate_audio_file(tmp_path, synth_manifest, synth_records,
     own = log_mel(read_audio(video, cfg.sample_rate, t0, t1))
     n = min(own.shape[1], want.shape[1])
     assert (own[:, :n] - want[:, :n]).abs().mean() > 1.0
+
+
+def test_cgroup_cpu_limit_parses_cpu_max():
+    from mmsparse.data.dataset import cgroup_cpu_limit, usable_cpus
+
+    assert cgroup_cpu_limit("400000 100000\n") == 4.0
+    assert cgroup_cpu_limit("150000 100000") == 1.5
+    assert cgroup_cpu_limit("max 100000") is None
+    assert cgroup_cpu_limit("") is None and cgroup_cpu_limit("garbage") is None
+    assert cgroup_cpu_limit("0 100000") is None
+    n = usable_cpus()
+    assert 1 <= n <= (os.cpu_count() or 1)
+
+
+def test_usable_cpus_capped_by_cgroup_quota(monkeypatch):
+    """A quota of 1.5 CPUs on a wider affinity mask gives 2 (rounded up), never more than the mask."""
+    from pathlib import Path as _P
+
+    from mmsparse.data import dataset
+
+    real = _P.read_text
+
+    def fake(self, *a, **k):
+        return "150000 100000\n" if str(self) == "/sys/fs/cgroup/cpu.max" else real(self, *a, **k)
+
+    monkeypatch.setattr(_P, "read_text", fake)
+    monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert dataset.usable_cpus() == 2
+    monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert dataset.usable_cpus() == 1
