@@ -15,7 +15,7 @@ SDPA flash with no mask. Reported: step ms, tokens/s, MFU, peak memory, the spar
 speedup. MFU counts attended FLOPs of the encoder: 6 x N x (12 E^2) per layer for the
 matmuls (forward + backward) plus 3.5 x 4 x (attended pairs) x E per layer for attention
 (BENCHMARKS.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100.
-Writes bench/results/model-<gpu>-<date>.json and prints a markdown table.
+Writes bench/results/model-<gpu>-<date>.json (`-runN` when it exists; `--out` elsewhere) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -196,7 +196,9 @@ def main(argv=None) -> int:
         out = Path(args.out)
     else:
         tag = "cpu-smoke" if args.cpu_smoke else re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-        out = RESULTS / f"model-{tag}-{result['date']}.json"
+        out, k = RESULTS / f"model-{tag}-{result['date']}.json", 2
+        while out.exists():  # a rerun the same day keeps the first
+            out, k = RESULTS / f"model-{tag}-{result['date']}-run{k}.json", k + 1
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\n{args.model} on {gpu} (torch {torch.__version__}, triton {triton_version}, sparse backend {backend})\n")
