@@ -9,11 +9,16 @@ from pathlib import Path
 import torch
 
 
-def test_bench_model_cpu_smoke(tmp_path):
+def _bench_model():
     path = Path(__file__).resolve().parents[2] / "bench" / "model.py"
     spec = importlib.util.spec_from_file_location("bench_model", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_model_cpu_smoke(tmp_path):
+    mod = _bench_model()
     torch.manual_seed(0)
     assert mod.main(["--cpu-smoke", "--frames", "4", "--out", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
@@ -24,10 +29,7 @@ def test_bench_model_cpu_smoke(tmp_path):
 
 def test_bench_model_batch_counts_every_clip(tmp_path):
     """--batch B: B clips a step, tokens/s counts all of them (tokens stays per clip)."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_model()
     assert mod.main(["--cpu-smoke", "--frames", "4", "--batch", "3", "--variants", "sparse",
                      "--out", str(tmp_path / "r.json")]) == 0
     (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
