@@ -5,6 +5,8 @@
     python bench/model.py --frames 64 --batch 8   # 8 clips a step: a GPU-bound 64-frame step
     python bench/model.py --checkpointing         # activation checkpointing on model.blocks
     python bench/model.py --override video_radius=1,1,0   # any ModelConfig field
+    python bench/model.py --config "tile64:video_tile=4,14,14;video_radius=0;video_tile_align=64"
+                                                  # named sparse variants beside sparse and dense
     python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
 
 Each row: clip of T frames of 224x224 plus 10.24 s of audio (1,024 log-mel frames, AST patches:
@@ -14,7 +16,9 @@ kernels import, else flex); the dense model is the same model with `schedule="de
 SDPA flash with no mask. Reported: step ms, tokens/s, MFU, peak memory, the sparse/dense
 speedup. MFU counts attended FLOPs of the encoder: 6 x N x (12 E^2) per layer for the
 matmuls (forward + backward) plus 3.5 x 4 x (attended pairs) x E per layer for attention
-(BENCHMARKS.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100.
+(BENCHMARKS.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100. N and
+tokens/s count real tokens only; the positions of alignment gaps and tile padding
+(``--override video_tile_align=64``) are reported beside them ("positions").
 Writes bench/results/model-<gpu>-<date>.json (`-runN` when it exists; `--out` elsewhere) and prints a markdown table.
 """
 
@@ -80,22 +84,36 @@ def _parse_override(text: str):
     return key, {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
-def encoder_flops(model, batch) -> tuple[int, int, float]:
-    """(tokens N, attended pairs summed over layers, train FLOPs of the encoder)."""
+def encoder_flops(model, batch) -> tuple[int, int, int, float]:
+    """(real tokens, stream positions, attended pairs summed over layers, train FLOPs of the
+    encoder). Real tokens are the global tokens and the segments' tokens: the stream's alignment
+    gaps and tile padding (`segment_align`, `*_tile_align`) are computed but not counted, so
+    tokens/s and MFU compare models of different padding on the same media."""
     with torch.no_grad():
         stream = model.embed(batch)
-    n, e, depth = stream.layout.length, model.cfg.embed_dim, model.cfg.depth
+    lay_ = stream.layout
+    n, e, depth = lay_.length, model.cfg.embed_dim, model.cfg.depth
+    real = lay_.n_global + sum(s.numel for s in lay_.segments)
     pairs = 0
-    for lay in model.layer_layouts(stream.layout):
+    for lay in model.layer_layouts(lay_):
         pairs += n * n if lay is None else lay.attended_pairs()
-    flops = 6.0 * n * 12 * e * e * depth + 3.5 * 4.0 * pairs * e
-    return n, pairs, flops
+    flops = 6.0 * real * 12 * e * e * depth + 3.5 * 4.0 * pairs * e
+    return real, n, pairs, flops
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    """"NAME:field=value;field=value" -> (NAME, overrides): a named sparse variant."""
+    name, sep, body = text.partition(":")
+    if not sep or not name or name == "dense":
+        raise ValueError(f"--config must be NAME:field=value;..., NAME not 'dense', got {text!r}")
+    return name, dict(_parse_override(o) for o in body.split(";") if o.strip())
 
 
 def run_case(name, frames, variant, args, tok, device, dtype):
     overrides = dict(max_frames=max(frames, 64), **args.override)
     if variant == "dense":
         overrides["schedule"] = "dense"
+    overrides.update(args.configs.get(variant, {}))
     torch.manual_seed(0)
     model = create_model(name, tokenizer=tok, **overrides).to(device)
     if args.checkpointing:
@@ -104,9 +122,9 @@ def run_case(name, frames, variant, args, tok, device, dtype):
     task = CaptionTask(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = make_batch(frames, args.size, args.audio_frames, device, args.batch)
-    n, pairs, flops = encoder_flops(model, batch)  # per clip
-    row = {"frames": frames, "variant": variant, "batch": args.batch, "tokens": n, "attended_pairs": pairs,
-           "density": pairs / (model.cfg.depth * n * n), "train_flops": flops * args.batch}
+    n, positions, pairs, flops = encoder_flops(model, batch)  # per clip
+    row = {"frames": frames, "variant": variant, "batch": args.batch, "tokens": n, "positions": positions,
+           "attended_pairs": pairs, "density": pairs / (model.cfg.depth * n * n), "train_flops": flops * args.batch}
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -155,10 +173,14 @@ def main(argv=None) -> int:
                    help="clips a step (1: at 64 frames the step is then host-bound, NOTES session 9)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--override", action="append", default=[], help="ModelConfig field=value")
+    p.add_argument("--config", action="append", default=[],
+                   help="a named sparse variant, 'NAME:field=value;field=value' (added to --variants)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, tiny clips, on the CPU")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.override = dict(_parse_override(o) for o in args.override)
+    args.configs = dict(parse_config(c) for c in args.config)
+    variants = args.variants.split(",") + [c for c in args.configs if c not in args.variants.split(",")]
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.float32
         args.model, args.size, args.audio_frames = "captioner_tiny", 32, 200
@@ -172,7 +194,7 @@ def main(argv=None) -> int:
     tok = CaptionTokenizer.train([CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
     rows = []
     for frames in (int(f) for f in args.frames.split(",")):
-        for variant in args.variants.split(","):
+        for variant in variants:
             row = run_case(args.model, frames, variant, args, tok, device, dtype)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -191,6 +213,7 @@ def main(argv=None) -> int:
     result = {"workload": "E1", "model": args.model, "device": gpu, "torch": torch.__version__,
               "triton": triton_version, "sparse_backend": backend, "dtype": str(dtype),
               "checkpointing": args.checkpointing, "overrides": {k: v for k, v in args.override.items()},
+              "configs": args.configs,
               "date": dt.date.today().isoformat(), "rows": rows}
     if args.out:
         out = Path(args.out)

@@ -15,6 +15,7 @@ host); `model --host` then says which Python functions the host spends that time
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,10 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROWS = 40
+# the attention kernels of a step: ours (kernels/*.py), SDPA's flash / cuDNN / memory-efficient,
+# FlexAttention's generated ones
+ATTENTION_KERNELS = re.compile(r"_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel|_bwd_preprocess|_mask_tiles_kernel|"
+                               r"axial|strided|flash|fmha|cudnn|sdpa|attention|flex", re.IGNORECASE)
 
 
 def _tables(prof, title: str) -> None:
@@ -48,6 +53,10 @@ def _profile(fn, steps: int = 3):
     kernels = sum(e.self_device_time_total for e in prof.key_averages()
                   if e.device_type == DeviceType.CUDA) / steps / 1e3
     print(f"\nprofiled step: wall {wall:.2f} ms, CUDA kernel time {kernels:.2f} ms (sum over kernels)")
+    attn = sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == DeviceType.CUDA and ATTENTION_KERNELS.search(e.key)) / steps / 1e3
+    print(f"attention kernels {attn:.2f} ms, everything else {kernels - attn:.2f} ms "
+          f"(kernel names matching {ATTENTION_KERNELS.pattern!r})")
     return prof
 
 
@@ -91,14 +100,14 @@ def model(args) -> None:
     from mmsparse.models import CaptionTask, CaptionTokenizer, create_model
 
     tok = CaptionTokenizer.train([bm.CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
-    overrides = dict(max_frames=max(args.frames, 64))
+    overrides = dict(max_frames=max(args.frames, 64), **dict(bm._parse_override(o) for o in args.override))
     if args.dense:
         overrides["schedule"] = "dense"
     torch.manual_seed(0)
     m = create_model(args.model, tokenizer=tok, **overrides).cuda()
     task = CaptionTask(m)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-    batch = bm.make_batch(args.frames, 224, 1024, torch.device("cuda"))
+    batch = bm.make_batch(args.frames, 224, 1024, torch.device("cuda"), args.batch)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -197,6 +206,8 @@ def main(argv=None) -> int:
     m.add_argument("--frames", type=int, default=64)
     m.add_argument("--model", default="captioner_base")
     m.add_argument("--dense", action="store_true")
+    m.add_argument("--batch", type=int, default=1, help="clips a step (bench/model.py --batch)")
+    m.add_argument("--override", action="append", default=[], help="ModelConfig field=value (bench/model.py)")
     m.add_argument("--sync-debug", action="store_true",
                    help="list the host-device synchronisations of one step (torch.cuda.set_sync_debug_mode)")
     m.add_argument("--host", action="store_true",

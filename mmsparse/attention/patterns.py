@@ -135,7 +135,7 @@ class Lowering:
     def member_mask(self, segs) -> torch.Tensor:
         member = torch.zeros(self.n, dtype=torch.bool)
         for _, s in segs:
-            member[s.offset : s.end] = True
+            member[s.stream_index()] = True
         return member
 
 
@@ -184,7 +184,7 @@ def _window_clause(ctx, pattern, segs, axis_window, key_is_coord: bool) -> tuple
     lo = torch.zeros(3, ctx.n, dtype=torch.int64)  # tokens outside segs: empty range [0, 0)
     hi = torch.zeros(3, ctx.n, dtype=torch.int64)
     for _, s in segs:
-        sl = slice(s.offset, s.end)
+        sl = s.stream_index()  # the real tokens (tile padding stays outside every window)
         lo[s.ndim : used, sl] = -1  # axes this segment lacks (value -1) pass: -1 lies in [-1, 0)
         for a in range(s.ndim):
             key[a, sl], lo[a, sl], hi[a, sl] = axis_window(s, a, ctx.table.coords[sl, a])
@@ -467,10 +467,11 @@ class AVSync(Pattern):
         mod = torch.full((ctx.n,), -1, dtype=torch.int64)
         names = sorted({s.modality for s in ctx.stream.segments})
         for _, s in timed:
-            step = ctx.table.coords[s.offset : s.end, s.time_axis].double()
-            centre[s.offset : s.end] = torch.round((s.start + (step + 0.5) * s.seconds) * TICKS_PER_SECOND).long()
+            where = s.stream_index()
+            step = ctx.table.coords[where, s.time_axis].double()
+            centre[where] = torch.round((s.start + (step + 0.5) * s.seconds) * TICKS_PER_SECOND).long()
         for s in ctx.stream.segments:
-            mod[s.offset : s.end] = names.index(s.modality)
+            mod[s.stream_index()] = names.index(s.modality)
         half = round(self.window_seconds * TICKS_PER_SECOND / 2)
         has_time = centre >= 0
         flag = ctx.attr("timed", lambda: has_time)

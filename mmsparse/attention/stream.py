@@ -8,6 +8,14 @@ stores the grid tile after tile (tiles in raster order, tokens inside a tile in 
 order), so a 3D neighbourhood becomes a few whole blocks of consecutive tokens. Tiles at the
 far edge of a grid that is not a multiple of the tile are simply smaller.
 
+A tile whose token count is not a multiple of the attention block still straddles blocks: a
+224 x 224 frame is a 14 x 14 patch grid, and no tile of 64 or 128 tokens divides it. With
+`tile_align > 1` every tile starts at a multiple of `tile_align` inside the segment: its slot
+is padded up to that multiple, and the padding positions belong to no segment (as the
+alignment gaps between segments do). A segment then spans `span >= numel` positions; a
+Tiled window over such tiles is made of whole blocks again, at the price of the padding
+tokens (784 -> 832 positions for a (4, 14, 14) tile at 64-token blocks).
+
 `StreamLayout` is the hashable description of the whole stream (the cache key of block
 layouts): `n_global` global tokens first, then the segments. `TokenStream` pairs it with the
 token tensor.
@@ -48,6 +56,8 @@ class Segment:
         seconds: duration of one step along the time axis (None: the segment has no time).
         start: time of the first step, in seconds.
         time_axis: which grid axis is time (default: 0 for video, last for audio).
+        tile_align: each tile of a tile order starts at a multiple of this inside the segment
+            (module docstring); 1: tiles packed back to back.
     """
 
     modality: str
@@ -57,6 +67,7 @@ class Segment:
     seconds: float | None = None
     start: float = 0.0
     time_axis: int | None = None
+    tile_align: int = 1
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -70,6 +81,11 @@ class Segment:
             object.__setattr__(self, "order", tile)
         if self.offset < 0:
             raise ValueError(f"Segment.offset must be >= 0, got {self.offset}")
+        if not isinstance(self.tile_align, int) or self.tile_align < 1:
+            raise ValueError(f"Segment.tile_align must be a positive int, got {self.tile_align!r}")
+        if self.tile_align > 1 and self.order == "raster":
+            raise ValueError("Segment.tile_align > 1 needs a tile order (Segment.order a tile shape), "
+                             "got order='raster'")
         if self.seconds is not None:
             if not self.seconds > 0:
                 raise ValueError(f"Segment.seconds must be positive, got {self.seconds}")
@@ -93,33 +109,60 @@ class Segment:
         return math.prod(self.shape)
 
     @property
+    def span(self) -> int:
+        """Stream positions the segment covers: numel plus the padding of its tile slots."""
+        return _slots(self.shape, self.order, self.tile_align)[3]
+
+    @property
+    def padded(self) -> bool:
+        """Whether tile slots hold padding positions (span > numel)."""
+        return self.span > self.numel
+
+    @property
     def end(self) -> int:
-        return self.offset + self.numel
+        return self.offset + self.span
 
     def raster_to_order(self) -> torch.Tensor:
         """perm (numel,): stored position (within the segment) of each raster-ordered token."""
-        return _perms(self.shape, self.order)[0]
+        return _slots(self.shape, self.order, self.tile_align)[0]
 
     def order_to_raster(self) -> torch.Tensor:
-        """perm (numel,): raster index of the token stored at each position."""
-        return _perms(self.shape, self.order)[1]
+        """(span,): raster index of the token stored at each position; -1 at tile padding."""
+        return _slots(self.shape, self.order, self.tile_align)[1]
+
+    def positions(self) -> torch.Tensor:
+        """(numel,) increasing: the stored positions (within the segment) of its real tokens."""
+        return _slots(self.shape, self.order, self.tile_align)[2]
+
+    def stream_index(self) -> slice | torch.Tensor:
+        """Where the segment's real tokens sit in the stream, in stored order: a slice when the
+        segment has no padding, else a (numel,) index tensor."""
+        if not self.padded:
+            return slice(self.offset, self.end)
+        return self.offset + self.positions()
 
     def coords(self) -> torch.Tensor:
-        """coords (numel, A) int64: grid coordinates of the token at each stored position."""
+        """coords (numel, A) int64: grid coordinates of the real tokens in stored order (the
+        tokens at `positions()`)."""
         raster = self.order_to_raster()
-        return unravel(raster, self.shape)
+        return unravel(raster[raster >= 0] if self.padded else raster, self.shape)
 
-    def to_order(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Reorder raster tokens (along `dim`, length numel) into this segment's order."""
+    def to_order(self, x: torch.Tensor, dim: int = 1, fill=0) -> torch.Tensor:
+        """Reorder raster tokens (along `dim`, length numel) into this segment's order (length
+        span); tile padding positions hold `fill`."""
         if self.order == "raster":
             return x
-        return x.index_select(dim, _perm_on(self.shape, self.order, x.device, 1))
+        if not self.padded:
+            return x.index_select(dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 0))
+        pad = torch.full_like(x.narrow(dim, 0, 1), fill)
+        return torch.cat([x, pad], dim).index_select(
+            dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 1))
 
     def to_raster(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Inverse of `to_order`."""
+        """Inverse of `to_order` (length span -> numel raster tokens)."""
         if self.order == "raster":
             return x
-        return x.index_select(dim, _perm_on(self.shape, self.order, x.device, 0))
+        return x.index_select(dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 2))
 
 
 def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -132,10 +175,44 @@ def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _perm_on(shape, order, device: torch.device, which: int) -> torch.Tensor:
-    """`_perms(shape, order)[which]` on `device`, kept: a copy from pageable host memory to a
-    GPU waits for the GPU's queue (a host-device synchronisation each step, four per batch)."""
-    return _perms(shape, order)[which].to(device)
+def _perm_on(shape, order, tile_align: int, device: torch.device, which: int) -> torch.Tensor:
+    """Gather indices on `device`, kept (a copy from pageable host memory to a GPU waits for
+    the GPU's queue: a host-device synchronisation each step, four per batch).
+    which 0: raster -> order without padding; 1: span positions -> raster index, numel at
+    padding (the appended fill row); 2: raster -> stored position."""
+    r2o, o2r, _, _ = _slots(shape, order, tile_align)
+    if which == 0:
+        index = _perms(shape, order)[1]
+    elif which == 1:
+        index = torch.where(o2r >= 0, o2r, math.prod(shape))
+    else:
+        index = r2o
+    return index.to(device)
+
+
+@lru_cache(maxsize=64)
+def _slots(shape: tuple[int, ...], order, tile_align: int):
+    """(raster_to_stored (numel,), stored_to_raster (span,) with -1 at padding, positions
+    (numel,), span) of a grid in `order` whose tiles start at multiples of `tile_align`."""
+    r2o, o2r = _perms(shape, order)
+    n = math.prod(shape)
+    if tile_align == 1 or order == "raster":
+        return r2o, o2r, torch.arange(n), n
+    coords = unravel(o2r, shape)  # (n, A) in stored order: tiles are contiguous runs
+    tile_id = torch.zeros(n, dtype=torch.int64)
+    for a, (s, t) in enumerate(zip(shape, order)):
+        tile_id = tile_id * math.ceil(s / t) + coords[:, a] // t
+    count = torch.bincount(tile_id)
+    count = count[count > 0]  # every tile of the grid holds at least one token
+    slot = (count + tile_align - 1) // tile_align * tile_align
+    tile_start = torch.cumsum(slot, 0) - slot
+    first = torch.cumsum(count, 0) - count  # stored index of each tile's first token
+    rank = torch.repeat_interleave(count)  # tile of each stored token (0, 1, ... in order)
+    positions = tile_start[rank] + torch.arange(n) - first[rank]
+    span = int(slot.sum())
+    stored_to_raster = torch.full((span,), -1, dtype=torch.int64)
+    stored_to_raster[positions] = o2r
+    return positions[r2o], stored_to_raster, positions, span
 
 
 @lru_cache(maxsize=64)
@@ -206,9 +283,10 @@ class StreamLayout:
         placed, offset = [], n_global
         for seg in segments:
             placed.append(
-                Segment(seg.modality, seg.shape, offset, seg.order, seg.seconds, seg.start, seg.time_axis)
+                Segment(seg.modality, seg.shape, offset, seg.order, seg.seconds, seg.start, seg.time_axis,
+                        seg.tile_align)
             )
-            offset += seg.numel
+            offset += seg.span
         return cls(tuple(placed), n_global=n_global)
 
     def tokens(self) -> "TokenTable":
@@ -246,9 +324,9 @@ def token_table(layout: StreamLayout) -> TokenTable:
     segment = torch.full((n,), -1, dtype=torch.int64)
     coords = torch.full((n, 3), -1, dtype=torch.int64)
     for i, seg in enumerate(layout.segments):
-        sl = slice(seg.offset, seg.end)
-        segment[sl] = i
-        coords[sl, : seg.ndim] = seg.coords()
+        where = seg.stream_index()
+        segment[where] = i
+        coords[where, : seg.ndim] = seg.coords()
     return TokenTable(segment, coords)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import patterns as P
 from .blocklayout import build_layout
-from .stream import StreamLayout
+from .stream import StreamLayout, token_table
 
 _NAMES = {
     name: getattr(P, name)
@@ -87,7 +87,8 @@ def draw(pattern: P.Pattern, stream: StreamLayout, out: str, block: int = 128, q
 
     grid_tokens = row[seg.offset : seg.end].float()
     raster = seg.to_raster(grid_tokens[None, :, None])[0, :, 0].reshape(seg.shape)
-    qcoord = seg.coords()[query - seg.offset].tolist() if seg.offset <= query < seg.end else None
+    table = token_table(stream)
+    qcoord = table.coords[query, : seg.ndim].tolist() if int(table.segment[query]) == 0 else None
     if seg.ndim == 3:
         t0 = qcoord[0] if qcoord else 0
         ts = [t for t in range(t0 - 3, t0 + 4) if 0 <= t < seg.shape[0]]

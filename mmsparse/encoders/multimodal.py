@@ -7,7 +7,10 @@ Each segment is stored in tile order (`Segment.order`), so the 3D / 2D neighbour
 Tiled patterns are whole blocks. With `align > 1` every segment starts at a multiple of
 `align` (the attention block size on GPU), so no block straddles two segments, and the stream
 ends on a block (the kernels' tiles never reach past N, so they load without bounds masks); the
-gap positions are padding tokens (zeros, pad_mask True) that belong to no segment.
+gap positions are padding tokens (zeros, pad_mask True) that belong to no segment. With
+`tile_align[m] > 1` every tile of modality m also starts on a multiple of it (`Segment.tile_align`):
+a (4, 14, 14) video tile of 784 tokens fills 13 whole 64-token blocks instead of straddling 14,
+its slot padded by 48 gap tokens of the same kind.
 
 Pixels: video and image come as float32 frames or as uint8 pixels with the batch's
 `pixel_norm` (mean, std); uint8 is normalised here, after the move to the model's device, to the
@@ -88,6 +91,8 @@ class MultimodalTokenizer(nn.Module):
         video_order, audio_order, image_order: tile shapes of each segment's stored order.
         n_global: learned global tokens at positions [0, n_global).
         align: segment offsets and the stream's length are rounded up to a multiple of this.
+        tile_align: per modality (a mapping; or one int for all), each tile of its stored order
+            starts at a multiple of this inside the segment (`Segment.tile_align`; 1: packed).
         max_frames, max_audio_frames: longest input accepted (ValueError past it; None: any).
         audio_norm: (shift, scale) of the log-mel before its patch embedding (e.g. `AUDIO_NORM`:
             silence -> 0); None: raw.
@@ -98,7 +103,8 @@ class MultimodalTokenizer(nn.Module):
                  audio_stride=10, n_mels: int = 128, image_patch: int = 16, video_order=(4, 4, 8),
                  audio_order=(4, 32), image_order=(8, 8), n_global: int = 0, align: int = 1,
                  in_chans: int = 3, max_frames: int | None = None, max_audio_frames: int | None = None,
-                 default_fps: float = 8.0, audio_norm: tuple[float, float] | None = None):
+                 default_fps: float = 8.0, audio_norm: tuple[float, float] | None = None,
+                 tile_align: int | Mapping[str, int] = 1):
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
@@ -107,6 +113,13 @@ class MultimodalTokenizer(nn.Module):
         self.embed_dim, self.n_global, self.align = embed_dim, n_global, max(1, int(align))
         self.max_frames, self.max_audio_frames, self.default_fps = max_frames, max_audio_frames, default_fps
         self.orders = {"video": tuple(video_order), "audio": tuple(audio_order), "image": tuple(image_order)}
+        if isinstance(tile_align, int):
+            tile_align = {m: tile_align for m in MODALITIES}
+        unknown = set(tile_align) - set(MODALITIES)
+        if unknown or any(not isinstance(v, int) or v < 1 for v in tile_align.values()):
+            raise ValueError(f"tile_align must be a positive int or a mapping of {MODALITIES} to positive ints, "
+                             f"got {tile_align!r}")
+        self.tile_align = {m: int(tile_align.get(m, 1)) for m in MODALITIES}
         self.embeds = nn.ModuleDict()
         if "video" in self.modalities:
             self.embeds["video"] = TubeletEmbed(tubelet, in_chans, embed_dim)
@@ -200,11 +213,12 @@ class MultimodalTokenizer(nn.Module):
             if m in times:
                 seconds, start = times[m][0]
             seg_offset = gap(offset, tokens)
-            seg = Segment(m, grid, seg_offset, self.orders[m][: len(grid)] if len(self.orders[m]) >= len(grid) else "raster",
-                          seconds, start)
+            order = self.orders[m][: len(grid)] if len(self.orders[m]) >= len(grid) else "raster"
+            seg = Segment(m, grid, seg_offset, order, seconds, start,
+                          tile_align=1 if order == "raster" else self.tile_align[m])
             tokens = seg.to_order(self.modality_embed(tokens, m), dim=1)
             pieces.append(tokens)
-            pads.append(seg.to_order(pad, dim=1))
+            pads.append(seg.to_order(pad, dim=1, fill=True))
             segments.append(seg)
             offset = seg.end
         offset = gap(offset, pieces[-1])  # the stream ends on a block too: no kernel tile reads past N

@@ -80,6 +80,12 @@ class ModelConfig:
     av_window: float = 0.5
     attn_block: int = 128
     segment_align: int = 128
+    # every tile of a segment starts on a multiple of this (Segment.tile_align; 1: tiles packed).
+    # A grid no block-sized tile divides (224 x 224 frames: 14 x 14 patches) then still gets
+    # whole blocks, for the price of the padding: (4, 14, 14) video tiles at 64 -> +6 % tokens
+    video_tile_align: int = 1
+    audio_tile_align: int = 1
+    image_tile_align: int = 1
     backend: str = "auto"
     # decoder
     vocab_size: int = 1024
@@ -154,6 +160,8 @@ class VideoCaptioner(nn.Module):
             # padding mask keeps SDPA off its flash kernel
             1 if cfg.schedule == "dense" else cfg.segment_align,
             max_frames=cfg.max_frames, max_audio_frames=cfg.max_audio_frames, audio_norm=cfg.audio_norm,
+            tile_align=({m: 1 for m in MODALITIES} if cfg.schedule == "dense" else
+                        {"video": cfg.video_tile_align, "audio": cfg.audio_tile_align, "image": cfg.image_tile_align}),
         )
         dpr = [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(

@@ -83,3 +83,27 @@ def test_host_masks_tell_whether_clips_are_padded(aligned, batch, monkeypatch):
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert (got[0][0] - got[1][0]).abs().max().item() > 1e-3  # the padding changed clip 0's encoding
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local"])
+def test_tile_padding_leaves_the_model_unchanged(tokenizer, batch, schedule):
+    """Video tiles padded to block multiples (`video_tile_align`) change where tokens sit, not
+    what they see: encoder memory at the real tokens and the caption logits equal the packed
+    model's. (4, 4, 4) video grids in (2, 3, 3) tiles: edge tiles of 12, 6 and 4 tokens."""
+
+    models = []
+    for align in (1, 32):
+        torch.manual_seed(0)
+        m = create_model("captioner_tiny", tokenizer=tokenizer, schedule=schedule, video_tile=(2, 3, 3),
+                         video_tile_align=align, backend="reference").eval()
+        models.append(m)
+    with torch.no_grad():
+        outs = [m.encode(batch) for m in models]
+        logits = [m(batch) for m in models]
+    (mem1, _, lay1), (mem2, _, lay2) = outs
+    assert lay2.segments[0].padded and lay2.length > lay1.length
+    v1, v2 = lay1.segments[0], lay2.segments[0]
+    a = v1.to_raster(mem1[:, v1.offset: v1.end])
+    b = v2.to_raster(mem2[:, v2.offset: v2.end])
+    assert (a - b).abs().max().item() < 1e-5
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-5
