@@ -11,7 +11,14 @@ Schedules (`ModelConfig.schedule`):
   the tile does not divide has smaller edge tiles and blocks straddling them: 224 x 224 frames
   give a 14 x 14 patch grid, so with the default (4, 4, 8) tiles 60 % of the E1 captioner's
   blocks are partial (utilization 0.58); no tile of 128 tokens divides 14 x 14. The kernels
-  skip the empty parts of those blocks (bench/NOTES.md v8). The default.
+  skip the empty parts of those blocks (bench/NOTES.md v8). `video_tile_align` (and the audio
+  and image ones) pads every tile's slot to a block multiple instead, so e.g. (4, 14, 14)
+  tiles of 784 tokens fill 13 whole 64-token blocks (`Segment.tile_align`). The default.
+- "tiled_shifted": even layers as "tiled"; odd layers shift every tile window by half a tile
+  along each axis the grid has more than one tile on (Video Swin's shifted windows), so tokens
+  of neighbouring tiles meet even at radius 0. The shifted windows straddle the stored tiles:
+  at (4, 14, 14), radius 0, 64-token blocks with `video_tile_align=64`, 77 % of the computed
+  pairs are kept in a shifted layer against 89 % in an unshifted one.
 - "tiled_axial": even layers as "tiled"; odd layers the video time columns (Axial(0)) with the
   own tile, plus the audio / image / global / AVSync parts (TimeSformer-like reach in time).
 - "local": token-level Local windows instead of tiles (NATTEN semantics, partial blocks).
@@ -32,7 +39,7 @@ from mmsparse.attention.patterns import _global_flag
 from mmsparse.attention.program import POS
 from mmsparse.attention.stream import token_table
 
-SCHEDULES = ("tiled", "tiled_axial", "local", "local_axial", "dense")
+SCHEDULES = ("tiled", "tiled_shifted", "tiled_axial", "local", "local_axial", "dense")
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,11 @@ def layer_pattern(cfg, layer: int, stream: StreamLayout) -> Pattern | None:
         elif odd_axial and m == "video":
             parts.append(Axial(0, modality=m) | Tiled(tuple(tile), radius=0, modality=m))
         else:
-            parts.append(Tiled(tuple(tile), radius=_tup(radius, seg.ndim), modality=m))
+            tile_ = _tup(tile, seg.ndim)
+            shift = 0
+            if cfg.schedule == "tiled_shifted" and layer % 2 == 1:
+                shift = tuple(t // 2 if s > t else 0 for t, s in zip(tile_, seg.shape))
+            parts.append(Tiled(tile_, radius=_tup(radius, seg.ndim), shift=shift, modality=m))
     gaps = _has_gaps(stream)
     if stream.n_global:
         parts.append(StreamGlobal(stream.n_global) if gaps else Global(stream.n_global))

@@ -85,7 +85,7 @@ def test_host_masks_tell_whether_clips_are_padded(aligned, batch, monkeypatch):
     assert (got[0][0] - got[1][0]).abs().max().item() > 1e-3  # the padding changed clip 0's encoding
 
 
-@pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local"])
+@pytest.mark.parametrize("schedule", ["tiled", "tiled_shifted", "tiled_axial", "local"])
 def test_tile_padding_leaves_the_model_unchanged(tokenizer, batch, schedule):
     """Video tiles padded to block multiples (`video_tile_align`) change where tokens sit, not
     what they see: encoder memory at the real tokens and the caption logits equal the packed

@@ -19,7 +19,7 @@ def _logits(model, batch):
         return model(batch).float()
 
 
-@pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local", "local_axial"])
+@pytest.mark.parametrize("schedule", ["tiled", "tiled_shifted", "tiled_axial", "local", "local_axial"])
 def test_every_backend_gives_the_same_output(tiny, batch, schedule):
     """Error budget: each backend's error against the float32 reference is at most twice the
     error of the reference itself run in bfloat16 (plus float32 rounding)."""
@@ -249,3 +249,24 @@ def test_audio_norm_is_saved_and_reaches_the_output(tiny, batch, tmp_path):
     assert loaded.cfg.audio_norm == AUDIO_NORM and loaded.embed.embeds["audio"].norm == AUDIO_NORM
     assert torch.equal(_logits(loaded, batch), _logits(normed, batch))
     assert not torch.equal(_logits(normed, batch), _logits(tiny, batch))
+
+
+def test_tiled_shifted_moves_the_odd_layers_windows(tiny, batch):
+    """tiled_shifted: even layers are the tiled schedule's; odd layers shift each tile window by
+    half a tile where the grid has more than one tile, and so pair tokens of neighbouring tiles."""
+    from mmsparse.attention import Tiled, build_layout
+
+    tiny.cfg.schedule = "tiled_shifted"
+    tiny.cfg.video_radius = (0, 0, 0)
+    _, _, layout = tiny.encode(batch)
+    video = next(s for s in layout.segments if s.modality == "video")
+    even, odd = (layer_pattern(tiny.cfg, i, layout) for i in (0, 1))
+    shifts = {p.shift for p in even.parts if isinstance(p, Tiled) and p.modality == "video"}
+    want = tuple(t // 2 if s > t else 0 for t, s in zip(tiny.cfg.video_tile, video.shape))
+    assert shifts == {0} and any(isinstance(p, Tiled) and p.shift == want for p in odd.parts)
+    tiny.cfg.schedule = "tiled"
+    assert repr(layer_pattern(tiny.cfg, 0, layout)) == repr(even)
+    m0 = build_layout(even, layout, 16, 16).dense_mask()
+    m1 = build_layout(odd, layout, 16, 16).dense_mask()
+    v = video.stream_index()
+    assert not torch.equal(m0[v][:, v], m1[v][:, v])
