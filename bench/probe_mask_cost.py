@@ -2,6 +2,8 @@
 
     python bench/probe_mask_cost.py
     python bench/probe_mask_cost.py --sweep [FRAMES]   # tile configs of the three kernels, E1 layer (512 frames)
+    python bench/probe_mask_cost.py --e1 64 --batch 8 --override video_tile_align=64 ...
+                                                       # one E1 layer layout of a model config, B clips
 
 For a few layouts (the E1 captioner_base layer at 64 and 512 frames, A2's token-level 3D
 window in raster order), times the forward and backward launchers three ways: the partial
@@ -26,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmsparse.kernels import block_sparse_attention as bs  # noqa: E402
 
 
-def captioner_layout(frames: int):
+def captioner_layout(frames: int, overrides: dict | None = None):
     import bench.model as bm
     from mmsparse.models import CaptionTokenizer, create_model
 
     tok = CaptionTokenizer.train([bm.CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
-    m = create_model("captioner_base", tokenizer=tok, max_frames=max(frames, 64)).cuda()
+    m = create_model("captioner_base", tokenizer=tok, max_frames=max(frames, 64), **(overrides or {})).cuda()
     with torch.no_grad():
         stream = m.embed(bm.make_batch(frames, 224, 1024, torch.device("cuda")))
     return m.layer_layouts(stream.layout)[0], m.cfg.num_heads, m.cfg.embed_dim // m.cfg.num_heads
@@ -43,9 +45,9 @@ def a2_layout():
     return build_layout(Local((7, 13, 13)), (32, 48, 48), device="cuda"), 16, 64
 
 
-def run(name, layout, h, d):
+def run(name, layout, h, d, batch: int = 1):
     n = layout.n
-    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(batch, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = d ** -0.5
     kp = bs._kernel_program(layout, q.device)
     real = kp.program
@@ -81,6 +83,16 @@ def main() -> int:
         print(f"E1 captioner_base {frames} frames: N {lay.n}, {h} heads x {d}, full {lay.num_full}, partial "
               f"{lay.num_partial}, tiles {bs._use_mask_tiles(bs._kernel_program(lay, lay.device))}")
         bs.sweep(None, None, h, d, layout=lay)
+        return 0
+    if "--e1" in sys.argv[1:]:  # one E1 layer layout: --e1 FRAMES [--batch B] [--override field=value ...]
+        import bench.model as bm
+
+        argv = sys.argv[1:]
+        frames = int(argv[argv.index("--e1") + 1])
+        batch = int(argv[argv.index("--batch") + 1]) if "--batch" in argv else 1
+        overrides = dict(bm._parse_override(argv[i + 1]) for i, a in enumerate(argv) if a == "--override")
+        lay, h, d = captioner_layout(frames, overrides)
+        run(f"E1 {frames} frames x {batch} {overrides}", lay, h, d, batch)
         return 0
     for frames in (64, 512):
         lay, h, d = captioner_layout(frames)

@@ -642,6 +642,12 @@ _CONFIGS = {
 # Full-block layouts (A3, dense) keep the larger tiles of _CONFIGS.
 _CONFIGS_PARTIAL = {"fwd": {128: (64, 64, 4, 3)}}
 PARTIAL_HEAVY = 0.5  # share of partial blocks above which _CONFIGS_PARTIAL applies
+# Layouts of 64 x 64 blocks (tile-aligned 14 x 14 grids, `Segment.tile_align=64`) at D_PAD <= 64:
+# the table's 8-warp forward cut to 64 x 64 leaves each warp 8 rows. MMSPARSE_TRITON_AUTOTUNE=1
+# on the E1 64-frame layer (batch 8, H200, 2026-12-03; results/logs/model-64f-batch8-tile-align-
+# autotune-h200-2026-12-03.log) chose these on both its layouts (tiled and tiled_shifted); the
+# step went from 154.7 to 143.6 ms (bench/NOTES.md, session 11).
+_CONFIGS_B64 = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}
 # float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
 _CONFIGS_FP32 = {
     "fwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
@@ -681,6 +687,8 @@ def _partial_heavy(layout) -> bool:
 def _default_config(kernel: str, d_pad: int, dtype, layout=None):
     if dtype == torch.float32:
         return _CONFIGS_FP32[kernel][d_pad]
+    if layout is not None and d_pad <= 64 and layout.block_q == layout.block_k == 64:
+        return _CONFIGS_B64[kernel]
     if layout is not None and _partial_heavy(layout):
         cfg = _CONFIGS_PARTIAL.get(kernel, {}).get(d_pad)
         if cfg is not None:

@@ -199,6 +199,27 @@ def test_partial_heavy_layouts_pick_their_own_forward_tiles():
     assert bsa._default_config("fwd", 128, torch.float32, window) == bsa._CONFIGS_FP32["fwd"][128]
 
 
+def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
+    """Layouts of 64 x 64 blocks at D_PAD <= 64 (tile-aligned 14 x 14 grids) take _CONFIGS_B64
+    (4 warps on 64 x 64 forward tiles, not the table's 8); they run end to end on a stream of
+    padded tiles with global tokens and gaps, D = 48 (padded to 64)."""
+    from mmsparse.attention import Segment
+    from mmsparse.models.schedule import Gaps, StreamGlobal
+
+    seg = Segment("video", (3, 7, 7), offset=64, order=(2, 7, 7), tile_align=64)  # 98 -> 128 a tile
+    stream = StreamLayout((seg,), n_global=2, length=64 + seg.span)
+    layout = build_layout(Tiled((2, 7, 7), 0) | StreamGlobal(2) | Gaps(), stream, 64, 64, device=DEV)
+    bf16 = torch.bfloat16
+    for kernel in ("fwd", "dq", "dkdv"):
+        assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
+    dtype, d = (bf16 if CUDA else torch.float16), 48
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=12)
+    scale = d**-0.5
+    truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
+    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, scale, dtype), low, truth, dtype)
+
+
 def test_partial_heavy_forward_tiles_match_truth(mask_mode):
     """The partial-block forward tiles run end to end: D = 72 (padded to 128), layout blocks of
     64, a window whose blocks are mostly partial, N = 105 (a ragged last block)."""
