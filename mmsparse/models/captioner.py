@@ -87,9 +87,6 @@ class ModelConfig:
     audio_tile_align: int = 1
     image_tile_align: int = 1
     backend: str = "auto"
-    # run the encoder's norms, projections and MLPs on the real tokens only, attention on the
-    # whole aligned stream (layers.py: packed tokens); off under sequence parallelism
-    pack_gaps: bool = True
     # decoder
     vocab_size: int = 1024
     dec_dim: int = 512
@@ -143,13 +140,6 @@ def _rope_on(layout: StreamLayout, head_dim: int, theta: float, device: torch.de
 @lru_cache(maxsize=8)
 def _gaps_on(layout: StreamLayout, device: torch.device) -> torch.Tensor:
     return gap_positions(layout).to(device)
-
-
-@lru_cache(maxsize=8)
-def _real_on(layout: StreamLayout, device: torch.device) -> torch.Tensor | None:
-    """(R,) int64 stream positions that are not gaps, on `device`; None when there are no gaps."""
-    gaps = gap_positions(layout)
-    return None if not gaps.any() else torch.nonzero(~gaps).squeeze(1).to(device)
 
 
 class VideoCaptioner(nn.Module):
@@ -252,19 +242,9 @@ class VideoCaptioner(nn.Module):
         return self.norm(out), stream.pad_mask, stream.layout
 
     def _blocks(self, x, layout: StreamLayout, rope, pad):
-        layouts = self.layer_layouts(layout)
-        real = _real_on(layout, x.device) if self.cfg.pack_gaps and any(l is not None for l in layouts) else None
-        if real is None:
-            for blk, lay in zip(self.blocks, layouts):
-                x = blk(x, lay, rope, pad)
-            return x
-        # the gaps carry nothing the real tokens see (their patterns isolate them): skip them
-        # outside attention, and give the stream back with zeros there
-        b, n, c = x.shape
-        h = x.index_select(1, real)
-        for blk, lay in zip(self.blocks, layouts):
-            h = blk(h, lay, rope, pad, (real, n))
-        return h.new_zeros(b, n, c).index_copy(1, real, h)
+        for blk, lay in zip(self.blocks, self.layer_layouts(layout)):
+            x = blk(x, lay, rope, pad)
+        return x
 
     def forward(self, batch: Mapping[str, Any], ids: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for caption ids (B, L) (default: the batch captions

@@ -7,12 +7,6 @@ through SDPA's flash path with no mask at all) and the rotary (cos, sin) of the 
 model builds both once per forward (layouts are cached by pattern and StreamLayout), so any
 wrapper (activation checkpointing, DeepSpeed) sees plain `block(x, layout, rope, pad_mask)` calls.
 pad_mask (B, N) marks the padding tokens of shorter clips in the batch: no query attends them.
-
-Packed tokens: a stream with alignment gaps (segment and tile padding) may run its residual
-stream on the real tokens only, x (B, R, C) with `tokens = (index (R,), N)` naming their stream
-positions: the norms, projections and MLP then skip the padding, and attention alone sees the
-whole stream (q, k, v scattered to their positions, zeros at the gaps, whose patterns keep them
-from every real token; the output gathered back).
 """
 
 from __future__ import annotations
@@ -45,18 +39,11 @@ class SparseSelfAttention(nn.Module):
         self.fused_rope = not qk_norm
 
     def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None,
-                pad_mask: torch.Tensor | None = None, tokens=None) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2);
-        pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended.
-        tokens: (index (R,), N) when x holds only the R stream positions `index` (module doc)."""
-        b, r, c = x.shape
-        qkv = self.qkv(x)
-        if tokens is not None:
-            index, n = tokens
-            qkv = qkv.new_zeros(b, n, 3 * c).index_copy(1, index, qkv)
-        else:
-            n = r
-        qkv = qkv.view(b, n, 3, self.num_heads, self.head_dim)
+        pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
         if rope is not None and self.fused_rope and fused_rope_available(qkv):
             # one Triton pass: split into heads and rotate q, k (and its transpose backward)
             q, k, v = qkv_rope(qkv, *rope)
@@ -70,10 +57,7 @@ class SparseSelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
-        out = out.transpose(1, 2).reshape(b, n, c)
-        if tokens is not None:
-            out = out.index_select(1, tokens[0])
-        return self.proj(out)  # (B, N or R, C)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
 
 
 class SparseBlock(nn.Module):
@@ -91,6 +75,6 @@ class SparseBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, layout: BlockLayout | None = None, rope=None,
-                pad_mask: torch.Tensor | None = None, tokens=None) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask, tokens))
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -22,7 +22,6 @@ def aligned(tokenizer):
 @pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local"])
 def test_gaps_need_no_padding_mask(aligned, batch, schedule):
     aligned.cfg.schedule = schedule
-    aligned.cfg.pack_gaps = False  # the gaps run through the blocks: their rows can be compared
     aligned.set_backend("reference")
     with torch.no_grad():
         stream = aligned.embed(batch)
@@ -108,21 +107,3 @@ def test_tile_padding_leaves_the_model_unchanged(tokenizer, batch, schedule):
     b = v2.to_raster(mem2[:, v2.offset: v2.end])
     assert (a - b).abs().max().item() < 1e-5
     assert (logits[0] - logits[1]).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize("schedule", ["tiled", "tiled_shifted", "local"])
-def test_packed_blocks_equal_the_blocks_on_every_position(aligned, batch, schedule):
-    """pack_gaps (the default): the blocks skip the gaps outside attention. The real tokens'
-    encoding and the caption logits are those of the blocks run on every stream position."""
-    aligned.cfg.schedule = schedule
-    aligned.set_backend("reference")
-    out = {}
-    for pack in (False, True):
-        aligned.cfg.pack_gaps = pack
-        with torch.no_grad():
-            memory, pad, layout = aligned.encode(batch)
-            out[pack] = memory, aligned(batch)
-    real = ~gap_positions(layout)
-    assert (~real).any()
-    assert (out[True][0][:, real] - out[False][0][:, real]).abs().max().item() < 1e-5
-    assert (out[True][1] - out[False][1]).abs().max().item() < 1e-5
