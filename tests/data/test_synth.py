@@ -122,13 +122,21 @@ def test_concurrent_generation_into_one_folder_is_safe(tmp_path):
 
 
 def test_processes_give_the_same_dataset(tmp_path):
+    """Same manifests, captions and events; the decoded clips agree up to libx264's rare
+    per-process bitstream difference (synth's docstring: about one clip in a hundred, pixels off
+    by up to ~20 in a few frames), so every frame's code reads back the same and the pixels
+    agree on average. A bit-exact comparison failed once in a clean-clone run of .ci/run (588 of 49,152
+    values off by at most 3)."""
     one = synth.make_dataset(tmp_path / "one", clips=3, frames=16, size=(32, 32), images=0, seed=9)
     many = synth.make_dataset(tmp_path / "many", clips=3, frames=16, size=(32, 32), images=0, seed=9, processes=3)
     assert one.read_text() == many.read_text()
     for k in range(3):
         a, _ = read_frames(one.parent / f"videos/clip-{k:04d}.mp4", range(16))
         b, _ = read_frames(many.parent / f"videos/clip-{k:04d}.mp4", range(16))
-        np.testing.assert_array_equal(a, b)
+        assert a.shape == b.shape == (16, 32, 32, 3)
+        assert [synth.decode_frame_index(f) for f in a] == [synth.decode_frame_index(f) for f in b] == list(range(16))
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        assert diff.mean() < 1.0 and diff.max() <= 40, (diff.mean(), diff.max())
 
 
 def test_long_lengths_doubling(tmp_path):
