@@ -88,10 +88,11 @@ def test_longclip_cli_report(tiny_run, dense_model, tmp_path, capsys):
 def test_longclip_recipes_differ_only_in_the_pattern():
     from mmsparse.train.config import load_config, to_dict
 
-    cfgs = {n: load_config(f"longclip_{n}") for n in ("local", "local_global", "local_axial", "dense")}
+    cfgs = {n: load_config(f"longclip_{n}") for n in ("local", "local_global", "local_axial", "dense",
+                                                       "tiled_shifted")}
     pats = {n: (c.model.overrides["schedule"], c.model.overrides["n_global"]) for n, c in cfgs.items()}
     assert pats == {"local": ("local", 0), "local_global": ("local", 8), "local_axial": ("local_axial", 0),
-                    "dense": ("dense", 0)}
+                    "dense": ("dense", 0), "tiled_shifted": ("tiled_shifted", 0)}
     strip = lambda c: {k: v for k, v in to_dict(c).items() if k not in ("run", "model")}  # noqa: E731
     assert all(strip(c) == strip(cfgs["local"]) for c in cfgs.values())
     assert cfgs["local"].data.synth.long and tuple(cfgs["local"].data.synth.long_frames) == (256, 2048)
