@@ -91,11 +91,11 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
     tokens/s and MFU compare models of different padding on the same media."""
     with torch.no_grad():
         stream = model.embed(batch)
-    lay_ = stream.layout
-    n, e, depth = lay_.length, model.cfg.embed_dim, model.cfg.depth
-    real = lay_.n_global + sum(s.numel for s in lay_.segments)
+    layout = stream.layout
+    n, e, depth = layout.length, model.cfg.embed_dim, model.cfg.depth
+    real = layout.n_global + sum(s.numel for s in layout.segments)
     pairs = 0
-    for lay in model.layer_layouts(lay_):
+    for lay in model.layer_layouts(layout):
         pairs += n * n if lay is None else lay.attended_pairs()
     flops = 6.0 * real * 12 * e * e * depth + 3.5 * 4.0 * pairs * e
     return real, n, pairs, flops
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.override = dict(_parse_override(o) for o in args.override)
     args.configs = dict(parse_config(c) for c in args.config)
-    variants = args.variants.split(",") + [c for c in args.configs if c not in args.variants.split(",")]
+    variants = args.variants.split(",")
+    variants += [c for c in args.configs if c not in variants]
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.float32
         args.model, args.size, args.audio_frames = "captioner_tiny", 32, 200

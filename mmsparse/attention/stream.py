@@ -152,17 +152,15 @@ class Segment:
         span); tile padding positions hold `fill`."""
         if self.order == "raster":
             return x
-        if not self.padded:
-            return x.index_select(dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 0))
-        pad = torch.full_like(x.narrow(dim, 0, 1), fill)
-        return torch.cat([x, pad], dim).index_select(
-            dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 1))
+        if self.padded:  # the padding positions gather an appended row of `fill`
+            x = torch.cat([x, torch.full_like(x.narrow(dim, 0, 1), fill)], dim)
+        return x.index_select(dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 0))
 
     def to_raster(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of `to_order` (length span -> numel raster tokens)."""
         if self.order == "raster":
             return x
-        return x.index_select(dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 2))
+        return x.index_select(dim, _perm_on(self.shape, self.order, self.tile_align, x.device, 1))
 
 
 def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -178,15 +176,10 @@ def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _perm_on(shape, order, tile_align: int, device: torch.device, which: int) -> torch.Tensor:
     """Gather indices on `device`, kept (a copy from pageable host memory to a GPU waits for
     the GPU's queue: a host-device synchronisation each step, four per batch).
-    which 0: raster -> order without padding; 1: span positions -> raster index, numel at
-    padding (the appended fill row); 2: raster -> stored position."""
+    which 0: the raster index of each stored position (span,), numel at tile padding (the row
+    `to_order` appends); 1: the stored position of each raster token (numel,)."""
     r2o, o2r, _, _ = _slots(shape, order, tile_align)
-    if which == 0:
-        index = _perms(shape, order)[1]
-    elif which == 1:
-        index = torch.where(o2r >= 0, o2r, math.prod(shape))
-    else:
-        index = r2o
+    index = torch.where(o2r >= 0, o2r, math.prod(shape)) if which == 0 else r2o
     return index.to(device)
 
 
@@ -202,13 +195,11 @@ def _slots(shape: tuple[int, ...], order, tile_align: int):
     tile_id = torch.zeros(n, dtype=torch.int64)
     for a, (s, t) in enumerate(zip(shape, order)):
         tile_id = tile_id * math.ceil(s / t) + coords[:, a] // t
-    count = torch.bincount(tile_id)
-    count = count[count > 0]  # every tile of the grid holds at least one token
+    count = torch.bincount(tile_id)  # tokens per tile (every tile of the grid holds some)
     slot = (count + tile_align - 1) // tile_align * tile_align
     tile_start = torch.cumsum(slot, 0) - slot
     first = torch.cumsum(count, 0) - count  # stored index of each tile's first token
-    rank = torch.repeat_interleave(count)  # tile of each stored token (0, 1, ... in order)
-    positions = tile_start[rank] + torch.arange(n) - first[rank]
+    positions = tile_start[tile_id] + torch.arange(n) - first[tile_id]
     span = int(slot.sum())
     stored_to_raster = torch.full((span,), -1, dtype=torch.int64)
     stored_to_raster[positions] = o2r

@@ -160,8 +160,8 @@ class VideoCaptioner(nn.Module):
             # padding mask keeps SDPA off its flash kernel
             1 if cfg.schedule == "dense" else cfg.segment_align,
             max_frames=cfg.max_frames, max_audio_frames=cfg.max_audio_frames, audio_norm=cfg.audio_norm,
-            tile_align=({m: 1 for m in MODALITIES} if cfg.schedule == "dense" else
-                        {"video": cfg.video_tile_align, "audio": cfg.audio_tile_align, "image": cfg.image_tile_align}),
+            tile_align=1 if cfg.schedule == "dense" else
+            {"video": cfg.video_tile_align, "audio": cfg.audio_tile_align, "image": cfg.image_tile_align},
         )
         dpr = [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-
-import pytest
 from pathlib import Path
 
+import pytest
 import torch
 
 
