@@ -10,7 +10,11 @@
     python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
 
 Each row: clip of T frames of 224x224 plus 10.24 s of audio (1,024 log-mel frames, AST patches:
-1,212 tokens) as one stream, batch 1 (``--batch``), bf16 autocast, AdamW step included (CaptionTask loss).
+1,212 tokens) as one stream, batch 1 (``--batch``), AdamW step included (CaptionTask loss).
+Precision (``--precision``): ``bf16`` (default) is the recipes' DeepSpeed bf16 mode, bf16 weights
+and activations with fp32 master weights in the optimizer; ``amp`` is torch autocast over fp32
+weights (the convention of results before 2026-12-03: every step then re-casts the weights and runs
+the norms in fp32, about 25 ms of copies at 64 frames x 8 clips, the same for sparse and dense).
 The sparse model uses the config's pattern schedule with backend "auto" (triton when the
 kernels import, else flex); the dense model is the same model with `schedule="dense"`, i.e.
 SDPA flash with no mask. Reported: step ms, tokens/s, MFU, peak memory, the sparse/dense
@@ -55,6 +59,48 @@ class _Checkpointed(nn.Module):
 
     def forward(self, *args):
         return checkpoint(self.block, *args, use_reentrant=False)
+
+
+class TrainStep:
+    """One optimizer step of ``task`` (forward, backward, AdamW) in one of ``PRECISIONS``:
+
+    - ``bf16``: the model in bf16; each step copies the grads into fp32 master weights, steps a
+      fused AdamW on those and copies them back, as DeepSpeed's bf16 mode does (recipes'
+      ``deepspeed.precision: bf16``).
+    - ``amp``: fp32 weights, forward under bf16 autocast, AdamW on the weights.
+    - ``fp32``: no casting at all (the CPU smoke run).
+    """
+
+    PRECISIONS = ("bf16", "amp", "fp32")
+
+    def __init__(self, task, model: nn.Module, batch: dict, precision: str, device):
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {precision!r}")
+        self.task, self.batch, self.precision, self.device = task, batch, precision, device
+        fused = device.type == "cuda"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if precision == "bf16":
+            self.master = [p.detach().float().clone() for p in self.params]
+            model.to(torch.bfloat16)
+            self.opt = torch.optim.AdamW(self.master, lr=1e-4, fused=fused)
+        else:
+            self.master = None
+            self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=fused)
+
+    def __call__(self):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "amp"):
+            loss, _ = self.task.training_forward(self.batch)
+        loss.backward()
+        if self.master is not None:
+            for m, p in zip(self.master, self.params):
+                m.grad = None if p.grad is None else p.grad.float()
+        self.opt.step()
+        if self.master is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.master)
+        for p in self.params:
+            p.grad = None
+        return loss
 
 
 def make_batch(frames: int, size: int, audio_frames: int, device, batch: int = 1) -> dict:
@@ -109,7 +155,7 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, dict(_parse_override(o) for o in body.split(";") if o.strip())
 
 
-def run_case(name, frames, variant, args, tok, device, dtype):
+def run_case(name, frames, variant, args, tok, device):
     overrides = dict(max_frames=max(frames, 64), **args.override)
     if variant == "dense":
         overrides["schedule"] = "dense"
@@ -120,19 +166,11 @@ def run_case(name, frames, variant, args, tok, device, dtype):
         for i, blk in enumerate(model.blocks):
             model.blocks[i] = _Checkpointed(blk)
     task = CaptionTask(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = make_batch(frames, args.size, args.audio_frames, device, args.batch)
+    step = TrainStep(task, model, batch, args.precision, device)
     n, positions, pairs, flops = encoder_flops(model, batch)  # per clip
     row = {"frames": frames, "variant": variant, "batch": args.batch, "tokens": n, "positions": positions,
            "attended_pairs": pairs, "density": pairs / (model.cfg.depth * n * n), "train_flops": flops * args.batch}
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = task.training_forward(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
@@ -146,14 +184,14 @@ def run_case(name, frames, variant, args, tok, device, dtype):
             loss = step()
         sync()
         ms = (time.perf_counter() - t0) / args.steps * 1e3
-        row.update(step_ms=ms, tokens_per_s=args.batch * n / ms * 1e3, loss=float(loss),
+        row.update(step_ms=ms, tokens_per_s=args.batch * n / ms * 1e3, loss=float(loss.detach()),
                    mfu=args.batch * flops / (ms / 1e3) / (PEAK_TFLOPS * 1e12))
         if device.type == "cuda":
             row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     except torch.cuda.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
     finally:
-        del model, task, opt, batch
+        del model, task, step, batch
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -172,6 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1,
                    help="clips a step (1: at 64 frames the step is then host-bound, NOTES session 9)")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--precision", choices=TrainStep.PRECISIONS, default="bf16",
+                   help="bf16: bf16 weights, fp32 master (DeepSpeed bf16, the recipes); amp: bf16 autocast "
+                        "over fp32 weights (results before 2026-12-03); the CPU smoke run always uses fp32")
     p.add_argument("--override", action="append", default=[], help="ModelConfig field=value")
     p.add_argument("--config", action="append", default=[],
                    help="a named sparse variant, 'NAME:field=value;field=value' (added to --variants)")
@@ -183,20 +224,20 @@ def main(argv=None) -> int:
     variants = args.variants.split(",")
     variants += [c for c in args.configs if c not in variants]
     if args.cpu_smoke:
-        device, dtype = torch.device("cpu"), torch.float32
+        device, args.precision = torch.device("cpu"), "fp32"
         args.model, args.size, args.audio_frames = "captioner_tiny", 32, 200
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
         if args.frames == p.get_default("frames"):
             args.frames = "4,8"
     elif torch.cuda.is_available():
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device = torch.device("cuda")
     else:
         p.error("no GPU: run with --cpu-smoke for the reduced CPU check")
     tok = CaptionTokenizer.train([CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
     rows = []
     for frames in (int(f) for f in args.frames.split(",")):
         for variant in variants:
-            row = run_case(args.model, frames, variant, args, tok, device, dtype)
+            row = run_case(args.model, frames, variant, args, tok, device)
             rows.append(row)
             print(json.dumps(row), flush=True)
     by = {(r["frames"], r["variant"]): r for r in rows}
@@ -212,7 +253,7 @@ def main(argv=None) -> int:
         triton_version = None
     backend = "reference" if device.type == "cpu" else ("triton" if _triton_available() else "flex")
     result = {"workload": "E1", "model": args.model, "device": gpu, "torch": torch.__version__,
-              "triton": triton_version, "sparse_backend": backend, "dtype": str(dtype),
+              "triton": triton_version, "sparse_backend": backend, "precision": args.precision,
               "checkpointing": args.checkpointing, "overrides": {k: v for k, v in args.override.items()},
               "configs": args.configs,
               "date": dt.date.today().isoformat(), "rows": rows}
@@ -226,7 +267,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\n{args.model} on {gpu} (torch {torch.__version__}, triton {triton_version}, sparse backend {backend})\n")
-    print(f"batch {args.batch} clips a step; tokens per clip\n")
+    print(f"batch {args.batch} clips a step, precision {args.precision}; tokens per clip\n")
     print("| frames | variant | tokens | density | step ms | tokens/s | MFU | peak GB | speedup |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -106,15 +106,8 @@ def model(args) -> None:
     torch.manual_seed(0)
     m = create_model(args.model, tokenizer=tok, **overrides).cuda()
     task = CaptionTask(m)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
     batch = bm.make_batch(args.frames, 224, 1024, torch.device("cuda"), args.batch)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = task.training_forward(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = bm.TrainStep(task, m, batch, args.precision, torch.device("cuda"))
 
     for _ in range(3):
         step()
@@ -207,6 +200,7 @@ def main(argv=None) -> int:
     m.add_argument("--model", default="captioner_base")
     m.add_argument("--dense", action="store_true")
     m.add_argument("--batch", type=int, default=1, help="clips a step (bench/model.py --batch)")
+    m.add_argument("--precision", default="bf16", choices=("bf16", "amp"), help="bench/model.py --precision")
     m.add_argument("--override", action="append", default=[], help="ModelConfig field=value (bench/model.py)")
     m.add_argument("--sync-debug", action="store_true",
                    help="list the host-device synchronisations of one step (torch.cuda.set_sync_debug_mode)")

@@ -40,9 +40,15 @@ from .block_sparse_attention import _DTYPES, _interpreting
 # ---------------------------------------------------------------------------------------------
 
 
-def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None):
     """qkv (B, N, 3, H, D) -> q, k, v (B, H, N, D), q and k rotated by `apply_rope`; cos / sin
-    (N, D / 2): the model layers' PyTorch path."""
+    (N, D / 2): the model layers' PyTorch path. rows (N,): qkv holds packed rows (B, R, 3, H, D),
+    rows[n] the one of stream position n, -1 at gaps (zeros there)."""
+    if rows is not None:
+        full = qkv.new_zeros(qkv.shape[0], rows.shape[0], *qkv.shape[2:])
+        real = rows >= 0
+        full[:, real] = qkv[:, rows[real].long()]
+        qkv = full
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -54,15 +60,18 @@ def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 @triton.jit
 def _qkv_rope_kernel(
-    SRC, DST, COS, SIN, N, H, WHICH0,
+    SRC, DST, COS, SIN, ROWS, N, H, WHICH0,
     s_b, s_w, s_h, s_n,  # SRC strides: batch, q|k|v, head, token (D contiguous)
     d_b, d_w, d_h, d_n,  # DST strides, same order
     stride_cn,  # COS / SIN token stride (P contiguous)
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr, INVERSE: tl.constexpr,
+    ROWS_ON: tl.constexpr,
 ):
     """Program (token tile, batch x head, w): copies SRC[b, w, h, tile, :] to
     DST[b, WHICH0 + w, h, tile, :], rotated when WHICH0 + w is q (0) or k (1); INVERSE rotates
-    by the negative angle (the backward)."""
+    by the negative angle (the backward). The tile is of stream positions n (the rotation's);
+    ROWS_ON 1 / 2: SRC / DST holds packed rows instead, ROWS[n] (-1: a gap, which reads zeros /
+    is not written)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     w = tl.program_id(2)
@@ -71,9 +80,19 @@ def _qkv_rope_kernel(
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, HALF_PAD)
-    mask = (offs_n < N)[:, None] & (offs_p < HALF)[None, :]
-    src = SRC + b * s_b + w.to(tl.int64) * s_w + h * s_h + offs_n.to(tl.int64)[:, None] * s_n + offs_p[None, :]
-    dst = DST + b * d_b + which.to(tl.int64) * d_w + h * d_h + offs_n.to(tl.int64)[:, None] * d_n + offs_p[None, :]
+    in_n = offs_n < N
+    tok_src = offs_n.to(tl.int64)
+    tok_dst = offs_n.to(tl.int64)
+    if ROWS_ON != 0:
+        row = tl.load(ROWS + offs_n, mask=in_n, other=-1)
+        in_n = in_n & (row >= 0)
+        if ROWS_ON == 1:
+            tok_src = row.to(tl.int64)
+        else:
+            tok_dst = row.to(tl.int64)
+    mask = in_n[:, None] & (offs_p < HALF)[None, :]
+    src = SRC + b * s_b + w.to(tl.int64) * s_w + h * s_h + tok_src[:, None] * s_n + offs_p[None, :]
+    dst = DST + b * d_b + which.to(tl.int64) * d_w + h * d_h + tok_dst[:, None] * d_n + offs_p[None, :]
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
     if which < 2:
@@ -89,8 +108,10 @@ def _qkv_rope_kernel(
     else:
         y1 = x1.to(DST.dtype.element_ty)
         y2 = x2.to(DST.dtype.element_ty)
-    tl.store(dst, y1, mask=mask)
-    tl.store(dst + HALF, y2, mask=mask)
+    # a gap's row (ROWS_ON 1) is written too, with zeros; with ROWS_ON 2 it is not written
+    keep = mask if ROWS_ON == 2 else (offs_n < N)[:, None] & (offs_p < HALF)[None, :]
+    tl.store(dst, y1, mask=keep)
+    tl.store(dst + HALF, y2, mask=keep)
 
 
 _BLOCK_N = 64
@@ -101,15 +122,17 @@ def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
-def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count, inverse):
+def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count, inverse, rows=None):
     """src / dst strides (batch, q|k|v, head, token); `count` of q|k|v from src starting at
-    which0 in dst."""
+    which0 in dst; n stream positions; rows (n,) int32: src (forward) or dst (inverse) holds
+    packed rows, rows[i] the one of position i (-1: none)."""
     half = cos.shape[-1]
     grid = (triton.cdiv(n, _BLOCK_N), b * h, count)
+    rows_on = 0 if rows is None else (2 if inverse else 1)
     _qkv_rope_kernel[grid](
-        src, dst, cos, sin, n, h, which0, *src_strides, *dst_strides, cos.stride(0),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_N=_BLOCK_N, INVERSE=inverse,
-        num_warps=4,
+        src, dst, cos, sin, cos if rows is None else rows, n, h, which0, *src_strides, *dst_strides,
+        cos.stride(0), HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_N=_BLOCK_N,
+        INVERSE=inverse, ROWS_ON=rows_on, num_warps=4,
     )
 
 
@@ -120,22 +143,24 @@ def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count
 
 class _QKVRope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin):
-        b, n, _, h, d = qkv.shape
+    def forward(ctx, qkv, cos, sin, rows):
+        b, r, _, h, d = qkv.shape
+        n = cos.shape[0]
         out = _alloc((3, b, h, n, d), qkv)  # q, k, v
-        # qkv (B, N, 3, H, D) -> out (3, B, H, N, D): strides as (batch, q|k|v, head, token)
+        # qkv (B, R, 3, H, D) -> out (3, B, H, N, D): strides as (batch, q|k|v, head, token)
         _launch(qkv, out, cos, sin, b, n, h, 0,
                 (qkv.stride(0), qkv.stride(2), qkv.stride(3), qkv.stride(1)),
-                (out.stride(1), out.stride(0), out.stride(2), out.stride(3)), 3, False)
-        ctx.save_for_backward(cos, sin)
+                (out.stride(1), out.stride(0), out.stride(2), out.stride(3)), 3, False, rows)
+        ctx.save_for_backward(cos, sin, rows)
         ctx.set_materialize_grads(False)
         ctx.shape = qkv.shape
         return out[0], out[1], out[2]
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        cos, sin = ctx.saved_tensors
-        b, n, _, h, d = ctx.shape
+        cos, sin, rows = ctx.saved_tensors
+        b, r, _, h, d = ctx.shape
+        n = cos.shape[0]
         like = next(g for g in (dq, dk, dv) if g is not None)
         dqkv = _alloc(ctx.shape, like)
         for which, g in enumerate((dq, dk, dv)):
@@ -144,11 +169,12 @@ class _QKVRope(torch.autograd.Function):
                 continue
             if g.stride(-1) != 1:
                 g = g.contiguous()
-            # g (B, H, N, D) -> dqkv[:, :, which] (B, N, H, D)
+            # g (B, H, N, D) -> dqkv[:, :, which] (B, R, H, D): every packed row is some
+            # position's, so each is written once (no atomics)
             _launch(g, dqkv, cos, sin, b, n, h, which,
                     (g.stride(0), 0, g.stride(1), g.stride(2)),
-                    (dqkv.stride(0), dqkv.stride(2), dqkv.stride(3), dqkv.stride(1)), 1, True)
-        return dqkv, None, None
+                    (dqkv.stride(0), dqkv.stride(2), dqkv.stride(3), dqkv.stride(1)), 1, True, rows)
+        return dqkv, None, None, None
 
 
 def fused_rope_available(x: torch.Tensor) -> bool:
@@ -166,26 +192,32 @@ def _runs_on(x: torch.Tensor) -> bool:
     return x.dtype in _DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
 
 
-def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None):
     """Split a QKV projection into heads and rotate q and k, in one Triton pass each way.
 
     Args:
         qkv: (B, N, 3, H, D), D even, the head dim contiguous (a view of the (B, N, 3 H D)
-            output of the projection).
+            output of the projection); with `rows`, (B, R, 3, H, D) packed rows.
         cos, sin: (N, D / 2) float32 rotary tables (moved to qkv's device if needed).
+        rows: optional (N,) int32 on qkv's device: the packed row of each stream position, -1 at
+            gaps; every one of the R rows must appear once (`mmsparse.models.layers.packed_rows`).
 
     Returns:
-        q, k, v, each (B, H, N, D) contiguous in qkv's dtype; q and k rotated. Differentiable
-        in qkv. Equal to `qkv_rope_ref` up to the float32 rounding of the rotation.
+        q, k, v, each (B, H, N, D) contiguous in qkv's dtype; q and k rotated; zeros at gaps.
+        Differentiable in qkv. Equal to `qkv_rope_ref` up to the float32 rounding of the rotation.
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be (B, N, 3, H, D), got shape {tuple(qkv.shape)}")
-    b, n, _, h, d = qkv.shape
+    b, r, _, h, d = qkv.shape
+    n = r if rows is None else rows.shape[0]
     if d % 2:
         raise ValueError(f"the head dim must be even for rotary pairs, got D={d}")
     if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
         raise ValueError(f"cos and sin must be (N, D / 2) = ({n}, {d // 2}), got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
+    if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int32 or rows.device != qkv.device):
+        raise ValueError(f"rows must be (N,) int32 on {qkv.device}, got {tuple(rows.shape)} {rows.dtype} "
+                         f"on {rows.device}")
     if not _runs_on(qkv):
         raise ValueError(f"qkv_rope needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of float16, "
                          f"bfloat16 or float32; got {qkv.dtype} on {qkv.device}")
@@ -193,4 +225,4 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         qkv = qkv.contiguous()
     cos = cos.to(device=qkv.device, dtype=torch.float32).contiguous()
     sin = sin.to(device=qkv.device, dtype=torch.float32).contiguous()
-    return _QKVRope.apply(qkv, cos, sin)
+    return _QKVRope.apply(qkv, cos, sin, None if rows is None else rows.contiguous())

@@ -30,7 +30,7 @@ from mmsparse.fileio import atomic_write_text, sha256_file
 from mmsparse.encoders import MODALITIES, MultimodalTokenizer, rope_cos_sin, stream_coords
 
 from .decoder import CaptionDecoder
-from .layers import SparseBlock
+from .layers import PackedRows, SparseBlock, packed_rows, put_rows, take_rows
 from .schedule import SCHEDULES, gap_positions, layer_pattern
 from .text import BOS, EOS, PAD, CaptionTokenizer
 
@@ -86,6 +86,9 @@ class ModelConfig:
     video_tile_align: int = 1
     audio_tile_align: int = 1
     image_tile_align: int = 1
+    # run the encoder's norms, projections and MLPs on the real tokens only, attention alone on
+    # every stream position (layers.py: packed rows); off under sequence parallelism
+    pack_gaps: bool = True
     backend: str = "auto"
     # decoder
     vocab_size: int = 1024
@@ -140,6 +143,16 @@ def _rope_on(layout: StreamLayout, head_dim: int, theta: float, device: torch.de
 @lru_cache(maxsize=8)
 def _gaps_on(layout: StreamLayout, device: torch.device) -> torch.Tensor:
     return gap_positions(layout).to(device)
+
+
+@lru_cache(maxsize=8)
+def _packed_on(layout: StreamLayout, device: torch.device) -> PackedRows | None:
+    """The real rows of `layout`'s stream on `device`; None when it has no gaps."""
+    gaps = gap_positions(layout)
+    if not gaps.any():
+        return None
+    host = packed_rows(gaps)  # built on the host: the device keeps no sync for it
+    return PackedRows(host.index.to(device), host.rows.to(device), host.n)
 
 
 class VideoCaptioner(nn.Module):
@@ -242,9 +255,19 @@ class VideoCaptioner(nn.Module):
         return self.norm(out), stream.pad_mask, stream.layout
 
     def _blocks(self, x, layout: StreamLayout, rope, pad):
-        for blk, lay in zip(self.blocks, self.layer_layouts(layout)):
-            x = blk(x, lay, rope, pad)
-        return x
+        layouts = self.layer_layouts(layout)
+        # the gaps carry nothing a real token sees (their patterns isolate them; a dense layer
+        # has no gaps to skip): run the blocks on the real rows and give the stream back with
+        # zeros at the gaps
+        packed = _packed_on(layout, x.device) if self.cfg.pack_gaps and None not in layouts else None
+        if packed is None:
+            for blk, lay in zip(self.blocks, layouts):
+                x = blk(x, lay, rope, pad)
+            return x
+        h = take_rows(x, packed)
+        for blk, lay in zip(self.blocks, layouts):
+            h = blk(h, lay, rope, pad, packed)
+        return put_rows(h, packed)
 
     def forward(self, batch: Mapping[str, Any], ids: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for caption ids (B, L) (default: the batch captions

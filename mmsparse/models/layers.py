@@ -7,9 +7,19 @@ through SDPA's flash path with no mask at all) and the rotary (cos, sin) of the 
 model builds both once per forward (layouts are cached by pattern and StreamLayout), so any
 wrapper (activation checkpointing, DeepSpeed) sees plain `block(x, layout, rope, pad_mask)` calls.
 pad_mask (B, N) marks the padding tokens of shorter clips in the batch: no query attends them.
+
+Packed rows: a stream with alignment gaps (segment and tile padding, which belong to no segment
+and which the sparse patterns keep from every real token) may run its residual stream on the R
+real rows only, x (B, R, C), with `packed` (a `PackedRows`) naming their stream positions. The
+norms, projections and MLPs then skip the gaps; attention alone sees all N positions: the fused
+rope kernel writes q, k, v straight to their stream positions (zeros at the gaps) and reads the
+gradients back from there, and the output rows are gathered. Every move is a plain copy whose
+backward is another plain copy, with no atomics (deterministic).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +29,62 @@ from timm.layers import DropPath, Mlp
 from mmsparse.attention import BlockLayout, sparse_attention
 from mmsparse.encoders import apply_rope
 from mmsparse.kernels.rope import fused_rope_available, qkv_rope
+
+
+class PackedRows(NamedTuple):
+    """R real rows of an N-position stream: `index` (R,) int64, their positions, increasing;
+    `rows` (N,) int32, the row of each position (-1 at a gap); `n` = N. Build with `packed_rows`."""
+
+    index: torch.Tensor
+    rows: torch.Tensor
+    n: int
+
+
+def packed_rows(gaps: torch.Tensor) -> PackedRows:
+    """The PackedRows of the positions where `gaps` (N,) bool is False."""
+    index = torch.nonzero(~gaps).squeeze(1)
+    rows = torch.full(gaps.shape, -1, dtype=torch.int32, device=gaps.device)
+    rows[index] = torch.arange(index.numel(), dtype=torch.int32, device=gaps.device)
+    return PackedRows(index, rows, int(gaps.numel()))
+
+
+class _TakeRows(torch.autograd.Function):
+    """x (B, N, ...) -> its rows `index` (B, R, ...); backward: those rows of a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x, index, n):
+        ctx.save_for_backward(index)
+        ctx.n = n
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        return g.new_zeros(g.shape[0], ctx.n, *g.shape[2:]).index_copy_(1, index, g), None, None
+
+
+class _PutRows(torch.autograd.Function):
+    """x (B, R, ...) -> (B, N, ...) with x at rows `index` and zeros elsewhere; backward: a gather."""
+
+    @staticmethod
+    def forward(ctx, x, index, n):
+        ctx.save_for_backward(index)
+        return x.new_zeros(x.shape[0], n, *x.shape[2:]).index_copy_(1, index, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        return g.index_select(1, index), None, None
+
+
+def take_rows(x: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+    """(B, N, ...) stream -> (B, R, ...) real rows (differentiable, deterministic)."""
+    return _TakeRows.apply(x, packed.index, packed.n)
+
+
+def put_rows(x: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+    """(B, R, ...) real rows -> (B, N, ...) stream, zeros at the gaps (differentiable, deterministic)."""
+    return _PutRows.apply(x, packed.index, packed.n)
 
 
 class SparseSelfAttention(nn.Module):
@@ -39,15 +105,20 @@ class SparseSelfAttention(nn.Module):
         self.fused_rope = not qk_norm
 
     def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None,
-                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None) -> torch.Tensor:
         """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2);
-        pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended."""
-        b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended.
+        packed: x holds only the real rows (B, R, C) of the N-position stream (module doc)."""
+        b, r, c = x.shape
+        n = r if packed is None else packed.n
+        qkv = self.qkv(x).view(b, r, 3, self.num_heads, self.head_dim)
         if rope is not None and self.fused_rope and fused_rope_available(qkv):
-            # one Triton pass: split into heads and rotate q, k (and its transpose backward)
-            q, k, v = qkv_rope(qkv, *rope)
+            # one Triton pass: split into heads and rotate q, k (and its transpose backward),
+            # straight to the stream positions of packed rows
+            q, k, v = qkv_rope(qkv, *rope, rows=None if packed is None else packed.rows)
         else:
+            if packed is not None:
+                qkv = put_rows(qkv, packed)  # (B, N, 3, H, D), zeros at the gaps
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
@@ -57,7 +128,10 @@ class SparseSelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
+        out = out.transpose(1, 2)  # (B, N, H, D)
+        if packed is not None:
+            out = take_rows(out, packed)  # (B, R, H, D)
+        return self.proj(out.reshape(b, r, c))  # (B, N or R, C)
 
 
 class SparseBlock(nn.Module):
@@ -75,6 +149,6 @@ class SparseBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, layout: BlockLayout | None = None, rope=None,
-                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask))
+                pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask, packed))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -124,10 +124,14 @@ class UlyssesSelfAttention(nn.Module):
         self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state), group, scatter_idx=2,
                                               gather_idx=1)
 
-    def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None) -> torch.Tensor:
         """x (B, N/P, C) local tokens; layout of the whole stream; rope (cos, sin) and pad_mask
         (B, N) of all N tokens (attention sees the whole stream after the all-to-all)."""
         from mmsparse.encoders import apply_rope
+
+        if packed is not None:
+            raise ValueError("sequence parallelism runs the blocks on every stream position: "
+                             "set model.cfg.pack_gaps = False (apply_sequence_parallel does)")
 
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -151,6 +155,10 @@ def apply_sequence_parallel(model: nn.Module, group, sp_rank: int, sp: int) -> N
     import torch.nn.functional as F
 
     check_heads(model, sp)
+    if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "pack_gaps"):
+        # the token slices are slices of the whole stream (its layout, rope and masks): the
+        # blocks run on every position, gaps included
+        model.cfg.pack_gaps = False
     blocks = model.blocks
     state = {"n": 0}  # the real stream length of the current forward
     for blk in blocks:

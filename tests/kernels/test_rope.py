@@ -54,6 +54,45 @@ def test_qkv_rope_matches_reference(b, n, h, d, dtype):
     assert err <= TOL[dtype] * (1 + gr.float().abs().max().item()), f"dqkv: {err:.3e}"
 
 
+def _rows(n, seed):
+    """(N,) int32 packed row of each stream position, -1 at about a third of them (gaps)."""
+    gen = torch.Generator().manual_seed(seed)
+    gap = torch.rand(n, generator=gen) < 0.35
+    gap[0] = False
+    rows = torch.full((n,), -1, dtype=torch.int32)
+    rows[~gap] = torch.arange(int((~gap).sum()), dtype=torch.int32)
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,n,h,d", [(1, 64, 1, 32), (2, 77, 3, 64), (1, 130, 2, 80)])
+def test_packed_rows_match_reference(b, n, h, d, dtype):
+    """rows: qkv holds only the real rows (B, R, 3, H, D); q, k, v come out at their stream
+    positions with zeros at the gaps, and the gradient goes back to the packed rows."""
+    seed = hash(("rows", b, n, h, d, str(dtype))) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    cos, sin = (t.to(DEV) for t in _tables(n, d, seed))
+    rows = _rows(n, seed).to(DEV)
+    r = int((rows >= 0).sum())
+    x = torch.randn(b, r, 3, h, d, generator=gen).to(DEV, dtype)
+    grads = [torch.randn(b, h, n, d, generator=gen).to(DEV, dtype) for _ in range(3)]
+    a = x.clone().requires_grad_(True)
+    got = qkv_rope(a, cos, sin, rows=rows)
+    ref = x.clone().requires_grad_(True)
+    want = qkv_rope_ref(ref, cos, sin, rows=rows)
+    gaps = rows < 0
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == (b, h, n, d) and not torch.isnan(g).any(), f"{name}: NaN (an unwritten element)"
+        assert (g[:, :, gaps] == 0).all(), f"{name}: a gap is not zero"
+        err = (g.float() - w.float()).abs().max().item()
+        assert err <= TOL[dtype] * (1 + w.float().abs().max().item()), f"{name}: {err:.3e}"
+    (ga,) = torch.autograd.grad(got, a, grads)
+    (gr,) = torch.autograd.grad(want, ref, grads)
+    assert ga.shape == x.shape and not torch.isnan(ga).any(), "dqkv: an unwritten packed row"
+    err = (ga.float() - gr.float()).abs().max().item()
+    assert err <= TOL[dtype] * (1 + gr.float().abs().max().item()), f"dqkv: {err:.3e}"
+
+
 def test_qkv_rope_rotates_by_the_angle():
     """Independent of apply_rope: a pair (1, 0) at angle a becomes (cos a, sin a) in q and k;
     v is copied; the backward rotates by -a."""
@@ -94,6 +133,10 @@ def test_bad_inputs_name_the_argument():
         qkv_rope(torch.randn(1, 9, 3, 1, 32, device=DEV), cos, sin)
     with pytest.raises(ValueError, match="even"):
         qkv_rope(torch.randn(1, 8, 3, 1, 31, device=DEV), cos[:, :15], sin[:, :15])
+    with pytest.raises(ValueError, match="rows must be"):
+        qkv_rope(torch.randn(1, 5, 3, 1, 32, device=DEV), cos, sin, rows=torch.arange(8, device=DEV))
+    with pytest.raises(ValueError, match="cos and sin"):  # rows name the N stream positions
+        qkv_rope(torch.randn(1, 5, 3, 1, 32, device=DEV), cos, sin, rows=_rows(9, 0).to(DEV))
 
 
 def test_availability_follows_the_switch(monkeypatch):

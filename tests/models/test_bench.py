@@ -52,3 +52,37 @@ def test_bench_model_named_configs_count_real_tokens(tmp_path):
     assert rows["padded"]["positions"] > rows["sparse"]["positions"]
     with pytest.raises(ValueError, match="--config"):
         mod.parse_config("video_tile_align=32")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "amp"])
+def test_train_step_precisions(precision):
+    """bench/model.py's TrainStep: bf16 puts the model in bf16 and steps fp32 master weights that
+    the bf16 weights then follow (DeepSpeed's bf16 mode), starting from the fp32 initial weights; amp keeps fp32 weights. Both move every
+    trained weight and leave no grads behind."""
+    from mmsparse.models import CaptionTask, CaptionTokenizer, create_model
+
+    mod = _bench_model()
+    tok = CaptionTokenizer.train([mod.CAPTION, "a low tone plays then a blue square moves up"], vocab_size=300)
+    torch.manual_seed(0)
+    model = create_model("captioner_tiny", tokenizer=tok, max_frames=8)
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    batch = mod.make_batch(4, 32, 200, torch.device("cpu"), 2)
+    step = mod.TrainStep(CaptionTask(model), model, batch, precision, torch.device("cpu"))
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert all(p.dtype == want for p in model.parameters())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if precision == "bf16":  # the masters start from the fp32 initial weights, not their bf16 copies
+        assert all(torch.equal(m, before[n]) for n, m in zip(names, step.master))
+    loss = step()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None for p in model.parameters())
+    # what the optimizer steps: the fp32 masters (a 1e-4 step of a norm's weight of 1.0 is below
+    # bf16's resolution there, so the bf16 copy of that one stays) or the fp32 weights
+    stepped = step.master if precision == "bf16" else step.params
+    moved = [n for n, w in zip(names, stepped) if not torch.equal(w.detach(), before[n])]
+    assert len(moved) > 0.9 * len(names), f"only {len(moved)} of {len(names)} weights moved"
+    if precision == "bf16":
+        assert all(m.dtype == torch.float32 for m in step.master)
+        assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(step.params, step.master))
+    with pytest.raises(ValueError, match="precision"):
+        mod.TrainStep(CaptionTask(model), model, batch, "fp8", torch.device("cpu"))

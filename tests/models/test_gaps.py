@@ -22,6 +22,7 @@ def aligned(tokenizer):
 @pytest.mark.parametrize("schedule", ["tiled", "tiled_axial", "local"])
 def test_gaps_need_no_padding_mask(aligned, batch, schedule):
     aligned.cfg.schedule = schedule
+    aligned.cfg.pack_gaps = False  # the gaps run through the blocks: their rows can be compared
     aligned.set_backend("reference")
     with torch.no_grad():
         stream = aligned.embed(batch)
@@ -107,3 +108,54 @@ def test_tile_padding_leaves_the_model_unchanged(tokenizer, batch, schedule):
     b = v2.to_raster(mem2[:, v2.offset: v2.end])
     assert (a - b).abs().max().item() < 1e-5
     assert (logits[0] - logits[1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+@pytest.mark.parametrize("schedule", ["tiled", "tiled_shifted", "local"])
+def test_packed_rows_equal_the_blocks_on_every_position(aligned, batch, schedule, fused, monkeypatch):
+    """pack_gaps (the default): the blocks run on the real rows and attention alone on every
+    stream position (the fused rope kernel with MMSPARSE_FUSED_ROPE=1, under the interpreter
+    here; the PyTorch scatter otherwise). The real rows' encoding, the caption logits and every
+    weight's gradient are those of the blocks run on every position; the gaps come out zero."""
+    monkeypatch.setenv("MMSPARSE_FUSED_ROPE", fused)
+    aligned.cfg.schedule = schedule
+    aligned.set_backend("reference")
+    out = {}
+    for pack in (False, True):
+        aligned.cfg.pack_gaps = pack
+        aligned.zero_grad(set_to_none=True)
+        memory, _, layout = aligned.encode(batch)
+        logits = aligned(batch)
+        real = ~gap_positions(layout)  # what the gaps hold differs (zeros when packed)
+        (logits.float().square().mean() + memory[:, real].float().square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in aligned.named_parameters() if p.grad is not None}
+        out[pack] = memory.detach(), logits.detach(), grads
+    gaps = ~real
+    assert gaps.any()
+    assert (out[True][0][:, real] - out[False][0][:, real]).abs().max().item() < 1e-5
+    assert (out[True][1] - out[False][1]).abs().max().item() < 1e-5
+    assert out[True][2].keys() == out[False][2].keys() and len(out[True][2]) > 20
+    for name, g in out[True][2].items():
+        want = out[False][2][name]
+        assert (g - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item()), name
+    # the packed stream's gaps hold zeros before the final norm (its bias alone there)
+    norm_bias = aligned.norm.bias.detach()
+    assert torch.allclose(out[True][0][:, gaps], norm_bias.expand_as(out[True][0][:, gaps]), atol=1e-6)
+
+
+def test_packed_rows_round_trip():
+    from mmsparse.models.layers import packed_rows, put_rows, take_rows
+
+    gaps = torch.tensor([False, True, True, False, False, True, False])
+    packed = packed_rows(gaps)
+    assert packed.index.tolist() == [0, 3, 4, 6] and packed.rows.tolist() == [0, -1, -1, 1, 2, -1, 3]
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    full = put_rows(x, packed)
+    assert full.shape == (2, 7, 3) and (full[:, gaps] == 0).all()
+    assert torch.equal(take_rows(full, packed), x)
+    g = torch.randn(2, 7, 3)
+    (gx,) = torch.autograd.grad(full, x, g)
+    assert torch.equal(gx, g[:, ~gaps])
+    y = torch.randn(2, 7, 3, requires_grad=True)
+    (gy,) = torch.autograd.grad(take_rows(y, packed), y, x.detach())
+    assert torch.equal(gy[:, ~gaps], x.detach()) and (gy[:, gaps] == 0).all()
