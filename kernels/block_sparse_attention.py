@@ -232,6 +232,15 @@ def _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn,
 
 
 @triton.jit
+def _load_kv_desc(KD, VD, b, hk, start_n, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """K and V rows [start_n, start_n + BLOCK_N) of (b, hk) through their tensor descriptors
+    (the copy engine; rows past N and columns past the head dim come back zero)."""
+    k = KD.load([b, hk, start_n, 0]).reshape(BLOCK_N, D_PAD)
+    v = VD.load([b, hk, start_n, 0]).reshape(BLOCK_N, D_PAD)
+    return k, v
+
+
+@triton.jit
 def _is_padding(KPM_base, stride_pn, offs, N):
     """(len(offs),) bool: which of these keys are padding (int8 flags; keys past N count)."""
     return tl.load(KPM_base + offs * stride_pn, mask=offs < N, other=1) != 0
@@ -278,16 +287,20 @@ def _work_item(ITEMS, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, stride_pn, offs_m, start_n, N, qk_scale,
-               stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, ordinal, rows_in, cols0,
+               stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, ordinal, rows_in, cols0, KD, VD, b, hk,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
                DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
-               LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+               LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online softmax (log2 domain). Partial blocks (MASKED): the mask from
     the block's precomputed tile (MASK_TILES; `ordinal`, the rows' offsets `rows_in` and the
-    tile's first column `cols0` within the block) or from the program in registers."""
+    tile's first column `cols0` within the block) or from the program in registers. TMA: K and V
+    through their descriptors KD, VD at (b, hk)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
+    if TMA:
+        k, v = _load_kv_desc(KD, VD, b, hk, start_n, BLOCK_N, D_PAD)
+    else:
+        k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
     # scores, scaled into the log2 domain: (BM, BN)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
@@ -323,7 +336,7 @@ def _finish_rows(acc, l_i, m_i):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
+    Q, K, V, KD, VD, O, LSE, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -334,6 +347,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -361,8 +375,8 @@ def _fwd_kernel(
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, 1, offs_m, start_n, N,
                                    qk_scale, stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, 0, offs_m, 0,
-                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
-                                   MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
+                                   KD, VD, b, hk, HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC,
+                                   HAS_KPM, MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
     # 2. partial key blocks: the mask from the block's tile or the program in registers
     if HAS_PARTIAL:
         rows_in = offs_m - qb * LAYOUT_BQ
@@ -373,9 +387,9 @@ def _fwd_kernel(
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, 1, offs_m, start_n, N,
                                        qk_scale, stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                                       MT, i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N,
+                                       MT, i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N, KD, VD, b, hk,
                                        HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
-                                       MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
+                                       MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
 
     # 3. normalise; rows that attended nothing give 0 and LSE -inf
     acc, lse = _finish_rows(acc, l_i, m_i)
@@ -1106,6 +1120,34 @@ def _launch_items(kernel, work: _WorkList, tile: int, layout_block: int, bh: int
             kernel[(count * per_block, bh)](*args(items, outs, sub), **kw)
 
 
+def _tma_mode() -> str:
+    mode = os.environ.get("MMSPARSE_TRITON_TMA", "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"MMSPARSE_TRITON_TMA must be 0 or 1, got {mode!r}")
+    return mode
+
+
+def _use_tma(k, v, block_n: int, d_pad: int) -> bool:
+    """Whether the forward loads K and V through tensor descriptors (MMSPARSE_TRITON_TMA=1, an
+    experiment: off by default until it measures faster): 16-bit tensors whose base and every
+    stride but the head dim's are 16-byte aligned, a Hopper GPU or the interpreter."""
+    if _tma_mode() != "1" or k.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    if not k.is_cuda and not _interpreting():
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) and t.stride(3) == 1
+               and t.shape[3] * t.element_size() >= 16 for t in (k, v))
+
+
+def _descriptor(t: torch.Tensor, block_n: int, d_pad: int):
+    """A (B, H, N, D) tensor's descriptor, boxes of (1, 1, block_n, d_pad)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d_pad])
+
+
 def _padding_flags(key_padding, q):
     """key_padding (B, N) bool or None -> (int8 flags or a dummy pointer, batch stride, HAS_KPM)."""
     if key_padding is None:
@@ -1131,10 +1173,11 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
         split = (_scratch(q, rows, layout.block_q), _scratch(lse, rows, layout.block_q, float("-inf")))
 
     mt, _, mask_tiles = _tile_args(kp)
+    desc = {}
 
     def args(items, outs, sub):
         o, l = outs
-        return (q, k, v, o, l, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"], *sub,
+        return (q, k, v, desc.get("k", k), desc.get("v", v), o, l, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1145,13 +1188,18 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
+        tma = _use_tma(k, v, bn, d_pad)
+        if tma:
+            desc["k"], desc["v"] = _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad)
+        else:
+            desc.clear()
         _launch_items(_fwd_kernel, rows, bm, layout.block_q, b * h, args, (out, lse), split,
                       kp.sub_lists("q", bm, bn) if skip else None,
                       GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad,
                       LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
                       PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial, EVEN_N=n % layout.block_k == 0,
                       DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, MASK_TILES=mask_tiles,
-                      SKIP_EMPTY=skip, num_warps=warps, num_stages=stages)
+                      SKIP_EMPTY=skip, TMA=tma, num_warps=warps, num_stages=stages)
 
     _maybe_tune("fwd", d_pad, q, layout, launch)
     launch(_config("fwd", d_pad, q, layout))

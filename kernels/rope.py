@@ -122,13 +122,15 @@ def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
-def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count, inverse, rows=None):
+def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count, inverse, rows=None,
+            rows_on=None):
     """src / dst strides (batch, q|k|v, head, token); `count` of q|k|v from src starting at
-    which0 in dst; n stream positions; rows (n,) int32: src (forward) or dst (inverse) holds
-    packed rows, rows[i] the one of position i (-1: none)."""
+    which0 in dst; n stream positions; rows (n,) int32: src (forward) or dst (inverse), or the
+    side `rows_on` names (1 src, 2 dst), holds packed rows, rows[i] the one of position i (-1: none)."""
     half = cos.shape[-1]
     grid = (triton.cdiv(n, _BLOCK_N), b * h, count)
-    rows_on = 0 if rows is None else (2 if inverse else 1)
+    if rows_on is None:
+        rows_on = 0 if rows is None else (2 if inverse else 1)
     _qkv_rope_kernel[grid](
         src, dst, cos, sin, cos if rows is None else rows, n, h, which0, *src_strides, *dst_strides,
         cos.stride(0), HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_N=_BLOCK_N,
@@ -175,6 +177,54 @@ class _QKVRope(torch.autograd.Function):
                     (g.stride(0), 0, g.stride(1), g.stride(2)),
                     (dqkv.stride(0), dqkv.stride(2), dqkv.stride(3), dqkv.stride(1)), 1, True, rows)
         return dqkv, None, None, None
+
+
+class _HeadsToRows(torch.autograd.Function):
+    """o (B, H, N, D) -> (B, R, H, D): the packed rows' heads side by side; backward: the
+    gradient back at the stream positions, zeros at the gaps. The kernel's copy path (w = v:
+    no rotation), so cos / sin only give it the head dim."""
+
+    @staticmethod
+    def forward(ctx, o, rows, r, trig):
+        b, h, n, d = o.shape
+        if o.stride(-1) != 1:
+            o = o.contiguous()
+        out = _alloc((b, r, h, d), o)
+        _launch(o, out, trig, trig, b, n, h, 2, (o.stride(0), 0, o.stride(1), o.stride(2)),
+                (out.stride(0), 0, out.stride(2), out.stride(1)), 1, False, rows, rows_on=2)
+        ctx.save_for_backward(rows, trig)
+        ctx.shape = o.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, trig = ctx.saved_tensors
+        b, h, n, d = ctx.shape
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+        do = _alloc((b, h, n, d), g)
+        _launch(g, do, trig, trig, b, n, h, 2, (g.stride(0), 0, g.stride(2), g.stride(1)),
+                (do.stride(0), 0, do.stride(1), do.stride(2)), 1, False, rows, rows_on=1)
+        return do, None, None, None
+
+
+def heads_to_rows(o: torch.Tensor, rows: torch.Tensor, r: int) -> torch.Tensor:
+    """An attention output o (B, H, N, D) over N stream positions -> (B, R, H, D), the R packed
+    rows (`rows` (N,) int32: the row of each position, -1 at gaps) with their heads side by side
+    (a view as (B, R, H D) feeds the output projection). One copy each way, no atomics; the
+    backward writes zeros at the gaps. What `o.transpose(1, 2)[:, index]` gives."""
+    if o.dim() != 4 or rows.shape != (o.shape[2],) or rows.dtype != torch.int32 or rows.device != o.device:
+        raise ValueError(f"heads_to_rows needs o (B, H, N, D) and rows (N,) int32 on its device; got o "
+                         f"{tuple(o.shape)} and rows {tuple(rows.shape)} {rows.dtype} on {rows.device}")
+    if not _runs_on(o):
+        raise ValueError(f"heads_to_rows needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of float16, "
+                         f"bfloat16 or float32; got {o.dtype} on {o.device}")
+    d = o.shape[-1]
+    if d % 2:
+        raise ValueError(f"heads_to_rows needs an even head dim, got D={d}")
+    # the kernel walks the head dim in two halves of the tables' width; this path reads no table
+    trig = torch.zeros(1, device=o.device, dtype=torch.float32).expand(o.shape[2], d // 2)
+    return _HeadsToRows.apply(o, rows.contiguous(), int(r), trig)
 
 
 def fused_rope_available(x: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ and which the sparse patterns keep from every real token) may run its residual s
 real rows only, x (B, R, C), with `packed` (a `PackedRows`) naming their stream positions. The
 norms, projections and MLPs then skip the gaps; attention alone sees all N positions: the fused
 rope kernel writes q, k, v straight to their stream positions (zeros at the gaps) and reads the
-gradients back from there, and the output rows are gathered. Every move is a plain copy whose
+gradients back from there, and the same kernel gathers the output rows (`heads_to_rows`). Every move is a plain copy whose
 backward is another plain copy, with no atomics (deterministic).
 """
 
@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp
 
 from mmsparse.attention import BlockLayout, sparse_attention
 from mmsparse.encoders import apply_rope
-from mmsparse.kernels.rope import fused_rope_available, qkv_rope
+from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope
 
 
 class PackedRows(NamedTuple):
@@ -128,9 +128,12 @@ class SparseSelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
-        out = out.transpose(1, 2)  # (B, N, H, D)
-        if packed is not None:
-            out = take_rows(out, packed)  # (B, R, H, D)
+        if packed is None:
+            out = out.transpose(1, 2)  # (B, N, H, D)
+        elif fused_rope_available(out):
+            out = heads_to_rows(out, packed.rows, r)  # (B, R, H, D), one Triton copy each way
+        else:
+            out = take_rows(out.transpose(1, 2), packed)
         return self.proj(out.reshape(b, r, c))  # (B, N or R, C)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from mmsparse.encoders import rope_cos_sin
 from mmsparse.kernels import rope as rope_kernel
-from mmsparse.kernels.rope import fused_rope_available, qkv_rope, qkv_rope_ref
+from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope, qkv_rope_ref
 
 from .budget import DEV
 
@@ -91,6 +91,27 @@ def test_packed_rows_match_reference(b, n, h, d, dtype):
     assert ga.shape == x.shape and not torch.isnan(ga).any(), "dqkv: an unwritten packed row"
     err = (ga.float() - gr.float()).abs().max().item()
     assert err <= TOL[dtype] * (1 + gr.float().abs().max().item()), f"dqkv: {err:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,n,h,d", [(1, 64, 1, 32), (2, 77, 3, 64), (1, 130, 2, 80)])
+def test_heads_to_rows_gathers_the_real_rows(b, n, h, d, dtype):
+    """heads_to_rows: o (B, H, N, D) -> (B, R, H, D), what o.transpose(1, 2)[:, real] gives,
+    bit for bit (a copy); the gradient lands at the real positions, zeros at the gaps."""
+    seed = hash(("heads", b, n, h, d, str(dtype))) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    rows = _rows(n, seed).to(DEV)
+    real = rows >= 0
+    r = int(real.sum())
+    o = torch.randn(b, h, n, d, generator=gen).to(DEV, dtype).requires_grad_(True)
+    got = heads_to_rows(o, rows, r)
+    assert got.shape == (b, r, h, d) and torch.equal(got, o.detach().transpose(1, 2)[:, real])
+    g = torch.randn(b, r, h, d, generator=gen).to(DEV, dtype)
+    (go,) = torch.autograd.grad(got, o, g)
+    assert not torch.isnan(go).any(), "an unwritten gradient element"
+    assert torch.equal(go.transpose(1, 2)[:, real], g) and (go[:, :, ~real] == 0).all()
+    with pytest.raises(ValueError, match="rows"):
+        heads_to_rows(o, rows[:-1], r)
 
 
 def test_qkv_rope_rotates_by_the_angle():
