@@ -151,8 +151,9 @@ TMA_RUNS = [(n, torch.bfloat16 if CUDA else torch.float16, d)
 
 @pytest.mark.parametrize("name,dtype,d", TMA_RUNS, ids=[f"{n}-{str(t)[6:]}-d{d}" for n, t, d in TMA_RUNS])
 def test_tensor_descriptor_loads_match_truth(name, dtype, d, mask_mode, monkeypatch):
-    """MMSPARSE_TRITON_TMA=1: the forward loads K and V through tensor descriptors (rows past N
-    and a padded head dim come back zero from the copy engine, not from masks)."""
+    """The forward loads K and V through tensor descriptors (the default on a Hopper GPU;
+    MMSPARSE_TRITON_TMA=1 takes it under the interpreter): rows past N and a padded head dim
+    come back zero from the copy engine, not from masks."""
     monkeypatch.setenv("MMSPARSE_TRITON_TMA", "1")
     layout = _layout(name)
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=hash(name) % 1000 + 1)
@@ -162,6 +163,10 @@ def test_tensor_descriptor_loads_match_truth(name, dtype, d, mask_mode, monkeypa
     low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
     got = _kernel_grads(q, k, v, dout, dlse, layout, scale, dtype)
     _check_budget(got, low, truth, dtype)
+    monkeypatch.setenv("MMSPARSE_TRITON_TMA", "0")
+    assert not bsa._use_tma(k.to(dtype), v.to(dtype), 64, 64)
+    monkeypatch.setenv("MMSPARSE_TRITON_TMA", "auto")
+    assert bsa._use_tma(k.to(dtype), v.to(dtype), 64, 64) == CUDA
     monkeypatch.setenv("MMSPARSE_TRITON_TMA", "yes")
     with pytest.raises(ValueError, match="MMSPARSE_TRITON_TMA"):
         bsa._use_tma(k, v, 64, 64)
