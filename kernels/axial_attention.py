@@ -134,8 +134,8 @@ def _axial_fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, INNER, offs_m, start_n, L,
                                    qk_scale, INNER * stride_kn, INNER * stride_vn, Q, 0, Q, Q, 0, offs_m, 0,
-                                   HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM,
-                                   False, BLOCK_M, BLOCK_N)
+                                   Q, Q, 0, 0, HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM,
+                                   False, BLOCK_M, BLOCK_N, False)
     acc, lse = _finish_rows(acc, l_i, m_i)  # a line of padding keys only attends nothing: 0, -inf
     tl.store(_line_tile(_line_start(O, b, h, base, stride_ob, stride_oh, stride_on), offs_m, INNER, stride_on, offs_d),
              acc.to(O.dtype.element_ty), mask=row_mask)
@@ -173,9 +173,9 @@ def _axial_dq_kernel(
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, INNER, offs_m, start_n, L, qk_scale,
-                       INNER * stride_kn, INNER * stride_vn, Q, 0, Q, Q, 0, offs_m, 0,
+                       INNER * stride_kn, INNER * stride_vn, Q, 0, Q, Q, 0, offs_m, 0, Q, Q, 0, 0,
                        HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM,
-                       False, BLOCK_M, BLOCK_N)
+                       False, BLOCK_M, BLOCK_N, False)
     tl.store(_line_tile(_line_start(DQ, b, h, base, stride_dqb, stride_dqh, stride_dqn), offs_m, INNER, stride_dqn,
                         offs_d), (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
@@ -211,7 +211,8 @@ def _axial_dkdv_kernel(
         for start_m in range(0, L, BLOCK_M):
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE + stat, DELTA + stat, offs_n, start_m,
                                  L, qk_scale, INNER * stride_qn, INNER * stride_don, Q, 0, Q, Q, 0, 0, offs_n,
-                                 HEAD_DIM, D_PAD, BLOCK_M, False, (), DOT_PREC, False, BLOCK_M, BLOCK_N)
+                                 Q, Q, 0, 0, HEAD_DIM, D_PAD, BLOCK_M, False, (), DOT_PREC, False, BLOCK_M,
+                                 BLOCK_N, False)
     if HAS_KPM:  # padding keys are attended by no query: zero gradients
         pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm + base, INNER, offs_n, L)[:, None]
         dk = tl.where(pad, 0.0, dk)

@@ -429,13 +429,16 @@ def _load_lse2(LSE_base, offs_m, N):
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, stride_pn, offs_m, start_n, N, qk_scale,
-              stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, ordinal, rows_in, cols0,
+              stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, ordinal, rows_in, cols0, KD, VD, b, hk,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, EVEN_N: tl.constexpr, PROGRAM: tl.constexpr,
               DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr,
-              LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+              LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
+    if TMA:
+        k, v = _load_kv_desc(KD, VD, b, hk, start_n, BLOCK_N, D_PAD)
+    else:
+        k, v = _load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, EVEN_N)
     # P recomputed from the LSE: (BM, BN)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
@@ -459,7 +462,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, stride_pn, offs_
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
+    Q, K, V, KD, VD, DO, DQ, LSE, DELTA, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -471,6 +474,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -497,9 +501,9 @@ def _bwd_dq_kernel(
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
         dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
-                       stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, 0, offs_m, 0,
+                       stride_kn, stride_vn, ATTR, stride_attr, TAB, MT, 0, offs_m, 0, KD, VD, b, hk,
                        HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
-                       MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
+                       MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
     if HAS_PARTIAL:
         rows_in = offs_m - qb * LAYOUT_BQ
         lo, hi = _partial_range(SUB_RANGES, pid_m, part_lo * SUB_N, part_hi * SUB_N, SKIP_EMPTY)
@@ -509,9 +513,9 @@ def _bwd_dq_kernel(
             start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
             dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
                            stride_kn, stride_vn, ATTR, stride_attr, TAB,
-                           MT, i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N,
+                           MT, i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N, KD, VD, b, hk,
                            HEAD_DIM, D_PAD, BLOCK_N, True, EVEN_N, PROGRAM, DOT_PREC, HAS_KPM,
-                           MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
+                           MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_out[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
@@ -519,18 +523,22 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m, N, qk_scale,
-                stride_qn, stride_don, ATTR, stride_attr, TAB, MT, ordinal, rows0, cols_in,
+                stride_qn, stride_don, ATTR, stride_attr, TAB, MT, ordinal, rows0, cols_in, QD, DOD, b, h,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, PROGRAM: tl.constexpr, DOT_PREC: tl.constexpr,
-                MASK_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+                MASK_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+                TMA: tl.constexpr):
     """One query tile against this program's key tile, everything transposed: (BN, BM). A
     partial block's tile mask is read transposed: the tile's first query row `rows0` and the
-    keys' offsets `cols_in` within the block."""
+    keys' offsets `cols_in` within the block. TMA: Q and dO through their descriptors at (b, h)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
+    if TMA:
+        q, do = _load_kv_desc(QD, DOD, b, h, start_m, BLOCK_M, D_PAD)
+    else:
+        offs_d = tl.arange(0, D_PAD)
+        row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
+        do = tl.load(DO_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
     lse2 = _load_lse2(LSE_base, offs_m, N)
     delta = tl.load(DELTA_base + offs_m, mask=offs_m < N, other=0.0)
     # P^T recomputed from the LSE; queries past N have lse2 = +inf, so P^T = 0 there
@@ -553,7 +561,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
+    Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
     SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -567,6 +575,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -596,8 +605,8 @@ def _bwd_dkdv_kernel(
             start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
                                  N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB, MT, 0, 0, offs_n,
-                                 HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC,
-                                 MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
+                                 QD, DOD, b, h, HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC,
+                                 MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
         if HAS_PARTIAL:
             cols_in = offs_n - kb * LAYOUT_BK
             lo, hi = _partial_range(SUB_RANGES, pid_n, part_lo * SUB_M, part_hi * SUB_M, SKIP_EMPTY)
@@ -610,9 +619,9 @@ def _bwd_dkdv_kernel(
                     ordinal = tl.load(k_part_ord + i // SUB_M)
                 dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
                                      N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
-                                     MT, ordinal, (i % SUB_M) * BLOCK_M, cols_in,
+                                     MT, ordinal, (i % SUB_M) * BLOCK_M, cols_in, QD, DOD, b, h,
                                      HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC,
-                                     MASK_TILES, LAYOUT_BQ, LAYOUT_BK)
+                                     MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
     dk = dk * sm_scale
     if HAS_KPM:  # a padding key is attended by no query: its gradients are exactly zero
         pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm, 1, offs_n, N)[:, None]
@@ -1143,6 +1152,12 @@ def _use_tma(k, v, block_n: int, d_pad: int) -> bool:
                and t.shape[3] * t.element_size() >= 16 for t in (k, v))
 
 
+def _tma_backward() -> bool:
+    """The backward passes take descriptors too unless MMSPARSE_TRITON_TMA_BWD=0 (an A/B switch
+    of the session-12 measurement, bench/NOTES.md)."""
+    return os.environ.get("MMSPARSE_TRITON_TMA_BWD", "1") != "0"
+
+
 def _descriptor(t: torch.Tensor, block_n: int, d_pad: int):
     """A (B, H, N, D) tensor's descriptor, boxes of (1, 1, block_n, d_pad)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1263,8 +1278,10 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
+    desc = {}
+
     def dq_args(items, g, sub):
-        return (q, k, v, dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
+        return (q, k, v, desc.get("k", k), desc.get("v", v), dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
                 kp.lists["q_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -1275,7 +1292,7 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
 
     def dkdv_args(items, g, sub):
         gk, gv = g
-        return (q, k, v, dout, gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
+        return (q, k, v, dout, desc.get("q", q), desc.get("do", dout), gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
                 kp.lists["k_full_idx"], kp.lists["k_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -1287,16 +1304,24 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
+        tma = _use_tma(k, v, bn, d_pad) and _tma_backward()
+        desc.clear()
+        if tma:
+            desc["k"], desc["v"] = _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad)
         _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h, dq_args, dq, dq_split,
                       kp.sub_lists("q", bm, bn) if skip else None,
-                      BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, num_warps=warps,
+                      BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, TMA=tma, num_warps=warps,
                       num_stages=stages, **common)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
+        tma = _use_tma(q, dout, bm, d_pad) and _tma_backward()
+        desc.clear()
+        if tma:
+            desc["q"], desc["do"] = _descriptor(q, bm, d_pad), _descriptor(dout, bm, d_pad)
         _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk, dkdv_args, (dk, dv), dkdv_split,
                       kp.sub_lists("k", bm, bn) if skip else None,
-                      BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+                      BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages, **common)
 
     _maybe_tune("dq", d_pad, q, layout, launch_dq)
     launch_dq(_config("dq", d_pad, q, layout))
