@@ -1388,9 +1388,11 @@ def block_sparse_attention(q, k, v, layout, scale: float | None = None, key_padd
 # ---------------------------------------------------------------------------------------------
 
 
-def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkdv"), layout=None):
+def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkdv"), layout=None,
+          candidates=None):
     """Time every candidate tile config of each kernel on one workload (CUDA, bf16): `pattern`
-    over `tokens`, or a ready `layout` (then pattern and tokens are unused).
+    over `tokens`, or a ready `layout` (then pattern and tokens are unused); `candidates` (kernel
+    -> configs) replaces _CANDIDATES for the kernels it names.
 
     Returns rows (kernel, config, ms): forward alone for "fwd", the whole backward with the
     other backward kernel at its default for "dq" / "dkdv"."""
@@ -1404,7 +1406,8 @@ def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkd
     out, lse = _attention_forward(q, k, v, layout, scale)
     rows = []
     for kernel in kernels:
-        for cand in dict.fromkeys([_default_config(kernel, d_pad, q.dtype, layout)] + _CANDIDATES[kernel]):
+        pool = (candidates or {}).get(kernel, _CANDIDATES[kernel])
+        for cand in dict.fromkeys([_default_config(kernel, d_pad, q.dtype, layout)] + list(pool)):
             _OVERRIDE[kernel] = cand
             try:
                 if kernel == "fwd":
@@ -1430,7 +1433,7 @@ def main():  # python -m mmsparse.kernels.block_sparse_attention [--sweep]
     from mmsparse.attention import Local, Segment, StreamLayout, Tiled, build_layout
 
     cuda = torch.cuda.is_available()
-    if cuda and "--sweep" in sys.argv:  # --sweep [NAME,NAME...]: a subset of the workloads below
+    if cuda and "--sweep" in sys.argv:  # --sweep [NAME,NAME...] [--kernels dq,dkdv]: a subset
         a3 = StreamLayout.from_grid((16, 32, 32), order=(4, 4, 8))
         a2_tiles = StreamLayout.from_grid((32, 48, 48), order=(4, 4, 8))
         workloads = {
@@ -1442,13 +1445,19 @@ def main():  # python -m mmsparse.kernels.block_sparse_attention [--sweep]
             "A2tile-8x128": (Local((7, 13, 13)), a2_tiles, 8, 128),
         }
         at = sys.argv.index("--sweep") + 1
-        names = sys.argv[at].split(",") if at < len(sys.argv) else ["A3-8x128", "A3-16x64", "A1-16x64", "A1-8x128"]
+        given = at < len(sys.argv) and not sys.argv[at].startswith("--")
+        names = sys.argv[at].split(",") if given else ["A3-8x128", "A3-16x64", "A1-16x64", "A1-8x128"]
+        kernels = ("fwd", "dq", "dkdv")
+        if "--kernels" in sys.argv:
+            kernels = tuple(sys.argv[sys.argv.index("--kernels") + 1].split(","))
+            if not set(kernels) <= set(_CANDIDATES):
+                raise SystemExit(f"--kernels: expected names among {', '.join(_CANDIDATES)}, got {kernels}")
         for name in names:
             if name not in workloads:
                 raise SystemExit(f"--sweep: unknown workload {name!r}; known: {', '.join(workloads)}")
             pattern, tokens, h, d = workloads[name]
             print(f"# sweep {name}", flush=True)
-            sweep(pattern, tokens, h, d)
+            sweep(pattern, tokens, h, d, kernels)
         return
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float16
