@@ -45,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
+from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.backends import _triton_available  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,6 +160,8 @@ def run_case(name, frames, variant, args, tok, device):
     overrides = dict(max_frames=max(frames, 64), **args.override)
     if variant == "dense":
         overrides["schedule"] = "dense"
+    elif variant == "aligned":  # the block-aligned tiles of captioner_base_aligned
+        overrides.update(BLOCK_ALIGNED_224)
     overrides.update(args.configs.get(variant, {}))
     torch.manual_seed(0)
     model = create_model(name, tokenizer=tok, **overrides).to(device)
@@ -201,7 +204,9 @@ def run_case(name, frames, variant, args, tok, device):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", default="64,512,1024")
-    p.add_argument("--variants", default="sparse,dense")
+    p.add_argument("--variants", default="sparse,aligned,dense",
+                   help="sparse: the model's schedule; aligned: BLOCK_ALIGNED_224 (registry.py) on it; "
+                        "dense: schedule='dense'; and the NAMEs of --config")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--size", type=int, default=224)
@@ -223,6 +228,9 @@ def main(argv=None) -> int:
     args.configs = dict(parse_config(c) for c in args.config)
     variants = args.variants.split(",")
     variants += [c for c in args.configs if c not in variants]
+    unknown = [v for v in variants if v not in ("sparse", "aligned", "dense") and v not in args.configs]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; expected sparse, aligned, dense or a --config NAME")
     if args.cpu_smoke:
         device, args.precision = torch.device("cpu"), "fp32"
         args.model, args.size, args.audio_frames = "captioner_tiny", 32, 200
@@ -274,9 +282,10 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"| {r['frames']} | {r['variant']} | {r['tokens']} | {r['density']:.3f} | {r['error']} |||||")
             continue
+        speedup = f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else "-"
         print(f"| {r['frames']} | {r['variant']} | {r['tokens']:,} | {r['density']:.3f} | {r['step_ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f} % | {r.get('peak_gb', float('nan')):.1f} | "
-              f"{r.get('speedup_vs_dense', float('nan')):.2f}x |")
+              f"{speedup} |")
     print(f"\nwrote {out}")
     return 0
 

@@ -59,6 +59,31 @@ def captioner_base(tokenizer=None, **kw) -> VideoCaptioner:
     ), tokenizer, kw)
 
 
+# Block-aligned tiles for 224 x 224 frames (14 x 14 patch grids, which no 128-token tile divides):
+# (4, 14, 14) video tiles (8 frames x the whole frame) each padded to 13 whole 64-token blocks
+# (`Segment.tile_align`), radius 0; audio (12, 5) tiles (all 12 mel rows x 50 ms) padded the same,
+# with the two neighbouring tiles in time. A video tile's block pairs are full except those of its
+# 13th block (16 tokens + 48 padding), so the sparse layers run near the kernels' dense speed
+# per computed block. E1 at 64 frames x 8 clips on an H200:
+# 1.82x the dense model's step against 1.25x for the (4, 4, 8) default (bench/NOTES.md, sessions
+# 11-13). Narrower reach per layer than the default (784 tokens of video against 3,456); the
+# global tokens and AVSync connect the tiles, and schedule="tiled_shifted" adds Video Swin's
+# shifted windows in odd layers (1.80x).
+BLOCK_ALIGNED_224 = dict(
+    video_tile=(4, 14, 14), video_radius=(0, 0, 0), video_tile_align=64,
+    audio_tile=(12, 5), audio_radius=(0, 2), audio_tile_align=64,
+    attn_block=64, segment_align=64,
+)
+
+
+@register_model
+def captioner_base_aligned(tokenizer=None, **kw) -> VideoCaptioner:
+    """`captioner_base` with the block-aligned tiles of BLOCK_ALIGNED_224 (224 x 224 frames)."""
+    return _build("captioner_base_aligned", dict(
+        embed_dim=768, depth=12, num_heads=12, dec_dim=512, dec_depth=6, dec_heads=8, **BLOCK_ALIGNED_224,
+    ), tokenizer, kw)
+
+
 @register_model
 def captioner_large(tokenizer=None, **kw) -> VideoCaptioner:
     return _build("captioner_large", dict(

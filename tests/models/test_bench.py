@@ -23,9 +23,17 @@ def test_bench_model_cpu_smoke(tmp_path):
     torch.manual_seed(0)
     assert mod.main(["--cpu-smoke", "--frames", "4", "--out", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
-    assert {r["variant"] for r in res["rows"]} == {"sparse", "dense"}
+    assert {r["variant"] for r in res["rows"]} == {"sparse", "aligned", "dense"}
     sparse = next(r for r in res["rows"] if r["variant"] == "sparse")
     assert sparse["tokens_per_s"] > 0 and sparse["density"] < 1.0 and "speedup_vs_dense" in sparse
+    # "aligned": the same clips with the block-aligned tiles (tile padding adds positions only)
+    aligned = next(r for r in res["rows"] if r["variant"] == "aligned")
+    assert aligned["tokens"] == sparse["tokens"] and aligned["positions"] >= sparse["positions"]
+
+
+def test_bench_model_rejects_unknown_variant(tmp_path):
+    with pytest.raises(SystemExit):
+        _bench_model().main(["--cpu-smoke", "--variants", "sparse,fast", "--out", str(tmp_path / "r.json")])
 
 
 def test_bench_model_batch_counts_every_clip(tmp_path):
