@@ -10,22 +10,18 @@ counts its own N^2 pairs, and `effective_*` in the JSON its pattern's), the exac
 block density and the block utilization (attended / computed pairs), for each mmsparse
 backend present (triton when the kernels import, flex on CUDA; reference on CPU) and the
 anchors of BENCHMARKS.md measured in the same run (dense SDPA flash; SDPA on the permuted
-batch for axial attention). `triton_atomic` rows are the triton backend with the one-pass
-backward (MMSPARSE_TRITON_BWD=atomic: dQ added from the dK / dV tiles in float32, not
-bit-deterministic); `--bwd two_pass` leaves them out. Writes bench/results/<device>-<date>.json,
-a markdown table beside it, and a PNG of speedup over dense SDPA against density.
+batch for axial attention). Writes bench/results/<device>-<date>.json, a markdown table
+beside it, and a PNG of speedup over dense SDPA against density.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
 import logging
 import math
-import os
 import platform
 import re
 import sys
@@ -205,12 +201,10 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
                     partial_blocks=lay.num_partial)
 
     own = {b: layout for b in backends}
-    if wl.triton_block != layout.block_q:
-        for b in set(own) & {"triton", "triton_atomic"}:
-            own[b] = build_layout(wl.pattern, stream, wl.triton_block, wl.triton_block, device=device)
+    if "triton" in own and wl.triton_block != layout.block_q:
+        own["triton"] = build_layout(wl.pattern, stream, wl.triton_block, wl.triton_block, device=device)
     rows = []
-    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b.split("_")[0]))
-                  for b in backends]
+    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b)) for b in backends]
     for a in wl.anchors:
         if a == "sdpa_dense":
             candidates.append((a, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)))
@@ -224,8 +218,7 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
         try:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            with _backward_mode("atomic" if name == "triton_atomic" else None):
-                fwd, both = measure(fn, q, k, v, device, reps, wl.backward)
+            fwd, both = measure(fn, q, k, v, device, reps, wl.backward)
             row.update(fwd_ms=fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
                        fwd_bwd_tflops=(3.5 * flops / both / 1e9) if both else None,
                        effective_fwd_bwd_tflops=(3.5 * fwd_flops / both / 1e9) if both else None)
@@ -239,22 +232,6 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-@contextlib.contextmanager
-def _backward_mode(mode: str | None):
-    """MMSPARSE_TRITON_BWD=mode for the block (None: as the environment has it)."""
-    prior = os.environ.get("MMSPARSE_TRITON_BWD")
-    if mode is not None:
-        os.environ["MMSPARSE_TRITON_BWD"] = mode
-    try:
-        yield
-    finally:
-        if mode is not None:
-            if prior is None:
-                os.environ.pop("MMSPARSE_TRITON_BWD")
-            else:
-                os.environ["MMSPARSE_TRITON_BWD"] = prior
 
 
 def _prewarm_one(index: int) -> str:
@@ -317,7 +294,7 @@ def plot(rows: list[dict], path: Path, device_name: str):
     dense = {(r["n"], r["heads"], r["head_dim"]): r["fwd_bwd_ms"] for r in rows
              if r["backend"] == "sdpa_dense" and r.get("fwd_bwd_ms")}
     fig, ax = plt.subplots(figsize=(7, 5))
-    for backend, marker in (("triton", "o"), ("triton_atomic", "D"), ("flex", "s"), ("reference", "^")):
+    for backend, marker in (("triton", "o"), ("flex", "s"), ("reference", "^")):
         pts = [(r["density"], dense[(r["n"], r["heads"], r["head_dim"])] / r["fwd_bwd_ms"]) for r in rows
                if r["backend"] == backend and r.get("fwd_bwd_ms") and (r["n"], r["heads"], r["head_dim"]) in dense]
         if pts:
@@ -343,12 +320,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
                    help="compile the triton kernels of the selected workloads in JOBS processes first")
-    p.add_argument("--bwd", default="two_pass,atomic",
-                   help="the triton backward modes to time: two_pass (the default backward), atomic (one pass)")
     args = p.parse_args(argv)
-    modes = [m.strip() for m in args.bwd.split(",") if m.strip()]
-    if not modes or set(modes) - {"two_pass", "atomic"}:
-        p.error(f"--bwd: expected two_pass and / or atomic, got {args.bwd!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # flex is compiled once per workload and grad mode: more graphs than dynamo's default 8,
     # past which it silently falls back to an eager flex that materialises N x N scores
@@ -356,8 +328,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="# %(name)s: %(message)s")
     logging.getLogger("mmsparse.kernels").setLevel(logging.INFO)  # autotune choices
     if device == "cuda":
-        triton = {"two_pass": "triton", "atomic": "triton_atomic"}
-        backends = ([triton[m] for m in modes] if _triton_available() else []) + ["flex"]
+        backends = (["triton"] if _triton_available() else []) + ["flex"]
         workloads = gpu_workloads()
         device_name = torch.cuda.get_device_name()
     else:
@@ -368,7 +339,7 @@ def main(argv=None) -> int:
     if only:
         workloads = [w for w in workloads if w.id in only or w.id.split("-")[0] in only]
     reps = 10 if args.quick else 40
-    if args.prewarm and any(b.startswith("triton") for b in backends):
+    if args.prewarm and "triton" in backends:
         prewarm(workloads, args.prewarm)
     print(f"# mmsparse attention benchmark on {device_name}, torch {torch.__version__}, "
           f"triton {_version('triton')}, backends {backends}\n\n{HEADER}", flush=True)

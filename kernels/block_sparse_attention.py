@@ -524,16 +524,13 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m, N, qk_scale,
                 stride_qn, stride_don, ATTR, stride_attr, TAB, MT, ordinal, rows0, cols_in, QD, DOD, b, h,
-                kpad, DQ_base, DQD, stride_dqn, sm_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, PROGRAM: tl.constexpr, DOT_PREC: tl.constexpr,
                 MASK_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-                TMA: tl.constexpr, HAS_KPM: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+                TMA: tl.constexpr):
     """One query tile against this program's key tile, everything transposed: (BN, BM). A
     partial block's tile mask is read transposed: the tile's first query row `rows0` and the
-    keys' offsets `cols_in` within the block. TMA: Q and dO through their descriptors at (b, h).
-    FUSED_DQ: the tile's dQ share, dS K, is added to the float32 accumulator at DQ_base (through
-    its descriptor DQD with DQ_TMA: the copy engine's reduce-add), so no dQ pass recomputes P."""
+    keys' offsets `cols_in` within the block. TMA: Q and dO through their descriptors at (b, h)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if TMA:
         q, do = _load_kv_desc(QD, DOD, b, h, start_m, BLOCK_M, D_PAD)
@@ -554,29 +551,18 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
         else:
             keep = _program_mask(ATTR, stride_attr, TAB, offs_m[None, :], offs_n[:, None], N, PROGRAM)
         pT = tl.where(keep, pT, 0.0)
-    if HAS_KPM and FUSED_DQ:  # padding keys: P is 0 there (their dK, dV are zeroed at the end anyway)
-        pT = tl.where(kpad[:, None], 0.0, pT)
     # dV += P^T dO;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-    dk += tl.dot(dsT, q, input_precision=DOT_PREC)
-    if FUSED_DQ:
-        # dQ (BM, D) += dS K, summed over key tiles by float32 adds in memory (their order varies)
-        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * sm_scale
-        if DQ_TMA:
-            DQD.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, D_PAD))
-        else:
-            offs_d = tl.arange(0, D_PAD)
-            tl.atomic_add(DQ_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
-                          mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
-    SUB_ENTRIES, SUB_RANGES, DQA, DQD, stride_dqab, stride_dqah, stride_dqan,
+    SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -589,7 +575,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -605,11 +591,8 @@ def _bwd_dkdv_kernel(
                          offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, False)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    kpad = offs_n < 0  # which keys are padding (HAS_KPM with FUSED_DQ only)
-    if HAS_KPM and FUSED_DQ:
-        kpad = _is_padding(KPM + b.to(tl.int64) * stride_kpm, 1, offs_n, N)
 
-    # every query head of this key head, in a fixed order (dK, dV deterministic, no atomics)
+    # every query head of this key head, in a fixed order (deterministic, no atomics)
     for r in range(GROUP):
         h = hk * GROUP + r
         bh = b * (HK * GROUP) + h
@@ -617,15 +600,13 @@ def _bwd_dkdv_kernel(
         DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         LSE_base = LSE + bh.to(tl.int64) * N
         DELTA_base = DELTA + bh.to(tl.int64) * N
-        DQ_base = DQA + b.to(tl.int64) * stride_dqab + h.to(tl.int64) * stride_dqah
         for i in range(full_lo * SUB_M, full_hi * SUB_M):
             qb = tl.load(k_full_idx + i // SUB_M)
             start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
                                  N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB, MT, 0, 0, offs_n,
-                                 QD, DOD, b, h, kpad, DQ_base, DQD, stride_dqan, sm_scale,
-                                 HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC,
-                                 MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA, HAS_KPM, FUSED_DQ, DQ_TMA)
+                                 QD, DOD, b, h, HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC,
+                                 MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
         if HAS_PARTIAL:
             cols_in = offs_n - kb * LAYOUT_BK
             lo, hi = _partial_range(SUB_RANGES, pid_n, part_lo * SUB_M, part_hi * SUB_M, SKIP_EMPTY)
@@ -639,9 +620,8 @@ def _bwd_dkdv_kernel(
                 dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
                                      N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
                                      MT, ordinal, (i % SUB_M) * BLOCK_M, cols_in, QD, DOD, b, h,
-                                     kpad, DQ_base, DQD, stride_dqan, sm_scale,
                                      HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC,
-                                     MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA, HAS_KPM, FUSED_DQ, DQ_TMA)
+                                     MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
     dk = dk * sm_scale
     if HAS_KPM:  # a padding key is attended by no query: its gradients are exactly zero
         pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm, 1, offs_n, N)[:, None]
@@ -672,9 +652,6 @@ _CONFIGS = {
     "dkdv": {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (32, 64, 4, 3),
              128: (64, 64, 4, 3), 256: (32, 64, 8, 2)},
 }
-# the one-pass backward (MMSPARSE_TRITON_BWD=atomic): dK / dV tiles that also add dQ; untimed
-# entries start from the two-pass dK / dV table
-_CONFIGS["dkdq"] = dict(_CONFIGS["dkdv"])
 # D_PAD 16-64 fwd (128, 64, 8, 3) and dq (64, 128, 4, 3) since session 6: the sweep on the E1
 # captioner layer at 512 frames (bench/probe_mask_cost.py --sweep; v7 in bench/NOTES.md) timed
 # them 4 % (fwd) and 5 % (whole backward) under the former (64, 128, 4, 3) and (64, 64, 4, 3).
@@ -693,14 +670,13 @@ PARTIAL_HEAVY = 0.5  # share of partial blocks above which _CONFIGS_PARTIAL appl
 # on the E1 64-frame layer (batch 8, H200, 2026-12-03; results/logs/model-64f-batch8-tile-align-
 # autotune-h200-2026-12-03.log) chose these on both its layouts (tiled and tiled_shifted); the
 # step went from 154.7 to 143.6 ms (bench/NOTES.md, session 11).
-_CONFIGS_B64 = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3), "dkdq": (32, 64, 4, 3)}
+_CONFIGS_B64 = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}
 # float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
 _CONFIGS_FP32 = {
     "fwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
     "dq": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
     "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 4, 1)},
 }
-_CONFIGS_FP32["dkdq"] = dict(_CONFIGS_FP32["dkdv"])
 # candidates timed when MMSPARSE_TRITON_AUTOTUNE=1
 _CANDIDATES = {
     "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
@@ -708,8 +684,6 @@ _CANDIDATES = {
            (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3)],
     "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2),
              (32, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2)],
-    "dkdq": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3),
-             (64, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
 }
 _TUNED: dict = {}
 _OVERRIDE: dict = {}  # tests: kernel name -> config
@@ -1178,21 +1152,6 @@ def _use_tma(k, v, block_n: int, d_pad: int) -> bool:
                and t.shape[3] * t.element_size() >= 16 for t in (k, v))
 
 
-def _bwd_mode() -> str:
-    """`two_pass` (default): a dQ pass over the layout's rows and a dK / dV pass over its
-    columns, each recomputing P; every gradient bit-for-bit deterministic. `atomic`
-    (MMSPARSE_TRITON_BWD=atomic): one pass over the columns that also adds each tile's dQ share
-    to a float32 accumulator (five tile products instead of seven, P and the masks computed
-    once), whose summation order varies from run to run, so dQ is not bit-deterministic.
-    torch.use_deterministic_algorithms(True) keeps `two_pass`."""
-    mode = os.environ.get("MMSPARSE_TRITON_BWD", "two_pass")
-    if mode not in ("two_pass", "atomic"):
-        raise ValueError(f"MMSPARSE_TRITON_BWD must be two_pass or atomic, got {mode!r}")
-    if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
-        return "two_pass"
-    return mode
-
-
 def _tma_backward() -> bool:
     """The backward passes take descriptors too unless MMSPARSE_TRITON_TMA_BWD=0 (an A/B switch
     of the session-12 measurement, bench/NOTES.md)."""
@@ -1316,10 +1275,7 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, LAYOUT_BQ=layout.block_q,
                   LAYOUT_BK=layout.block_k, PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial,
                   DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, MASK_TILES=mask_tiles, SKIP_EMPTY=skip)
-    fused = _bwd_mode() == "atomic"
-    # the one-pass backward's dQ: float32, head dim padded (16-byte rows for the descriptor)
-    dq_acc = torch.empty(b, h, n, d_pad, device=q.device, dtype=torch.float32) if fused else None
-    dq_split = _scratch(q, rows, layout.block_q) if rows.n_split and not fused else None
+    dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
     desc = {}
@@ -1336,10 +1292,8 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
 
     def dkdv_args(items, g, sub):
         gk, gv = g
-        acc = dq if dq_acc is None else dq_acc  # a dummy pointer in the two-pass backward
         return (q, k, v, dout, desc.get("q", q), desc.get("do", dout), gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
                 kp.lists["k_full_idx"], kp.lists["k_part_idx"], *sub,
-                acc, desc.get("dq", acc), acc.stride(0), acc.stride(1), acc.stride(2),
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1365,26 +1319,14 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
         desc.clear()
         if tma:
             desc["q"], desc["do"] = _descriptor(q, bm, d_pad), _descriptor(dout, bm, d_pad)
-        # the reduce-add through a descriptor needs the copy engine (the interpreter has none)
-        dq_tma = fused and tma and q.is_cuda
-        if fused:
-            dq_acc.zero_()  # here, since the autotuner launches this more than once
-        if dq_tma:
-            desc["dq"] = _descriptor(dq_acc, bm, d_pad)
         _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk, dkdv_args, (dk, dv), dkdv_split,
                       kp.sub_lists("k", bm, bn) if skip else None,
-                      BLOCK_M=bm, BLOCK_N=bn, TMA=tma, FUSED_DQ=fused, DQ_TMA=dq_tma, num_warps=warps,
-                      num_stages=stages, **common)
+                      BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages, **common)
 
-    if fused:
-        _maybe_tune("dkdq", d_pad, q, layout, launch_dkdv)
-        launch_dkdv(_config("dkdq", d_pad, q, layout))
-        dq.copy_(dq_acc[..., :d])
-    else:
-        _maybe_tune("dq", d_pad, q, layout, launch_dq)
-        launch_dq(_config("dq", d_pad, q, layout))
-        _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
-        launch_dkdv(_config("dkdv", d_pad, q, layout))
+    _maybe_tune("dq", d_pad, q, layout, launch_dq)
+    launch_dq(_config("dq", d_pad, q, layout))
+    _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
+    launch_dkdv(_config("dkdv", d_pad, q, layout))
     if dq_split is not None:
         _sum_chunks(rows, dq_split, layout.block_q, n, dq)
     if dkdv_split is not None:
@@ -1453,7 +1395,7 @@ def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkd
     -> configs) replaces _CANDIDATES for the kernels it names.
 
     Returns rows (kernel, config, ms): forward alone for "fwd", the whole backward with the
-    other backward kernel at its default for "dq" / "dkdv", the one-pass backward for "dkdq"."""
+    other backward kernel at its default for "dq" / "dkdv"."""
     from mmsparse.attention import build_layout
 
     if layout is None:
@@ -1467,8 +1409,6 @@ def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkd
         pool = (candidates or {}).get(kernel, _CANDIDATES[kernel])
         for cand in dict.fromkeys([_default_config(kernel, d_pad, q.dtype, layout)] + list(pool)):
             _OVERRIDE[kernel] = cand
-            mode = os.environ.get("MMSPARSE_TRITON_BWD")
-            os.environ["MMSPARSE_TRITON_BWD"] = "atomic" if kernel == "dkdq" else "two_pass"
             try:
                 if kernel == "fwd":
                     fn = lambda: _attention_forward(q, k, v, layout, scale)
@@ -1480,10 +1420,6 @@ def sweep(pattern, tokens, heads: int, head_dim: int, kernels=("fwd", "dq", "dkd
                 log.warning("sweep %s %s: %s", kernel, cand, str(err).splitlines()[0][:120])
             finally:
                 _OVERRIDE.pop(kernel, None)
-                if mode is None:
-                    os.environ.pop("MMSPARSE_TRITON_BWD")
-                else:
-                    os.environ["MMSPARSE_TRITON_BWD"] = mode
             rows.append((kernel, cand, ms))
             print(f"{kernel:5s} {str(cand):20s} {ms:8.3f} ms", flush=True)
     return rows

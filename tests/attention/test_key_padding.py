@@ -118,19 +118,6 @@ def test_triton_block_sparse_kernel_split_rows(case, monkeypatch):
     _check(got, truth, 1e-4, pad)
 
 
-@pytest.mark.parametrize("chunk", [None, 2])
-def test_triton_one_pass_backward(case, monkeypatch, chunk):
-    """MMSPARSE_TRITON_BWD=atomic: dQ is added from the dK / dV tiles, so the padding keys'
-    probabilities must be zeroed there too, not only their dK / dV at the end."""
-    layout, pad, qkv, dout, dlse, truth = case
-    monkeypatch.setenv("MMSPARSE_TRITON_BWD", "atomic")
-    if chunk:
-        monkeypatch.setattr(bsa, "_SPLIT_CHUNK", chunk)
-    got = _run(lambda q, k, v: bsa.block_sparse_attention(q, k, v, layout.to(DEV), 0.25, key_padding_mask=pad.to(DEV)),
-               qkv, dout, dlse)
-    _check(got, truth, 1e-4, pad)
-
-
 def test_triton_axial_kernel():
     """Time lines of sample 1 lose their padded frames; a line of padding only is empty."""
     grid = (6, 3, 4)

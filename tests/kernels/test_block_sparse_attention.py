@@ -395,56 +395,6 @@ def test_autograd_function_and_lse_gradient():
     _check_budget((out.detach(), lse.detach(), qg.grad, kg.grad, vg.grad), low, truth, dtype)
 
 
-ONE_PASS_RUNS = ([(n, torch.bfloat16, 64) for n in ("local3d", "global_local", "multimodal", "dense", "tiled_order")]
-                 + [("local3d", torch.bfloat16, 128), ("longformer", torch.float16, 72), ("bigbird", torch.float32, 40)]
-                 if CUDA else [(n, t, 40) for n in ("local3d", "global_local", "multimodal", "bigbird")
-                               for t in (torch.float32, torch.float16)])
-
-
-@pytest.mark.parametrize("name,dtype,d", ONE_PASS_RUNS, ids=[f"{n}-{str(t)[6:]}-d{d}" for n, t, d in ONE_PASS_RUNS])
-def test_one_pass_backward_matches_truth(name, dtype, d, mask_mode, monkeypatch):
-    """MMSPARSE_TRITON_BWD=atomic: the dK / dV pass adds each tile's dQ share to a float32
-    accumulator (through the copy engine's reduce-add where descriptors are used); no dQ pass."""
-    monkeypatch.setenv("MMSPARSE_TRITON_BWD", "atomic")
-    layout = _layout(name)
-    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=hash(name) % 1000 + 2)
-    scale = d**-0.5
-    truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
-    low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
-    got = _kernel_grads(q, k, v, dout, dlse, layout, scale, dtype)
-    _check_budget(got, low, truth, dtype)
-
-
-@pytest.mark.parametrize("name,chunk", [("longformer", 1), ("multimodal", 3)])
-def test_one_pass_backward_split_columns(monkeypatch, name, chunk, mask_mode):
-    """Columns cut into chunks: every (query, key) tile still adds its dQ share exactly once."""
-    monkeypatch.setenv("MMSPARSE_TRITON_BWD", "atomic")
-    monkeypatch.setattr(bsa, "_SPLIT_CHUNK", chunk)
-    layout = _layout(name)
-    assert bsa._kernel_program(layout, torch.device(DEV)).cols.n_split > 0
-    dtype, d = (torch.bfloat16 if CUDA else torch.float32), 40
-    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=11 + chunk)
-    truth = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, torch.float64, True)
-    low = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype, False)
-    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype), low, truth, dtype)
-
-
-def test_backward_mode_switch(monkeypatch):
-    monkeypatch.delenv("MMSPARSE_TRITON_BWD", raising=False)
-    assert bsa._bwd_mode() == "two_pass"
-    monkeypatch.setenv("MMSPARSE_TRITON_BWD", "atomic")
-    assert bsa._bwd_mode() == "atomic"
-    prior = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:  # bit-for-bit reproducible gradients were asked for: the two-pass backward
-        assert bsa._bwd_mode() == "two_pass"
-    finally:
-        torch.use_deterministic_algorithms(prior)
-    monkeypatch.setenv("MMSPARSE_TRITON_BWD", "fast")
-    with pytest.raises(ValueError, match="MMSPARSE_TRITON_BWD"):
-        bsa._bwd_mode()
-
-
 @pytest.mark.skipif(not CUDA, reason="determinism of GPU scheduling; the interpreter is serial")
 def test_gradients_are_deterministic():
     for name in ("global_local", "longformer"):  # the second with split rows and columns
