@@ -671,6 +671,11 @@ PARTIAL_HEAVY = 0.5  # share of partial blocks above which _CONFIGS_PARTIAL appl
 # autotune-h200-2026-12-03.log) chose these on both its layouts (tiled and tiled_shifted); the
 # step went from 154.7 to 143.6 ms (bench/NOTES.md, session 11).
 _CONFIGS_B64 = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}
+# ... and where most of those blocks are partial (token-level windows on 64-token blocks, A1 /
+# A2 at 16 x 64): dQ on 64 x 64 tiles. MMSPARSE_TRITON_AUTOTUNE=1 chose it on A1 16x64 (H200,
+# 2026-12-04; results/logs/attention-A1A2-autotune-h200-2026-12-04.log): fwd+bwd A1 1.78 ->
+# 1.70 ms, A2 22.0 -> 20.9 ms; the other kernels kept _CONFIGS_B64 (bench/NOTES.md, session 14).
+_CONFIGS_B64_PARTIAL = {"dq": (64, 64, 4, 3)}
 # float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
 _CONFIGS_FP32 = {
     "fwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
@@ -711,6 +716,8 @@ def _default_config(kernel: str, d_pad: int, dtype, layout=None):
     if dtype == torch.float32:
         return _CONFIGS_FP32[kernel][d_pad]
     if layout is not None and d_pad <= 64 and layout.block_q == layout.block_k == 64:
+        if _partial_heavy(layout) and kernel in _CONFIGS_B64_PARTIAL:
+            return _CONFIGS_B64_PARTIAL[kernel]
         return _CONFIGS_B64[kernel]
     if layout is not None and _partial_heavy(layout):
         cfg = _CONFIGS_PARTIAL.get(kernel, {}).get(d_pad)

@@ -237,10 +237,30 @@ def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
     stream = StreamLayout((seg,), n_global=2, length=64 + seg.span)
     layout = build_layout(Tiled((2, 7, 7), 0) | StreamGlobal(2) | Gaps(), stream, 64, 64, device=DEV)
     bf16 = torch.bfloat16
-    for kernel in ("fwd", "dq", "dkdv"):
+    for kernel in ("fwd", "dkdv"):
         assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
+    # this small stream is mostly partial blocks (the E1 streams are not): dQ's own tiles
+    dq = bsa._CONFIGS_B64_PARTIAL if bsa._partial_heavy(layout) else bsa._CONFIGS_B64
+    assert bsa._default_config("dq", 64, bf16, layout) == dq["dq"]
     dtype, d = (bf16 if CUDA else torch.float16), 48
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=12)
+    scale = d**-0.5
+    truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
+    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, scale, dtype), low, truth, dtype)
+
+
+def test_partial_heavy_64_blocks_pick_their_own_dq_tiles_and_match_truth(mask_mode):
+    """A token-level window on 64 x 64 blocks at D_PAD <= 64: dQ on _CONFIGS_B64_PARTIAL's
+    tiles, the forward and dK / dV on _CONFIGS_B64's; D = 40, N = 105 (a ragged last block)."""
+    layout = build_layout(Local((3, 3, 3)), (3, 5, 7), 64, 64, device=DEV)
+    assert bsa._partial_heavy(layout)
+    bf16 = torch.bfloat16
+    assert bsa._default_config("dq", 64, bf16, layout) == bsa._CONFIGS_B64_PARTIAL["dq"]
+    for kernel in ("fwd", "dkdv"):
+        assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
+    dtype, d = (bf16 if CUDA else torch.float16), 40
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=13)
     scale = d**-0.5
     truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
     low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
