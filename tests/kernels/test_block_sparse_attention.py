@@ -250,30 +250,22 @@ def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
     _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, scale, dtype), low, truth, dtype)
 
 
-def test_partial_heavy_64_blocks_pick_their_own_dq_tiles_and_match_truth(mask_mode):
-    """A token-level window on 64 x 64 blocks at D_PAD <= 64: dQ on _CONFIGS_B64_PARTIAL's
-    tiles, the forward and dK / dV on _CONFIGS_B64's; D = 40, N = 105 (a ragged last block)."""
+@pytest.mark.parametrize("d", [72, 40])
+def test_partial_heavy_tiles_match_truth(d, mask_mode):
+    """Layouts of 64-token blocks that are mostly partial blocks run end to end on their own
+    tiles, N = 105 (a ragged last block): D = 72 (padded to 128) the forward on _CONFIGS_PARTIAL's;
+    D = 40 (padded to 64) dQ on _CONFIGS_B64_PARTIAL's, the forward and dK / dV on _CONFIGS_B64's."""
     layout = build_layout(Local((3, 3, 3)), (3, 5, 7), 64, 64, device=DEV)
     assert bsa._partial_heavy(layout)
     bf16 = torch.bfloat16
-    assert bsa._default_config("dq", 64, bf16, layout) == bsa._CONFIGS_B64_PARTIAL["dq"]
-    for kernel in ("fwd", "dkdv"):
-        assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
-    dtype, d = (bf16 if CUDA else torch.float16), 40
-    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=13)
-    scale = d**-0.5
-    truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
-    low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
-    _check_budget(_kernel_grads(q, k, v, dout, dlse, layout, scale, dtype), low, truth, dtype)
-
-
-def test_partial_heavy_forward_tiles_match_truth(mask_mode):
-    """The partial-block forward tiles run end to end: D = 72 (padded to 128), layout blocks of
-    64, a window whose blocks are mostly partial, N = 105 (a ragged last block)."""
-    layout = build_layout(Local((3, 3, 3)), (3, 5, 7), 64, 64, device=DEV)
-    assert bsa._partial_heavy(layout)
-    dtype, d = (torch.bfloat16 if CUDA else torch.float16), 72
-    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=11)
+    if d == 72:
+        assert bsa._default_config("fwd", 128, bf16, layout) == bsa._CONFIGS_PARTIAL["fwd"][128]
+    else:
+        assert bsa._default_config("dq", 64, bf16, layout) == bsa._CONFIGS_B64_PARTIAL["dq"]
+        for kernel in ("fwd", "dkdv"):
+            assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=d)
     scale = d**-0.5
     truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
     low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
