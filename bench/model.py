@@ -7,6 +7,7 @@
     python bench/model.py --override video_radius=1,1,0   # any ModelConfig field
     python bench/model.py --config "tile64:video_tile=4,14,14;video_radius=0;video_tile_align=64"
                                                   # named sparse variants beside sparse and dense
+    python bench/model.py --frames 64 --batch 8 --repeats 3   # each case 3 times, interleaved
     python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
 
 Each row: clip of T frames of 224x224 plus 10.24 s of audio (1,024 log-mel frames, AST patches:
@@ -23,6 +24,12 @@ matmuls (forward + backward) plus 3.5 x 4 x (attended pairs) x E per layer for a
 (BENCHMARKS.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100. N and
 tokens/s count real tokens only; the positions of alignment gaps and tile padding
 (``--override video_tile_align=64``) are reported beside them ("positions").
+``--repeats R`` runs every (frames, variant) case R times, the cases interleaved (all of them
+once, then again), so that a drift of the machine between processes or over minutes (dense
+steps at 64 frames x 8 move 223-228 ms from run to run on the H200) reaches sparse and dense
+alike; each row is then the run of median step time, with every run's step time
+(``step_ms_runs``) and the speedup of each repeat over that repeat's dense run
+(``speedup_vs_dense_runs``) beside it.
 Writes bench/results/model-<gpu>-<date>.json (`-runN` when it exists; `--out` elsewhere) and prints a markdown table.
 """
 
@@ -201,6 +208,18 @@ def run_case(name, frames, variant, args, tok, device):
     return row
 
 
+def median_row(runs: list[dict]) -> dict:
+    """The run of median step time among the repeats of one case (the lower median for an even
+    count), with every run's step time beside it; a failed run (out of memory) stands for the case."""
+    failed = [r for r in runs if "step_ms" not in r]
+    if failed:
+        return failed[0]
+    row = dict(sorted(runs, key=lambda r: r["step_ms"])[(len(runs) - 1) // 2])
+    if len(runs) > 1:
+        row["step_ms_runs"] = [r["step_ms"] for r in runs]
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", default="64,512,1024")
@@ -208,6 +227,8 @@ def main(argv=None) -> int:
                    help="sparse: the model's schedule; aligned: BLOCK_ALIGNED_224 (registry.py) on it; "
                         "dense: schedule='dense'; and the NAMEs of --config")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every case this many times, interleaved; rows are the median runs")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--audio-frames", type=int, default=1024)
@@ -224,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, tiny clips, on the CPU")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     args.override = dict(_parse_override(o) for o in args.override)
     args.configs = dict(parse_config(c) for c in args.config)
     variants = args.variants.split(",")
@@ -242,17 +265,22 @@ def main(argv=None) -> int:
     else:
         p.error("no GPU: run with --cpu-smoke for the reduced CPU check")
     tok = CaptionTokenizer.train([CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
-    rows = []
-    for frames in (int(f) for f in args.frames.split(",")):
-        for variant in variants:
-            row = run_case(args.model, frames, variant, args, tok, device)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    runs: dict[tuple, list] = {}  # (frames, variant) -> its rows, one a repeat
+    for rep in range(args.repeats):
+        for frames in (int(f) for f in args.frames.split(",")):
+            for variant in variants:
+                row = run_case(args.model, frames, variant, args, tok, device)
+                runs.setdefault((frames, variant), []).append(row)
+                print(json.dumps(dict(row, repeat=rep) if args.repeats > 1 else row), flush=True)
+    rows = [median_row(r) for r in runs.values()]
     by = {(r["frames"], r["variant"]): r for r in rows}
     for r in rows:
         d = by.get((r["frames"], "dense"))
         if r["variant"] != "dense" and d and "step_ms" in r and "step_ms" in d:
             r["speedup_vs_dense"] = d["step_ms"] / r["step_ms"]
+            if args.repeats > 1:  # each repeat against the dense run of the same repeat
+                r["speedup_vs_dense_runs"] = [a["step_ms"] / b["step_ms"] for a, b in
+                                              zip(runs[r["frames"], "dense"], runs[r["frames"], r["variant"]])]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     try:
         import triton
@@ -262,7 +290,8 @@ def main(argv=None) -> int:
     backend = "reference" if device.type == "cpu" else ("triton" if _triton_available() else "flex")
     result = {"workload": "E1", "model": args.model, "device": gpu, "torch": torch.__version__,
               "triton": triton_version, "sparse_backend": backend, "precision": args.precision,
-              "checkpointing": args.checkpointing, "overrides": {k: v for k, v in args.override.items()},
+              "checkpointing": args.checkpointing, "repeats": args.repeats,
+              "overrides": {k: v for k, v in args.override.items()},
               "configs": args.configs,
               "date": dt.date.today().isoformat(), "rows": rows}
     if args.out:
@@ -275,7 +304,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\n{args.model} on {gpu} (torch {torch.__version__}, triton {triton_version}, sparse backend {backend})\n")
-    print(f"batch {args.batch} clips a step, precision {args.precision}; tokens per clip\n")
+    runs_note = f"; median of {args.repeats} interleaved runs, speedup range over the repeats" if args.repeats > 1 else ""
+    print(f"batch {args.batch} clips a step, precision {args.precision}; tokens per clip{runs_note}\n")
     print("| frames | variant | tokens | density | step ms | tokens/s | MFU | peak GB | speedup |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -283,6 +313,8 @@ def main(argv=None) -> int:
             print(f"| {r['frames']} | {r['variant']} | {r['tokens']} | {r['density']:.3f} | {r['error']} |||||")
             continue
         speedup = f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else "-"
+        if "speedup_vs_dense_runs" in r:
+            speedup += f" ({min(r['speedup_vs_dense_runs']):.2f}-{max(r['speedup_vs_dense_runs']):.2f})"
         print(f"| {r['frames']} | {r['variant']} | {r['tokens']:,} | {r['density']:.3f} | {r['step_ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f} % | {r.get('peak_gb', float('nan')):.1f} | "
               f"{speedup} |")

@@ -46,6 +46,37 @@ def test_bench_model_batch_counts_every_clip(tmp_path):
     assert abs(row["tokens_per_s"] - 3 * row["tokens"] / row["step_ms"] * 1e3) < 1e-6 * row["tokens_per_s"]
 
 
+def test_bench_model_repeats_interleave_and_take_the_median(tmp_path, capsys):
+    """--repeats 3: every case runs three times, all cases once before any twice; each row is the
+    run of median step time, with every repeat's time and per-repeat speedup beside it."""
+    mod = _bench_model()
+    assert mod.main(["--cpu-smoke", "--frames", "4", "--variants", "sparse,dense", "--repeats", "3",
+                     "--out", str(tmp_path / "r.json")]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["repeat"], r["variant"]) for r in printed] == [(i, v) for i in range(3) for v in ("sparse", "dense")]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["repeats"] == 3
+    rows = {r["variant"]: r for r in res["rows"]}
+    for variant, row in rows.items():
+        times = [r["step_ms"] for r in printed if r["variant"] == variant]
+        assert row["step_ms_runs"] == times and row["step_ms"] == sorted(times)[1]
+    pairs = [d / s for d, s in zip(rows["dense"]["step_ms_runs"], rows["sparse"]["step_ms_runs"])]
+    assert rows["sparse"]["speedup_vs_dense_runs"] == pytest.approx(pairs)
+    assert rows["sparse"]["speedup_vs_dense"] == pytest.approx(rows["dense"]["step_ms"] / rows["sparse"]["step_ms"])
+    with pytest.raises(SystemExit):
+        mod.main(["--cpu-smoke", "--repeats", "0", "--out", str(tmp_path / "r0.json")])
+
+
+def test_median_row_of_even_counts_and_failures():
+    mod = _bench_model()
+    runs = [{"step_ms": t, "k": i} for i, t in enumerate((4.0, 1.0, 3.0, 2.0))]
+    row = mod.median_row(runs)
+    assert row["step_ms"] == 2.0 and row["k"] == 3 and row["step_ms_runs"] == [4.0, 1.0, 3.0, 2.0]
+    assert mod.median_row(runs[:1]) == runs[0]  # one run: as it was, no list
+    oom = {"error": "out of memory: ..."}
+    assert mod.median_row([runs[0], oom]) is oom
+
+
 def test_bench_model_named_configs_count_real_tokens(tmp_path):
     """--config NAME:... adds a sparse variant with its own overrides; tile padding adds stream
     positions, not tokens, so tokens/s compares it with the packed model on the same media."""
