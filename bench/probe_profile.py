@@ -3,13 +3,17 @@
     python bench/probe_profile.py strided            # A5 Sparse Transformer strided 128, 16x64
     python bench/probe_profile.py model --frames 64  # E1 captioner_base sparse training step
     python bench/probe_profile.py rope               # fused QKV split + rotary against PyTorch
+    python bench/probe_profile.py preset longformer  # an A5 preset: issued vs CUDA-graph replay
 
 `strided` times the two parts of `kernels/strided_attention.py` (block-sparse rest, axial
 lines) and the merge separately, then the whole autograd op, then prints the CUDA and CPU
 profile of three forward+backward steps. `model` runs bench/model.py's training step and
 prints the same two tables for three steps after warm-up, with the step's wall time beside the
 sum of its CUDA kernel times (a wall time far above the kernel sum means the step waits on the
-host); `model --host` then says which Python functions the host spends that time in (cProfile). bench/NOTES.md quotes the outputs (results/logs/probe-profile-*.log).
+host); `model --host` then says which Python functions the host spends that time in (cProfile).
+`preset` times an A5 preset's forward and forward+backward on the triton backend as issued and as
+replayed from a CUDA graph (no host work at all), so a gap between the two is time the op waits
+on the host, then prints the profile tables. bench/NOTES.md quotes the outputs (results/logs/probe-profile-*.log).
 """
 
 from __future__ import annotations
@@ -93,6 +97,52 @@ def strided(args) -> None:
     print(f"backward kernels: rest {t_rest_b:.3f} ms, lines {t_lines_b:.3f} ms; op fwd+bwd {t_fb:.3f} ms")
     _tables(_profile(lambda: torch.autograd.grad(st.strided_attention(q, k, v, lay)[0], (q, k, v), do)),
             "strided fwd+bwd")
+
+
+def _graph_ms(fn) -> float | str:
+    """Median ms of fn replayed from a CUDA graph, or why it could not be captured."""
+    import triton.testing as tt
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # a host synchronisation or a non-capturable op
+        return f"not capturable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+    return tt.do_bench(graph.replay, return_mode="median")
+
+
+def preset(args) -> None:
+    import triton.testing as tt
+
+    from mmsparse.attention import bigbird, build_layout, longformer, sparse_attention
+
+    pattern = {"longformer": longformer(513, 64), "bigbird": bigbird(513, 64, 3, 64)}[args.name]
+    lay = build_layout(pattern, (args.n,), args.block, args.block, device="cuda")
+    print(f"{args.name}, N {args.n}, 16 x 64, blocks {args.block}: full {lay.num_full}, partial {lay.num_partial}")
+    q, k, v = (torch.randn(1, 16, args.n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            return sparse_attention(q, k, v, lay, backend="triton")
+
+    def both():
+        return torch.autograd.grad(sparse_attention(q, k, v, lay, backend="triton"), (q, k, v), do)
+
+    for name, fn in (("forward", fwd), ("forward+backward", both)):
+        issued = tt.do_bench(fn, return_mode="median")
+        graphed = _graph_ms(fn)
+        shown = f"{graphed:.3f} ms" if isinstance(graphed, float) else graphed
+        print(f"{name}: issued {issued:.3f} ms, CUDA graph {shown}", flush=True)
+    _tables(_profile(both), f"{args.name} fwd+bwd")
 
 
 def model(args) -> None:
@@ -207,10 +257,14 @@ def main(argv=None) -> int:
     m.add_argument("--host", action="store_true",
                    help="cProfile the Python side of 10 steps (where a host-bound step spends its time)")
     sub.add_parser("rope")
+    a = sub.add_parser("preset")
+    a.add_argument("name", choices=("longformer", "bigbird"))
+    a.add_argument("--n", type=int, default=65536)
+    a.add_argument("--block", type=int, default=64, help="layout blocks (bench/attention.py runs A5 on 64)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    {"strided": strided, "model": model, "rope": rope}[args.what](args)
+    {"strided": strided, "model": model, "rope": rope, "preset": preset}[args.what](args)
     return 0
 
 
