@@ -69,6 +69,16 @@ class Workload:
         return math.prod(self.grid)
 
 
+# BENCHMARKS.md's A5 presets, N = 65,536 at 16 heads x 64: name -> (label, pattern); the probes
+# (probe_layout_block.py, probe_profile.py preset) time the same ones
+A5_N = 65536
+A5_PRESETS = {
+    "longformer": ("Longformer (513 + 64 global)", longformer(513, 64)),
+    "bigbird": ("BigBird (513, 64 global, 3 random)", bigbird(513, 64, 3, 64)),
+    "strided": ("Sparse Transformer strided 128", sparse_transformer(128)),
+}
+
+
 def gpu_workloads() -> list[Workload]:
     a1, a2 = (16, 32, 32), (32, 48, 48)
     w = []
@@ -83,15 +93,11 @@ def gpu_workloads() -> list[Workload]:
     w.append(Workload("A3", "tile window r=1, N=73,728, 8x128", Tiled((4, 4, 8), 1), a2, 8, 128, order=(4, 4, 8)))
     for axis, name in ((0, "T"), (1, "H"), (2, "W")):
         w.append(Workload("A4", f"axial {name}, 8x128", Axial(axis), a2, 8, 128, anchors=("sdpa_axial",), axial_axis=axis))
-    n5 = (65536,)
     # A5 on 64-token blocks too: the 64 global tokens and BigBird's 64-token random blocks fill
     # whole blocks (utilization Longformer 72 -> 91 %, BigBird 50 -> 93 %; results/logs/
     # probe-layout-block-a5-h200-2026-12-04.log, bench/NOTES.md session 14)
-    w.append(Workload("A5", "Longformer (513 + 64 global), 16x64", longformer(513, 64), n5, 16, 64, triton_block=64))
-    w.append(Workload("A5", "BigBird (513, 64 global, 3 random), 16x64", bigbird(513, 64, 3, 64), n5, 16, 64,
-                      triton_block=64))
-    w.append(Workload("A5", "Sparse Transformer strided 128, 16x64", sparse_transformer(128), n5, 16, 64,
-                      triton_block=64))
+    for label, pattern in A5_PRESETS.values():
+        w.append(Workload("A5", f"{label}, 16x64", pattern, (A5_N,), 16, 64, triton_block=64))
     # issue 3's dense target is SDPA's flash backend; the default dispatch (cuDNN on Hopper) beside it
     dense_anchors = ("sdpa_dense", "sdpa_flash")
     w.append(Workload("dense", "dense N=16,384, 16x64", Dense(), a1, 16, 64, anchors=dense_anchors))

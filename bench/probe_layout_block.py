@@ -22,12 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.attention import measure  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mmsparse.attention import (  # noqa: E402
-    Local, StreamLayout, bigbird, build_layout, longformer, sparse_attention, sparse_transformer,
-)
+from bench.attention import A5_N, A5_PRESETS, measure  # noqa: E402
+from mmsparse.attention import Local, StreamLayout, build_layout, sparse_attention  # noqa: E402
 
 A1, A2 = (16, 32, 32), (32, 48, 48)
 WORKLOADS = {
@@ -37,9 +35,7 @@ WORKLOADS = {
     "A2-16x64": (Local((7, 13, 13)), StreamLayout.from_grid(A2), 16, 64),
     "A2tile-8x128": (Local((7, 13, 13)), StreamLayout.from_grid(A2, order=(4, 4, 8)), 8, 128),
     # A5 (N = 65,536, 16 x 64): the anchor is dense SDPA, the target 1.25 x its time x density
-    "A5-longformer": (longformer(513, 64), StreamLayout.from_grid((65536,)), 16, 64),
-    "A5-bigbird": (bigbird(513, 64, 3, 64), StreamLayout.from_grid((65536,)), 16, 64),
-    "A5-strided": (sparse_transformer(128), StreamLayout.from_grid((65536,)), 16, 64),
+    **{f"A5-{name}": (pattern, StreamLayout.from_grid((A5_N,)), 16, 64) for name, (_, pattern) in A5_PRESETS.items()},
 }
 BLOCKS = ((128, 128), (64, 64), (128, 64), (64, 128))
 

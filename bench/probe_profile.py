@@ -121,10 +121,10 @@ def _graph_ms(fn) -> float | str:
 def preset(args) -> None:
     import triton.testing as tt
 
-    from mmsparse.attention import bigbird, build_layout, longformer, sparse_attention
+    from bench.attention import A5_PRESETS
+    from mmsparse.attention import build_layout, sparse_attention
 
-    pattern = {"longformer": longformer(513, 64), "bigbird": bigbird(513, 64, 3, 64)}[args.name]
-    lay = build_layout(pattern, (args.n,), args.block, args.block, device="cuda")
+    lay = build_layout(A5_PRESETS[args.name][1], (args.n,), args.block, args.block, device="cuda")
     print(f"{args.name}, N {args.n}, 16 x 64, blocks {args.block}: full {lay.num_full}, partial {lay.num_partial}")
     q, k, v = (torch.randn(1, 16, args.n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
                    help="cProfile the Python side of 10 steps (where a host-bound step spends its time)")
     sub.add_parser("rope")
     a = sub.add_parser("preset")
-    a.add_argument("name", choices=("longformer", "bigbird"))
+    a.add_argument("name", choices=("longformer", "bigbird", "strided"))
     a.add_argument("--n", type=int, default=65536)
     a.add_argument("--block", type=int, default=64, help="layout blocks (bench/attention.py runs A5 on 64)")
     args = p.parse_args(argv)
