@@ -1187,12 +1187,14 @@ def _ds_budget() -> float:
     return float(os.environ.get("MMSPARSE_TRITON_DS_MB", _DS_MB_DEFAULT)) * 2**20
 
 
-def _ds_chunks(kp: "_KernelProgram", layout, b: int, hk: int, group: int, itemsize: int):
+def _ds_chunks(kp: "_KernelProgram", layout, b: int, hk: int, group: int, itemsize: int, d_pad: int = 128):
     """Ranges [(b0, b1, k0, k1)] of batch elements and key heads whose stored dS fits the budget,
     together covering (b, hk); None: recompute dS in the dQ pass instead."""
     mode = _store_ds_mode()
     per_head = group * (kp.num_full + kp.num_partial) * layout.block_q * layout.block_k * itemsize
     if mode == "0" or per_head == 0:
+        return None
+    if mode == "auto" and not (d_pad >= 128 and _partial_heavy(layout)):
         return None
     budget = _ds_budget() if mode == "auto" else max(_ds_budget(), per_head)
     heads = int(budget // per_head)  # key heads (with their query heads) per range
@@ -1535,7 +1537,7 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
     group = h // hk
-    chunks = _ds_chunks(kp, layout, b, hk, group, q.element_size())
+    chunks = _ds_chunks(kp, layout, b, hk, group, q.element_size(), d_pad)
     store_ds = chunks is not None
     for b0, b1, k0, k1 in chunks or [(0, b, 0, hk)]:
         # one range of batch elements and key heads (the whole problem unless the stored dS of
