@@ -435,7 +435,7 @@ def test_stored_ds_in_ranges_of_heads_and_batch(monkeypatch):
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, shape=shape, seed=11)
     kp = bsa._kernel_program(layout, torch.device(DEV))
     per_head = 2 * (kp.num_full + kp.num_partial) * layout.block_q * layout.block_k * q.element_size()
-    monkeypatch.setattr(bsa, "_STORE_DS", "auto")
+    monkeypatch.setattr(bsa, "_STORE_DS", "1")
     monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", str(4 * per_head / 2**20))
     whole = _kernel_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype)
     for heads, expected in ((1, 4), (2, 2), (3, 2)):
@@ -447,8 +447,15 @@ def test_stored_ds_in_ranges_of_heads_and_batch(monkeypatch):
     truth = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, torch.float64, True)
     low = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype, False)
     _check_budget(whole, low, truth, dtype)
+    # "auto": below one key head's worth, or on layouts it does not pay on, dS is recomputed
+    monkeypatch.setattr(bsa, "_STORE_DS", "auto")
+    monkeypatch.setattr(bsa, "_partial_heavy", lambda layout: True)
+    assert bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size(), d_pad=128) is not None
+    assert bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size(), d_pad=64) is None
     monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", str(0.5 * per_head / 2**20))
-    assert bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size()) is None
+    assert bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size(), d_pad=128) is None
+    monkeypatch.setattr(bsa, "_STORE_DS", "1")  # forced: one key head at a time
+    assert len(bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size())) == 4
 
 
 @pytest.mark.parametrize("b,hk,heads", [(1, 1, 1), (3, 4, 1), (3, 4, 3), (3, 4, 4), (3, 4, 9), (3, 4, 12), (2, 5, 50)])
@@ -456,7 +463,7 @@ def test_ds_ranges_cover_every_head_once(monkeypatch, b, hk, heads):
     layout = _layout("local3d")
     kp = bsa._kernel_program(layout, torch.device(DEV))
     per_head = (kp.num_full + kp.num_partial) * layout.block_q * layout.block_k * 2
-    monkeypatch.setattr(bsa, "_STORE_DS", "auto")
+    monkeypatch.setattr(bsa, "_STORE_DS", "1")
     monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", str(heads * per_head / 2**20))
     ranges = bsa._ds_chunks(kp, layout, b, hk, 1, 2)
     seen = [(i, j) for b0, b1, k0, k1 in ranges for i in range(b0, b1) for j in range(k0, k1)]
