@@ -17,7 +17,6 @@ beside it, and a PNG of speedup over dense SDPA against density.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -133,13 +132,8 @@ def timer(fn, device: str, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(make_fn, q, k, v, device, reps, backward=True, context=contextlib.nullcontext):
-    """(fwd ms, fwd+bwd ms) of out = make_fn(q, k, v), all of it run inside `context()`."""
-    with context():
-        return _measure(make_fn, q, k, v, device, reps, backward)
-
-
-def _measure(make_fn, q, k, v, device, reps, backward):
+def measure(make_fn, q, k, v, device, reps, backward=True):
+    """(fwd ms, fwd+bwd ms) of out = make_fn(q, k, v)."""
     with torch.no_grad():
         fwd = timer(lambda: make_fn(q, k, v), device, reps)
     both = None
@@ -190,19 +184,6 @@ def flash_sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-@contextlib.contextmanager
-def recompute_ds():
-    """The triton backend with the dQ pass recomputing dS (MMSPARSE_TRITON_STORE_DS=0): the
-    "triton_recompute" rows of --ds-ab, beside the default stored-dS backward."""
-    from mmsparse.kernels import block_sparse_attention as bsa
-
-    old, bsa._STORE_DS = bsa._STORE_DS, "0"
-    try:
-        yield
-    finally:
-        bsa._STORE_DS = old
-
-
 def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -233,11 +214,8 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
     own = {b: layout for b in backends}
     if "triton" in own and wl.triton_block != layout.block_q:
         own["triton"] = build_layout(wl.pattern, stream, wl.triton_block, wl.triton_block, device=device)
-    if "triton_recompute" in own:
-        own["triton_recompute"] = own["triton"]
     rows = []
-    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b.split("_")[0]))
-                  for b in backends]
+    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b)) for b in backends]
     for a in wl.anchors:
         if a == "sdpa_dense":
             candidates.append((a, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)))
@@ -251,8 +229,7 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
         try:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ctx = recompute_ds if name == "triton_recompute" else contextlib.nullcontext
-            fwd, both = measure(fn, q, k, v, device, reps, wl.backward, ctx)
+            fwd, both = measure(fn, q, k, v, device, reps, wl.backward)
             row.update(fwd_ms=fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
                        fwd_bwd_tflops=(3.5 * flops / both / 1e9) if both else None,
                        effective_fwd_bwd_tflops=(3.5 * fwd_flops / both / 1e9) if both else None)
@@ -352,8 +329,6 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated workload ids (A1,...,A6,dense)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--ds-ab", action="store_true",
-                   help="also time triton with the dQ pass recomputing dS (rows 'triton_recompute')")
     p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
                    help="compile the triton kernels of the selected workloads in JOBS processes first")
     args = p.parse_args(argv)
@@ -364,7 +339,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="# %(name)s: %(message)s")
     logging.getLogger("mmsparse.kernels").setLevel(logging.INFO)  # autotune choices
     if device == "cuda":
-        backends = (["triton"] + (["triton_recompute"] if args.ds_ab else []) if _triton_available() else []) + ["flex"]
+        backends = (["triton"] if _triton_available() else []) + ["flex"]
         workloads = gpu_workloads()
         device_name = torch.cuda.get_device_name()
     else:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROWS = 40
 # the attention kernels of a step: ours (kernels/*.py), SDPA's flash / cuDNN / memory-efficient,
 # FlexAttention's generated ones
-ATTENTION_KERNELS = re.compile(r"_fwd_kernel|_bwd_dq_kernel|_bwd_dq_ds_kernel|_bwd_dkdv_kernel|_bwd_preprocess|_mask_tiles_kernel|"
+ATTENTION_KERNELS = re.compile(r"_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel|_bwd_preprocess|_mask_tiles_kernel|"
                                r"axial|strided|flash|fmha|cudnn|sdpa|attention|flex", re.IGNORECASE)
 
 

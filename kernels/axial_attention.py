@@ -211,8 +211,8 @@ def _axial_dkdv_kernel(
         for start_m in range(0, L, BLOCK_M):
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE + stat, DELTA + stat, offs_n, start_m,
                                  L, qk_scale, INNER * stride_qn, INNER * stride_don, Q, 0, Q, Q, 0, 0, offs_n,
-                                 Q, Q, 0, 0, offs_n < 0, Q, 0, HEAD_DIM, D_PAD, BLOCK_M, False, (), DOT_PREC,
-                                 False, BLOCK_M, BLOCK_N, False, False, False)
+                                 Q, Q, 0, 0, HEAD_DIM, D_PAD, BLOCK_M, False, (), DOT_PREC, False, BLOCK_M,
+                                 BLOCK_N, False)
     if HAS_KPM:  # padding keys are attended by no query: zero gradients
         pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm + base, INNER, offs_n, L)[:, None]
         dk = tl.where(pad, 0.0, dk)

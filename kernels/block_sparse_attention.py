@@ -522,25 +522,15 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _ds_offsets(slot, rows, cols, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
-    """Offsets of dS^T elements in the stored-dS buffer of one (batch, head): block `slot`
-    (LAYOUT_BK x LAYOUT_BQ, key-major), query rows / key cols within the block, broadcast."""
-    return tl.cast(slot, tl.int64) * (LAYOUT_BQ * LAYOUT_BK) + cols * LAYOUT_BQ + rows
-
-
-@triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m, N, qk_scale,
                 stride_qn, stride_don, ATTR, stride_attr, TAB, MT, ordinal, rows0, cols_in, QD, DOD, b, h,
-                kpad, DS_base, slot,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, PROGRAM: tl.constexpr, DOT_PREC: tl.constexpr,
                 MASK_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-                TMA: tl.constexpr, HAS_KPM: tl.constexpr, STORE_DS: tl.constexpr):
+                TMA: tl.constexpr):
     """One query tile against this program's key tile, everything transposed: (BN, BM). A
     partial block's tile mask is read transposed: the tile's first query row `rows0` and the
-    keys' offsets `cols_in` within the block. TMA: Q and dO through their descriptors at (b, h).
-    kpad (BN,): which keys are padding (HAS_KPM). STORE_DS: dS^T of the tile is also written to
-    the block's slot `slot` of DS_base (key-major, `_ds_offsets`) for `_bwd_dq_ds_kernel`."""
+    keys' offsets `cols_in` within the block. TMA: Q and dO through their descriptors at (b, h)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if TMA:
         q, do = _load_kv_desc(QD, DOD, b, h, start_m, BLOCK_M, D_PAD)
@@ -561,41 +551,32 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, sta
         else:
             keep = _program_mask(ATTR, stride_attr, TAB, offs_m[None, :], offs_n[:, None], N, PROGRAM)
         pT = tl.where(keep, pT, 0.0)
-    if HAS_KPM:  # a padding key is attended by no query: P^T, dS^T and its dK / dV are zero
-        pT = tl.where(kpad[:, None], 0.0, pT)
     # dV += P^T dO;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-    if STORE_DS:
-        tl.store(DS_base + _ds_offsets(slot, rows0 + tl.arange(0, BLOCK_M)[None, :], cols_in[:, None],
-                                       LAYOUT_BQ, LAYOUT_BK), dsT)
-    dk += tl.dot(dsT, q, input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
-    SUB_ENTRIES, SUB_RANGES, DS, k_full_ord,
+    SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_attr, stride_kpm, N, HK, qk_scale, sm_scale, stride_ds, n_full,
+    stride_attr, stride_kpm, N, HK, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    TMA: tl.constexpr, STORE_DS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """dK, dV of one key tile. STORE_DS: every dS^T tile is also written to DS (B, H, blocks,
-    bk, bq) at its block's row-ordered position: full blocks at their place in q_full_idx
-    (k_full_ord maps the column order to it), partial ones at n_full + their place in q_part_idx
-    (k_part_ord); `_bwd_dq_ds_kernel` then forms dQ = dS K from it."""
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b = pid_bhk // HK
@@ -610,10 +591,6 @@ def _bwd_dkdv_kernel(
                          offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, False)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    cols_in = offs_n - kb * LAYOUT_BK
-    kpad = offs_n < 0
-    if HAS_KPM:
-        kpad = _is_padding(KPM + b.to(tl.int64) * stride_kpm, 1, offs_n, N)
 
     # every query head of this key head, in a fixed order (deterministic, no atomics)
     for r in range(GROUP):
@@ -623,108 +600,38 @@ def _bwd_dkdv_kernel(
         DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         LSE_base = LSE + bh.to(tl.int64) * N
         DELTA_base = DELTA + bh.to(tl.int64) * N
-        DS_base = DS + bh.to(tl.int64) * stride_ds
         for i in range(full_lo * SUB_M, full_hi * SUB_M):
             qb = tl.load(k_full_idx + i // SUB_M)
             start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
-            slot = 0
-            if STORE_DS:  # the block's position in the row-ordered full list
-                slot = tl.load(k_full_ord + i // SUB_M)
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
-                                 N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB, MT, 0,
-                                 (i % SUB_M) * BLOCK_M, cols_in, QD, DOD, b, h, kpad, DS_base, slot,
-                                 HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC,
-                                 MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA, HAS_KPM, STORE_DS)
+                                 N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB, MT, 0, 0, offs_n,
+                                 QD, DOD, b, h, HEAD_DIM, D_PAD, BLOCK_M, False, PROGRAM, DOT_PREC,
+                                 MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
         if HAS_PARTIAL:
+            cols_in = offs_n - kb * LAYOUT_BK
             lo, hi = _partial_range(SUB_RANGES, pid_n, part_lo * SUB_M, part_hi * SUB_M, SKIP_EMPTY)
             for e in range(lo, hi):
                 i = _partial_step(SUB_ENTRIES, e, SKIP_EMPTY)
                 qb = tl.load(k_part_idx + i // SUB_M)
                 start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
                 ordinal = 0
-                if MASK_TILES or STORE_DS:  # the block's position in the row-ordered partial list
+                if MASK_TILES:  # the block's position in the row-ordered partial list
                     ordinal = tl.load(k_part_ord + i // SUB_M)
                 dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
                                      N, qk_scale, stride_qn, stride_don, ATTR, stride_attr, TAB,
                                      MT, ordinal, (i % SUB_M) * BLOCK_M, cols_in, QD, DOD, b, h,
-                                     kpad, DS_base, n_full + ordinal,
                                      HEAD_DIM, D_PAD, BLOCK_M, True, PROGRAM, DOT_PREC,
-                                     MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA, HAS_KPM, STORE_DS)
+                                     MASK_TILES, LAYOUT_BQ, LAYOUT_BK, TMA)
     dk = dk * sm_scale
+    if HAS_KPM:  # a padding key is attended by no query: its gradients are exactly zero
+        pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm, 1, offs_n, N)[:, None]
+        dk = tl.where(pad, 0.0, dk)
+        dv = tl.where(pad, 0.0, dv)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
              + offs_out[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
              + offs_out[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
 
-
-
-@triton.jit
-def _dq_ds_inner(dq, DS_base, slot, rows_in, cols0, K_base, offs_n, start_n, N, stride_kn, KD, VD, b, hk,
-                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-                 LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, TMA: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """dQ += dS K for one stored (BN x BM) dS^T tile of block `slot` and its K rows."""
-    dsT = tl.load(DS_base + _ds_offsets(slot, rows_in[None, :], cols0 + tl.arange(0, BLOCK_N)[:, None],
-                                        LAYOUT_BQ, LAYOUT_BK))
-    if TMA:
-        k = KD.load([b, hk, start_n, 0]).reshape(BLOCK_N, D_PAD)
-    else:
-        offs_d = tl.arange(0, D_PAD)
-        k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-        if EVEN_N and HEAD_DIM == D_PAD:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=(offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    return dq + tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _bwd_dq_ds_kernel(
-    K, KD, DS, DQ, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
-    stride_kb, stride_kh, stride_kn,
-    stride_dqb, stride_dqh, stride_dqn,
-    N, H, sm_scale, stride_ds, n_full,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    TMA: tl.constexpr,
-):
-    """dQ of one query tile from the dS^T tiles that `_bwd_dkdv_kernel` stored (STORE_DS): one
-    product per tile instead of the three of `_bwd_dq_kernel` (Q K^T and dO V^T are not
-    recomputed, nor the mask). The tiles are the dK / dV pass's, so with SKIP_EMPTY both skip
-    the same empty tiles (never written, never read)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N
-    qb, full_lo, full_hi, part_lo, part_hi, offs_m, offs_out = _work_item(
-        ITEMS, pid_m, LAYOUT_BQ, BLOCK_M)
-    rows_in = offs_m - qb * LAYOUT_BQ
-    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    DS_base = DS + pid_bh.to(tl.int64) * stride_ds
-    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    for i in range(full_lo * SUB_N, full_hi * SUB_N):
-        kb = tl.load(q_full_idx + i // SUB_N)
-        start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
-        dq = _dq_ds_inner(dq, DS_base, i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N, K_base,
-                          start_n + tl.arange(0, BLOCK_N), start_n, N, stride_kn, KD, KD, b, hk,
-                          HEAD_DIM, D_PAD, BLOCK_N, EVEN_N, LAYOUT_BQ, LAYOUT_BK, TMA, DOT_PREC)
-    if HAS_PARTIAL:
-        lo, hi = _partial_range(SUB_RANGES, pid_m, part_lo * SUB_N, part_hi * SUB_N, SKIP_EMPTY)
-        for e in range(lo, hi):
-            i = _partial_step(SUB_ENTRIES, e, SKIP_EMPTY)
-            kb = tl.load(q_part_idx + i // SUB_N)
-            start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
-            dq = _dq_ds_inner(dq, DS_base, n_full + i // SUB_N, rows_in, (i % SUB_N) * BLOCK_N, K_base,
-                              start_n + tl.arange(0, BLOCK_N), start_n, N, stride_kn, KD, KD, b, hk,
-                              HEAD_DIM, D_PAD, BLOCK_N, EVEN_N, LAYOUT_BQ, LAYOUT_BK, TMA, DOT_PREC)
-    offs_d = tl.arange(0, D_PAD)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_out[:, None] * stride_dqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
 
 # ---------------------------------------------------------------------------------------------
 # 3. Launchers
@@ -1025,8 +932,7 @@ class _KernelProgram:
         self.cols = _WorkList(layout.k_full_ptr, layout.k_part_ptr, layout.block_k, layout.n, device)  # dK, dV
         self.has_partial = layout.num_partial > 0
         self.tile_bytes = layout.num_partial * layout.block_q * layout.block_k
-        self._layout, self._device, self._tiles, self._ordinals = layout, device, None, None
-        self.num_full, self.num_partial = layout.num_full, layout.num_partial
+        self._layout, self._device, self._tiles = layout, device, None
         self._subs: dict = {}
 
     def mask_tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1046,30 +952,14 @@ class _KernelProgram:
                 self.attrs, self.attrs.stride(0), self.tab, pairs, tiles, lay.n,
                 LAYOUT_BQ=lay.block_q, LAYOUT_BK=lay.block_k, COLS=triton.next_power_of_2(lay.block_k),
                 ROWS=rows, PROGRAM=self.program, num_warps=4)
-            self._tiles = (tiles, self.column_ordinals()[1])
+            # the row-ordered list is sorted by (qb, kb): find each column entry's (qb, kb) in it
+            mk = lay.num_k_blocks
+            key_col = lay.k_part_idx.long() * mk + _rows_of(lay.k_part_ptr).long()
+            ordinal = torch.searchsorted(qb * mk + kb, key_col)
+            self._tiles = (tiles, ordinal.to(device=dev, dtype=torch.int32).contiguous())
         _TILE_HOLDERS[id(self)] = weakref.ref(self)  # most recently used last
         _TILE_HOLDERS.move_to_end(id(self))
         return self._tiles
-
-    def column_ordinals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k_full_ord, k_part_ord) int32: for each entry of the column-ordered lists (k_full_idx,
-        k_part_idx), the position of the same block in the row-ordered list (q_full_idx,
-        q_part_idx): where the mask tiles and the stored dS tiles of a block are."""
-        if self._ordinals is None:
-            from mmsparse.attention.blocklayout import _rows_of
-
-            lay, mk, ords = self._layout, self._layout.num_k_blocks, []
-            for kind in ("full", "part"):
-                q_ptr, q_idx = getattr(lay, f"q_{kind}_ptr"), getattr(lay, f"q_{kind}_idx")
-                k_ptr, k_idx = getattr(lay, f"k_{kind}_ptr"), getattr(lay, f"k_{kind}_idx")
-                # the row-ordered list is sorted by (qb, kb): find each column entry's (qb, kb) in it
-                row_key = _rows_of(q_ptr).long() * mk + q_idx.long()
-                col_key = k_idx.long() * mk + _rows_of(k_ptr).long()
-                ord_ = torch.searchsorted(row_key, col_key).to(device=self._device, dtype=torch.int32)
-                ords.append(ord_.contiguous() if ord_.numel() else torch.zeros(1, dtype=torch.int32,
-                                                                                device=self._device))
-            self._ordinals = tuple(ords)
-        return self._ordinals
 
     def sub_lists(self, side: str, bm: int, bn: int):
         """The partial-block loop of each program over the kernel tiles that attend something.
@@ -1160,52 +1050,6 @@ def _skip_empty(mask_tiles: bool) -> bool:
     """Whether the partial-block loops skip the kernel tiles that attend nothing (with mask
     tiles only: the lists come from them); MMSPARSE_SKIP_EMPTY_TILES=0 turns it off."""
     return mask_tiles and os.environ.get("MMSPARSE_SKIP_EMPTY_TILES", "1") != "0"
-
-
-# Stored dS. The dQ pass recomputes P and dP (Q K^T and dO V^T, the mask, an exp2 per pair)
-# only to form dS, which the dK / dV pass has just computed. With the stored-dS backward the
-# dK / dV pass writes dS^T (two bytes per attended pair in 16-bit) and `_bwd_dq_ds_kernel` forms
-# dQ = dS K from it: five tile products per pair instead of seven, no atomics, bit-deterministic,
-# the same rounding as the recomputing dQ (whose dS is cast to the input dtype too). It costs
-# memory for the duration of one backward: B x H x blocks x bq x bk elements. "auto" (default)
-# takes it where that fits MMSPARSE_TRITON_DS_MB (default 2048); where it does not, the batch
-# elements and key heads are processed in ranges that fit, and where one key head alone does
-# not, the recomputing dQ pass runs. MMSPARSE_TRITON_STORE_DS=0 / 1 forces either (1: one key
-# head at a time if need be). Tests set _STORE_DS.
-_STORE_DS: str | None = None
-_DS_MB_DEFAULT = 2048
-
-
-def _store_ds_mode() -> str:
-    mode = _STORE_DS or os.environ.get("MMSPARSE_TRITON_STORE_DS", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"MMSPARSE_TRITON_STORE_DS must be auto, 0 or 1, got {mode!r}")
-    return mode
-
-
-def _ds_budget() -> float:
-    return float(os.environ.get("MMSPARSE_TRITON_DS_MB", _DS_MB_DEFAULT)) * 2**20
-
-
-def _ds_chunks(kp: "_KernelProgram", layout, b: int, hk: int, group: int, itemsize: int, d_pad: int = 128):
-    """Ranges [(b0, b1, k0, k1)] of batch elements and key heads whose stored dS fits the budget,
-    together covering (b, hk); None: recompute dS in the dQ pass instead."""
-    mode = _store_ds_mode()
-    per_head = group * (kp.num_full + kp.num_partial) * layout.block_q * layout.block_k * itemsize
-    if mode == "0" or per_head == 0:
-        return None
-    if mode == "auto" and not (d_pad >= 128 and _partial_heavy(layout)):
-        return None
-    budget = _ds_budget() if mode == "auto" else max(_ds_budget(), per_head)
-    heads = int(budget // per_head)  # key heads (with their query heads) per range
-    if heads == 0:
-        return None
-    if heads >= b * hk:
-        return [(0, b, 0, hk)]
-    if heads >= hk:
-        nb = heads // hk
-        return [(b0, min(b0 + nb, b), 0, hk) for b0 in range(0, b, nb)]
-    return [(b0, b0 + 1, k0, min(k0 + heads, hk)) for b0 in range(b) for k0 in range(0, hk, heads)]
 
 
 def _tile_args(kp: "_KernelProgram"):
@@ -1406,101 +1250,6 @@ def _sum_chunks(work: _WorkList, scratch: torch.Tensor, block: int, n: int, dest
     dest.index_copy_(2, tok, g.reshape(*g.shape[:2], -1, g.shape[-1])[:, :, : tok.numel()].to(dest.dtype))
 
 
-def _backward_range(q, k, v, dout, dq, dk, dv, lse, delta, kpm, stride_kpm, dq_split, dkdv_split, layout, kp,
-                    scale, mt, k_part_ord, store_ds, common):
-    """The dQ and dK / dV launches of `_attention_backward` on one range of batch elements and
-    heads (views of the whole; lse and delta contiguous (B, H, N)). store_ds: dK / dV first,
-    storing dS, then dQ from it (`_bwd_dq_ds_kernel`); otherwise the two independent passes."""
-    b, h, n, _ = q.shape
-    hk = k.shape[1]
-    d_pad = common["D_PAD"]
-    rows, cols, skip = kp.rows, kp.cols, common["SKIP_EMPTY"]
-    n_blocks = kp.num_full + kp.num_partial
-    desc = {}
-    if store_ds:  # dS^T of every listed block: (B x H, blocks, bk, bq) in q's dtype
-        ds = torch.empty(b * h, n_blocks, layout.block_k, layout.block_q, device=q.device, dtype=q.dtype)
-        k_full_ord, k_part_ord = kp.column_ordinals()
-    else:
-        ds, k_full_ord = q, q  # dummy pointers
-
-    def dq_args(items, g, sub):
-        return (q, k, v, desc.get("k", k), desc.get("v", v), dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items,
-                kp.lists["q_full_idx"], kp.lists["q_part_idx"], *sub,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2),
-                g.stride(0), g.stride(1), g.stride(2),
-                kp.attrs.stride(0), stride_kpm, n, h, scale * _LOG2E, scale)
-
-    def dq_ds_args(items, g, sub):
-        return (k, desc.get("k", k), ds, g, items, kp.lists["q_full_idx"], kp.lists["q_part_idx"], *sub,
-                k.stride(0), k.stride(1), k.stride(2),
-                g.stride(0), g.stride(1), g.stride(2),
-                n, h, scale, ds.stride(0), kp.num_full)
-
-    def dkdv_args(items, g, sub):
-        gk, gv = g
-        return (q, k, v, dout, desc.get("q", q), desc.get("do", dout), gk, gv, lse, delta, kp.attrs, kp.tab, mt,
-                k_part_ord, kpm, items, kp.lists["k_full_idx"], kp.lists["k_part_idx"], *sub, ds, k_full_ord,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2),
-                gk.stride(0), gk.stride(1), gk.stride(2),
-                gv.stride(0), gv.stride(1), gv.stride(2),
-                kp.attrs.stride(0), stride_kpm, n, hk, scale * _LOG2E, scale,
-                ds.stride(0) if store_ds else 0, kp.num_full)
-
-    def launch_dq(cfg):
-        bm, bn, warps, stages = cfg
-        tma = _use_tma(k, v, bn, d_pad) and _tma_backward()
-        desc.clear()
-        if tma:
-            desc["k"], desc["v"] = _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad)
-        _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h, dq_args, dq, dq_split,
-                      kp.sub_lists("q", bm, bn) if skip else None,
-                      BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, TMA=tma, num_warps=warps,
-                      num_stages=stages, **common)
-
-    def launch_dkdv(cfg):
-        bm, bn, warps, stages = cfg
-        tma = _use_tma(q, dout, bm, d_pad) and _tma_backward()
-        desc.clear()
-        if tma:
-            desc["q"], desc["do"] = _descriptor(q, bm, d_pad), _descriptor(dout, bm, d_pad)
-        _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk, dkdv_args, (dk, dv), dkdv_split,
-                      kp.sub_lists("k", bm, bn) if skip else None,
-                      BLOCK_M=bm, BLOCK_N=bn, TMA=tma, STORE_DS=store_ds, num_warps=warps, num_stages=stages,
-                      **common)
-
-    def launch_dq_ds(cfg):
-        # the dK / dV pass's tiles (bm queries x bn keys): the empty tiles it skipped are the
-        # ones skipped here, so no unwritten dS is read
-        bm, bn = cfg[0], cfg[1]
-        tma = _use_tma(k, v, bn, d_pad) and _tma_backward()
-        desc.clear()
-        if tma:
-            desc["k"] = _descriptor(k, bn, d_pad)
-        _launch_items(_bwd_dq_ds_kernel, rows, bm, layout.block_q, b * h, dq_ds_args, dq, dq_split,
-                      kp.sub_lists("q", bm, bn) if skip else None,
-                      GROUP=common["GROUP"], HEAD_DIM=common["HEAD_DIM"], D_PAD=d_pad,
-                      LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k, BLOCK_M=bm, BLOCK_N=bn,
-                      HAS_PARTIAL=common["HAS_PARTIAL"], EVEN_N=n % layout.block_k == 0,
-                      DOT_PREC=common["DOT_PREC"], SKIP_EMPTY=skip, TMA=tma, num_warps=4, num_stages=3)
-
-    if store_ds:
-        _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
-        cfg = _config("dkdv", d_pad, q, layout)
-        launch_dkdv(cfg)
-        launch_dq_ds(cfg)
-    else:
-        _maybe_tune("dq", d_pad, q, layout, launch_dq)
-        launch_dq(_config("dq", d_pad, q, layout))
-        _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
-        launch_dkdv(_config("dkdv", d_pad, q, layout))
-
-
 def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None, dv=None, dlse=None,
                         key_padding=None):
     """Gradients of (out, lse) = attention(q, k, v) given dout (and dlse (B, H, N) or None):
@@ -1536,21 +1285,55 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     dq_split = _scratch(q, rows, layout.block_q) if rows.n_split else None
     dkdv_split = (_scratch(k, cols, layout.block_k), _scratch(v, cols, layout.block_k)) if cols.n_split else None
 
-    group = h // hk
-    chunks = _ds_chunks(kp, layout, b, hk, group, q.element_size(), d_pad)
-    store_ds = chunks is not None
-    for b0, b1, k0, k1 in chunks or [(0, b, 0, hk)]:
-        # one range of batch elements and key heads (the whole problem unless the stored dS of
-        # all of it would not fit its budget); LSE and delta are read as contiguous (B, H, N)
-        h0, h1 = k0 * group, k1 * group
-        qs, ks, vs, dos = q[b0:b1, h0:h1], k[b0:b1, k0:k1], v[b0:b1, k0:k1], dout[b0:b1, h0:h1]
-        dqs, dks, dvs = dq[b0:b1, h0:h1], dk[b0:b1, k0:k1], dv[b0:b1, k0:k1]
-        lses, deltas = lse[b0:b1, h0:h1].contiguous(), delta[b0:b1, h0:h1].contiguous()
-        kpms = kpm[b0:b1] if has_kpm else kpm
-        dq_sp = dq_split[b0:b1, h0:h1] if dq_split is not None else None
-        dkdv_sp = (dkdv_split[0][b0:b1, k0:k1], dkdv_split[1][b0:b1, k0:k1]) if dkdv_split is not None else None
-        _backward_range(qs, ks, vs, dos, dqs, dks, dvs, lses, deltas, kpms, stride_kpm, dq_sp, dkdv_sp, layout,
-                        kp, scale, mt, k_part_ord, store_ds, common)
+    desc = {}
+
+    def dq_args(items, g, sub):
+        return (q, k, v, desc.get("k", k), desc.get("v", v), dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
+                kp.lists["q_part_idx"], *sub,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                g.stride(0), g.stride(1), g.stride(2),
+                kp.attrs.stride(0), stride_kpm, n, h, scale * _LOG2E, scale)
+
+    def dkdv_args(items, g, sub):
+        gk, gv = g
+        return (q, k, v, dout, desc.get("q", q), desc.get("do", dout), gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
+                kp.lists["k_full_idx"], kp.lists["k_part_idx"], *sub,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                gk.stride(0), gk.stride(1), gk.stride(2),
+                gv.stride(0), gv.stride(1), gv.stride(2),
+                kp.attrs.stride(0), stride_kpm, n, hk, scale * _LOG2E, scale)
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        tma = _use_tma(k, v, bn, d_pad) and _tma_backward()
+        desc.clear()
+        if tma:
+            desc["k"], desc["v"] = _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad)
+        _launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h, dq_args, dq, dq_split,
+                      kp.sub_lists("q", bm, bn) if skip else None,
+                      BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, TMA=tma, num_warps=warps,
+                      num_stages=stages, **common)
+
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        tma = _use_tma(q, dout, bm, d_pad) and _tma_backward()
+        desc.clear()
+        if tma:
+            desc["q"], desc["do"] = _descriptor(q, bm, d_pad), _descriptor(dout, bm, d_pad)
+        _launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk, dkdv_args, (dk, dv), dkdv_split,
+                      kp.sub_lists("k", bm, bn) if skip else None,
+                      BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages, **common)
+
+    _maybe_tune("dq", d_pad, q, layout, launch_dq)
+    launch_dq(_config("dq", d_pad, q, layout))
+    _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
+    launch_dkdv(_config("dkdv", d_pad, q, layout))
     if dq_split is not None:
         _sum_chunks(rows, dq_split, layout.block_q, n, dq)
     if dkdv_split is not None:

@@ -102,24 +102,14 @@ def test_flex_forward(case):
     assert torch.allclose(torch.where(finite, lse.double(), 0.0), torch.where(finite, truth[1].double(), 0.0), atol=1e-4)
 
 
-@pytest.fixture(params=["recompute", "stored", "stored-per-head"])
-def store_ds(request, monkeypatch):
-    """dS recomputed in the dQ pass, or stored by the dK / dV pass: for the whole batch, or (a
-    budget of one head) per batch element and head, which slices the padding flags."""
-    monkeypatch.setattr(bsa, "_STORE_DS", "0" if request.param == "recompute" else "1")
-    if request.param == "stored-per-head":
-        monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", "0")
-    return request.param
-
-
-def test_triton_block_sparse_kernel(case, store_ds):
+def test_triton_block_sparse_kernel(case):
     layout, pad, qkv, dout, dlse, truth = case
     got = _run(lambda q, k, v: bsa.block_sparse_attention(q, k, v, layout.to(DEV), 0.25, key_padding_mask=pad.to(DEV)),
                qkv, dout, dlse)
     _check(got, truth, 1e-4, pad)
 
 
-def test_triton_block_sparse_kernel_split_rows(case, monkeypatch, store_ds):
+def test_triton_block_sparse_kernel_split_rows(case, monkeypatch):
     """Rows split into chunks of 2 blocks, of which some see only padding, merge right."""
     layout, pad, qkv, dout, dlse, truth = case
     monkeypatch.setattr(bsa, "_SPLIT_CHUNK", 2)

@@ -134,15 +134,8 @@ def mask_mode(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["recompute", "stored"])
-def store_ds(request, monkeypatch):
-    """The dQ pass recomputing dS, or forming dQ from the dS the dK / dV pass stored."""
-    monkeypatch.setattr(bsa, "_STORE_DS", {"recompute": "0", "stored": "1"}[request.param])
-    return request.param
-
-
 @pytest.mark.parametrize("name,dtype,d", RUNS, ids=[f"{n}-{str(t)[6:]}-d{d}" for n, t, d in RUNS])
-def test_matches_dense_truth(name, dtype, d, mask_mode, store_ds):
+def test_matches_dense_truth(name, dtype, d, mask_mode):
     layout = _layout(name)
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=hash(name) % 1000)
     scale = d**-0.5
@@ -281,11 +274,10 @@ def test_partial_heavy_tiles_match_truth(d, mask_mode):
 
 @pytest.mark.parametrize("n", [96, 97])
 @pytest.mark.parametrize("skip", ["1", "0"])
-def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n, mask_mode, skip, store_ds):
+def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n, mask_mode, skip):
     """Layout blocks of 64 run as 2 x 4 and 4 x 2 kernel tiles; N = 96 leaves a last layout
     block with one tile past N, N = 97 a ragged tile. With mask tiles, the loops skip the
-    kernel tiles that attend nothing (skip "1", the default) or visit them all ("0"); with a
-    stored dS, the dQ pass reads exactly the tiles the dK / dV pass wrote."""
+    kernel tiles that attend nothing (skip "1", the default) or visit them all ("0")."""
     if skip == "0" and mask_mode == "program":
         pytest.skip("skipping empty tiles needs the mask tiles")
     monkeypatch.setenv("MMSPARSE_SKIP_EMPTY_TILES", skip)
@@ -416,65 +408,13 @@ def test_autograd_function_and_lse_gradient():
 
 
 @pytest.mark.skipif(not CUDA, reason="determinism of GPU scheduling; the interpreter is serial")
-def test_gradients_are_deterministic(store_ds):
+def test_gradients_are_deterministic():
     for name in ("global_local", "longformer"):  # the second with split rows and columns
         layout = _layout(name)
         q, k, v, dout, dlse = _inputs(layout.n, torch.bfloat16, 64, seed=6)
         runs = [_kernel_grads(q, k, v, dout, dlse, layout, 0.125, torch.bfloat16) for _ in range(2)]
         for a, b in zip(*runs):
             assert torch.equal(a, b)
-
-
-def test_stored_ds_in_ranges_of_heads_and_batch(monkeypatch):
-    """A dS budget below the whole problem runs the backward over ranges of batch elements and
-    key heads (GQA: each with its query heads): bit-identical to one range, within the error
-    budget of the truth; a budget below one key head falls back to recomputing dS."""
-    layout = _layout("multimodal")
-    shape = (2, 4, 2)  # B, H, Hk
-    dtype, d = (torch.bfloat16 if CUDA else torch.float16), 40
-    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, shape=shape, seed=11)
-    kp = bsa._kernel_program(layout, torch.device(DEV))
-    per_head = 2 * (kp.num_full + kp.num_partial) * layout.block_q * layout.block_k * q.element_size()
-    monkeypatch.setattr(bsa, "_STORE_DS", "1")
-    monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", str(4 * per_head / 2**20))
-    whole = _kernel_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype)
-    for heads, expected in ((1, 4), (2, 2), (3, 2)):
-        monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", str(heads * per_head / 2**20))
-        assert len(bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size())) == expected
-        parts = _kernel_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype)
-        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), whole, parts):
-            assert torch.equal(a, b), (heads, name)
-    truth = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, torch.float64, True)
-    low = _ref_grads(q, k, v, dout, dlse, layout, d**-0.5, dtype, False)
-    _check_budget(whole, low, truth, dtype)
-    # "auto": below one key head's worth, or on layouts it does not pay on, dS is recomputed
-    monkeypatch.setattr(bsa, "_STORE_DS", "auto")
-    monkeypatch.setattr(bsa, "_partial_heavy", lambda layout: True)
-    assert bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size(), d_pad=128) is not None
-    assert bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size(), d_pad=64) is None
-    monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", str(0.5 * per_head / 2**20))
-    assert bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size(), d_pad=128) is None
-    monkeypatch.setattr(bsa, "_STORE_DS", "1")  # forced: one key head at a time
-    assert len(bsa._ds_chunks(kp, layout, 2, 2, 2, q.element_size())) == 4
-
-
-@pytest.mark.parametrize("b,hk,heads", [(1, 1, 1), (3, 4, 1), (3, 4, 3), (3, 4, 4), (3, 4, 9), (3, 4, 12), (2, 5, 50)])
-def test_ds_ranges_cover_every_head_once(monkeypatch, b, hk, heads):
-    layout = _layout("local3d")
-    kp = bsa._kernel_program(layout, torch.device(DEV))
-    per_head = (kp.num_full + kp.num_partial) * layout.block_q * layout.block_k * 2
-    monkeypatch.setattr(bsa, "_STORE_DS", "1")
-    monkeypatch.setenv("MMSPARSE_TRITON_DS_MB", str(heads * per_head / 2**20))
-    ranges = bsa._ds_chunks(kp, layout, b, hk, 1, 2)
-    seen = [(i, j) for b0, b1, k0, k1 in ranges for i in range(b0, b1) for j in range(k0, k1)]
-    assert sorted(seen) == [(i, j) for i in range(b) for j in range(hk)]
-    assert all((b1 - b0) * (k1 - k0) <= heads for b0, b1, k0, k1 in ranges)
-    monkeypatch.setattr(bsa, "_STORE_DS", "0")
-    assert bsa._ds_chunks(kp, layout, b, hk, 1, 2) is None
-    monkeypatch.setattr(bsa, "_STORE_DS", None)
-    monkeypatch.setenv("MMSPARSE_TRITON_STORE_DS", "yes")
-    with pytest.raises(ValueError, match="MMSPARSE_TRITON_STORE_DS"):
-        bsa._ds_chunks(kp, layout, b, hk, 1, 2)
 
 
 @pytest.mark.skipif(not CUDA, reason="backend='triton' of sparse_attention needs CUDA tensors")
