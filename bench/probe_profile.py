@@ -4,6 +4,7 @@
     python bench/probe_profile.py model --frames 64  # E1 captioner_base sparse training step
     python bench/probe_profile.py rope               # fused QKV split + rotary against PyTorch
     python bench/probe_profile.py preset longformer  # an A5 preset: issued vs CUDA-graph replay
+    python bench/probe_profile.py preset longformer --host  # ... and where its host time goes
 
 `strided` times the two parts of `kernels/strided_attention.py` (block-sparse rest, axial
 lines) and the merge separately, then the whole autograd op, then prints the CUDA and CPU
@@ -142,6 +143,11 @@ def preset(args) -> None:
         graphed = _graph_ms(fn)
         shown = f"{graphed:.3f} ms" if isinstance(graphed, float) else graphed
         print(f"{name}: issued {issued:.3f} ms, CUDA graph {shown}", flush=True)
+    if args.host:  # the Python side of the forward and of forward+backward
+        for name, fn in (("forward", fwd), ("forward+backward", both)):
+            print(f"\n# {name}")
+            _host_profile(fn, 20)
+        return
     _tables(_profile(both), f"{args.name} fwd+bwd")
 
 
@@ -261,6 +267,8 @@ def main(argv=None) -> int:
     a.add_argument("name", choices=("longformer", "bigbird", "strided"))
     a.add_argument("--n", type=int, default=65536)
     a.add_argument("--block", type=int, default=64, help="layout blocks (bench/attention.py runs A5 on 64)")
+    a.add_argument("--host", action="store_true",
+                   help="cProfile the Python side of 20 calls instead of the profiler tables")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")

@@ -670,12 +670,12 @@ PARTIAL_HEAVY = 0.5  # share of partial blocks above which _CONFIGS_PARTIAL appl
 # on the E1 64-frame layer (batch 8, H200, 2026-12-03; results/logs/model-64f-batch8-tile-align-
 # autotune-h200-2026-12-03.log) chose these on both its layouts (tiled and tiled_shifted); the
 # step went from 154.7 to 143.6 ms (bench/NOTES.md, session 11).
-_CONFIGS_B64 = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}
-# ... and where most of those blocks are partial (token-level windows on 64-token blocks, A1 /
-# A2 at 16 x 64): dQ on 64 x 64 tiles. MMSPARSE_TRITON_AUTOTUNE=1 chose it on A1 16x64 (H200,
-# 2026-12-04; results/logs/attention-A1A2-autotune-h200-2026-12-04.log): fwd+bwd A1 1.78 ->
-# 1.70 ms, A2 22.0 -> 20.9 ms; the other kernels kept _CONFIGS_B64 (bench/NOTES.md, session 14).
-_CONFIGS_B64_PARTIAL = {"dq": (64, 64, 4, 3)}
+# dQ on 64 x 64 tiles since session 15: the autotuner chose it on A1 16x64 (H200, 2026-12-04;
+# results/logs/attention-A1A2-autotune-h200-2026-12-04.log: fwd+bwd 1.78 -> 1.70 ms, A2 22.0 ->
+# 20.9 ms) and on the E1 layer (123.5 against 123.4 ms, no change), and the sweep of the A5
+# presets timed the whole backward 4 % (Longformer 2.19 -> 2.10 ms) and 3 % (BigBird 2.56 ->
+# 2.49 ms) faster than with the former (64, 32, 4, 3) (results/logs/sweep-a5-h200-2026-12-04.log).
+_CONFIGS_B64 = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3)}
 # float32 inputs (three tf32 products per dot): smaller tiles; accepted, not a fast path
 _CONFIGS_FP32 = {
     "fwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 4, 1)},
@@ -716,8 +716,6 @@ def _default_config(kernel: str, d_pad: int, dtype, layout=None):
     if dtype == torch.float32:
         return _CONFIGS_FP32[kernel][d_pad]
     if layout is not None and d_pad <= 64 and layout.block_q == layout.block_k == 64:
-        if _partial_heavy(layout) and kernel in _CONFIGS_B64_PARTIAL:
-            return _CONFIGS_B64_PARTIAL[kernel]
         return _CONFIGS_B64[kernel]
     if layout is not None and _partial_heavy(layout):
         cfg = _CONFIGS_PARTIAL.get(kernel, {}).get(d_pad)
@@ -1437,7 +1435,7 @@ def main():  # python -m mmsparse.kernels.block_sparse_attention [--sweep]
     and with --sweep time the tile candidates on a tile-aligned and a token-level window."""
     import sys
 
-    from mmsparse.attention import Local, Segment, StreamLayout, Tiled, build_layout
+    from mmsparse.attention import Local, Segment, StreamLayout, Tiled, bigbird, build_layout, longformer
 
     cuda = torch.cuda.is_available()
     if cuda and "--sweep" in sys.argv:  # --sweep [NAME,NAME...] [--kernels dq,dkdv]: a subset
@@ -1450,6 +1448,9 @@ def main():  # python -m mmsparse.kernels.block_sparse_attention [--sweep]
             "A1-8x128": (Local((5, 9, 9)), (16, 32, 32), 8, 128),
             "A2-8x128": (Local((7, 13, 13)), (32, 48, 48), 8, 128),
             "A2tile-8x128": (Local((7, 13, 13)), a2_tiles, 8, 128),
+            # BENCHMARKS.md's A5 presets on 64-token blocks, as bench/attention.py runs them
+            "A5-longformer": (longformer(513, 64), (65536,), 16, 64, 64),
+            "A5-bigbird": (bigbird(513, 64, 3, 64), (65536,), 16, 64, 64),
         }
         at = sys.argv.index("--sweep") + 1
         given = at < len(sys.argv) and not sys.argv[at].startswith("--")
@@ -1462,9 +1463,10 @@ def main():  # python -m mmsparse.kernels.block_sparse_attention [--sweep]
         for name in names:
             if name not in workloads:
                 raise SystemExit(f"--sweep: unknown workload {name!r}; known: {', '.join(workloads)}")
-            pattern, tokens, h, d = workloads[name]
+            pattern, tokens, h, d, *block = workloads[name]
+            layout = build_layout(pattern, tokens, *block, *block, device="cuda") if block else None
             print(f"# sweep {name}", flush=True)
-            sweep(pattern, tokens, h, d, kernels)
+            sweep(pattern, tokens, h, d, kernels, layout=layout)
         return
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float16

@@ -237,11 +237,8 @@ def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
     stream = StreamLayout((seg,), n_global=2, length=64 + seg.span)
     layout = build_layout(Tiled((2, 7, 7), 0) | StreamGlobal(2) | Gaps(), stream, 64, 64, device=DEV)
     bf16 = torch.bfloat16
-    for kernel in ("fwd", "dkdv"):
+    for kernel in ("fwd", "dq", "dkdv"):
         assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
-    # this small stream is mostly partial blocks (the E1 streams are not): dQ's own tiles
-    dq = bsa._CONFIGS_B64_PARTIAL if bsa._partial_heavy(layout) else bsa._CONFIGS_B64
-    assert bsa._default_config("dq", 64, bf16, layout) == dq["dq"]
     dtype, d = (bf16 if CUDA else torch.float16), 48
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=12)
     scale = d**-0.5
@@ -254,15 +251,14 @@ def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
 def test_partial_heavy_tiles_match_truth(d, mask_mode):
     """Layouts of 64-token blocks that are mostly partial blocks run end to end on their own
     tiles, N = 105 (a ragged last block): D = 72 (padded to 128) the forward on _CONFIGS_PARTIAL's;
-    D = 40 (padded to 64) dQ on _CONFIGS_B64_PARTIAL's, the forward and dK / dV on _CONFIGS_B64's."""
+    D = 40 (padded to 64) all three kernels on _CONFIGS_B64's."""
     layout = build_layout(Local((3, 3, 3)), (3, 5, 7), 64, 64, device=DEV)
     assert bsa._partial_heavy(layout)
     bf16 = torch.bfloat16
     if d == 72:
         assert bsa._default_config("fwd", 128, bf16, layout) == bsa._CONFIGS_PARTIAL["fwd"][128]
     else:
-        assert bsa._default_config("dq", 64, bf16, layout) == bsa._CONFIGS_B64_PARTIAL["dq"]
-        for kernel in ("fwd", "dkdv"):
+        for kernel in ("fwd", "dq", "dkdv"):
             assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
     dtype = torch.bfloat16 if CUDA else torch.float16
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=d)
