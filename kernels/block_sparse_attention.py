@@ -633,6 +633,60 @@ def _bwd_dkdv_kernel(
              + offs_out[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
+
+@triton.jit
+def _combine_chunks_kernel(
+    S, LS, CHUNKS, TOKENS, DEST, DEST_LSE, n_tok, H, cmax,
+    stride_sb, stride_sh, stride_sn, stride_lsb, stride_lsh,
+    stride_db, stride_dh, stride_dn, stride_dlb, stride_dlh,
+    LAYOUT_B: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    MERGE: tl.constexpr,
+):
+    """The chunks of the split rows back into whole rows, one program per ROWS rows of one long
+    row block and (batch, head). S (B, H, (chunks + 1) * LAYOUT_B, D) float32 holds each chunk's
+    rows; CHUNKS (L, cmax) int32 each long row's chunks (padding entries name the extra chunk,
+    which holds zeros and LSE -inf); TOKENS the long rows' token indices below N (n_tok of them).
+    MERGE (forward): softmax results weighted by their LSE in LS, the merged LSE to DEST_LSE;
+    otherwise (dQ, dK, dV) a plain sum. The chunks are visited in order: deterministic."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    PER: tl.constexpr = LAYOUT_B // ROWS
+    row = pid // PER
+    r = (pid % PER) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D_PAD)
+    d_in = offs_d[None, :] < HEAD_DIM
+    S_base = S + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    acc = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
+    if MERGE:
+        LS_base = LS + b.to(tl.int64) * stride_lsb + h.to(tl.int64) * stride_lsh
+        m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        for c in range(cmax):
+            ci = tl.load(CHUNKS + row * cmax + c)
+            m = tl.maximum(m, tl.load(LS_base + ci * LAYOUT_B + r))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for c in range(cmax):
+            ci = tl.load(CHUNKS + row * cmax + c)
+            w = tl.exp(tl.load(LS_base + ci * LAYOUT_B + r) - m)
+            o = tl.load(S_base + (ci * LAYOUT_B + r)[:, None] * stride_sn + offs_d[None, :], mask=d_in, other=0.0)
+            acc += w[:, None] * o
+            w_sum += w
+        acc = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+        lse = tl.where(w_sum == 0.0, float("-inf"), m + tl.log(tl.where(w_sum == 0.0, 1.0, w_sum)))
+    else:
+        for c in range(cmax):
+            ci = tl.load(CHUNKS + row * cmax + c)
+            acc += tl.load(S_base + (ci * LAYOUT_B + r)[:, None] * stride_sn + offs_d[None, :], mask=d_in, other=0.0)
+    i = row * LAYOUT_B + r
+    valid = i < n_tok
+    tok = tl.load(TOKENS + i, mask=valid, other=0)
+    tl.store(DEST + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + tok[:, None] * stride_dn
+             + offs_d[None, :], acc.to(DEST.dtype.element_ty), mask=valid[:, None] & d_in)
+    if MERGE:
+        tl.store(DEST_LSE + b.to(tl.int64) * stride_dlb + h.to(tl.int64) * stride_dlh + tok, lse, mask=valid)
+
 # ---------------------------------------------------------------------------------------------
 # 3. Launchers
 # ---------------------------------------------------------------------------------------------
@@ -895,18 +949,25 @@ class _WorkList:
         self.long_blocks = torch.tensor(long_blocks, dtype=torch.long, device=device)
         cmax = max((len(c) for c in chunks_of), default=0)
         self.chunk_index = torch.tensor([c + [len(split)] * (cmax - len(c)) for c in chunks_of],
-                                        dtype=torch.long, device=device).reshape(len(chunks_of), cmax)
+                                        dtype=torch.int32, device=device).reshape(len(chunks_of), cmax)
         # the token indices of the long rows' blocks below n, in block order (built once: a
         # boolean filter per call would synchronise with the GPU and break graph capture)
         tokens = [t for r in long_blocks for t in range(r * block, min((r + 1) * block, n))]
         self.tokens = torch.tensor(tokens, dtype=torch.long, device=device)
 
-    def gather_chunks(self, scratch: torch.Tensor, block: int) -> torch.Tensor:
-        """scratch (B, H, (c + 1) * block, ...) -> (B, H, L, Cmax, block, ...): each long row's
-        chunks (the padding entries read the extra block c, see `_scratch`)."""
-        b, h = scratch.shape[:2]
-        s = scratch.reshape(b, h, self.n_split + 1, block, *scratch.shape[3:])
-        return s[:, :, self.chunk_index]
+    def combine(self, scratch: torch.Tensor, block: int, dest: torch.Tensor, scratch_lse=None, dest_lse=None):
+        """dest[:, :, tokens of the long rows] = their chunks in `scratch` combined: merged by
+        their LSE in `scratch_lse` (the forward; the merged LSE to `dest_lse`) or summed."""
+        b, h, _, d = dest.shape
+        rows = 16  # layout blocks are multiples of 16
+        merge = scratch_lse is not None
+        ls, dl = (scratch_lse, dest_lse) if merge else (scratch, dest)
+        _combine_chunks_kernel[(len(self.long_blocks) * (block // rows), b * h)](
+            scratch, ls, self.chunk_index, self.tokens, dest, dl, self.tokens.numel(), h,
+            self.chunk_index.shape[1], scratch.stride(0), scratch.stride(1), scratch.stride(2),
+            ls.stride(0), ls.stride(1), dest.stride(0), dest.stride(1), dest.stride(2), dl.stride(0), dl.stride(1),
+            LAYOUT_B=block, ROWS=rows, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), MERGE=merge,
+            num_warps=4)
 
 
 class _KernelProgram:
@@ -1226,26 +1287,8 @@ def _attention_forward(q, k, v, layout, scale, out=None, lse=None, key_padding=N
     _maybe_tune("fwd", d_pad, q, layout, launch)
     launch(_config("fwd", d_pad, q, layout))
     if split is not None:  # merge the chunks of each long row by their LSE
-        o_c = rows.gather_chunks(split[0], layout.block_q)  # (B, H, L, C, bq, D)
-        l_c = rows.gather_chunks(split[1], layout.block_q)  # (B, H, L, C, bq)
-        m = l_c.amax(dim=3, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, 0.0)
-        w = torch.exp(l_c - m)
-        w_sum = w.sum(3)
-        o = (w.unsqueeze(-1) * o_c).sum(3) / torch.where(w_sum == 0, 1.0, w_sum).unsqueeze(-1)
-        l = torch.where(w_sum == 0, float("-inf"), m.squeeze(3) + torch.log(w_sum))
-        tok = rows.tokens
-        out.index_copy_(2, tok, o.reshape(b, h, -1, o.shape[-1])[:, :, : tok.numel()].to(out.dtype))
-        lse.index_copy_(2, tok, l.reshape(b, h, -1)[:, :, : tok.numel()])
+        rows.combine(split[0], layout.block_q, out, split[1], lse)
     return out, lse
-
-
-def _sum_chunks(work: _WorkList, scratch: torch.Tensor, block: int, n: int, dest: torch.Tensor):
-    """dest[:, :, rows of the long blocks] = the sum of their chunks' partial gradients (a fixed
-    order: deterministic)."""
-    g = work.gather_chunks(scratch, block).sum(3)  # (B, H, L, block, D)
-    tok = work.tokens
-    dest.index_copy_(2, tok, g.reshape(*g.shape[:2], -1, g.shape[-1])[:, :, : tok.numel()].to(dest.dtype))
 
 
 def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None, dv=None, dlse=None,
@@ -1332,11 +1375,11 @@ def _attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None
     launch_dq(_config("dq", d_pad, q, layout))
     _maybe_tune("dkdv", d_pad, q, layout, launch_dkdv)
     launch_dkdv(_config("dkdv", d_pad, q, layout))
-    if dq_split is not None:
-        _sum_chunks(rows, dq_split, layout.block_q, n, dq)
+    if dq_split is not None:  # the chunks' partial gradients, summed in a fixed order
+        rows.combine(dq_split, layout.block_q, dq)
     if dkdv_split is not None:
-        _sum_chunks(cols, dkdv_split[0], layout.block_k, n, dk)
-        _sum_chunks(cols, dkdv_split[1], layout.block_k, n, dv)
+        cols.combine(dkdv_split[0], layout.block_k, dk)
+        cols.combine(dkdv_split[1], layout.block_k, dv)
     return dq, dk, dv
 
 
