@@ -17,6 +17,7 @@ Layers, top to bottom (CONVENTIONS.md item 1):
    - `_bwd_dq_kernel`: per query tile over the same key lists, P recomputed from the LSE.
    - `_bwd_dkdv_kernel`: per key tile over the transposed lists (k_full_* / k_part_*) and
      over the G query heads of its key head. No atomics: gradients are deterministic.
+   - `_combine_chunks_kernel`: the chunks of split rows (below) back into whole rows.
 3. The launchers: argument checks, allocation, tile choice, grids.
 4. `_BlockSparseAttention` (autograd) and the public `block_sparse_attention`.
 
@@ -902,8 +903,10 @@ def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
 # a key block's query blocks), so one long row (the global tokens' row and column of Longformer
 # or BigBird: every block of the sequence) runs serially in one program while the others are
 # done. Rows longer than a chunk are cut into chunks of consecutive list entries, one program
-# each, writing float32 partial results to scratch rows; the launcher merges them (forward: by
-# their LSE; dQ, dK, dV: a sum in a fixed order, so the result stays deterministic).
+# each, writing float32 partial results to scratch rows; one launch of `_combine_chunks_kernel`
+# merges them (forward: by their LSE; dQ, dK, dV: a sum in a fixed order, so the result stays
+# deterministic). It replaced ~15 torch ops a call, which had left the A5 Longformer forward
+# waiting on the host (bench/NOTES.md, session 15).
 _SPLIT_CHUNK: int | None = None  # tests: force a chunk length (layout blocks); None: automatic
 
 
