@@ -229,15 +229,23 @@ def _axial_dkdv_kernel(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): tiles no longer than the line (rounded up to a
 # power of two, at least 16) and at most 64 x 64: a line of 32 (a time axis) runs as one tile.
+# 16-bit inputs up to D_PAD 64: three stages, and dK / dV steps of 32 queries; on the strided
+# lines of the A5 Sparse Transformer preset (512-token lines, D = 64, H200) that took fwd+bwd
+# 3.71 -> 3.57 ms and the forward 0.92 -> 0.88 ms (results/logs/sweep-axial-in-strided-a5-h200-
+# 2026-12-04.log, bench/NOTES.md session 15). At D_PAD 128 the same rule timed A4's T and H
+# lines slower (1.01 / 0.93 ms against 0.93 / 0.80 in an earlier session) and W faster
+# (0.88 against 1.03): not adopted there without a same-run A/B.
 _OVERRIDE: dict = {}  # tests: kernel name -> config
 
 
 def _config(kernel: str, length: int, d_pad: int, dtype):
     if kernel in _OVERRIDE:
         return _OVERRIDE[kernel]
-    cap = 32 if (dtype == torch.float32 or d_pad > 128) else 64
-    t = min(cap, max(16, triton.next_power_of_2(length)))
-    return t, t, 4, 2
+    small = dtype == torch.float32 or d_pad > 128
+    t = min(32 if small else 64, max(16, triton.next_power_of_2(length)))
+    if small or d_pad > 64:
+        return t, t, 4, 2
+    return (min(32, t) if kernel == "dkdv" else t), t, 4, 3
 
 
 def _line_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
