@@ -634,7 +634,6 @@ def _bwd_dkdv_kernel(
              + offs_out[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
-
 @triton.jit
 def _combine_chunks_kernel(
     S, LS, CHUNKS, TOKENS, DEST, DEST_LSE, n_tok, H, cmax,
@@ -687,6 +686,7 @@ def _combine_chunks_kernel(
              + offs_d[None, :], acc.to(DEST.dtype.element_ty), mask=valid[:, None] & d_in)
     if MERGE:
         tl.store(DEST_LSE + b.to(tl.int64) * stride_dlb + h.to(tl.int64) * stride_dlh + tok, lse, mask=valid)
+
 
 # ---------------------------------------------------------------------------------------------
 # 3. Launchers
