@@ -961,7 +961,8 @@ class _WorkList:
     def combine(self, scratch: torch.Tensor, block: int, dest: torch.Tensor, scratch_lse=None, dest_lse=None):
         """dest[:, :, tokens of the long rows] = their chunks in `scratch` combined: merged by
         their LSE in `scratch_lse` (the forward; the merged LSE to `dest_lse`) or summed."""
-        b, h, _, d = dest.shape
+        b, h = dest.shape[:2]
+        d, d_pad = _dims(dest)
         rows = 16  # layout blocks are multiples of 16
         merge = scratch_lse is not None
         ls, dl = (scratch_lse, dest_lse) if merge else (scratch, dest)
@@ -969,7 +970,7 @@ class _WorkList:
             scratch, ls, self.chunk_index, self.tokens, dest, dl, self.tokens.numel(), h,
             self.chunk_index.shape[1], scratch.stride(0), scratch.stride(1), scratch.stride(2),
             ls.stride(0), ls.stride(1), dest.stride(0), dest.stride(1), dest.stride(2), dl.stride(0), dl.stride(1),
-            LAYOUT_B=block, ROWS=rows, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), MERGE=merge,
+            LAYOUT_B=block, ROWS=rows, HEAD_DIM=d, D_PAD=d_pad, MERGE=merge,
             num_warps=4)
 
 
