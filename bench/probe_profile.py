@@ -6,7 +6,7 @@
     python bench/probe_profile.py preset longformer  # an A5 preset: issued vs CUDA-graph replay
     python bench/probe_profile.py preset longformer --host  # ... and where its host time goes
 
-`strided` times the two parts of `kernels/strided_attention.py` (block-sparse rest, axial
+`strided` times the two parts of `mmsparse/kernels/strided_attention.py` (block-sparse rest, axial
 lines) and the merge separately, then the whole autograd op, then prints the CUDA and CPU
 profile of three forward+backward steps. `model` runs bench/model.py's training step and
 prints the same two tables for three steps after warm-up, with the step's wall time beside the
@@ -31,7 +31,7 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROWS = 40
-# the attention kernels of a step: ours (kernels/*.py), SDPA's flash / cuDNN / memory-efficient,
+# the attention kernels of a step: ours (mmsparse/kernels/*.py), SDPA's flash / cuDNN / memory-efficient,
 # FlexAttention's generated ones
 ATTENTION_KERNELS = re.compile(r"_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel|_bwd_preprocess|_mask_tiles_kernel|"
                                r"axial|strided|flash|fmha|cudnn|sdpa|attention|flex", re.IGNORECASE)
@@ -223,7 +223,7 @@ def _sync_points(fn) -> None:
 
 
 def rope(args) -> None:
-    """kernels/rope.py against the PyTorch composition it replaces (E1 shapes: 12 x 64 heads)."""
+    """mmsparse/kernels/rope.py against the PyTorch composition it replaces (E1 shapes: 12 x 64 heads)."""
     import triton.testing as tt
 
     from mmsparse.kernels.rope import qkv_rope, qkv_rope_ref

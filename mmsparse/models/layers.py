@@ -100,7 +100,7 @@ class SparseSelfAttention(nn.Module):
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        # the fused split + rotary kernel (kernels/rope.py) applies where no QK-norm sits
+        # the fused split + rotary kernel (mmsparse/kernels/rope.py) applies where no QK-norm sits
         # between the split and the rotation
         self.fused_rope = not qk_norm
 

@@ -1,4 +1,4 @@
-"""Fused QKV split + rotary kernel (kernels/rope.py) against the PyTorch composition it
+"""Fused QKV split + rotary kernel (mmsparse/kernels/rope.py) against the PyTorch composition it
 replaces (`qkv_rope_ref`: `mmsparse.encoders.apply_rope` on the permuted projection), forward
 and backward."""
 
