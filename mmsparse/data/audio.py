@@ -56,7 +56,7 @@ def _is_no_audio(err: BaseException) -> bool:
 
 
 def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None = None,
-               end: float | None = None, backend: str = "decord") -> np.ndarray:
+               end: float | None = None, backend: str = "pyav") -> np.ndarray:
     """The audio of ``path`` between ``start`` and ``end`` seconds as (S,) float32 mono.
 
     decord's AudioReader is tried first (with ``backend="decord"``); when it fails for a reason
@@ -108,26 +108,27 @@ def slice_wave(wave: np.ndarray, sample_rate: int, start: float | None = None,
 
 
 @lru_cache(maxsize=8)
-def _mel(sample_rate: int, n_mels: int, n_fft: int, win: int, hop: int):
+def _mel(sample_rate: int, n_mels: int, n_fft: int, win: int, hop: int, device: torch.device = torch.device("cpu")):
     import torchaudio
 
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=n_mels,
-        center=True, power=2.0)
+        center=True, power=2.0).to(device)
 
 
 def log_mel(wave: np.ndarray | torch.Tensor, sample_rate: int = 16000, n_mels: int = 128,
             win_seconds: float = 0.025, hop_seconds: float = 0.010, eps: float = 1e-6) -> torch.Tensor:
-    """Log-mel filterbank of a mono wave (S,): (M, Tm) float32 with Tm = S // hop + 1."""
+    """Log-mel filterbank of mono waves (..., S): (..., M, Tm) float32 with Tm = S // hop + 1,
+    computed on the wave's device (a batch of waves on the GPU in one call)."""
     x = torch.as_tensor(wave, dtype=torch.float32)
-    if x.ndim != 1:
-        raise ValueError(f"wave must be 1-D (S,), got shape {tuple(x.shape)}")
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"wave must be (..., S) with S >= 1 samples, got shape {tuple(x.shape)}")
     win = int(round(win_seconds * sample_rate))
     hop = int(round(hop_seconds * sample_rate))
     # zero-padded FFT: 128 triangular filters need more than 257 bins to all be non-empty
     n_fft = max(1 << (win - 1).bit_length(), 8 * n_mels)
-    if x.numel() < n_fft // 2 + 1:  # reflect padding needs a few samples
-        x = torch.nn.functional.pad(x, (0, n_fft // 2 + 1 - x.numel()))
+    if x.shape[-1] < n_fft // 2 + 1:  # reflect padding needs a few samples
+        x = torch.nn.functional.pad(x, (0, n_fft // 2 + 1 - x.shape[-1]))
     with torch.no_grad():
-        spec = _mel(sample_rate, n_mels, n_fft, win, hop)(x)  # (M, Tm)
+        spec = _mel(sample_rate, n_mels, n_fft, win, hop, x.device)(x)  # (..., M, Tm)
     return torch.log(spec + eps)

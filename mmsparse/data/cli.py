@@ -93,9 +93,9 @@ def register(subparsers) -> None:
 
     k = sub.add_parser("check", help="decode every sample of a manifest; print failures (path, reason)")
     k.add_argument("manifest")
-    k.add_argument("--backend", default="decord", choices=["decord", "pyav"])
+    k.add_argument("--backend", default="pyav", choices=["pyav", "decord"])
     k.add_argument("--fallback", default="auto", choices=["auto", "decord", "pyav", "none"],
-                   help="backend tried when --backend's decoder fails (auto: pyav after decord)")
+                   help="backend tried when --backend's decoder fails (auto: the other one)")
     k.add_argument("--frames", type=int, default=4)
     k.add_argument("--require-audio", action="store_true")
     k.set_defaults(func=_check)

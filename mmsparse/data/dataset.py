@@ -61,10 +61,10 @@ from .transforms import PIXEL_DTYPES, TransformConfig, apply_clip, apply_image, 
 class DataConfig:
     """How samples are read. Sampling: ``mode`` in count / fps / stride (see ``sample_indices``)."""
 
-    backend: str = "decord"            # video: decord | pyav
+    backend: str = "pyav"              # video: pyav | decord (same frames for the same request)
     video_fallback: str | None = "auto"  # tried when backend's decoder fails: pyav | decord | None;
-                                         # auto: pyav after decord, none after pyav
-    audio_backend: str = "decord"      # decord (PyAV fallback) | pyav
+                                         # auto: the other backend
+    audio_backend: str = "pyav"        # pyav | decord (PyAV fallback)
     mode: str = "count"
     num_frames: int | None = 16
     target_fps: float | None = None

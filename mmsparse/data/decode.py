@@ -310,7 +310,7 @@ class PyAVVideo:
             pass
 
 
-def open_video(path: str | Path, backend: str = "decord", num_threads: int = 1) -> VideoReader:
+def open_video(path: str | Path, backend: str = "pyav", num_threads: int = 1) -> VideoReader:
     """Open ``path`` with ``backend`` (``decord`` or ``pyav``); failures become MediaError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -323,7 +323,7 @@ def open_video(path: str | Path, backend: str = "decord", num_threads: int = 1) 
         raise diagnose(path, err) from err
 
 
-def read_frames(path: str | Path, indices, *, backend: str = "decord", size: tuple[int, int] | None = None,
+def read_frames(path: str | Path, indices, *, backend: str = "pyav", size: tuple[int, int] | None = None,
                 chunk: int = 64, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``indices`` of ``path``: frames (T, H, W, 3) uint8 and their times (T,) in seconds."""
     reader = open_video(path, backend, num_threads)
@@ -336,12 +336,12 @@ def read_frames(path: str | Path, indices, *, backend: str = "decord", size: tup
 
 
 def resolve_fallback(backend: str, fallback: str | None = "auto") -> str | None:
-    """The backend to try when ``backend`` fails: ``auto`` is pyav after decord and none after
-    pyav (a config that picks pyav often does so to keep decord away from its files)."""
+    """The backend to try when ``backend`` fails: ``auto`` is decord after pyav (a decoder
+    built from another FFmpeg) and pyav after any other."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if fallback == "auto":
-        return "pyav" if backend == "decord" else None
+        return "decord" if backend == "pyav" else "pyav"
     if fallback is None:
         return None
     if fallback not in BACKENDS:
@@ -351,7 +351,7 @@ def resolve_fallback(backend: str, fallback: str | None = "auto") -> str | None:
     return fallback
 
 
-def with_fallback(decode: Callable[[str], R], path: str | Path, backend: str = "decord",
+def with_fallback(decode: Callable[[str], R], path: str | Path, backend: str = "pyav",
                   fallback: str | None = "auto") -> tuple[R, str, MediaError | None]:
     """Run ``decode(backend)``; when its decoder rejects the file, run ``decode(fallback)`` once.
 

@@ -88,7 +88,7 @@ class DataSection:
     short_side: int | None = None
     load_audio: bool = True
     load_image: bool = False
-    backend: str = "decord"
+    backend: str = "pyav"              # video decoder: pyav | decord (mmsparse.data.DataConfig)
     max_bad_fraction: float = 0.1
     synth: SynthConfig = field(default_factory=SynthConfig)
     extra: dict[str, Any] = field(default_factory=dict)       # further DataConfig fields

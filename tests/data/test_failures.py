@@ -149,7 +149,7 @@ def _crash_manifest(root, synth_manifest, synth_records):
 def test_worker_crash_is_survived_and_decoded_with_pyav(broken, synth_manifest, synth_records, workers, caplog):
     root, _ = broken
     m = _crash_manifest(root, synth_manifest, synth_records)
-    cfg = DataConfig(num_frames=4, load_audio=True, max_bad_fraction=1.0)
+    cfg = DataConfig(backend="decord", num_frames=4, load_audio=True, max_bad_fraction=1.0)
     ds = _CrashingDataset(m, cfg)
     with caplog.at_level(logging.WARNING, logger="mmsparse.data"):
         batches = list(make_loader(ds, batch_size=2, num_workers=workers))
@@ -172,7 +172,7 @@ def test_worker_crash_is_survived_and_decoded_with_pyav(broken, synth_manifest, 
 def test_worker_crashing_twice_skips_the_sample(broken, synth_manifest, synth_records):
     root, _ = broken
     m = _crash_manifest(root, synth_manifest, synth_records)
-    ds = _AlwaysCrashing(m, DataConfig(num_frames=4, max_bad_fraction=1.0))
+    ds = _AlwaysCrashing(m, DataConfig(backend="decord", num_frames=4, max_bad_fraction=1.0))
     ids = [i for b in make_loader(ds, batch_size=2, num_workers=2) for i in b["id"]]
     assert len(ids) == len(ds) and "boom" not in ids  # a replacement was drawn in its place
     assert ds.stats.counts == {"crashed": 3}  # two crashes, then one skip without decoding
@@ -182,7 +182,7 @@ def test_worker_crashing_twice_skips_the_sample(broken, synth_manifest, synth_re
 def test_worker_crash_in_strict_mode_stops_with_the_path(broken, synth_manifest, synth_records):
     root, _ = broken
     m = _crash_manifest(root, synth_manifest, synth_records)
-    ds = _CrashingDataset(m, DataConfig(num_frames=4, strict=True))
+    ds = _CrashingDataset(m, DataConfig(backend="decord", num_frames=4, strict=True))
     with pytest.raises(TooManyBadSamples, match="crashed") as err:
         list(make_loader(ds, batch_size=2, num_workers=2))
     assert synth_records[3]["video"].split("/")[-1] in str(err.value)

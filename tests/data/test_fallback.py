@@ -55,7 +55,7 @@ def test_decord_rejects_the_av1_file_and_pyav_reads_it_exactly(av1):
 
 
 def test_resolve_fallback():
-    assert resolve_fallback("decord") == "pyav" and resolve_fallback("pyav") is None
+    assert resolve_fallback("decord") == "pyav" and resolve_fallback("pyav") == "decord"
     assert resolve_fallback("pyav", "decord") == "decord" and resolve_fallback("decord", None) is None
     for backend, fallback in [("decord", "decord"), ("decord", "ffmpeg"), ("torchvision", "auto")]:
         with pytest.raises(ValueError):
@@ -67,13 +67,13 @@ def test_resolve_fallback():
 def test_with_fallback_on_the_file(av1, tmp_path):
     _, path, _ = av1
     idx = [3, 17]
-    out, used, first = with_fallback(lambda b: read_frames(path, idx, backend=b), path)
+    out, used, first = with_fallback(lambda b: read_frames(path, idx, backend=b), path, "decord")
     assert used == "pyav" and first.reason == "corrupt"
     np.testing.assert_array_equal(out[0], read_frames(path, idx, backend="pyav")[0])
     with pytest.raises(MediaError, match="corrupt"):
         with_fallback(lambda b: read_frames(path, idx, backend=b), path, "decord", None)
     with pytest.raises(MediaError) as err:  # missing: no decoder ran, so no second try
-        with_fallback(lambda b: read_frames(tmp_path / "gone.mp4", idx, backend=b), tmp_path / "gone.mp4")
+        with_fallback(lambda b: read_frames(tmp_path / "gone.mp4", idx, backend=b), tmp_path / "gone.mp4", "decord")
     assert err.value.reason == "missing" and "pyav" not in err.value.detail
 
 
@@ -110,9 +110,9 @@ def test_dataset_fallback_equals_pyav_and_is_counted(av1, train, caplog):
 def test_strict_raises_only_when_every_backend_fails(av1, synth_manifest, synth_records):
     root, path, _ = av1
     m = _manifest(root, "m-strict.jsonl", [{"id": "av1", "video": str(path)}])
-    assert MediaDataset(m, DataConfig(num_frames=4, strict=True))[0]["id"] == "av1"
+    assert MediaDataset(m, DataConfig(backend="decord", num_frames=4, strict=True))[0]["id"] == "av1"
     with pytest.raises(MediaError) as err:
-        MediaDataset(m, DataConfig(num_frames=4, strict=True, video_fallback=None))[0]
+        MediaDataset(m, DataConfig(backend="decord", num_frames=4, strict=True, video_fallback=None))[0]
     assert err.value.reason == "corrupt" and "pyav" not in err.value.detail
 
     # a file neither backend reads: the primary's reason, both errors named
@@ -120,7 +120,7 @@ def test_strict_raises_only_when_every_backend_fails(av1, synth_manifest, synth_
     (root / "wiped.mp4").write_bytes(bytes(64) + good[64:])
     m2 = _manifest(root, "m-both.jsonl", [{"id": "wiped", "video": str(root / "wiped.mp4")}])
     with pytest.raises(MediaError) as err:
-        MediaDataset(m2, DataConfig(num_frames=4, strict=True))[0]
+        MediaDataset(m2, DataConfig(backend="decord", num_frames=4, strict=True))[0]
     assert err.value.reason == "corrupt"
     assert err.value.detail.startswith("decord: ") and "; pyav: corrupt" in err.value.detail
 
@@ -128,7 +128,7 @@ def test_strict_raises_only_when_every_backend_fails(av1, synth_manifest, synth_
 def test_no_fallback_counts_the_file_as_bad(av1, synth_manifest, synth_records):
     root, path, _ = av1
     m = _manifest(root, "m-off.jsonl", [{"id": "av1", "video": str(path)}, _good(synth_manifest, synth_records)])
-    ds = MediaDataset(m, DataConfig(num_frames=4, video_fallback=None, max_bad_fraction=1.0))
+    ds = MediaDataset(m, DataConfig(backend="decord", num_frames=4, video_fallback=None, max_bad_fraction=1.0))
     assert ds[0]["id"].startswith("clip-")  # skipped, another sample drawn
     assert set(ds.stats.counts) == {"corrupt"} and ds.stats.fallbacks == 0  # a redraw may hit it again
 
@@ -137,7 +137,7 @@ def test_loader_workers_share_fallback_counts(av1, synth_manifest, synth_records
     root, path, _ = av1
     recs = [{"id": f"av1-{k}", "video": str(path)} for k in range(3)]
     recs += [_good(synth_manifest, synth_records, k) for k in range(3)]
-    ds = MediaDataset(_manifest(root, "m-loader.jsonl", recs), DataConfig(num_frames=4, load_audio=False))
+    ds = MediaDataset(_manifest(root, "m-loader.jsonl", recs), DataConfig(backend="decord", num_frames=4, load_audio=False))
     ids = [i for b in make_loader(ds, batch_size=2, num_workers=2) for i in b["id"]]
     assert sorted(ids) == sorted(r["id"] for r in recs)  # every sample loaded, none replaced
     assert ds.stats.fallbacks == 3 and ds.stats.bad == 0 and ds.stats.attempts == 6
@@ -146,8 +146,8 @@ def test_loader_workers_share_fallback_counts(av1, synth_manifest, synth_records
 def test_cli_check_lists_fallbacks(av1, synth_manifest, synth_records, capsys):
     root, path, _ = av1
     m = _manifest(root, "m-cli.jsonl", [{"id": "av1", "video": str(path)}, _good(synth_manifest, synth_records)])
-    assert cli.main(["data", "check", str(m)]) == 0
+    assert cli.main(["data", "check", str(m), "--backend", "decord"]) == 0
     out = capsys.readouterr()
     assert f"{path}\tfallback\tpyav read it; decord: corrupt" in out.out and "0 of 2 samples failed" in out.err
-    assert cli.main(["data", "check", str(m), "--fallback", "none"]) == 1
+    assert cli.main(["data", "check", str(m), "--backend", "decord", "--fallback", "none"]) == 1
     assert f"{path}\tcorrupt" in capsys.readouterr().out
