@@ -9,21 +9,19 @@ pairs x head_dim x heads per forward; forward+backward counts 3.5x; the dense SD
 counts its own N^2 pairs, and `effective_*` in the JSON its pattern's), the exact density, the
 block density and the block utilization (attended / computed pairs), for each mmsparse
 backend present (triton when the kernels import, flex on CUDA; reference on CPU) and the
-anchors of BENCHMARKS.md measured in the same run (dense SDPA flash; SDPA on the permuted
-batch for axial attention). Writes bench/results/<device>-<date>.json, a markdown table
+anchors of docs/benchmarks.md measured in the same run (dense SDPA, its flash backend; SDPA on
+the permuted batch for axial attention). Writes bench/results/attention-<device>-<date>[-<label>].json
+(``--label``; a name taken already gets ``-2``, ``-3``: see bench/common.py), a markdown table
 beside it, and a PNG of speedup over dense SDPA against density.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import logging
 import math
-import platform
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,14 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmsparse.attention import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, environment, median_ms, out_folder, result_stem, slug  # noqa: E402
+from mmsparse.attention import (  # noqa: E402
     Axial, Dense, Local, StreamLayout, Tiled, bigbird, build_layout, longformer, sparse_attention,
     sparse_transformer,
 )
-from mmsparse.attention import blocklayout as _bl
-from mmsparse.attention.backends import _triton_available
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from mmsparse.attention import blocklayout as _bl  # noqa: E402
+from mmsparse.attention.backends import _triton_available  # noqa: E402
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Workload:
     extra: dict = field(default_factory=dict)
     # the triton backend's layout blocks; flex and the other backends keep 128 x 128. Token-level
     # windows run faster on 64-token blocks (utilization 21 -> 25 % on A1; results/logs/
-    # probe-layout-block-h200-2026-12-03.log, bench/NOTES.md session 13)
+    # probe-nvidia-h200-2026-12-03-layout-block.log, bench/NOTES.md v12, 2026-12-03)
     triton_block: int = 128
 
     @property
@@ -95,10 +94,11 @@ def gpu_workloads() -> list[Workload]:
         w.append(Workload("A4", f"axial {name}, 8x128", Axial(axis), a2, 8, 128, anchors=("sdpa_axial",), axial_axis=axis))
     # A5 on 64-token blocks too: the 64 global tokens and BigBird's 64-token random blocks fill
     # whole blocks (utilization Longformer 72 -> 91 %, BigBird 50 -> 93 %; results/logs/
-    # probe-layout-block-a5-h200-2026-12-04.log, bench/NOTES.md session 14)
-    # A5's target scales a dense SDPA time: BENCHMARKS.md's anchor (202.5 ms on an H100, ~300
-    # TFLOP/s) is the flash backend's speed; SDPA's default dispatch (cuDNN on Hopper) is ~1.5x
-    # faster. Both run, so the target can be read against either (bench/NOTES.md, session 15).
+    # probe-nvidia-h200-2026-12-04-layout-block-a5.log, bench/NOTES.md v13, 2026-12-04)
+    # A5's target scales a dense SDPA time: docs/benchmarks.md's first anchor (202.5 ms on an
+    # H100, ~300 TFLOP/s) is the flash backend's speed; SDPA's default dispatch (cuDNN on Hopper)
+    # is ~1.5x faster. Both run, so the target can be read against either (bench/NOTES.md
+    # v14, 2026-12-04).
     for label, pattern in A5_PRESETS.values():
         w.append(Workload("A5", f"{label}, 16x64", pattern, (A5_N,), 16, 64, triton_block=64,
                           anchors=("sdpa_dense", "sdpa_flash")))
@@ -121,25 +121,10 @@ def cpu_workloads() -> list[Workload]:
 # ---------------------------------------------------------------------------------------------
 
 
-def timer(fn, device: str, reps: int) -> float:
-    """Median milliseconds of fn()."""
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=max(3, reps // 4), rep=reps * 10, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(max(3, reps // 10)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def measure(make_fn, q, k, v, device, reps, backward=True):
     """(fwd ms, fwd+bwd ms) of out = make_fn(q, k, v)."""
     with torch.no_grad():
-        fwd = timer(lambda: make_fn(q, k, v), device, reps)
+        fwd = median_ms(lambda: make_fn(q, k, v), device, reps)
     both = None
     if backward:
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
@@ -150,7 +135,7 @@ def measure(make_fn, q, k, v, device, reps, backward=True):
                 t.grad = None
             make_fn(qg, kg, vg).backward(dout)
 
-        both = timer(step, device, reps)
+        both = median_ms(step, device, reps)
     return fwd, both
 
 
@@ -332,10 +317,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="comma-separated workload ids (A1,...,A6,dense)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
+    p.add_argument("--label", default="", help="the result name's label: attention-<device>-<date>-<label>")
     p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
                    help="compile the triton kernels of the selected workloads in JOBS processes first")
     args = p.parse_args(argv)
+    try:
+        out = out_folder(args.out)
+    except ValueError as err:
+        p.error(str(err))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # flex is compiled once per workload and grad mode: more graphs than dynamo's default 8,
     # past which it silently falls back to an eager flex that materialises N x N scores
@@ -345,19 +335,19 @@ def main(argv=None) -> int:
     if device == "cuda":
         backends = (["triton"] if _triton_available() else []) + ["flex"]
         workloads = gpu_workloads()
-        device_name = torch.cuda.get_device_name()
     else:
         backends = ["reference"]
         workloads = cpu_workloads()
-        device_name = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+    env = environment(device)
+    device_name = env["device"]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if only:
         workloads = [w for w in workloads if w.id in only or w.id.split("-")[0] in only]
     reps = 10 if args.quick else 40
     if args.prewarm and "triton" in backends:
         prewarm(workloads, args.prewarm)
-    print(f"# mmsparse attention benchmark on {device_name}, torch {torch.__version__}, "
-          f"triton {_version('triton')}, backends {backends}\n\n{HEADER}", flush=True)
+    print(f"# mmsparse attention benchmark on {device_name}, torch {env['torch']}, "
+          f"triton {env['triton']}, backends {backends}\n\n{HEADER}", flush=True)
     rows = []
     for wl in workloads:
         rows += run_workload(wl, device, backends, reps)
@@ -372,32 +362,22 @@ def main(argv=None) -> int:
         build[dev] = (time.perf_counter() - t0) * 1e3
     print(f"\nA2 layout build, cold: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in build.items()))
 
-    date = dt.date.today().isoformat()
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:40]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"attention-{slug}-{date}"
+    date = env["date"]
+    stem = result_stem(out, "attention", slug(device_name), args.label, date, suffixes=(".json", ".md", ".png"))
     result = dict(
-        device=device_name, torch=torch.__version__, triton=_version("triton"), python=platform.python_version(),
-        date=date, backends=backends, dtype="bfloat16" if device == "cuda" else "float32",
+        env, backends=backends, dtype="bfloat16" if device == "cuda" else "float32",
         a2_layout_build_ms=build, rows=rows,
     )
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(
-        f"# Attention benchmark: {device_name}\n\ntorch {torch.__version__}, triton {_version('triton')}, {date}\n\n"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{stem}.md").write_text(
+        f"# Attention benchmark: {device_name}\n\ntorch {env['torch']}, triton {env['triton']}, {date}, "
+        f"commit {env['git_commit']}\n\n"
         + HEADER + "\n" + "\n".join(format_row(r) for r in rows)
         + "\n\nA2 layout build, cold: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in build.items()) + "\n"
     )
-    plot(rows, stem.with_suffix(".png"), device_name)
+    plot(rows, Path(f"{stem}.png"), device_name)
     print(f"\nwrote {stem}.json, .md, .png")
     return 0
-
-
-def _version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except ImportError:
-        return "absent"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Data-loading benchmark (BENCHMARKS.md E3): clips/s and peak memory, decord vs PyAV,
+"""Data-loading benchmark (docs/benchmarks.md E3): clips/s and peak memory, decord vs PyAV,
 float32 vs uint8 pixels.
 
 What it measures, decord and PyAV side by side, each with float32 pixels (converted and
@@ -25,9 +25,10 @@ Target (issue 4): on a 16-core machine 8 workers feed >= 200 clips/s.
     python bench/data.py --dtypes uint8           # one pixel dtype only
 
 The media is generated first, in parallel processes, into a temporary folder (``--data`` keeps
-it). Prints tables and writes ``bench/results/data-<tag>-<date>.json`` (``--out`` elsewhere;
-``-runN`` when the file exists); the tag names the GPU (or ``cpu``) and the CPU count, the JSON
-the CPU model, cores, memory and /dev/shm size. The JSON is rewritten after every row, with
+it). Prints tables and writes ``bench/results/data-<tag>-<date>[-<label>].json`` (``--out``
+elsewhere; a name taken already gets ``-2``, ``-3``: bench/common.py); the tag names the GPU (or
+``cpu``) and the CPU count, the JSON the CPU model, cores, memory and /dev/shm size, and under
+``environment`` the versions and git commit. The JSON is rewritten after every row, with
 ``"complete": false`` until the end, so a run cut short keeps what it measured. A row that
 fails (a worker killed, /dev/shm full) is recorded with its error and the run goes on; so is a
 throughput row that hangs: past ``--row-limit`` (default 60 s + 5 s a worker + 10 x
@@ -54,6 +55,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import environment, out_folder, result_stem, slug  # noqa: E402
 
 # imported in main after the check, so a missing wheel is named instead of a traceback
 REQUIRED = {"numpy": "numpy<2.4", "torch": "torch==2.11.0", "torchvision": "torchvision==0.26.0",
@@ -135,8 +138,7 @@ def gpu_name() -> str | None:
 
 
 def host_tag(gpu: str | None, cpus: int) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", (gpu or "cpu").lower()).strip("-")
-    return f"{base}-{cpus}cpu"
+    return f"{slug(gpu or 'cpu')}-{cpus}cpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,12 +375,10 @@ def long_clip_memory(path: Path, cases: list[tuple[str, str]], parallel: int) ->
         return list(pool.map(one, cases))
 
 
-def result_path(out: Path, tag: str, day: str) -> Path:
-    """``data-<tag>-<day>.json``, or ``...-runN.json`` when that exists: a rerun keeps the first."""
-    path, k = out / f"data-{tag}-{day}.json", 2
-    while path.exists():
-        path, k = out / f"data-{tag}-{day}-run{k}.json", k + 1
-    return path
+def result_path(out: Path, tag: str, day: str, label: str = "") -> Path:
+    """``data-<tag>-<day>[-<label>].json``, or that with ``-2``, ``-3``, ... when it exists (a
+    rerun keeps the first); the file is created here, empty, so the name is this run's."""
+    return Path(f"{result_stem(out, 'data', tag, label, day)}.json")
 
 
 def _guarded(fn, *args, **what) -> dict:
@@ -482,10 +482,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="16 clips, 6 s a row unless given (the long clip keeps its frames)")
     ap.add_argument("--tag", default=None, help="result file tag (default: GPU or 'cpu', and the CPU count)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--label", default="", help="the result name's label: data-<tag>-<date>-<label>")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     ap.add_argument("--data", default=None, help="folder for the generated media, kept (default: a temp folder)")
     ap.add_argument("--rss-child", nargs=3, metavar=("PATH", "BACKEND", "HOW"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    try:
+        out = out_folder(a.out)
+    except ValueError as err:
+        ap.error(str(err))
     if a.decode_threads < 0:
         ap.error(f"--decode-threads must be 0 (auto) or at least 1, got {a.decode_threads}")
     if a.rss_child:
@@ -512,12 +517,14 @@ def main(argv=None) -> int:
     procs = a.gen_procs or cpus
     info["gpu"] = gpu_name()
     tag = a.tag or host_tag(info["gpu"], cpus)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = result_path(out, tag, dt.date.today().isoformat())
+    env = environment()
+    try:
+        path = result_path(out, tag, env["date"], a.label)
+    except ValueError as err:  # a --tag or --label that cannot be part of a file name
+        ap.error(str(err))
     res = {
         "benchmark": "data loading (E3)", "date": dt.datetime.now().isoformat(timespec="seconds"), "tag": tag,
-        "complete": False, "machine": info, "versions": versions,
+        "complete": False, "machine": info, "versions": versions, "environment": env,
         "settings": {"workers": a.workers, "seconds": a.seconds, "min_rounds": MIN_ROUNDS, "clips": a.clips,
                      "samples": a.samples, "src_frames": a.src_frames, "src_size": [256, 340], "src_fps": 25,
                      "clip_frames": CLIP_FRAMES, "out_size": [OUT, OUT], "dtypes": a.dtypes,

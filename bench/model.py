@@ -21,7 +21,7 @@ kernels import, else flex); the dense model is the same model with `schedule="de
 SDPA flash with no mask. Reported: step ms, tokens/s, MFU, peak memory, the sparse/dense
 speedup. MFU counts attended FLOPs of the encoder: 6 x N x (12 E^2) per layer for the
 matmuls (forward + backward) plus 3.5 x 4 x (attended pairs) x E per layer for attention
-(BENCHMARKS.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100. N and
+(docs/benchmarks.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100. N and
 tokens/s count real tokens only; the positions of alignment gaps and tile padding
 (``--override video_tile_align=64``) are reported beside them ("positions").
 ``--repeats R`` runs every (frames, variant) case R times, the cases interleaved (all of them
@@ -30,19 +30,16 @@ steps at 64 frames x 8 move 223-228 ms from run to run on the H200) reaches spar
 alike; each row is then the run of median step time, with every run's step time
 (``step_ms_runs``) and the speedup of each repeat over that repeat's dense run
 (``speedup_vs_dense_runs``) beside it.
-Writes bench/results/model-<gpu>-<date>.json (`-runN` when it exists; `--out` elsewhere) and prints a markdown table.
+Writes bench/results/model-<gpu>-<date>[-<label>].json (``--label``; a name taken already gets
+``-2``, ``-3``: bench/common.py; ``--out`` names another folder) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import platform
-import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,12 +48,12 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import RESULTS, environment, lower_median, mean_step_ms, out_folder, result_stem, slug  # noqa: E402
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.backends import _triton_available  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (BENCHMARKS.md)
+PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
 CAPTION = "a red circle moves left then a high tone plays"
 
 
@@ -182,18 +179,9 @@ def run_case(name, frames, variant, args, tok, device):
     row = {"frames": frames, "variant": variant, "batch": args.batch, "tokens": n, "positions": positions,
            "attended_pairs": pairs, "density": pairs / (model.cfg.depth * n * n), "train_flops": flops * args.batch}
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
-        for _ in range(args.warmup):
-            step()
-        sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step()
-        sync()
-        ms = (time.perf_counter() - t0) / args.steps * 1e3
+        ms, loss = mean_step_ms(step, args.steps, args.warmup, device.type,
+                                torch.cuda.reset_peak_memory_stats if device.type == "cuda" else None)
         row.update(step_ms=ms, tokens_per_s=args.batch * n / ms * 1e3, loss=float(loss.detach()),
                    mfu=args.batch * flops / (ms / 1e3) / (PEAK_TFLOPS * 1e12))
         if device.type == "cuda":
@@ -214,7 +202,7 @@ def median_row(runs: list[dict]) -> dict:
     failed = [r for r in runs if "step_ms" not in r]
     if failed:
         return failed[0]
-    row = dict(sorted(runs, key=lambda r: r["step_ms"])[(len(runs) - 1) // 2])
+    row = dict(lower_median(runs, key=lambda r: r["step_ms"]))
     if len(runs) > 1:
         row["step_ms_runs"] = [r["step_ms"] for r in runs]
     return row
@@ -234,7 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--audio-frames", type=int, default=1024)
     p.add_argument("--model", default="captioner_base")
     p.add_argument("--batch", type=int, default=1,
-                   help="clips a step (1: at 64 frames the step is then host-bound, NOTES session 9)")
+                   help="clips a step (1: at 64 frames the step is then host-bound, NOTES v9 measured, 2026-12-02)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--precision", choices=TrainStep.PRECISIONS, default="bf16",
                    help="bf16: bf16 weights, fp32 master (DeepSpeed bf16, the recipes); amp: bf16 autocast "
@@ -243,8 +231,13 @@ def main(argv=None) -> int:
     p.add_argument("--config", action="append", default=[],
                    help="a named sparse variant, 'NAME:field=value;field=value' (added to --variants)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, tiny clips, on the CPU")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results folder (default bench/results; the name is chosen here)")
+    p.add_argument("--label", default="", help="the result name's label: model-<device>-<date>-<label>")
     args = p.parse_args(argv)
+    try:
+        out_dir = out_folder(args.out)
+    except ValueError as err:
+        p.error(str(err))
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     args.override = dict(_parse_override(o) for o in args.override)
@@ -281,29 +274,17 @@ def main(argv=None) -> int:
             if args.repeats > 1:  # each repeat against the dense run of the same repeat
                 r["speedup_vs_dense_runs"] = [a["step_ms"] / b["step_ms"] for a, b in
                                               zip(runs[r["frames"], "dense"], runs[r["frames"], r["variant"]])]
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    env = environment(device.type)
+    gpu, triton_version = env["device"], env["triton"]
     backend = "reference" if device.type == "cpu" else ("triton" if _triton_available() else "flex")
-    result = {"workload": "E1", "model": args.model, "device": gpu, "torch": torch.__version__,
-              "triton": triton_version, "sparse_backend": backend, "precision": args.precision,
+    result = {"workload": "E1", "model": args.model, **env, "sparse_backend": backend, "precision": args.precision,
               "checkpointing": args.checkpointing, "repeats": args.repeats,
               "overrides": {k: v for k, v in args.override.items()},
-              "configs": args.configs,
-              "date": dt.date.today().isoformat(), "rows": rows}
-    if args.out:
-        out = Path(args.out)
-    else:
-        tag = "cpu-smoke" if args.cpu_smoke else re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-        out, k = RESULTS / f"model-{tag}-{result['date']}.json", 2
-        while out.exists():  # a rerun the same day keeps the first
-            out, k = RESULTS / f"model-{tag}-{result['date']}-run{k}.json", k + 1
-    out.parent.mkdir(parents=True, exist_ok=True)
+              "configs": args.configs, "rows": rows}
+    label = "-".join(x for x in ("cpu-smoke" if args.cpu_smoke else "", args.label) if x)
+    out = Path(f"{result_stem(out_dir, 'model', slug(gpu), label, env['date'])}.json")
     out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\n{args.model} on {gpu} (torch {torch.__version__}, triton {triton_version}, sparse backend {backend})\n")
+    print(f"\n{args.model} on {gpu} (torch {env['torch']}, triton {triton_version}, sparse backend {backend})\n")
     runs_note = f"; median of {args.repeats} interleaved runs, speedup range over the repeats" if args.repeats > 1 else ""
     print(f"batch {args.batch} clips a step, precision {args.precision}; tokens per clip{runs_note}\n")
     print("| frames | variant | tokens | density | step ms | tokens/s | MFU | peak GB | speedup |")

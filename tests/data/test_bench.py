@@ -38,8 +38,11 @@ def test_bench_data_smoke(tmp_path, capsys):
     assert mb["uint8"] == pytest.approx(64 * 3 * 224 * 224 / 2**20, abs=0.01)  # a byte a pixel
     assert mb["float32"] == pytest.approx(4 * mb["uint8"], abs=0.05)
     assert len(res["long_clip_memory"]) == 4 and all(r["frames"] > 0 for r in res["long_clip_memory"])
-    again = mod.result_path(tmp_path, "smoke", res["date"][:10])  # a rerun the same day keeps the first file
-    assert again.name == f"data-smoke-{res['date'][:10]}-run2.json"
+    day = result.name[len("data-smoke-"):][:10]
+    assert res["environment"]["date"] == day and res["environment"]["git_commit"]
+    again = mod.result_path(tmp_path, "smoke", day)  # a rerun the same day keeps the first file
+    assert again.name == f"data-smoke-{day}-2.json" and again.exists()
+    assert mod.result_path(tmp_path, "smoke", day, "x").name == f"data-smoke-{day}-x.json"
 
 
 @pytest.mark.timeout(900)  # a regression that hangs the run fails instead (it takes ~40 s on 2 idle cores)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,20 @@ def _bench_model():
     return mod
 
 
+def _result(folder: Path) -> dict:
+    """The one result a run wrote into ``folder``."""
+    (path,) = folder.glob("model-*.json")
+    return json.loads(path.read_text())
+
+
 def test_bench_model_cpu_smoke(tmp_path):
     mod = _bench_model()
     torch.manual_seed(0)
-    assert mod.main(["--cpu-smoke", "--frames", "4", "--out", str(tmp_path / "r.json")]) == 0
-    res = json.loads((tmp_path / "r.json").read_text())
+    assert mod.main(["--cpu-smoke", "--frames", "4", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("model-*.json")
+    assert re.fullmatch(r"model-cpu-.+-\d{4}-\d{2}-\d{2}-cpu-smoke\.json", path.name), path.name
+    res = json.loads(path.read_text())
+    assert res["git_commit"] and res["torch"] == torch.__version__
     assert {r["variant"] for r in res["rows"]} == {"sparse", "aligned", "dense"}
     sparse = next(r for r in res["rows"] if r["variant"] == "sparse")
     assert sparse["tokens_per_s"] > 0 and sparse["density"] < 1.0 and "speedup_vs_dense" in sparse
@@ -33,15 +43,29 @@ def test_bench_model_cpu_smoke(tmp_path):
 
 def test_bench_model_rejects_unknown_variant(tmp_path):
     with pytest.raises(SystemExit):
-        _bench_model().main(["--cpu-smoke", "--variants", "sparse,fast", "--out", str(tmp_path / "r.json")])
+        _bench_model().main(["--cpu-smoke", "--variants", "sparse,fast", "--out", str(tmp_path)])
+
+
+def test_bench_model_out_is_a_folder_and_never_overwritten(tmp_path, capsys):
+    """--out names a folder; a second run the same day gets a -2 name instead of the first's."""
+    mod = _bench_model()
+    with pytest.raises(SystemExit):
+        mod.main(["--cpu-smoke", "--out", str(tmp_path / "r.json")])
+    assert "--out takes a folder" in capsys.readouterr().err
+    argv = ["--cpu-smoke", "--frames", "4", "--variants", "sparse", "--steps", "1", "--label", "twice",
+            "--out", str(tmp_path)]
+    assert mod.main(argv) == 0 and mod.main(argv) == 0
+    names = sorted(p.name for p in tmp_path.glob("model-*.json"))
+    assert len(names) == 2 and names[0].endswith("-cpu-smoke-twice-2.json"), names
+    assert names[1].endswith("-cpu-smoke-twice.json")
 
 
 def test_bench_model_batch_counts_every_clip(tmp_path):
     """--batch B: B clips a step, tokens/s counts all of them (tokens stays per clip)."""
     mod = _bench_model()
     assert mod.main(["--cpu-smoke", "--frames", "4", "--batch", "3", "--variants", "sparse",
-                     "--out", str(tmp_path / "r.json")]) == 0
-    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+                     "--out", str(tmp_path)]) == 0
+    (row,) = _result(tmp_path)["rows"]
     assert row["batch"] == 3 and row["tokens"] > 0
     assert abs(row["tokens_per_s"] - 3 * row["tokens"] / row["step_ms"] * 1e3) < 1e-6 * row["tokens_per_s"]
 
@@ -51,10 +75,10 @@ def test_bench_model_repeats_interleave_and_take_the_median(tmp_path, capsys):
     run of median step time, with every repeat's time and per-repeat speedup beside it."""
     mod = _bench_model()
     assert mod.main(["--cpu-smoke", "--frames", "4", "--variants", "sparse,dense", "--repeats", "3",
-                     "--out", str(tmp_path / "r.json")]) == 0
+                     "--out", str(tmp_path)]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(r["repeat"], r["variant"]) for r in printed] == [(i, v) for i in range(3) for v in ("sparse", "dense")]
-    res = json.loads((tmp_path / "r.json").read_text())
+    res = _result(tmp_path)
     assert res["repeats"] == 3
     rows = {r["variant"]: r for r in res["rows"]}
     for variant, row in rows.items():
@@ -64,7 +88,7 @@ def test_bench_model_repeats_interleave_and_take_the_median(tmp_path, capsys):
     assert rows["sparse"]["speedup_vs_dense_runs"] == pytest.approx(pairs)
     assert rows["sparse"]["speedup_vs_dense"] == pytest.approx(rows["dense"]["step_ms"] / rows["sparse"]["step_ms"])
     with pytest.raises(SystemExit):
-        mod.main(["--cpu-smoke", "--repeats", "0", "--out", str(tmp_path / "r0.json")])
+        mod.main(["--cpu-smoke", "--repeats", "0", "--out", str(tmp_path / "r0")])
 
 
 def test_median_row_of_even_counts_and_failures():
@@ -83,8 +107,8 @@ def test_bench_model_named_configs_count_real_tokens(tmp_path):
     mod = _bench_model()
     assert mod.main(["--cpu-smoke", "--frames", "8", "--variants", "sparse",
                      "--config", "padded:video_tile=2,3,3;video_tile_align=32",
-                     "--out", str(tmp_path / "r.json")]) == 0
-    res = json.loads((tmp_path / "r.json").read_text())
+                     "--out", str(tmp_path)]) == 0
+    res = _result(tmp_path)
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"sparse", "padded"} and res["configs"]["padded"]["video_tile_align"] == 32
     assert rows["padded"]["tokens"] == rows["sparse"]["tokens"]
