@@ -78,6 +78,10 @@ class ModelConfig:
     image_tile: tuple[int, int] = (8, 8)
     image_radius: tuple[int, int] = (1, 1)
     av_window: float = 0.5
+    # sparse layers also attend the mean-pooled keys of every `compress_block` stream positions
+    # (a compressed branch, NSA-style; mmsparse/attention/compressed.py): every token sees a
+    # coarse view of the whole clip at 1 / compress_block of dense attention's cost. 0: off
+    compress_block: int = 0
     attn_block: int = 128
     segment_align: int = 128
     # every tile of a segment starts on a multiple of this (Segment.tile_align; 1: tiles packed).
@@ -178,7 +182,8 @@ class VideoCaptioner(nn.Module):
         )
         dpr = [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(
-            SparseBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, dpr[i], cfg.backend)
+            SparseBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, dpr[i], cfg.backend,
+                        compress=cfg.compress_block)
             for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.embed_dim)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
 from mmsparse.attention import BlockLayout, sparse_attention
+from mmsparse.attention.compressed import compressed_attention, merge_lse
 from mmsparse.encoders import apply_rope
 from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope
 
@@ -91,11 +92,16 @@ class SparseSelfAttention(nn.Module):
     """Multi-head self-attention whose mask is a BlockLayout; optional QK-norm and rotary."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 norm_layer=nn.LayerNorm, backend: str = "auto"):
+                 norm_layer=nn.LayerNorm, backend: str = "auto", compress: int = 0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be a multiple of num_heads {num_heads}")
+        if compress < 0:
+            raise ValueError(f"compress must be >= 0 (0: off), got {compress}")
         self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        # sparse layers also attend the means of every `compress` stream positions
+        # (mmsparse/attention/compressed.py), merged by log-sum-exp; 0: off
+        self.compress = compress
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -126,6 +132,14 @@ class SparseSelfAttention(nn.Module):
         if layout is None:
             mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.compress:
+            out, lse = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask,
+                                        return_lse=True)
+            valid = None if packed is None else (packed.rows >= 0).expand(b, n)
+            if pad_mask is not None:
+                valid = ~pad_mask if valid is None else valid & ~pad_mask
+            out_c, lse_c = compressed_attention(q, k, v, self.compress, valid=valid)
+            out, _ = merge_lse(out, lse, out_c, lse_c)
         else:
             out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
         if packed is None:
@@ -142,10 +156,10 @@ class SparseBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_norm: bool = False, drop_path: float = 0.0, backend: str = "auto",
-                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, mlp_layer=Mlp):
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, mlp_layer=Mlp, compress: int = 0):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = SparseSelfAttention(dim, num_heads, qkv_bias, qk_norm, norm_layer, backend)
+        self.attn = SparseSelfAttention(dim, num_heads, qkv_bias, qk_norm, norm_layer, backend, compress)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)

@@ -1,0 +1,82 @@
+"""Compressed branch: every query also attends the mean-pooled keys of every block of the stream.
+
+Legend: B batch, H query heads, Hk key heads, N tokens, D head dim, C = ceil(N / c) pooled
+blocks of c tokens.
+
+A sparse pattern gives each token a small neighbourhood; what lies outside it reaches the token
+only through many layers (local windows) or a few shared tokens (global). The compressed branch
+(NSA, VideoNSA) gives every query a coarse view of the whole stream at O(N^2 / c) cost: keys and
+values are averaged over consecutive blocks of c stream positions (in the stream's storage
+order, so a block of a tile-ordered video segment is a compact spatio-temporal tile), the query
+attends all C pooled keys densely, and the result is merged with the sparse branch by
+log-sum-exp, as if the pooled keys were C more keys of one softmax (``merge_lse``). Positions
+that are not real tokens (alignment gaps, padding of shorter clips) are left out of the means;
+a block with no real token is never attended.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, Hk, N, D) -> (mean over each block of `block` positions (B, Hk, C, D), block has a
+    real token (B, C) bool). valid (B, N) bool marks the real positions (None: all)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    b, hk, n, d = x.shape
+    c = math.ceil(n / block)
+    pad = c * block - n
+    w = torch.ones(b, n, dtype=x.dtype, device=x.device) if valid is None else valid.to(x.dtype)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        w = torch.nn.functional.pad(w, (0, pad))
+    w = w.view(b, 1, c, block, 1)
+    total = (x.view(b, hk, c, block, d) * w).sum(3)  # (B, Hk, C, D)
+    count = w.sum(3)  # (B, 1, C, 1)
+    return total / count.clamp(min=1), count[:, 0, :, 0] > 0
+
+
+def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float | None = None,
+                         valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of q (B, H, N, D) over the block means of k, v (B, Hk, N, D).
+
+    Returns out (B, H, N, D) in q's dtype and lse (B, H, N) float32, float64 for float64 inputs
+    (natural log; -inf where no
+    block has a real token). GQA when Hk divides H. Memory O(N C) per head."""
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q must be (B, H, N, D) and k, v (B, Hk, N, D) alike; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of key heads {k.shape[1]}")
+    if valid is not None and tuple(valid.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"valid must be (B, N) = ({q.shape[0]}, {q.shape[2]}), got {tuple(valid.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kc, live = pool_blocks(k, block, valid)
+    vc, _ = pool_blocks(v, block, valid)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        kc, vc = kc.repeat_interleave(rep, 1), vc.repeat_interleave(rep, 1)
+    s = torch.matmul(q, kc.transpose(-1, -2))  # (B, H, N, C)
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale  # softmax in float32 (or float64)
+    s = s.masked_fill(~live[:, None, None, :], -math.inf)
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = torch.matmul(p.to(vc.dtype), vc)
+    return out.to(q.dtype), lse
+
+
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of two disjoint key sets from each set's output (B, H, N, D)
+    and log-sum-exp (B, H, N): out = (out_a e^lse_a + out_b e^lse_b) / (e^lse_a + e^lse_b).
+    A row that attends nothing in either (-inf) gets zeros and lse -inf."""
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)  # (B, H, N), 0 where -inf
+    total = wa + wb
+    norm = torch.where(total > 0, total, 1.0)
+    out = (out_a.float() * (wa / norm)[..., None] + out_b.float() * (wb / norm)[..., None]).to(out_a.dtype)
+    return out, torch.where(total > 0, m_safe + torch.log(norm), -math.inf)

@@ -1,0 +1,250 @@
+"""Long-clip tasks: synthetic clips whose questions need information from far-apart times.
+
+Each clip is T frames at ``fps`` of a grey background with faint noise, on which events happen:
+an event is a shape (circle / square / triangle) of one colour for one second at a random
+place and time, with or without a tone (``high`` 880 Hz or ``low`` 220 Hz) playing meanwhile.
+Distractors are grey shapes that no question asks about. Four tasks, each with balanced answers:
+
+- ``needle``: one coloured shape with a tone at a random time; name its colour, shape and tone
+  (``"needle red circle high"``; 24 answers).
+- ``order``: two coloured shapes of different kinds at least a quarter of the clip apart; which
+  came first (``"order circle then square"``; 6 answers).
+- ``count``: one kind of coloured shape appears 1 to 4 times, once in each of k equal parts of
+  the clip; how many and which (``"count three circle"``; 12 answers).
+- ``pair``: three coloured shapes of different kinds at different times, a tone plays with one
+  of them; which shape was on screen during the tone (``"pair circle"``; 3 answers).
+
+A caption starts with its task word, which is the question: the decoder is given it as a prompt
+and scored on the rest. Everything is drawn from ``numpy.random.Generator(seed)``: a clip is a
+pure function of (task, frames, seed), and ``render`` turns plans into the model's batch on any
+device (pixels (B, T, 3, H, W) normalised like the data loader's, log-mel audio (B, M, Tm)), so
+training draws fresh clips on the GPU every step while evaluation uses a fixed held-out set.
+
+Shapes: frames (T, H, W, 3) uint8; wave (S,) float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import permutations, product
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .audio import log_mel
+from .synth import BACKGROUND, COLOURS, SHAPES, TONES
+
+TASKS = ("needle", "order", "count", "pair")
+NUMBERS = ("one", "two", "three", "four")
+GREY = (200, 200, 200)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How clips are drawn: frame size, frame rate, shape size, audio rate and features."""
+
+    size: int = 32            # frames are size x size
+    fps: int = 8
+    shape_px: int = 12        # side of a shape's bounding box
+    event_seconds: float = 1.0
+    distractors: tuple[int, int] = (2, 4)   # grey shapes per clip, inclusive range
+    sample_rate: int = 4000
+    n_mels: int = 32
+    hop_seconds: float = 0.0625
+    noise: float = 4.0        # pixel noise std (0..255)
+
+    @property
+    def event_frames(self) -> int:
+        return max(1, int(round(self.event_seconds * self.fps)))
+
+
+@dataclass
+class Event:
+    frame: int                # first frame
+    shape: str
+    colour: tuple[int, int, int]
+    x: int
+    y: int
+    tone: str | None = None
+
+
+@dataclass
+class ClipPlan:
+    task: str
+    frames: int
+    caption: str
+    answer: dict
+    events: list[Event] = field(default_factory=list)
+
+
+def candidates(task: str) -> list[str]:
+    """Every caption a clip of `task` can have (the multiple-choice options)."""
+    if task == "needle":
+        return [f"needle {c} {s} {t}" for c, s, t in product(COLOURS, SHAPES, TONES)]
+    if task == "order":
+        return [f"order {a} then {b}" for a, b in permutations(SHAPES, 2)]
+    if task == "count":
+        return [f"count {n} {s}" for n, s in product(NUMBERS, SHAPES)]
+    if task == "pair":
+        return [f"pair {s}" for s in SHAPES]
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def all_captions() -> list[str]:
+    return [c for t in TASKS for c in candidates(t)]
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def plan(task: str, frames: int, rng: np.random.Generator, spec: TaskSpec = TaskSpec(), answer: int | None = None
+         ) -> ClipPlan:
+    """One clip of `task` with `frames` frames. `answer` picks the answer index (0 ..
+    len(candidates) - 1) for balanced sets; None draws it uniformly."""
+    check_task(task)
+    ef = spec.event_frames
+    slots = frames // ef
+    need = {"needle": 1, "order": 2, "count": 4, "pair": 3}[task] + spec.distractors[1]
+    if slots < need:
+        raise ValueError(f"frames={frames} holds {slots} one-event slots; task {task!r} needs at least {need} "
+                         f"(frames >= {need * ef})")
+    cands = candidates(task)
+    a = int(rng.integers(len(cands))) if answer is None else int(answer) % len(cands)
+    caption = cands[a]
+    colours = list(COLOURS)
+    taken: set[int] = set()
+
+    def place(slot: int, shape: str, colour, tone=None) -> Event:
+        taken.add(slot)
+        hi = spec.size - spec.shape_px
+        return Event(slot * ef, shape, colour, int(rng.integers(0, hi + 1)), int(rng.integers(0, hi + 1)), tone)
+
+    def free_slot(lo: int = 0, hi: int | None = None) -> int:
+        hi = slots if hi is None else hi
+        free = [s for s in range(lo, hi) if s not in taken]
+        return int(free[rng.integers(len(free))])
+
+    def coloured() -> tuple[int, int, int]:
+        return COLOURS[colours[rng.integers(len(colours))]]
+
+    events: list[Event] = []
+    if task == "needle":
+        colour, shape, tone = caption.split()[1:]
+        events.append(place(free_slot(), shape, COLOURS[colour], tone))
+        answer_ = {"colour": colour, "shape": shape, "tone": tone}
+    elif task == "order":
+        first, second = caption.split()[1], caption.split()[3]
+        gap = max(1, slots // 4)
+        i = int(rng.integers(0, slots - gap))
+        j = int(rng.integers(i + gap, slots))
+        events += [place(i, first, coloured()), place(j, second, coloured())]
+        answer_ = {"first": first, "second": second}
+    elif task == "count":
+        word, shape = caption.split()[1:]
+        k = NUMBERS.index(word) + 1
+        for part in range(k):  # one occurrence in each of k equal parts: spread over the clip
+            events.append(place(free_slot(part * slots // k, (part + 1) * slots // k), shape, coloured()))
+        answer_ = {"count": k, "shape": shape}
+    else:  # pair
+        shape = caption.split()[1]
+        tone = list(TONES)[rng.integers(len(TONES))]
+        for s in SHAPES:
+            events.append(place(free_slot(), s, coloured(), tone if s == shape else None))
+        answer_ = {"shape": shape}
+    lo, hi = spec.distractors
+    for _ in range(int(rng.integers(lo, hi + 1))):
+        events.append(place(free_slot(), SHAPES[rng.integers(len(SHAPES))], GREY))
+    return ClipPlan(task, frames, caption, answer_, sorted(events, key=lambda e: e.frame))
+
+
+def balanced_plans(task: str, frames: int, n: int, seed: int, spec: TaskSpec = TaskSpec()) -> list[ClipPlan]:
+    """`n` clips whose answers cycle through every candidate (balanced), drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(candidates(task))) for _ in range(math.ceil(n / len(candidates(task))))])
+    return [plan(task, frames, rng, spec, int(order[i])) for i in range(n)]
+
+
+# rendering ------------------------------------------------------------------------------------
+def _templates(spec: TaskSpec) -> dict[str, torch.Tensor]:
+    s = spec.shape_px
+    yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    c = s / 2
+    circle = (yy - c) ** 2 + (xx - c) ** 2 <= (0.48 * s) ** 2
+    square = (yy >= 0.1 * s) & (yy <= 0.9 * s) & (xx >= 0.1 * s) & (xx <= 0.9 * s)
+    triangle = (yy >= 0.08 * s) & (yy <= 0.92 * s) & ((xx - c).abs() <= (yy - 0.08 * s) * 0.55)
+    return {"circle": circle, "square": square, "triangle": triangle}
+
+
+def render_frames(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device="cpu",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 frames (B, T, H, W, 3) of plans of one length."""
+    frames = {p.frames for p in plans}
+    if len(frames) != 1:
+        raise ValueError(f"render needs plans of one length, got {sorted(frames)}")
+    t = frames.pop()
+    b, s, ef = len(plans), spec.size, spec.event_frames
+    base = torch.tensor(BACKGROUND, dtype=torch.float32, device=device)
+    noise = torch.randn(b, t, s, s, 1, device=device, generator=generator) * spec.noise
+    video = (base + noise).clamp_(0, 255)
+    tmpl = {k: v.to(device) for k, v in _templates(spec).items()}
+    for i, p in enumerate(plans):
+        for e in p.events:
+            region = video[i, e.frame:e.frame + ef, e.y:e.y + spec.shape_px, e.x:e.x + spec.shape_px]
+            colour = torch.tensor(e.colour, dtype=torch.float32, device=device)
+            region[:, tmpl[e.shape]] = colour
+    return video.round_().to(torch.uint8)
+
+
+def render_wave(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device="cpu",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, S) float32 mono audio: faint noise and each toned event's tone (10 ms fades)."""
+    t = plans[0].frames
+    sr = spec.sample_rate
+    n = int(round(t / spec.fps * sr))
+    wave = torch.randn(len(plans), n, device=device, generator=generator) * 0.003
+    dur = int(round(spec.event_seconds * sr))
+    ts = torch.arange(dur, device=device, dtype=torch.float32) / sr
+    fade = int(0.01 * sr)
+    env = torch.ones(dur, device=device)
+    env[:fade] = torch.linspace(0, 1, fade, device=device)
+    env[-fade:] = torch.linspace(1, 0, fade, device=device)
+    for i, p in enumerate(plans):
+        for e in p.events:
+            if e.tone is None:
+                continue
+            a = int(round(e.frame / spec.fps * sr))
+            m = min(dur, n - a)
+            wave[i, a:a + m] += (0.3 * env * torch.sin(2 * math.pi * TONES[e.tone] * ts))[:m]
+    return wave
+
+
+def to_batch(frames: torch.Tensor, wave: torch.Tensor, spec: TaskSpec = TaskSpec()) -> dict:
+    """The model's batch from uint8 frames (B, T, H, W, 3) and waves (B, S): pixels normalised
+    as the data loader does (ImageNet mean / std), log-mel audio, frame times."""
+    b, t = frames.shape[:2]
+    dev = frames.device
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 1, 3, 1, 1)
+    video = (frames.permute(0, 1, 4, 2, 3).float() / 255.0 - mean) / std  # (B, T, 3, H, W)
+    mel = log_mel(wave, spec.sample_rate, spec.n_mels, hop_seconds=spec.hop_seconds)  # (B, M, Tm)
+    times = (torch.arange(t, dtype=torch.float64) / spec.fps).expand(b, t).clone()
+    return {"video": video, "audio": mel, "video_times": times, "audio_hop_seconds": spec.hop_seconds,
+            "audio_start": torch.zeros(b, dtype=torch.float64)}
+
+
+def render(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device="cpu", seed: int | None = None) -> dict:
+    """Plans of one length -> the model's batch on `device` (with "caption" and "task")."""
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+    batch = to_batch(render_frames(plans, spec, device, gen), render_wave(plans, spec, device, gen), spec)
+    batch["caption"] = [p.caption for p in plans]
+    batch["task"] = [p.task for p in plans]
+    return batch
