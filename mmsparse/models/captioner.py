@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmsparse.attention import StreamLayout, build_layout
-from mmsparse.fileio import atomic_write_text, sha256_file
+from mmsparse.fileio import atomic_write_text, set_default_mode, sha256_file
 from mmsparse.encoders import MODALITIES, MultimodalTokenizer, rope_cos_sin, stream_coords
 
 from .decoder import CaptionDecoder
@@ -381,6 +381,7 @@ class VideoCaptioner(nn.Module):
                  if k != "decoder.head.weight"}  # tied to decoder.tok_embed.weight
         tmp = d / (WEIGHTS + ".tmp")
         save_file(state, str(tmp), metadata={"format": FORMAT})
+        set_default_mode(tmp)  # safetensors creates its file as 0600
         digest = sha256_file(tmp)
         os.replace(tmp, d / WEIGHTS)
         if self.tokenizer is not None:

@@ -21,7 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # REMAINDER, so options may follow the overrides (the flags found there are taken out in run)
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
                    help="dotted overrides of the config tree, e.g. optim.lr=3e-4 data.frames=128")
-    p.add_argument("--resume", action="store_true", help="continue from <run.dir>/checkpoints/latest")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <run.dir>/checkpoints/latest; on a complete run, say so and change nothing. "
+                        "Values that differ from the checkpoint's config are refused, except run.steps, "
+                        "run.max_minutes, logging, eval.* and checkpoint.*")
+    p.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start a new run (step 0, fresh optimizer) from the weights and tokenizer of another "
+                        "run: its folder or its export folder")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("--print-deepspeed-config", action="store_true",
                    help="print the generated DeepSpeed JSON and exit")
@@ -38,6 +44,10 @@ def _flags_among_overrides(args: argparse.Namespace) -> None:
             setattr(args, item[2:].replace("-", "_"), True)
         elif item == "--world-size":
             args.world_size = int(next(it))
+        elif item == "--init-from":
+            args.init_from = next(it, None)
+        elif item.startswith("--init-from="):
+            args.init_from = item.split("=", 1)[1]
         elif item.startswith("--world-size="):
             args.world_size = int(item.split("=", 1)[1])
         elif item.startswith(("--local_rank", "--local-rank")):
@@ -72,12 +82,21 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     from .checkpoint import CheckpointError
-    from .loop import NonFiniteLoss, TrainOOM, train
+    from .loop import NonFiniteLoss, ResumeMismatch, TrainOOM, init_source, train
 
-    exit_codes = ((ConfigError, EXIT_CONFIG), (TrainOOM, EXIT_OOM), (NonFiniteLoss, EXIT_NONFINITE),
-                  (CheckpointError, EXIT_CHECKPOINT))
+    if args.init_from is not None:
+        try:
+            if args.resume:
+                raise ValueError("--resume continues a run and --init-from starts a new one: pass one of them")
+            init_source(args.init_from)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+    exit_codes = ((ConfigError, EXIT_CONFIG), (ResumeMismatch, EXIT_CONFIG), (TrainOOM, EXIT_OOM),
+                  (NonFiniteLoss, EXIT_NONFINITE), (CheckpointError, EXIT_CHECKPOINT))
     try:
-        summary = train(cfg, resume=args.resume, recipe=args.recipe, overrides=args.overrides)
+        summary = train(cfg, resume=args.resume, recipe=args.recipe, overrides=args.overrides,
+                        init_from=args.init_from)
     except tuple(cls for cls, _ in exit_codes) as err:
         print(f"error: {err}", file=sys.stderr)
         return next(code for cls, code in exit_codes if isinstance(err, cls))

@@ -129,8 +129,14 @@ def test_two_process_zero2_kill_and_resume_matches(tmp_path):
         f"{a} {b}" for a, b in zip(ref, got) if a != b)
 
 
-@pytest.mark.timeout(300)
-def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under ``folder``: its bytes, mode and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.timeout(420)
+def test_resume_complete_mismatched_and_damaged_checkpoints(tmp_path):
     run = tmp_path / "one"
     run.mkdir()
     base = [sys.executable, "-m", "mmsparse.train", "tiny_cpu", f"run.dir={run}", "run.steps=2",
@@ -142,18 +148,51 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
     out = go("--resume")
     assert out.returncode == 5 and f"{run / 'checkpoints' / 'latest'} does not exist" in out.stderr, out.stderr
+    os.umask(old := os.umask(0o022))
     out = go()
     assert out.returncode == 0, out.stderr[-3000:]
-    tag = run / "checkpoints" / "step00000002"
-    optim = next(tag.glob("*optim_states.pt"))
-    data = bytearray(optim.read_bytes())
+    # files get the umask's mode, not mkstemp's or safetensors' 0600
+    expect = 0o666 & ~old
+    for f in ("config.yaml", "checkpoints/latest", "checkpoints/step00000002/complete.json", "tokenizer.json",
+              "data/train/manifest.jsonl", next((run / "checkpoints" / "step00000002").glob("*optim_states.pt"))):
+        assert (run / f).stat().st_mode & 0o777 == expect, (f, oct((run / f).stat().st_mode))
+
+    # the README's resume example on a finished run: says so, exits 0, changes nothing
+    before = _snapshot(run)
+    out = go("optim.lr=1e-3", "data.frames=16", "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "is complete" in out.stdout and "optim.lr" in out.stdout and "data.frames" in out.stdout, out.stdout
+    assert _snapshot(run) == before
+    # values that differ from an unfinished run's config are refused, naming the keys
+    out = go("optim.lr=1e-3", "data.frames=16", "run.steps=3", "--resume")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "optim.lr: 0.005 -> 0.001" in out.stderr and "data.frames: 8 -> 16" in out.stderr, out.stderr
+    assert "--init-from" in out.stderr
+    assert _snapshot(run) == before
+
+    # a latest checkpoint whose data were cut short after its marker was written (an OS crash
+    # before the data reached the disk): the previous complete one is used, with a warning
+    tag2, tag1 = run / "checkpoints" / "step00000002", run / "checkpoints" / "step00000001"
+    optim2 = next(tag2.glob("*optim_states.pt"))
+    with open(optim2, "r+b") as f:
+        f.truncate(optim2.stat().st_size // 2)
+    out = go("--resume", "run.steps=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{optim2} is truncated" in out.stderr and f"resuming from the older complete checkpoint {tag1}" \
+        in out.stderr, out.stderr[-3000:]
+    assert f"resumed from {tag1} at step 1" in out.stdout + out.stderr
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl", "train")] == [1, 2, 3]
+
+    # no usable checkpoint left: an error naming every bad file
+    tag3 = run / "checkpoints" / "step00000003"
+    optim3, optim2 = next(tag3.glob("*optim_states.pt")), next(tag2.glob("*optim_states.pt"))
+    data = bytearray(optim3.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    optim.write_bytes(bytes(data))
-    out = go("--resume", "run.steps=3")
-    assert out.returncode == 5 and f"{optim} is corrupt" in out.stderr, out.stderr[-3000:]
-    optim.unlink()
-    out = go("--resume", "run.steps=3")
-    assert out.returncode == 5 and f"{optim} is missing" in out.stderr, out.stderr[-3000:]
+    optim3.write_bytes(bytes(data))
+    optim2.unlink()
+    out = go("--resume", "run.steps=4")
+    assert out.returncode == 5, out.stderr[-3000:]
+    assert f"{optim3} is corrupt" in out.stderr and f"{optim2} is missing" in out.stderr, out.stderr[-3000:]
 
 
 @pytest.mark.timeout(300)
