@@ -97,6 +97,8 @@ class MultimodalTokenizer(nn.Module):
         audio_norm: (shift, scale) of the log-mel before its patch embedding (e.g. `AUDIO_NORM`:
             silence -> 0); None: raw.
         default_fps: frame rate assumed when the batch has no usable `video_times`.
+        pre_norm: a LayerNorm (eps ``norm_eps``) on every token before the stream is laid out, the
+            global tokens' too: CLIP's ``norm_pre``, for its pretrained weights.
     """
 
     def __init__(self, embed_dim: int, modalities=MODALITIES, tubelet=(2, 16, 16), audio_patch=16,
@@ -104,7 +106,7 @@ class MultimodalTokenizer(nn.Module):
                  audio_order=(4, 32), image_order=(8, 8), n_global: int = 0, align: int = 1,
                  in_chans: int = 3, max_frames: int | None = None, max_audio_frames: int | None = None,
                  default_fps: float = 8.0, audio_norm: tuple[float, float] | None = None,
-                 tile_align: int | Mapping[str, int] = 1):
+                 tile_align: int | Mapping[str, int] = 1, pre_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
@@ -129,6 +131,7 @@ class MultimodalTokenizer(nn.Module):
             self.embeds["image"] = ImageEmbed(image_patch, in_chans, embed_dim)
         self.modality_embed = ModalityEmbedding(self.modalities, embed_dim)
         self.global_tokens = GlobalTokens(n_global, embed_dim) if n_global else None
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else None
 
     # ---------------------------------------------------------------------------------------
     def check(self, batch: Mapping[str, Any], required=()) -> list[str]:
@@ -164,6 +167,9 @@ class MultimodalTokenizer(nn.Module):
             )
         return present
 
+    def _pre(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens if self.norm_pre is None else self.norm_pre(tokens)
+
     def _aligned(self, offset: int) -> int:
         return -(-offset // self.align) * self.align
 
@@ -188,7 +194,7 @@ class MultimodalTokenizer(nn.Module):
 
         offset = self.n_global
         if self.global_tokens is not None:
-            pieces.append(self.global_tokens(bsz))
+            pieces.append(self._pre(self.global_tokens(bsz)))
             pads.append(torch.zeros(bsz, self.n_global, dtype=torch.bool, device=device))
         times: dict[str, list[tuple[float, float]]] = {}  # modality -> per sample (seconds, start)
         has_padding: bool | None = False  # padding of shorter clips; None: only the device knows
@@ -216,7 +222,7 @@ class MultimodalTokenizer(nn.Module):
             order = self.orders[m][: len(grid)] if len(self.orders[m]) >= len(grid) else "raster"
             seg = Segment(m, grid, seg_offset, order, seconds, start,
                           tile_align=1 if order == "raster" else self.tile_align[m])
-            tokens = seg.to_order(self.modality_embed(tokens, m), dim=1)
+            tokens = seg.to_order(self._pre(self.modality_embed(tokens, m)), dim=1)
             pieces.append(tokens)
             pads.append(seg.to_order(pad, dim=1, fill=True))
             segments.append(seg)

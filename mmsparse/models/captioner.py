@@ -13,6 +13,7 @@ wrap it from outside; `decoder.blocks` likewise). The model is plain PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -68,6 +69,11 @@ class ModelConfig:
     qk_norm: bool = False
     drop_path_rate: float = 0.0
     rope_theta: float = 10000.0
+    # LayerNorm eps of the encoder's norms, and a LayerNorm on the embedded tokens before the first
+    # block (CLIP's norm_pre): what a pretrained timm ViT needs (pretrained.py; timm's ViTs use
+    # 1e-6, its CLIP ViTs 1e-5 and the pre-norm)
+    norm_eps: float = 1e-5
+    pre_norm: bool = False
     n_global: int = 8
     # attention patterns (see schedule.py)
     schedule: str = "tiled"
@@ -179,14 +185,16 @@ class VideoCaptioner(nn.Module):
             max_frames=cfg.max_frames, max_audio_frames=cfg.max_audio_frames, audio_norm=cfg.audio_norm,
             tile_align=1 if cfg.schedule == "dense" else
             {"video": cfg.video_tile_align, "audio": cfg.audio_tile_align, "image": cfg.image_tile_align},
+            pre_norm=cfg.pre_norm, norm_eps=cfg.norm_eps,
         )
+        norm_layer = functools.partial(nn.LayerNorm, eps=cfg.norm_eps)
         dpr = [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(
             SparseBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, dpr[i], cfg.backend,
-                        compress=cfg.compress_block)
+                        compress=cfg.compress_block, norm_layer=norm_layer)
             for i in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.norm = norm_layer(cfg.embed_dim)
         self.decoder = CaptionDecoder(
             cfg.vocab_size, cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.embed_dim, cfg.max_text_len,
             cfg.mlp_ratio, cfg.qk_norm, cfg.cross, cfg.n_pool, cfg.drop_path_rate,
