@@ -1,18 +1,29 @@
-"""Video decoding: frame-index sampling and two backends (decord by default, PyAV).
+"""Video decoding: frame-index sampling and two backends (PyAV by default, decord).
 
-Legend: T sampled frames, H x W frame size, 3 RGB channels, N frames in the file.
+Legend: T sampled frames, H x W frame size (as displayed), 3 RGB channels, N frames in the file.
 
 - ``sample_indices`` picks which of the N frames to decode (by count, by fps, by stride).
-- ``open_video(path, backend)`` returns a reader with ``num_frames``, ``fps`` and
-  ``read(indices, size) -> (frames (T, H, W, 3) uint8, times (T,) seconds)``. Frames are
-  decoded in chunks of ``chunk`` indices, each chunk scaled to ``size`` as it is decoded, so a
-  clip of thousands of frames costs memory for its output at the target size plus one chunk.
-  PyAV scales with FFmpeg's bicubic scaler in the frame's own pixel format (YUV) and converts
-  the result to RGB unscaled: FFmpeg's scaler writing RGB at a new size takes a slow generic
-  path, 2x slower per frame at 256 x 340 -> 224 x 298 and 1.6x at 720p -> 224 on one core
-  here. decord has no YUV output: a source up to 2.5x the output's pixels is decoded at its
-  native size and resized by torch's uint8 antialiased bilinear kernel, a larger one by
-  decord's own scaler (``width``/``height``), whichever measured faster (``DecordVideo._reader``).
+- ``open_video(path, backend)`` returns a reader with ``num_frames``, ``fps``, ``height``,
+  ``width`` and ``read(indices, size) -> (frames (T, H, W, 3) uint8, times (T,) seconds)``.
+
+Every backend gives the same frames for the same request (``tests/data/test_backends.py``):
+
+- frame i is the i-th frame in presentation-timestamp order (a timestamp gap or a variable
+  frame rate shifts no index; ``num_frames`` counts the frames the stream holds);
+- its time is its presentation timestamp less the stream's start time;
+- the stream's display rotation (a display matrix, 90-degree steps) is applied, so a rotated
+  file comes out as it is shown, ``height`` x ``width`` included;
+- YUV is converted to RGB by FFmpeg's default conversion (BT.601), identical to the bit
+  between PyAV and decord for even frame sizes; odd sizes differ by ~1 on average (the two
+  FFmpeg versions upsample chroma differently);
+- ``size`` resizes with an antialiased bilinear filter: PyAV in the frame's own YUV format with
+  FFmpeg's scaler before converting to RGB (FFmpeg's scaler writing RGB at a new size is 2x
+  slower), decord in RGB with torch's uint8 kernel (``resize_frames``). The two differ by 0.05
+  on average on a natural clip (256 x 340 -> 224 x 298), more at sharp synthetic edges.
+
+Frames are decoded in chunks of ``chunk`` indices, each scaled to ``size`` as it is decoded, so
+a clip of thousands of frames costs memory for its output at the target size plus one chunk.
+
 - ``with_fallback(decode, path, backend, fallback)`` runs a decode with one backend and, when
   that backend's decoder rejects the file (reasons ``FALLBACK_REASONS``), once more with the
   other: decord 0.6.0's bundled FFmpeg has no AV1 decoder, for one, and PyAV's has.
@@ -131,10 +142,21 @@ class VideoReader(Protocol):
              chunk: int = 64) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class DecordVideo:
-    """decord.VideoReader behind the common interface (decord's own FFmpeg, CPU context)."""
+def rotate_frames(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """Apply a display rotation (degrees counter-clockwise, a multiple of 90) to (T, H, W, 3)."""
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(frames, k, axes=(1, 2))) if k else frames
 
-    NATIVE_AREA = 2.5  # source / output pixels up to which torch resizes native frames (_reader)
+
+class DecordVideo:
+    """decord.VideoReader behind the common interface (decord's own FFmpeg, CPU context).
+
+    decord indexes frames in presentation order, applies the stream's rotation and converts to
+    RGB with FFmpeg's default (BT.601) conversion, as ``PyAVVideo`` does. Frames are always
+    decoded at their native size and resized by torch (``resize_frames``): decord's own scaler
+    (``width``/``height``) fails its RGB copy at some output widths (8, 12, 16, 24, 48, 72 for a
+    100 x 66 source: "size must exactly match") and returns wrong shapes for rotated files.
+    """
 
     def __init__(self, path: str | Path, num_threads: int = 1):
         import decord
@@ -148,8 +170,8 @@ class DecordVideo:
         try:
             self.height, self.width = self._vr.get_batch([0]).asnumpy().shape[1:3] if self.num_frames else (0, 0)
         except decord.DECORDError as err:
-            # decord 0.6.0 fails its RGB copy for some narrow widths (16, 48, ...): let FFmpeg
-            # scale to a width that works and resize back to the native size afterwards.
+            # decord 0.6.0 fails its RGB copy at some native widths too (8, 12, 16, 24, 48, 72):
+            # let FFmpeg scale to a width that works and resize back to the native size afterwards.
             if "size must exactly match" not in str(err):
                 raise
             import av
@@ -161,48 +183,37 @@ class DecordVideo:
             self._vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads,
                                           width=-(-self.width // 64) * 64, height=self.height)
         self._vr.seek(0)
-        self._threads = num_threads
-        self._sized: dict = {}
-
-    def _reader(self, size):
-        """The reader for output ``size`` and the size torch still has to resize its frames to.
-
-        decord's own scaler (``width``/``height``: FFmpeg's swscale writing RGB at the new size)
-        costs more per frame than converting at the native size and resizing with torch's uint8
-        kernel, unless the source is much larger than the output: 64 of 128 frames to short
-        side 224, one core, medians of 9 (2026-12-03): 240 x 320 72 ms scaler / 36 ms torch,
-        360 x 480 62 / 61, 480 x 640 91 / 100, 720 x 1280 154 / 322. So sources of at most
-        ``NATIVE_AREA`` times the output's pixels are decoded natively and resized by torch."""
-        import decord
-
-        if size is None or tuple(size) == (self.height, self.width) or self._native is not None:
-            return self._vr, (size or self._native)  # torch resizes what decord returns
-        if self.height * self.width <= self.NATIVE_AREA * size[0] * size[1]:
-            return self._vr, tuple(size)
-        key = tuple(size)
-        if key not in self._sized:
-            self._sized[key] = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=self._threads,
-                                                  width=key[1], height=key[0])
-        return self._sized[key], None
 
     def read(self, indices, size=None, chunk=64):
         indices = np.asarray(indices, np.int64)
-        out_hw = size or (self.height, self.width)
+        _check_indices(self.path, indices, self.num_frames)
+        out_hw = tuple(size or (self.height, self.width))
         out = np.empty((len(indices), *out_hw, 3), np.uint8)
-        vr, torch_size = self._reader(size)
         for a in range(0, len(indices), chunk):
             idx = indices[a:a + chunk].tolist()
-            out[a:a + len(idx)] = resize_frames(vr.get_batch(idx).asnumpy(), torch_size)
+            out[a:a + len(idx)] = resize_frames(self._vr.get_batch(idx).asnumpy(), out_hw)
         times = self._vr.get_frame_timestamp(indices.tolist())[:, 0] if len(indices) else np.zeros(0)
         return out, np.asarray(times, np.float64)
+
+
+def _check_indices(path, indices: np.ndarray, n: int) -> None:
+    if len(indices) and (indices.min() < 0 or indices.max() >= n):
+        bad = int(indices.min() if indices.min() < 0 else indices.max())
+        raise MediaError(path, "too_short", f"frame {bad} asked of a clip of {n} frames")
 
 
 class PyAVVideo:
     """PyAV (FFmpeg bindings) behind the common interface.
 
-    A frame's index is its presentation time times the stream's average rate, so seeking to a
-    key frame and decoding forward lands on exact indices. Sorted index runs are decoded in one
-    forward pass; a gap wider than ``seek_gap`` frames seeks instead of decoding through.
+    Frame i is the i-th frame in presentation order: opening the file reads (demuxes, without
+    decoding) every video packet's timestamp, so a timestamp gap (an AVI with a dropped frame)
+    or a variable frame rate shifts no index, and ``num_frames`` counts the frames there are,
+    not the container's guess. A decoded frame finds its index by its timestamp. The stream's
+    display rotation (``VideoFrame.rotation``) is applied, so ``height`` x ``width`` is the size
+    shown; both, and the RGB conversion (FFmpeg's default, as decord's), are what decord gives.
+
+    Sorted index runs are decoded in one forward pass from the key frame before the first; a
+    gap wider than ``seek_gap`` frames seeks instead of decoding through.
     """
 
     def __init__(self, path: str | Path, num_threads: int = 1, seek_gap: int = 64):
@@ -215,89 +226,124 @@ class PyAVVideo:
             raise MediaError(path, "corrupt", "no video stream")
         self._s = self._c.streams.video[0]
         self._threads = max(1, int(num_threads))
-        self._s.codec_context.thread_count = num_threads  # same thread budget as decord's
-        self._s.thread_type = "AUTO"
-        rate = self._s.average_rate or self._s.guessed_rate
-        if not rate:
-            raise MediaError(path, "corrupt", "video stream has no frame rate")
-        self.fps = float(rate)
         self._tb = float(self._s.time_base)
         self._t0 = self._s.start_time or 0
-        n = self._s.frames
-        if not n:
-            dur = (self._s.duration * self._tb) if self._s.duration else (self._c.duration or 0) / 1e6
-            n = int(round(dur * self.fps))
-        self.num_frames = int(n)
-        self.height, self.width = self._s.codec_context.height, self._s.codec_context.width
+        packets = [(p.pts if p.pts is not None else p.dts, p.size) for p in self._c.demux(self._s)]
+        stamps = [t for t, size in packets if size]  # empty packets fill timestamp gaps (AVI)
+        pts = np.unique(np.asarray([t for t in stamps if t is not None], np.int64))
+        if stamps and not len(pts):
+            raise MediaError(path, "corrupt", "video packets carry no timestamps")
+        declared = self._s.frames
+        if declared and len(packets) < declared:  # the index names packets the file no longer holds
+            raise MediaError(path, "truncated", f"the container declares {declared} video frames, "
+                             f"the file holds {len(packets)}")
+        self._pts = pts  # (N,) presentation timestamps in stream time base, sorted
+        self._index = {int(t): i for i, t in enumerate(pts)}
+        self.num_frames = int(len(pts))
+        rate = self._s.average_rate or self._s.guessed_rate
+        if rate:
+            self.fps = float(rate)
+        elif self.num_frames > 1:
+            self.fps = (self.num_frames - 1) / max(1e-9, float(pts[-1] - pts[0]) * self._tb)
+        else:
+            raise MediaError(path, "corrupt", "video stream has no frame rate")
+        # same thread budget as decord's; set after the demux pass, before the decoder opens
+        self._s.codec_context.thread_count = self._threads
+        self._s.thread_type = "AUTO"
         self.seek_gap = seek_gap
+        self._rotation: int | None = None
         self._scalers: tuple | None = None  # (scale in the source format, convert to RGB), made on first use
 
+    # the rotation is known once a frame is decoded (FFmpeg hands the display matrix to frames)
+    @property
+    def rotation(self) -> int:
+        """Display rotation in degrees counter-clockwise (0, 90, 180, 270)."""
+        if self._rotation is None:
+            self._rotation = 0
+            for _, frame in self._decode_from(0):
+                self._rotation = _frame_rotation(frame)
+                break
+        return self._rotation
+
+    @property
+    def height(self) -> int:
+        cc = self._s.codec_context
+        return cc.width if self.rotation % 180 else cc.height
+
+    @property
+    def width(self) -> int:
+        cc = self._s.codec_context
+        return cc.height if self.rotation % 180 else cc.width
+
     def _rgb(self, frame, size: tuple[int, int] | None) -> np.ndarray:
-        """One decoded frame as (h, w, 3) uint8 RGB, scaled to ``size`` (bicubic, like decord).
+        """One decoded frame as (h, w, 3) uint8 RGB, rotated for display, scaled to ``size``
+        (the displayed size; FFmpeg's bilinear scaler in the source's YUV, before rotating).
 
         The scalers get the decoder's thread budget (PyAV's default, 0, is one thread per CPU:
         a 16-worker loader would run ~270 scaling threads) and are kept for the reader's life
         (one FFmpeg context each, not one per frame).
         """
+        rot = self._rotation or 0
         if size is None:
-            return frame.to_ndarray(format="rgb24", threads=self._threads)
-        if self._scalers is None:
-            from av.video.reformatter import VideoReformatter
+            arr = frame.to_ndarray(format="rgb24", threads=self._threads)
+        else:
+            h, w = (size[1], size[0]) if rot % 180 else (int(size[0]), int(size[1]))  # the size before rotating
+            if self._scalers is None:
+                from av.video.reformatter import VideoReformatter
 
-            self._scalers = (VideoReformatter(), VideoReformatter())
-        scale, rgb = self._scalers
-        small = scale.reformat(frame, size[1], size[0], frame.format.name, interpolation="BICUBIC",
-                               threads=self._threads)
-        return rgb.reformat(small, format="rgb24", threads=self._threads).to_ndarray()
+                self._scalers = (VideoReformatter(), VideoReformatter())
+            scale, rgb = self._scalers
+            small = scale.reformat(frame, w, h, frame.format.name, interpolation="BILINEAR", threads=self._threads)
+            arr = rgb.reformat(small, format="rgb24", threads=self._threads).to_ndarray()
+        return rotate_frames(arr[None], rot)[0] if rot else arr
 
-    def _index(self, frame) -> int:
-        return int(round((frame.pts - self._t0) * self._tb * self.fps))
+    def _frame_index(self, frame) -> int:
+        t = frame.pts if frame.pts is not None else frame.dts
+        if t is None:
+            return -1
+        i = self._index.get(int(t))
+        if i is None:  # a timestamp the demuxer did not report: the nearest frame at or after it
+            i = int(np.searchsorted(self._pts, int(t)))
+        return i
 
     def _decode_from(self, first: int):
-        if first > 0:
-            pts = int(first / self.fps / self._tb) + self._t0
-            self._c.seek(pts, stream=self._s, backward=True, any_frame=False)
-        else:
-            self._c.seek(self._t0, stream=self._s, backward=True, any_frame=False)
+        target = int(self._pts[first]) if self.num_frames else self._t0
+        self._c.seek(target, stream=self._s, backward=True, any_frame=False)
         for frame in self._c.decode(self._s):
-            yield self._index(frame), frame
+            yield self._frame_index(frame), frame
 
     def read(self, indices, size=None, chunk=64):
         indices = np.asarray(indices, np.int64)
-        out_hw = size or (self.height, self.width)
-        out = np.empty((len(indices), *out_hw, 3), np.uint8)
+        _check_indices(self.path, indices, self.num_frames)
+        out = None  # allocated at the first frame, which tells the rotation (and so the shape)
         times = np.zeros(len(indices), np.float64)
         order = np.argsort(indices, kind="stable")
         wanted = indices[order]
-        pending: list[tuple[int, np.ndarray]] = []  # (output slot, native frame) awaiting resize
-
-        def flush():
-            if pending:
-                slots = [s for s, _ in pending]
-                out[slots] = np.stack([f for _, f in pending])
-                pending.clear()
 
         k = 0
         while k < len(wanted):
             exhausted = True
             for idx, frame in self._decode_from(int(wanted[k])):
+                if self._rotation is None:
+                    self._rotation = _frame_rotation(frame)
                 if idx < wanted[k]:
                     continue
-                # a requested index absent from the stream (variable frame rate) takes the next frame
+                if out is None:
+                    out = np.empty((len(indices), *(size or (self.height, self.width)), 3), np.uint8)
+                # a requested frame the decoder never put out (a damaged packet) takes the next one
                 arr = self._rgb(frame, size)
                 while k < len(wanted) and wanted[k] <= idx:
-                    pending.append((int(order[k]), arr))
-                    times[order[k]] = float(frame.pts - self._t0) * self._tb
+                    out[order[k]] = arr
+                    times[order[k]] = float(self._pts[min(idx, self.num_frames - 1)] - self._t0) * self._tb
                     k += 1
-                    if len(pending) >= chunk:
-                        flush()
                 if k >= len(wanted) or wanted[k] - idx > self.seek_gap:
                     exhausted = False
                     break
             if exhausted and k < len(wanted):
                 raise MediaError(self.path, "truncated",
                                  f"stream ended before frame {int(wanted[k])} of {self.num_frames}")
-        flush()
+        if out is None:
+            out = np.empty((0, *(size or (self.height, self.width)), 3), np.uint8)
         return out, times
 
     def close(self):
@@ -308,6 +354,15 @@ class PyAVVideo:
             self._c.close()
         except Exception:
             pass
+
+
+def _frame_rotation(frame) -> int:
+    """A frame's display rotation rounded to a multiple of 90 degrees, in [0, 360)."""
+    try:
+        r = float(frame.rotation or 0)
+    except Exception:  # a display matrix PyAV cannot read: shown as stored
+        return 0
+    return int(round(r / 90.0)) * 90 % 360
 
 
 def open_video(path: str | Path, backend: str = "pyav", num_threads: int = 1) -> VideoReader:
