@@ -6,8 +6,8 @@ block utilization rises), at a lower per-block efficiency of the kernels. This t
 forward and forward+backward on layouts of 128 x 128, 64 x 64, 128 x 64 and 64 x 128 blocks of
 the same pattern and token order, with an anchor in the same process: FlexAttention on its
 default 128 x 128 block mask for A1 / A2 (`vs anchor`: flex time / triton time), dense SDPA for
-the A5 presets, whose target (BENCHMARKS.md) is 1.25 x dense SDPA time x true density
-(`vs anchor`: that target / triton time; 1.00x meets it). bench/NOTES.md (sessions 13, 14)
+the A5 presets, whose target (docs/benchmarks.md) is 1.25 x dense SDPA time x true density
+(`vs anchor`: that target / triton time; 1.00x meets it). bench/NOTES.md (v12, v13)
 quotes it.
 
     python bench/probe_layout_block.py [A1-8x128,A5-longformer,...]     (a CUDA GPU)

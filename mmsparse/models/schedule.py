@@ -7,7 +7,7 @@ present, so a batch without audio still runs (no audio window, no AVSync).
 Schedules (`ModelConfig.schedule`):
 - "tiled": every layer: Tiled windows per modality (video 3D tiles, audio and image 2D tiles)
   | Global(n_global) | AVSync(av_window). Tile-aligned: on a stream in tile order whose grid
-  the tile divides, every computed block is full (BENCHMARKS.md: block utilization). A grid
+  the tile divides, every computed block is full (docs/benchmarks.md: block utilization). A grid
   the tile does not divide has smaller edge tiles and blocks straddling them: 224 x 224 frames
   give a 14 x 14 patch grid, so with the default (4, 4, 8) tiles 60 % of the E1 captioner's
   blocks are partial (utilization 0.58); no tile of 128 tokens divides 14 x 14. The kernels

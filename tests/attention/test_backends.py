@@ -1,6 +1,6 @@
 """Every backend against an independent dense float64 computation, forward and backward.
 
-Error budget (CONVENTIONS.md rule 3): a backend's error against the float64 truth is at most
+Error budget (docs/conventions.md, item 3): a backend's error against the float64 truth is at most
 twice the error of plain dense attention run in the same low-precision dtype, plus a small
 absolute floor for float32 round-off.
 """

@@ -1,6 +1,6 @@
 """What the kernel tests share: random inputs, gradients through (out, lse), and the error budget.
 
-Budget (CONVENTIONS.md item 3): a kernel's error against the float64 truth is at most twice the
+Budget (docs/conventions.md, item 3): a kernel's error against the float64 truth is at most twice the
 error of the same attention computed densely in the input dtype, plus a floor per dtype.
 """
 
