@@ -1,0 +1,447 @@
+"""Long-clip benchmark v2: train a captioner per attention schedule, score it on long-range tasks.
+
+Legend: B clips, N stream tokens, E encoder width, L caption tokens.
+
+One *run* is (arm, seed, budget): a fresh model of the arm's schedule trained on clips drawn on
+the fly (``mmsparse.data.longtasks``: needle, order, count, pair, mixed in every batch), then
+scored on a fixed held-out set (its own seed, balanced answers, ``clips`` per task and length):
+
+- **choice**: multiple choice by likelihood among the task's candidate captions;
+- **caption**: greedy decoding after the task word, parsed (the words after it must be the truth);
+- **probe**: a linear probe (multinomial logistic regression) on the encoder's output tokens
+  (mean and max over tokens) for each answer attribute, trained on a separate probe set: an
+  encoder that carries the answer and a decoder that fails to read it are told apart.
+
+Budgets: ``steps`` (every arm the same number of steps) and ``flops`` (each sparse arm as many
+steps as give the dense arm's training FLOPs at ``steps``, counted from the layouts the model
+runs: ``step_flops``). Each run writes ``<arm>-s<seed>-<budget>.json`` atomically into the run
+folder with its curve (loss, and choice accuracy on a validation set, against steps), per-step
+times and attention FLOPs per clip at every length; ``mmsparse.eval.longreport`` merges every
+finished run of one spec into the report. A killed run leaves no JSON and is run again whole;
+a finished one is skipped, so an interrupted benchmark resumes without mixing partial results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmsparse.data import longtasks as lt
+from mmsparse.fileio import atomic_write_text
+
+BUDGETS = ("steps", "flops")
+
+# Model of the benchmark: 4 + 2 layers of width 128 on 32 x 32 frames (8 video tokens a frame,
+# 8,192 at 1,024 frames; an audio token a second), tiles of one second of video (64 tokens, a
+# whole attention block) with the tiles a second before and after.
+BASE_MODEL = dict(
+    embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, tubelet=(2, 8, 8), n_mels=32, audio_patch=16,
+    audio_stride=16, modalities=("video", "audio"), video_tile=(4, 4, 4), video_radius=(1, 0, 0),
+    audio_tile=(2, 8), audio_radius=(0, 1), n_global=4, av_window=1.0, attn_block=64, segment_align=64,
+    max_frames=None, max_audio_frames=None, dec_dim=128, dec_depth=2, dec_heads=4, cross="all",
+    vocab_size=384, max_text_len=12, proj_dim=32,
+)
+
+# The schedules compared: name -> ModelConfig overrides on BASE_MODEL.
+ARMS: dict[str, dict] = {
+    "dense": dict(schedule="dense"),
+    "tiled": dict(schedule="tiled"),
+    "tiled_compress": dict(schedule="tiled", compress_block=64),
+    "tiled_global16": dict(schedule="tiled", n_global=16),
+    "tiled_compress_pooled": dict(schedule="tiled", compress_block=64, cross="pooled", n_pool=64),
+}
+
+
+@dataclass
+class BenchSpec:
+    """Everything that defines a benchmark's numbers (its hash names the set of runs)."""
+
+    train_lengths: tuple[int, ...] = (256, 512, 1024)
+    eval_lengths: tuple[int, ...] = (256, 1024, 4096)
+    clips: int = 128                 # eval clips per task and length
+    val_clips: int = 16              # per task, at the longest train length, for the curve
+    probe_clips: int = 128           # probe training clips per task (at each eval length <= probe_max)
+    probe_max: int = 1024
+    batch: int = 16                  # training clips a step (tasks mixed)
+    eval_batch: int = 16
+    steps: int = 1500                # the equal-steps budget (and dense's, which sets equal FLOPs)
+    max_flops_factor: float = 8.0    # equal-FLOPs steps are capped at this many times `steps`
+    lr: float = 1e-3
+    warmup: int = 100
+    eval_every: int = 250
+    eval_seed: int = 20261207        # the held-out set's seed (training draws from the run's seed)
+    model: dict = field(default_factory=lambda: dict(BASE_MODEL))
+    task: lt.TaskSpec = field(default_factory=lt.TaskSpec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchSpec":
+        d = dict(d)
+        d["task"] = lt.TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("task", {}).items()})
+        for k in ("train_lengths", "eval_lengths"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+SMOKE = dict(train_lengths=(48, 64), eval_lengths=(48, 96), clips=6, val_clips=3, probe_clips=12, probe_max=96,
+             batch=8, eval_batch=8, steps=6, warmup=2, eval_every=3, max_flops_factor=2.0,
+             model=dict(BASE_MODEL, embed_dim=32, depth=2, num_heads=2, dec_dim=32, dec_heads=2, n_global=2),
+             task=lt.TaskSpec(size=16, shape_px=8, distractors=(1, 2)))
+
+
+def check_arms(arms: Sequence[str]) -> None:
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise ValueError(f"unknown arm(s) {bad}; expected names from {sorted(ARMS)}")
+
+
+def tokenizer():
+    from mmsparse.models.text import CaptionTokenizer
+
+    return CaptionTokenizer.train(lt.all_captions() * 4, vocab_size=384)
+
+
+def build_model(spec: BenchSpec, arm: str, seed: int, device, backend: str = "auto"):
+    from mmsparse.encoders.patch import AUDIO_NORM
+    from mmsparse.models import create_model
+
+    check_arms([arm])
+    torch.manual_seed(seed)
+    model = create_model("captioner_tiny", tokenizer=tokenizer(), audio_norm=AUDIO_NORM,
+                         **{**spec.model, **ARMS[arm], "backend": backend})
+    return model.to(device)
+
+
+# cost ---------------------------------------------------------------------------------------
+def attention_pairs(model, batch) -> tuple[float, float]:
+    """(computed query-key pairs of the encoder per clip, the same of a dense encoder), summed
+    over layers; the compressed branch counts N x C pairs."""
+    with torch.no_grad():
+        stream = model.embed(batch, required=model.cfg.required_modalities)
+    n = stream.layout.length
+    pairs = 0.0
+    for lay in model.layer_layouts(stream.layout):
+        if lay is None:
+            pairs += n * n
+        else:
+            pairs += float(lay.computed_pairs())
+            if model.cfg.compress_block:
+                pairs += n * math.ceil(n / model.cfg.compress_block)
+    return pairs, float(model.cfg.depth * n * n)
+
+
+def clip_flops(model, batch) -> dict[str, float]:
+    """Forward FLOPs per clip: attention (4 E per computed pair), the encoder's and decoder's
+    matrix products (2 per parameter and token) and the decoder's cross-attention."""
+    pairs, dense_pairs = attention_pairs(model, batch)
+    e, cfg = model.cfg.embed_dim, model.cfg
+    enc_params = sum(p.numel() for blk in model.blocks for p in blk.parameters() if p.ndim > 1)
+    dec_params = sum(p.numel() for p in model.decoder.parameters() if p.ndim > 1)
+    with torch.no_grad():
+        n_real = model.embed(batch, required=cfg.required_modalities).tokens.shape[1]
+    text = cfg.max_text_len
+    attn = 4.0 * e * pairs
+    other = 2.0 * enc_params * n_real + 2.0 * dec_params * text + 4.0 * cfg.dec_dim * text * n_real * cfg.dec_depth
+    return {"attention": attn, "attention_dense": 4.0 * e * dense_pairs, "forward": attn + other}
+
+
+# data ---------------------------------------------------------------------------------------
+def train_batch(spec: BenchSpec, rng: np.random.Generator, frames: int, device) -> dict:
+    tasks = [lt.TASKS[i % len(lt.TASKS)] for i in range(spec.batch)]
+    plans = [lt.plan(t, frames, rng, spec.task) for t in tasks]
+    return lt.render(plans, spec.task, device, seed=int(rng.integers(2 ** 31)))
+
+
+def eval_plans(spec: BenchSpec, frames: int, per_task: int, seed: int) -> list[lt.ClipPlan]:
+    return [p for i, t in enumerate(lt.TASKS) for p in lt.balanced_plans(t, frames, per_task, seed + 7919 * i + frames,
+                                                                           spec.task)]
+
+
+def _batches(plans: list[lt.ClipPlan], size: int):
+    for i in range(0, len(plans), size):
+        yield plans[i:i + size]
+
+
+# training -----------------------------------------------------------------------------------
+def caption_loss(model, batch) -> torch.Tensor:
+    """Cross-entropy of the answer tokens (everything after <bos> and the task word)."""
+    ids = model.tokenize(batch)  # (B, L + 1): <bos> task answer... <eos> <pad>
+    logits = model(batch, ids[:, :-1])  # (B, L, V)
+    target = ids[:, 1:].clone()
+    target[:, 0] = -100  # the task word is the question, not something to predict
+    target[target == 0] = -100  # padding
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+def _lr(step: int, spec: BenchSpec, total: int) -> float:
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    t = (step - spec.warmup) / max(1, total - spec.warmup)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _autocast(device):
+    dev = torch.device(device)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+# scoring ------------------------------------------------------------------------------------
+@torch.no_grad()
+def score(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int, greedy: bool = True) -> list[dict]:
+    """Per clip: task, length, choice correct, caption correct (greedy after the task word)."""
+    tok = model.tokenizer
+    model.eval()
+    rows = []
+    for part, chunk in enumerate(_batches(plans, spec.eval_batch)):
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(chunk):
+            groups.setdefault(p.task, []).append(i)
+        batch = lt.render(chunk, spec.task, device, seed=seed + part)
+        with _autocast(device):
+            memory, pad, _ = model.encode(batch)
+            mem, mpad = model.decoder.prepare_memory(memory, pad)
+        for task, idx in groups.items():
+            sel = torch.tensor(idx, device=mem.device)
+            m = mem.index_select(0, sel)
+            mp = None if mpad is None else mpad.index_select(0, sel)
+            cands = lt.candidates(task)
+            ids = tok.batch(cands, model.cfg.max_text_len, device)  # (C, L + 1)
+            ll = torch.empty(len(idx), len(cands), device=mem.device)
+            for c in range(len(cands)):
+                seq = ids[c:c + 1].expand(len(idx), -1)
+                with _autocast(device):
+                    logits = model.decoder(seq[:, :-1], m, mp, prepared=True).float()
+                logp = F.log_softmax(logits, -1).gather(-1, seq[:, 1:, None])[..., 0]  # (b, L)
+                keep = (seq[:, 1:] != 0).float()
+                keep[:, 0] = 0.0  # the task word is given
+                ll[:, c] = (logp * keep).sum(1)
+            choice = ll.argmax(1).tolist()
+            texts = _greedy(model, m, mp, task, device) if greedy else [None] * len(idx)
+            for j, i in enumerate(idx):
+                p = chunk[i]
+                row = {"task": task, "length": p.frames, "truth": p.caption, "choice_correct": cands[choice[j]] == p.caption,
+                       "finite": bool(torch.isfinite(ll[j]).all())}
+                if texts[j] is not None:
+                    row["caption"] = texts[j]
+                    row["caption_correct"] = texts[j].split() == p.caption.split()
+                rows.append(row)
+    model.train()
+    return rows
+
+
+def _greedy(model, mem, mpad, task: str, device, max_new: int = 5) -> list[str]:
+    from mmsparse.models.text import BOS, EOS
+
+    tok = model.tokenizer
+    prompt = [BOS, *tok.encode(task)]
+    ids = torch.tensor(prompt, device=mem.device).expand(mem.shape[0], -1)
+    done = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
+    for _ in range(max_new):
+        with _autocast(device):
+            nxt = model.decoder(ids, mem, mpad, prepared=True)[:, -1].float().argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        done |= nxt == EOS
+        if bool(done.all()):
+            break
+    out = []
+    for row in ids.tolist():
+        gen = row[len(prompt) - 1:]  # from the task word on
+        out.append(tok.decode(gen[: gen.index(EOS)] if EOS in gen else gen).strip())
+    return out
+
+
+# linear probe -------------------------------------------------------------------------------
+PROBE_TARGETS = {"needle": ("colour", "shape", "tone"), "order": ("first",), "count": ("count",), "pair": ("shape",)}
+
+
+@torch.no_grad()
+def features(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int) -> torch.Tensor:
+    """(clips, 2 E) float32: mean and max of the encoder's output over its real tokens."""
+    model.eval()
+    out = []
+    for part, chunk in enumerate(_batches(plans, spec.eval_batch)):
+        batch = lt.render(chunk, spec.task, device, seed=seed + part)
+        with _autocast(device):
+            memory, pad, _ = model.encode(batch)
+        memory = memory.float()
+        keep = (~pad).to(memory.device)[..., None]
+        mean = (memory * keep).sum(1) / keep.sum(1).clamp(min=1)
+        mx = memory.masked_fill(~keep, -math.inf).amax(1)
+        out.append(torch.cat([mean, mx], 1).cpu())
+    model.train()
+    return torch.cat(out)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 200, wd: float = 1e-3) -> torch.nn.Linear:
+    """Multinomial logistic regression on standardised features (L-BFGS)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], classes, dtype=torch.float64)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x), y) + wd * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lin
+
+
+def probe(model, spec: BenchSpec, device, seed: int) -> dict[str, dict[str, float]]:
+    """Probe accuracy per (length, task.attribute) on the eval set, trained on a probe set."""
+    out: dict[str, dict[str, float]] = {}
+    for frames in [n for n in spec.eval_lengths if n <= spec.probe_max]:
+        train_p = eval_plans(spec, frames, spec.probe_clips, spec.eval_seed + 1_000_003 + seed)
+        test_p = eval_plans(spec, frames, spec.clips, spec.eval_seed)
+        xtr = features(model, train_p, spec, device, seed).double()
+        xte = features(model, test_p, spec, device, spec.eval_seed).double()
+        mu, sd = xtr.mean(0), xtr.std(0).clamp(min=1e-6)
+        xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+        res = {}
+        for task, attrs in PROBE_TARGETS.items():
+            itr = [i for i, p in enumerate(train_p) if p.task == task]
+            ite = [i for i, p in enumerate(test_p) if p.task == task]
+            for a in attrs:
+                labels = sorted({str(train_p[i].answer[a]) for i in itr} | {str(test_p[i].answer[a]) for i in ite})
+                ytr = torch.tensor([labels.index(str(train_p[i].answer[a])) for i in itr])
+                yte = torch.tensor([labels.index(str(test_p[i].answer[a])) for i in ite])
+                lin = fit_probe(xtr[itr], ytr, len(labels))
+                res[f"{task}.{a}"] = float((lin(xte[ite]).argmax(1) == yte).double().mean())
+        out[str(frames)] = res
+    return out
+
+
+# one run --------------------------------------------------------------------------------------
+def flops_per_step(spec: BenchSpec, arm: str, device="cpu") -> dict[str, Any]:
+    """Training FLOPs a step (3 x forward, the mean over the training lengths) and attention
+    FLOPs per clip at every eval length, from the layouts (no training)."""
+    model = build_model(spec, arm, 0, device)
+    rng = np.random.default_rng(0)
+    per_len = {}
+    for frames in sorted(set(spec.train_lengths) | set(spec.eval_lengths)):
+        plans = [lt.plan("needle", frames, rng, spec.task)]
+        per_len[frames] = clip_flops(model, lt.render(plans, spec.task, device, seed=0))
+    train = float(np.mean([3 * spec.batch * per_len[n]["forward"] for n in spec.train_lengths]))
+    return {"train_flops_per_step": train, "per_length": {str(k): v for k, v in per_len.items()}}
+
+
+def steps_for(spec: BenchSpec, arm: str, budget: str, costs: dict[str, dict]) -> tuple[int, bool]:
+    """(steps, capped) for an arm under a budget; `costs` from ``flops_per_step`` (arm -> ...)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; expected one of {BUDGETS}")
+    if budget == "steps" or arm == "dense":
+        return spec.steps, False
+    dense = costs["dense"]["train_flops_per_step"] * spec.steps
+    want = int(round(dense / costs[arm]["train_flops_per_step"]))
+    cap = int(spec.max_flops_factor * spec.steps)
+    return min(want, cap), want > cap
+
+
+def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Path, device="cuda",
+            costs: dict | None = None, backend: str = "auto", progress: bool = True) -> Path:
+    """Train and score one run; writes ``<arm>-s<seed>-<budget>.json``; returns its path
+    (already there: returned untouched)."""
+    out = Path(out_dir) / f"{arm}-s{seed}-{budget}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file() and json.loads(out.read_text()).get("spec_key") == spec.key():
+        return out
+    costs = costs or {a: flops_per_step(spec, a) for a in {arm, "dense"}}
+    steps, capped = steps_for(spec, arm, budget, costs)
+    model = build_model(spec, arm, seed, device, backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    rng = np.random.default_rng(seed)
+    val = eval_plans(spec, max(spec.train_lengths), spec.val_clips, spec.eval_seed + 17)
+    curve, losses, step_ms = [], [], {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=f"{arm} s{seed} {budget}", mininterval=5, leave=False)
+    t_train = time.perf_counter()
+    for step in range(steps):
+        frames = spec.train_lengths[step % len(spec.train_lengths)]
+        batch = train_batch(spec, rng, frames, device)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, spec, steps)
+        with _autocast(device):
+            loss = caption_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.detach())  # read at the curve's points: no sync per step
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % spec.eval_every == 0 or step + 1 == steps:
+            rows = score(model, val, spec, device, spec.eval_seed + 17, greedy=False)
+            curve.append({"step": step + 1, "loss": float(torch.stack(losses[-spec.eval_every:]).float().mean()),
+                          "val_choice": float(np.mean([r["choice_correct"] for r in rows]))})
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - t_train
+    for frames in spec.eval_lengths:  # a training step's time at every eval length
+        step_ms[str(frames)] = _time_step(model, spec, opt, frames, device, rng)
+    t0 = time.perf_counter()
+    rows = []
+    for frames in spec.eval_lengths:
+        rows += score(model, eval_plans(spec, frames, spec.clips, spec.eval_seed), spec, device, spec.eval_seed)
+    probes = probe(model, spec, device, seed)
+    result = {"spec_key": spec.key(), "spec": spec.to_dict(), "arm": arm, "arm_config": ARMS[arm], "seed": seed,
+              "budget": budget, "steps": steps, "capped": capped, "train_seconds": round(train_seconds, 1),
+              "eval_seconds": round(time.perf_counter() - t0, 1), "train_flops": steps * costs[arm]["train_flops_per_step"],
+              "cost": costs[arm], "step_ms": step_ms, "curve": curve, "final_loss": float(torch.stack(losses[-50:]).float().mean()),
+              "rows": rows, "probe": probes, "device": _device_name(device)}
+    atomic_write_text(out, json.dumps(result))
+    return out
+
+
+def _time_step(model, spec: BenchSpec, opt, frames: int, device, rng, repeats: int = 3) -> float | None:
+    """Median ms of a training step (forward, backward; no optimizer update) at `frames`, or None
+    when it does not fit in memory."""
+    batch = train_batch(spec, rng, frames, device)
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with _autocast(device):
+                loss = caption_loss(model, batch)
+            loss.backward()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        opt.zero_grad(set_to_none=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return float(np.median(times[1:]))
+
+
+def _device_name(device) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"

@@ -1,0 +1,203 @@
+"""Run the long-clip benchmark v2: every (arm, seed, budget) run, then the report.
+
+    python -m mmsparse.eval.longdriver --out runs/longbench --arms dense,tiled,tiled_compress \\
+        --seeds 0,1,2 --budgets steps,flops --parallel 6           # GPU: runs side by side
+    python -m mmsparse.eval.longdriver --smoke --out /tmp/lb         # CPU: the harness end to end
+    python -m mmsparse.eval.longdriver --report-only --out runs/longbench --from more/runs
+
+Runs go to ``--out/runs`` as one JSON each (``mmsparse.eval.longbench.run_one``); a run already
+there is skipped, so a killed driver is rerun with the same arguments and resumes, and seeds run
+at different times (or on different machines) are merged by pointing ``--from`` at their run
+folders. The report (``longreport``) is written as ``longclip-<device>-<date>-<label>.*`` in
+``--out`` (``--results`` moves it, e.g. to bench/results). ``--parallel`` runs that many runs
+at once as separate processes on the one GPU (small models leave most of it idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import longbench as lb
+from . import longreport as lr
+
+
+def _csv(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mmsparse.eval.longdriver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="benchmark folder (runs/ and the report)")
+    p.add_argument("--arms", default="dense,tiled,tiled_compress", help=f"comma list of {sorted(lb.ARMS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budgets", default="steps,flops", help=f"comma list of {lb.BUDGETS}")
+    p.add_argument("--steps", type=int, default=None, help="the equal-steps budget (default: the spec's)")
+    p.add_argument("--clips", type=int, default=None, help="eval clips per task and length")
+    p.add_argument("--eval-lengths", default=None, help="comma list of frames (default: the spec's)")
+    p.add_argument("--train-lengths", default=None, help="comma list of frames (default: the spec's)")
+    p.add_argument("--spec", default=None, help="a JSON file of BenchSpec fields overriding the defaults")
+    p.add_argument("--smoke", action="store_true", help="the CPU-sized spec (harness check, not accuracy)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (separate processes)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--backend", default="auto", help="sparse attention backend of the models")
+    p.add_argument("--from", dest="extra", action="append", default=[], help="more run folders to merge")
+    p.add_argument("--report-only", action="store_true", help="merge the finished runs and write the report")
+    p.add_argument("--label", default="v2", help="report name label")
+    p.add_argument("--results", default=None, help="where the report goes (default --out)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: arm,seed,budget in this process
+    return p.parse_args(argv)
+
+
+def make_spec(args) -> lb.BenchSpec:
+    spec = lb.BenchSpec(**lb.SMOKE) if args.smoke else lb.BenchSpec()
+    d = spec.to_dict()
+    if args.spec:
+        try:
+            d.update(json.loads(Path(args.spec).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--spec {args.spec}: not a readable JSON file ({err})")
+    for key, val in (("steps", args.steps), ("clips", args.clips)):
+        if val is not None:
+            if val < 1:
+                raise SystemExit(f"--{key} must be >= 1, got {val}")
+            d[key] = val
+    for key, val in (("eval_lengths", args.eval_lengths), ("train_lengths", args.train_lengths)):
+        if val:
+            try:
+                d[key] = [int(x) for x in _csv(val)]
+            except ValueError:
+                raise SystemExit(f"--{key.replace('_', '-')} must be a comma list of frame counts, got {val!r}")
+    try:
+        spec = lb.BenchSpec.from_dict(d)
+    except TypeError as err:
+        raise SystemExit(f"--spec: {err} (fields: {sorted(lb.BenchSpec().to_dict())})")
+    import numpy as np
+
+    for n in (*spec.train_lengths, *spec.eval_lengths):
+        for task in lb.lt.TASKS:
+            try:
+                lb.lt.plan(task, n, np.random.default_rng(0), spec.task)
+            except ValueError as err:
+                raise SystemExit(f"length {n}: {err}")
+    return spec
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    arms, budgets = _csv(args.arms), _csv(args.budgets)
+    try:
+        lb.check_arms(arms)
+    except ValueError as err:
+        raise SystemExit(f"--arms: {err}")
+    if set(budgets) - set(lb.BUDGETS):
+        raise SystemExit(f"--budgets: unknown {sorted(set(budgets) - set(lb.BUDGETS))}; expected {lb.BUDGETS}")
+    try:
+        seeds = [int(s) for s in _csv(args.seeds)]
+    except ValueError:
+        raise SystemExit(f"--seeds must be a comma list of integers, got {args.seeds!r}")
+    out = Path(args.out)
+    runs = out / "runs"
+    spec = make_spec(args)
+    (out / "spec.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
+    if args.one:
+        arm, seed, budget = args.one.split(",")
+        costs = json.loads((out / "costs.json").read_text())
+        lb.run_one(spec, arm, int(seed), budget, runs, device, costs, args.backend, progress=False)
+        return 0
+    if not args.report_only:
+        costs = {a: lb.flops_per_step(spec, a) for a in sorted(set(arms) | {"dense"})}
+        (out / "costs.json").write_text(json.dumps(costs))
+        jobs = [(a, s, b) for s in seeds for a in arms for b in budgets if not (a == "dense" and b == "flops")]
+        _run_all(jobs, args, spec, costs, device, runs)
+    report = lr.merge([runs, *args.extra], spec.key())
+    stem = f"longclip-{_slug(report.get('device') or device)}-{dt.date.today().isoformat()}-{args.label}"
+    meta = {"torch": torch.__version__, "commit": _git_commit()}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    paths = lr.write(report, args.results or out, stem, meta=meta)
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def _run_all(jobs, args, spec, costs, device, runs: Path) -> None:
+    todo = [j for j in jobs if not _done(runs / f"{j[0]}-s{j[1]}-{j[2]}.json", spec)]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already finished", flush=True)
+    if args.parallel <= 1:
+        for arm, seed, budget in todo:
+            t0 = time.perf_counter()
+            lb.run_one(spec, arm, seed, budget, runs, device, costs, args.backend)
+            print(f"done {arm} s{seed} {budget} in {time.perf_counter() - t0:.0f} s", flush=True)
+        return
+    base = [sys.executable, "-m", "mmsparse.eval.longdriver", "--out", args.out, "--device", device,
+            "--backend", args.backend]
+    if args.smoke:
+        base.append("--smoke")
+    for flag, val in (("--spec", args.spec), ("--steps", args.steps), ("--clips", args.clips),
+                      ("--eval-lengths", args.eval_lengths), ("--train-lengths", args.train_lengths)):
+        if val is not None:
+            base += [flag, str(val)]
+    logs = runs / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    live: list[tuple[subprocess.Popen, tuple, float]] = []
+    failed = []
+    # longest runs first (equal-FLOPs sparse runs take the most steps)
+    todo.sort(key=lambda j: -lb.steps_for(spec, j[0], j[2], costs)[0])
+    while todo or live:
+        while todo and len(live) < args.parallel:
+            job = todo.pop(0)
+            log = open(logs / f"{job[0]}-s{job[1]}-{job[2]}.log", "w")
+            proc = subprocess.Popen(base + ["--one", ",".join(map(str, job))], stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            live.append((proc, job, time.perf_counter()))
+        time.sleep(2)
+        for item in list(live):
+            proc, job, t0 = item
+            if proc.poll() is not None:
+                live.remove(item)
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {logs})"
+                if proc.returncode:
+                    failed.append(job)
+                print(f"{status} {job[0]} s{job[1]} {job[2]} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if failed:
+        print(f"{len(failed)} runs failed: {failed}; the report merges the finished ones", flush=True)
+
+
+def _done(path: Path, spec: lb.BenchSpec) -> bool:
+    try:
+        return json.loads(path.read_text()).get("spec_key") == spec.key()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
