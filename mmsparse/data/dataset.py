@@ -44,10 +44,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval
 from torch.utils.data import Dataset, get_worker_info
 
 from . import audio as audio_mod
@@ -57,46 +58,57 @@ from .manifest import Sample, load_manifest
 from .transforms import PIXEL_DTYPES, TransformConfig, apply_clip, apply_image, build_transform, pixel_norm
 
 
+# Bounds of DataConfig's fields (checked when a training config is loaded, mmsparse.train.config)
+Backend = Literal["pyav", "decord"]
+Count = Annotated[int, Ge(1)]
+NonNegative = Annotated[int, Ge(0)]
+Positive = Annotated[float, Gt(0)]
+
+
 @dataclass
 class DataConfig:
-    """How samples are read. Sampling: ``mode`` in count / fps / stride (see ``sample_indices``)."""
+    """How samples are read. Sampling: ``mode`` in count / fps / stride (see ``sample_indices``).
 
-    backend: str = "pyav"              # video: pyav | decord (same frames for the same request)
-    video_fallback: str | None = "auto"  # tried when backend's decoder fails: pyav | decord | None;
-                                         # auto: the other backend
-    audio_backend: str = "pyav"        # pyav | decord (PyAV fallback)
-    mode: str = "count"
-    num_frames: int | None = 16
-    target_fps: float | None = None
-    stride: int = 1
-    min_frames: int | None = None      # fewer sampled frames -> too_short; None: num_frames (count) or 1
-    short_side: int | None = None      # decode-time resize of the shorter side
-    crop: tuple[int, int] | None = None
+    The ``Literal`` and ``Annotated`` bounds are what a training config checks when it is loaded
+    (``mmsparse.train.config``); ``__post_init__`` checks the rest for direct use."""
+
+    backend: Backend = "pyav"          # video: pyav | decord (same frames for the same request)
+    # tried when backend's decoder fails: pyav | decord | None; auto: the other backend
+    video_fallback: Literal["auto", "pyav", "decord"] | None = "auto"
+    audio_backend: Backend = "pyav"    # pyav | decord (PyAV fallback)
+    mode: Literal["count", "fps", "stride"] = "count"
+    num_frames: Count | None = 16
+    target_fps: Positive | None = None
+    stride: Count = 1
+    min_frames: Count | None = None    # fewer sampled frames -> too_short; None: num_frames (count) or 1
+    short_side: Count | None = None    # decode-time resize of the shorter side
+    crop: tuple[Count, Count] | None = None
     flip: bool = True
     normalize: bool = True
-    pixel_dtype: str = "auto"          # video and image pixels: uint8 (normalised by the model on its
-                                       # device), float32 (normalised here); auto: uint8 when train
+    # video and image pixels: uint8 (normalised by the model on its device), float32 (normalised
+    # here); auto: uint8 when train
+    pixel_dtype: Literal["auto", "uint8", "float32"] = "auto"
     train: bool = False
     load_video: bool = True
     load_audio: bool = True
     load_image: bool = True
     require_audio: bool = False        # a video without an audio track is a failure (no_audio)
     image_as_video: bool = False       # an image becomes a one-frame clip under "video"
-    sample_rate: int = 16000
-    n_mels: int = 128
-    win_seconds: float = 0.025
-    hop_seconds: float = 0.010
-    max_audio_seconds: float = 10.0    # audio-only samples without an ``end``
-    chunk: int = 64                    # frames decoded at full size at a time
-    decode_threads: int = 1            # codec (and scaler) threads per video reader; 0: auto, the
+    sample_rate: Count = 16000
+    n_mels: Count = 128
+    win_seconds: Positive = 0.025
+    hop_seconds: Positive = 0.010
+    max_audio_seconds: Positive = 10.0  # audio-only samples without an ``end``
+    chunk: Count = 64                  # frames decoded at full size at a time
+    decode_threads: NonNegative = 1    # codec (and scaler) threads per video reader; 0: auto, the
                                        # CPUs a loader's workers leave idle (`auto_decode_threads`);
                                        # 1 stays the default: on the 16-core GPU host 8 PyAV workers
                                        # gave 256 clips/s with 1 and 226 with auto's 2 (bench/NOTES.md d3)
-    decode_timeout: float | None = 60.0
+    decode_timeout: Positive | None = 60.0
     strict: bool = False
-    max_bad_fraction: float = 0.1
-    min_attempts: int = 20
-    max_retries: int = 10
+    max_bad_fraction: Annotated[float, Interval(ge=0, le=1)] = 0.1
+    min_attempts: NonNegative = 20
+    max_retries: NonNegative = 10
     seed: int = 0
 
     def __post_init__(self):

@@ -220,7 +220,8 @@ class AttentionCost:
 
 
 def _run_data_extra(model_dir: Path) -> dict:
-    """``data.extra`` of the run that trained an exported model (empty when there is no run)."""
+    """The data settings of the run that trained an exported model (empty when there is no run):
+    ``data`` itself, with ``data.extra`` of configs saved before 2026-12 under it."""
     import yaml
 
     cfg = model_dir.parent / "config.yaml"
@@ -228,8 +229,11 @@ def _run_data_extra(model_dir: Path) -> dict:
         tree = yaml.safe_load(cfg.read_text()) if cfg.is_file() else None
     except yaml.YAMLError:
         tree = None
-    extra = ((tree or {}).get("data") or {}).get("extra") if isinstance(tree, dict) else None
-    return extra if isinstance(extra, dict) else {}
+    data = (tree or {}).get("data") if isinstance(tree, dict) else None
+    if not isinstance(data, dict):
+        return {}
+    extra = data.get("extra")
+    return {**(extra if isinstance(extra, dict) else {}), **data}
 
 
 def score_model(model_dir: str | Path, manifest: str | Path, *, frames: int | None = None, batch: int = 4,

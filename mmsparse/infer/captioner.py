@@ -122,11 +122,14 @@ def load_preprocess(model_dir: str | os.PathLike) -> Preprocess:
             if not isinstance(data, dict):
                 continue
             crop = data.get("crop")
+            # DataConfig's fields sit in ``data`` itself, or under ``data.extra`` in configs saved
+            # before 2026-12 (with ``frames`` for ``num_frames``)
+            flat = {**(data.get("extra") or {}), **data}
             return Preprocess(
-                frames=int(data.get("frames") or 16), crop=tuple(crop) if crop else None,
+                frames=int(data.get("num_frames") or data.get("frames") or 16), crop=tuple(crop) if crop else None,
                 short_side=data.get("short_side"), load_audio=bool(data.get("load_audio", True)),
                 backend=str(data.get("backend") or "decord"),
-                extra={k: v for k, v in (data.get("extra") or {}).items()
+                extra={k: v for k, v in flat.items()
                        if k in ("mode", "target_fps", "stride", "sample_rate", "n_mels", "hop_seconds",
                                 "win_seconds", "normalize", "decode_threads", "decode_timeout",
                                 "audio_backend", "video_fallback")},

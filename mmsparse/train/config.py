@@ -4,29 +4,46 @@ A recipe is a YAML mapping whose top-level keys are the sections of ``TrainConfi
 ``model``, ``data``, ``optim``, ``deepspeed``, ``eval``, ``checkpoint``). ``base: other.yaml``
 (a path relative to the recipe, or a list of them) is merged first, the recipe on top, mappings
 deep-merged, everything else replaced. Command-line overrides ``optim.lr=3e-4 data.frames=128``
-come last; their values are parsed as YAML (``a.b=[1,2]``, ``a.b=null``) and coerced to the
-field's type. An unknown key anywhere is a ``ConfigError`` naming the source and the nearest valid
-keys. The resolved tree is written into the run folder as ``config.yaml`` (``save_config``).
+come last; their values are parsed as YAML (``a.b=[1,2]``, ``a.b=null``).
 
-Free-form mappings (``model.overrides``, ``deepspeed.extra``) are passed through unchecked here;
-their consumers validate them (``create_model`` rejects unknown kwargs, DeepSpeed its JSON).
+Each component owns its config: ``data`` is ``mmsparse.data.DataConfig`` plus where the data
+comes from and how it is batched (``DataSection``); ``model.overrides`` are fields of
+``mmsparse.models.ModelConfig`` over the registry variant ``model.name``. The tree is
+validated by pydantic against the dataclasses' types (``Literal`` choices, ``Annotated``
+bounds) when it is loaded, before anything is written: an unknown key, a duplicate YAML key, a
+wrong type or a value out of range is a ``ConfigError`` naming the key, the recipe file and
+line or the command-line item it came from, and for unknown keys and choices the nearest valid
+ones. The resolved tree is written into the run folder as ``config.yaml`` (``save_config``).
+
+Older spellings still load: ``data.frames`` is ``data.num_frames`` and ``data.extra.KEY`` is
+``data.KEY`` (``ALIASES``). ``deepspeed.extra`` is passed through unchecked (DeepSpeed checks
+its JSON).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Interval
+from pydantic import AllowInfNan, ConfigDict, TypeAdapter, ValidationError
 
+from mmsparse.data import DataConfig
 from mmsparse.fileio import atomic_write_text
+from mmsparse.models import ModelConfig, list_models
+from mmsparse.models.registry import model_config
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+# Older key spellings, still read from recipes, saved configs and the command line
+ALIASES = {"data.frames": "data.num_frames", "data.extra.": "data."}
 
 
 class ConfigError(ValueError):
@@ -36,287 +53,422 @@ class ConfigError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # The tree
 
+Count = Annotated[int, Ge(1)]
+NonNegative = Annotated[int, Ge(0)]
+Fraction = Annotated[float, AllowInfNan(False), Interval(ge=0, le=1)]
+Positive = Annotated[float, AllowInfNan(False), Gt(0)]
+NonNegativeFloat = Annotated[float, AllowInfNan(False), Ge(0)]
+Offload = Literal["none", "cpu", "nvme"]
 
-@dataclass
+
+def section(cls):
+    """A dataclass of the tree (a number where a string is expected is read as that string)."""
+    cls.__pydantic_config__ = ConfigDict(coerce_numbers_to_str=True)
+    return dataclass(cls)
+
+
+@section
 class RunConfig:
     name: str = "run"
     dir: str = ""                      # run folder; "" -> runs/<name>
-    seed: int = 0
-    steps: int = 100                   # optimizer steps
-    max_minutes: float = 0.0           # wall-clock budget from the start of train(); when spent the run
-                                       # ends after the current step as at run.steps (final eval,
+    seed: NonNegative = 0
+    steps: Count = 100                 # optimizer steps
+    max_minutes: NonNegativeFloat = 0.0  # wall-clock budget from the start of train(); when spent the
+                                       # run ends after the current step as at run.steps (final eval,
                                        # checkpoint, export). 0: no budget
-    log_every: int = 1
+    log_every: Count = 1
     progress: bool = True              # tqdm bar on rank 0
     tensorboard: bool = True
     plot: bool = True                  # curves.png at the end
-    max_nonfinite_in_row: int = 5      # NaN/inf losses in a row before the run stops
+    max_nonfinite_in_row: Count = 5    # NaN/inf losses in a row before the run stops
     deterministic: bool = True         # torch.use_deterministic_algorithms (warn_only) for exact resume
-    threads: int = 0                   # torch.set_num_threads per process; 0 leaves the default
+    threads: NonNegative = 0           # torch.set_num_threads per process; 0 leaves the default
 
 
-@dataclass
-class ModelConfig:
+@section
+class ModelSection:
+    """Which model: a variant of mmsparse.models' registry, its ModelConfig fields changed by
+    ``overrides``, and the task it is trained for."""
+
     name: str = "captioner_tiny"       # a name in mmsparse.models' registry
-    task: str = "caption"              # caption | contrastive
-    overrides: dict[str, Any] = field(default_factory=dict)   # kwargs of create_model
+    task: Literal["caption", "contrastive"] = "caption"
+    overrides: dict[str, Any] = field(default_factory=dict)   # ModelConfig fields (create_model kwargs)
+
+    def config(self) -> ModelConfig:
+        """The ModelConfig the run builds."""
+        return model_config(self.name, **self.overrides)
 
 
-@dataclass
+@section
 class SynthConfig:
     """The embedded default data, generated into <run>/data when ``data.manifest`` is absent."""
 
-    clips: int = 16
-    val_clips: int = 4
-    frames: int = 16
-    size: tuple[int, int] = (32, 32)
-    seed: int = 0
+    clips: Count = 16
+    val_clips: NonNegative = 4         # 0: no validation split
+    frames: Count = 16
+    size: tuple[Count, Count] = (32, 32)
+    seed: NonNegative = 0
     long: bool = False
-    long_frames: tuple[int, int] = (512, 4096)
-    long_lengths: str = "range"        # range: any length in long_frames; doubling: lo, 2 lo, ... (synth.make_dataset)
+    long_frames: tuple[Count, Count] = (512, 4096)
+    long_lengths: Literal["range", "doubling"] = "range"  # range: any length in long_frames; doubling:
+                                       # lo, 2 lo, ... (synth.make_dataset)
     frame_code: bool = True            # the frame-index band at the top of each frame (synth.make_dataset)
 
 
-@dataclass
-class DataSection:
+@section
+class DataSection(DataConfig):
+    """``mmsparse.data.DataConfig`` (how samples are read) plus where the data comes from and how
+    it is batched. ``train`` and ``seed`` are set by the trainer (``data_config``)."""
+
+    SET_BY_TRAINER: ClassVar[dict[str, str]] = {"train": "the split", "seed": "run.seed"}
+
     manifest: str = ""                 # "" -> synthetic data under <run>/data
     val_manifest: str = ""             # "" -> the synthetic val split, or no eval when manifest is set
-    batch_size: int = 2                # micro-batch per data-parallel rank
-    num_workers: int = 0
-    frames: int = 16                   # frames sampled per clip
-    crop: tuple[int, int] | None = None
-    short_side: int | None = None
-    load_audio: bool = True
+    batch_size: Count = 2              # micro-batch per data-parallel rank
+    num_workers: NonNegative = 0
     load_image: bool = False
-    backend: str = "pyav"              # video decoder: pyav | decord (mmsparse.data.DataConfig)
-    max_bad_fraction: float = 0.1
     synth: SynthConfig = field(default_factory=SynthConfig)
-    extra: dict[str, Any] = field(default_factory=dict)       # further DataConfig fields
+
+    @property
+    def frames(self) -> int | None:
+        """``num_frames``, by its recipe name."""
+        return self.num_frames
 
 
-@dataclass
+@section
 class OptimConfig:
-    name: str = "adamw"                # adamw | adam
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    schedule: str = "cosine"           # cosine | linear | constant
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0             # 0 disables
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: Positive = 3e-4
+    weight_decay: NonNegativeFloat = 0.05
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    eps: Positive = 1e-8
+    warmup_steps: NonNegative = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: Fraction = 0.1
+    grad_clip: NonNegativeFloat = 1.0  # 0 disables
 
 
-@dataclass
+@section
 class DeepSpeedSection:
-    zero_stage: int = 0
-    offload_optimizer: str = "none"    # none | cpu | nvme
-    offload_param: str = "none"        # none | cpu | nvme (stage 3)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: Offload = "none"
+    offload_param: Offload = "none"    # stage 3 only
     nvme_path: str = "/local_nvme"
-    precision: str = "fp32"            # fp32 | bf16 | fp16
-    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: Count = 1
     activation_checkpointing: bool = False
-    sequence_parallel_size: int = 1
+    sequence_parallel_size: Count = 1
     torch_adam: bool | None = None     # None: on when no GPU (avoids compiling fused_adam)
     overlap_comm: bool = True
-    reduce_bucket_size: int = 50_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
+    reduce_bucket_size: Count = 50_000_000
+    stage3_prefetch_bucket_size: NonNegative = 50_000_000
+    stage3_param_persistence_threshold: NonNegative = 100_000
     extra: dict[str, Any] = field(default_factory=dict)       # deep-merged into the JSON last
 
 
-@dataclass
+@section
 class EvalConfig:
-    every: int = 0                     # optimizer steps between evaluations; 0: only at the end
-    batches: int = 2                   # val batches per evaluation (0: all)
+    every: NonNegative = 0             # optimizer steps between evaluations; 0: only at the end
+    batches: NonNegative = 2           # val batches per evaluation (0: all)
     at_end: bool = True
-    beam: int = 1
-    max_len: int = 24
-    captions: int = 4                  # samples to caption for the metrics (0: loss only)
+    beam: Count = 1
+    max_len: Count = 24
+    captions: NonNegative = 4          # samples to caption for the metrics (0: loss only)
 
 
-@dataclass
+@section
 class CheckpointConfig:
-    every: int = 0                     # optimizer steps between checkpoints; 0: only at the end
-    keep: int = 2                      # most recent checkpoints kept
+    every: NonNegative = 0             # optimizer steps between checkpoints; 0: only at the end
+    keep: Count = 2                    # most recent checkpoints kept
     at_end: bool = True
     export: bool = True                # save_pretrained into <run>/export at the end
 
 
-@dataclass
+@section
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def validate(self) -> "TrainConfig":
-        """Cross-field checks that the types alone cannot express."""
-        ds, o = self.deepspeed, self.optim
-        _choice("deepspeed.precision", ds.precision, ("fp32", "bf16", "fp16"))
-        _choice("deepspeed.offload_optimizer", ds.offload_optimizer, ("none", "cpu", "nvme"))
-        _choice("deepspeed.offload_param", ds.offload_param, ("none", "cpu", "nvme"))
-        _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
-        _choice("optim.name", o.name, ("adamw", "adam"))
-        _choice("model.task", self.model.task, ("caption", "contrastive"))
-        if ds.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    def validate(self, where: typing.Callable[[str], str] = lambda key: "") -> "TrainConfig":
+        """Checks across fields, which the types alone cannot express; ``where(key)`` names the
+        source of a key's value for the message."""
+        ds, m = self.deepspeed, self.model
+
+        def fail(key: str, msg: str):
+            raise ConfigError(f"{key}: {msg}{_at(where(key))}")
+
         if ds.offload_param != "none" and ds.zero_stage != 3:
-            raise ConfigError(f"deepspeed.offload_param={ds.offload_param!r} needs zero_stage 3, got {ds.zero_stage}")
+            fail("deepspeed.offload_param", f"{ds.offload_param!r} needs zero_stage 3, got {ds.zero_stage}")
         if ds.offload_optimizer != "none" and ds.zero_stage == 0:
-            raise ConfigError("deepspeed.offload_optimizer needs zero_stage >= 1")
-        for name, v in (("run.steps", self.run.steps), ("data.batch_size", self.data.batch_size),
-                        ("deepspeed.grad_accum", ds.grad_accum),
-                        ("deepspeed.sequence_parallel_size", ds.sequence_parallel_size),
-                        ("data.frames", self.data.frames)):
-            if v < 1:
-                raise ConfigError(f"{name} must be >= 1, got {v}")
-        if self.run.max_minutes < 0:
-            raise ConfigError(f"run.max_minutes must be >= 0 (0: no budget), got {self.run.max_minutes}")
-        if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
-            raise ConfigError(f"need optim.lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
-                              f"lr={o.lr}, warmup_steps={o.warmup_steps}, min_lr_ratio={o.min_lr_ratio}")
+            fail("deepspeed.offload_optimizer", "needs zero_stage >= 1")
+        lo, hi = self.data.synth.long_frames
+        if lo > hi:
+            fail("data.synth.long_frames", f"needs low <= high, got {[lo, hi]}")
+        if m.name not in list_models():
+            fail("model.name", f"{m.name!r} is not one of {', '.join(list_models())}{_did_you_mean(m.name, list_models())}")
+        try:
+            m.config()
+        except ValueError as err:  # ModelConfig's own checks (schedule names, head sizes, ...)
+            keys = _named_fields(str(err), list(m.overrides))
+            key = f"model.overrides.{keys[0]}" if keys else "model.overrides"
+            fail(key, f"{err} (model.name={m.name!r})")
         return self
 
     def run_dir(self) -> Path:
         return Path(self.run.dir or f"runs/{self.run.name}")
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        hint = difflib.get_close_matches(str(value), options, n=1)
-        raise ConfigError(f"{name}={value!r} is not one of {list(options)}"
-                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
-
-
 # ------------------------------------------------------------------------------------------------
-# Keys, coercion
+# Keys and their sources
+
+
+def _fields(cls: type) -> list[str]:
+    skip = getattr(cls, "SET_BY_TRAINER", {})
+    return [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _section_type(tp: Any) -> type | None:
+    return tp if dataclasses.is_dataclass(tp) else None
 
 
 def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted key of the tree (sections and leaves)."""
     out = []
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
+    for name in _fields(cls):
+        key = prefix + name
         out.append(key)
-        t = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(t):
-            out += valid_keys(t, key + ".")
+        sub = _section_type(_hints(cls)[name])
+        if sub is not None:
+            out += valid_keys(sub, key + ".")
     return out
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _did_you_mean(value: Any, options: list[str]) -> str:
+    hits = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    return f"; did you mean {hits[0]!r}?" if hits else ""
 
 
-def _suggest(key: str) -> str:
-    keys = valid_keys()
+def _suggest(key: str, keys: list[str] | None = None) -> str:
+    keys = keys if keys is not None else valid_keys() + ["data.frames"]
     leaf = key.rsplit(".", 1)[-1]
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
     hits = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     # a right leaf in the wrong section ("lr=" for "optim.lr") or a typo inside the right section
     hits += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in hits]
-    hits += [k for k in difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=3, cutoff=0.75)
-             for k in [kk for kk in keys if kk.rsplit(".", 1)[-1] == k] if k not in hits]
-    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    hits += [k for near in difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.75)
+             for k in keys if k.rsplit(".", 1)[-1] == near and k not in hits]
     if "." in key:  # a typo of a leaf: suggest leaves
-        hits = [h for h in hits if h not in sections]
+        hits = [h for h in hits if "." in h]
     hits = list(dict.fromkeys(hits))[:3]
     return f"; did you mean {' or '.join(repr(h) for h in hits)}?" if hits else ""
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = ConfigError(f"{key}: expected {_tname(tp)}, got {value!r} ({source})")
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errs = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, source)
-            except ConfigError as e:
-                errs.append(e)
-        raise bad
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, key + ".", source)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key, source) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r} ({source})")
-        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, args[0], key, source) for v in value] if args else list(value)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                raise bad from None
-            if f.is_integer():
-                return int(f)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise bad
-        return str(value)
-    return value
+def _at(source: str) -> str:
+    return f" ({source})" if source else ""
 
 
-def _tname(tp: Any) -> str:
+class Sources(dict):
+    """Dotted key -> where its value was set (``recipes/x.yaml:12``, ``command line 'k=v'``)."""
+
+    def of(self, key: str) -> str:
+        """The source of ``key`` or of the nearest enclosing key that has one."""
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in self:
+                return self[".".join(parts[:n])]
+        return ""
+
+    def under(self, key: str) -> list[str]:
+        return sorted({v for k, v in self.items() if k == key or k.startswith(key + ".")})
+
+
+def _canonical(key: str) -> str:
+    """``key`` in its current spelling (``ALIASES``)."""
+    for _ in range(2):  # data.extra.frames -> data.frames -> data.num_frames
+        for old, new in ALIASES.items():
+            if old.endswith(".") and key.startswith(old):
+                key = new + key[len(old):]
+            elif key == old or key.startswith(old + "."):
+                key = new + key[len(old):]
+    return key
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in ("model.overrides", "deepspeed.extra"):
+            out += _leaves(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        node[part] = nxt = dict(nxt) if isinstance(nxt, dict) else {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _canonical_layer(tree: dict, sources: Sources) -> tuple[dict, Sources]:
+    """One recipe file or saved tree with older spellings renamed (``ALIASES``)."""
+    flat = [(k, v) for k, v in _leaves(tree) if not (k == "data.extra" and not v)]
+    if all(_canonical(k) == k for k, _ in flat) and len(flat) == len(_leaves(tree)):
+        return tree, sources
+    out: dict = {}
+    seen: dict[str, str] = {}
+    for key, value in flat:
+        new = _canonical(key)
+        if new in seen:
+            raise ConfigError(f"{new!r} is set twice, as {seen[new]!r} and {key!r}{_at(sources.of(key))}")
+        seen[new] = key
+        _set(out, new, value)
+    return out, Sources({_canonical(k): src for k, src in sources.items()})
+
+
+def _check_keys(tree: dict, sources: Sources, cls: type = TrainConfig, prefix: str = "") -> None:
+    """Unknown keys (with the nearest valid ones) before any value is read."""
+    hints = _hints(cls)
+    names = _fields(cls)
+    for k, v in tree.items():
+        key = prefix + str(k)
+        if k in getattr(cls, "SET_BY_TRAINER", {}):
+            raise ConfigError(f"{key} cannot be set: the trainer sets it from {cls.SET_BY_TRAINER[k]}"
+                              f"{_at(sources.of(key))}")
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}{_at(sources.of(key))}{_suggest(key)}")
+        sub = _section_type(hints[k])
+        if sub is not None and isinstance(v, dict):
+            _check_keys(v, sources, sub, key + ".")
+    overrides = (tree.get("model") or {}).get("overrides") if prefix == "" else None
+    if isinstance(overrides, dict):
+        fields = [f.name for f in dataclasses.fields(ModelConfig)]
+        for k in overrides:
+            if k not in fields or k == "name":
+                key = f"model.overrides.{k}"
+                raise ConfigError(f"unknown config key {key!r} (not a ModelConfig field){_at(sources.of(key))}"
+                                  + _suggest(key, [f"model.overrides.{f}" for f in fields if f != "name"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (pydantic against the dataclasses' types)
+
+
+_ADAPTER: TypeAdapter | None = None
+
+
+def _adapter() -> TypeAdapter:
+    global _ADAPTER
+    if _ADAPTER is None:
+        _ADAPTER = TypeAdapter(TrainConfig)
+    return _ADAPTER
+
+
+def _field_type(cls: Any, loc: tuple) -> Any:
+    """The annotated type at ``loc`` inside the dataclass ``cls`` (None when not a field)."""
+    tp: Any = cls
+    for part in loc:
+        if isinstance(part, int) or not dataclasses.is_dataclass(tp):
+            return tp
+        tp = _hints(tp).get(part)
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(args)} values"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _build(cls: type, data: dict, prefix: str, source: str):
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {}
-    for k, v in data.items():
-        if k not in names:
-            raise ConfigError(f"unknown config key {prefix + str(k)!r} ({source}){_suggest(prefix + str(k))}")
-        kw[k] = _coerce(v, hints[k], prefix + k, source)
-    return cls(**kw)
+def _value_at(tree: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            tree = tree[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return tree
+
+
+def _explain(err: dict, tree: dict, sources: Sources, root: type = TrainConfig, prefix: str = "") -> str:
+    """One pydantic error as a message naming the key, the bound and where the value was set."""
+    loc = tuple(err["loc"])
+    kind, ctx = err["type"], err.get("ctx") or {}
+    # the field (a tuple's element is reported against the whole tuple)
+    field_loc = loc
+    while field_loc and isinstance(field_loc[-1], int):
+        field_loc = field_loc[:-1]
+    key = prefix + ".".join(str(p) for p in field_loc)
+    where = _at(sources.of(key))
+    value = _value_at(tree, field_loc)
+    if kind == "value_error":  # a dataclass's own __post_init__ check, reported against its section
+        msg = str(ctx.get("error", err["msg"]))
+        cls = _field_type(root, field_loc)
+        named = _named_fields(msg, _fields(cls) if dataclasses.is_dataclass(cls) else [])
+        if named:
+            key = f"{key}.{named[0]}" if key else named[0]
+            return f"{key}: {msg}{_at(sources.of(key))}"
+        return f"{key}: {msg}{_at(', '.join(sources.under(key)))}"
+    if kind in ("literal_error", "enum"):
+        options = [a.group(1) or a.group(2) for a in re.finditer(r"'((?:[^'\\]|\\.)*)'|(-?\d+)", ctx["expected"])]
+        return (f"{key}={value!r}: expected one of {', '.join(options)}{_did_you_mean(value, options)}{where}")
+    if kind == "missing" and field_loc != loc:  # a tuple given too few values
+        return f"{key}: expected {_type_name(_field_type(root, field_loc))}, got {value!r}{where}"
+    if "expected" not in str(ctx) and any(w in kind for w in ("parsing", "_type", "from_float")):
+        return f"{key}: expected {_type_name(_field_type(root, field_loc))}, got {value!r}{where}"
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:]
+    shown = value if value is not None or not loc else _value_at(tree, loc)
+    return f"{key}={shown!r}: {msg.replace('input should', 'must')}{where}"
+
+
+def _named_fields(msg: str, names: list[str]) -> list[str]:
+    """The field names a check's message mentions (``video_fallback`` or "video fallback"), in
+    the order they appear."""
+    found = {}
+    for n in names:
+        m = re.search(rf"\b({re.escape(n)}|{re.escape(n.replace('_', ' '))})\b", msg)
+        if m:
+            found[n] = m.start()
+    return sorted(found, key=found.get)
+
+
+def _validate(tree: dict, sources: Sources) -> TrainConfig:
+    _check_keys(tree, sources)
+    try:
+        cfg = _adapter().validate_python(tree)
+    except ValidationError as err:
+        raise ConfigError("; ".join(_explain(e, tree, sources) for e in err.errors())) from None
+    # model.overrides: each value against its ModelConfig field's type
+    hints = _hints(ModelConfig)
+    fixed, errors = {}, []
+    for k, v in cfg.model.overrides.items():
+        try:
+            fixed[k] = TypeAdapter(hints[k]).validate_python(v)
+        except ValidationError as err:
+            errors += [_explain({**e, "loc": (k, *e["loc"])}, cfg.model.overrides, sources, ModelConfig,
+                                "model.overrides.") for e in err.errors()]
+    if errors:
+        raise ConfigError("; ".join(errors))
+    cfg.model.overrides = fixed
+    return cfg.validate(sources.of)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,36 +500,90 @@ def resolve_recipe(recipe: str | Path) -> Path:
                       + (f"; did you mean {hint[0]!r}?" if hint else f"; known recipes: {known}"))
 
 
-def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """The recipe as a dict with its ``base:`` chain merged in (cycles are errors)."""
+class _Lined(dict):
+    """A YAML mapping that knows the line of each of its keys."""
+
+    lines: dict
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and keeps each key's line."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Lined:
+    loader.flatten_mapping(node)
+    out = _Lined()
+    out.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in out:
+            raise ConfigError(f"{loader.source}:{line}: duplicate key {key!r} (first at line {out.lines[key]}); "
+                              f"a YAML mapping keeps only one value per key")
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = line
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(RECIPES_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def _plain(node: Any, source: str, sources: Sources, prefix: str = "") -> Any:
+    """Plain dicts from ``_Lined`` ones, each key's ``file:line`` into ``sources``."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(node, _Lined):
+                sources[key] = f"{source}:{node.lines[k]}"
+            out[k] = _plain(v, source, sources, key + ".")
+        return out
+    if isinstance(node, list):
+        return [_plain(v, source, sources, prefix) for v in node]
+    return node
+
+
+def _load_file(path: Path) -> tuple[dict, Sources]:
+    loader = _Loader(path.read_text())
+    loader.source = _show(path)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return {}, Sources()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    sources = Sources()
+    return _plain(data, _show(path), sources), sources
+
+
+def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, Sources]:
+    """The recipe as a dict with its ``base:`` chain merged in (cycles are errors), and the source
+    of every key."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"recipe inheritance cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
     if not path.is_file():
         raise ConfigError(f"recipe file {path} not found" + (f" (base of {_seen[-1]})" if _seen else ""))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    data, sources = _load_file(path)
     bases = data.pop("base", None) or []
-    merged: dict = {}
+    merged, merged_sources = {}, Sources()
     for b in [bases] if isinstance(bases, str) else bases:
         bp = Path(b)
-        bp = bp if bp.is_absolute() else path.parent / bp
-        merged = deep_merge(merged, load_yaml_tree(bp, (*_seen, path)))
-    _check_keys(data, str(path))
-    return deep_merge(merged, data)
-
-
-def _check_keys(data: dict, source: str) -> None:
-    try:
-        _build(TrainConfig, data, "", source)
-    except ConfigError as err:
-        if "unknown config key" in str(err):
-            raise
-        # type errors are reported once the whole chain is merged (a base may be incomplete)
+        tree, src = load_tree(bp if bp.is_absolute() else path.parent / bp, (*_seen, path))
+        merged, merged_sources = deep_merge(merged, tree), Sources({**merged_sources, **src})
+    data, sources = _canonical_layer(data, sources)
+    return deep_merge(merged, data), Sources({**merged_sources, **sources})
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -394,43 +600,37 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    tree = dict(tree)
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...],
+                    sources: Sources | None = None) -> tuple[dict, Sources]:
+    """The command-line items over the tree: each sets (replaces) one key."""
+    tree, sources = dict(tree), Sources(sources or {})
     for item in overrides:
         path, value = parse_override(item)
-        # walk the dataclass types, so an unknown key is caught before it is set
-        cls: Any = TrainConfig
-        for i, part in enumerate(path):
-            prefix = ".".join(path[:i + 1])
-            if cls is None:  # inside a free-form mapping
-                break
-            names = {f.name for f in dataclasses.fields(cls)}
-            if part not in names:
-                raise ConfigError(f"unknown config key {prefix!r} (command line {item!r}){_suggest(prefix)}")
-            t = _hints(cls)[part]
-            cls = t if dataclasses.is_dataclass(t) else None
-        node = tree
-        for part in path[:-1]:
-            nxt = node.get(part)
-            nxt = dict(nxt) if isinstance(nxt, dict) else {}
-            node[part] = nxt
-            node = nxt
-        node[path[-1]] = value
-    return tree
+        key = ".".join(path)
+        if key == "data.extra" and isinstance(value, dict):  # older spelling: each entry is data.<entry>
+            items = [(_canonical(f"data.{k}"), v) for k, v in value.items()]
+        else:
+            items = [(_canonical(key), value)]
+        for k, v in items:
+            _set(tree, k, v)
+            for stale in [s for s in sources if s.startswith(k + ".")]:
+                del sources[stale]
+            sources[k] = f"command line {item!r}"
+    return tree, sources
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Recipe (with its bases) + overrides -> a validated ``TrainConfig``."""
-    tree = load_yaml_tree(resolve_recipe(recipe)) if recipe is not None else {}
-    tree = apply_overrides(tree, list(overrides))
-    return _build(TrainConfig, tree, "", f"recipe {recipe}" if recipe else "overrides").validate()
+    """Recipe (with its bases) + overrides -> a validated ``TrainConfig``, or a ``ConfigError``."""
+    tree, sources = load_tree(resolve_recipe(recipe)) if recipe is not None else ({}, Sources())
+    tree, sources = apply_overrides(tree, list(overrides), sources)
+    return _validate(tree, sources)
 
 
 def to_dict(cfg: Any) -> dict:
     """The tree as plain YAML-able data (tuples become lists)."""
     def conv(x):
         if dataclasses.is_dataclass(x):
-            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+            return {name: conv(getattr(x, name)) for name in _fields(type(x))}
         if isinstance(x, (list, tuple)):
             return [conv(v) for v in x]
         if isinstance(x, dict):
@@ -439,8 +639,19 @@ def to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
-def from_dict(data: dict) -> TrainConfig:
-    return _build(TrainConfig, data, "", "dict").validate()
+def from_dict(data: dict, source: str = "dict") -> TrainConfig:
+    """A saved tree (e.g. a run's ``config.yaml``), older spellings included, validated."""
+    sources = Sources({k: source for k, _ in _leaves(data)})
+    return _validate(*_canonical_layer(data, sources))
+
+
+def normalized_tree(tree: dict) -> dict:
+    """A saved tree as ``to_dict`` writes it now (current spellings, defaults filled in), or, when
+    it no longer validates, with its keys renamed only (for comparing a run's saved config)."""
+    try:
+        return to_dict(from_dict(tree))
+    except ConfigError:
+        return _canonical_layer(tree, Sources())[0]
 
 
 def save_config(cfg: TrainConfig, path: str | Path, recipe: str | Path | None = None,
@@ -457,19 +668,7 @@ def save_config(cfg: TrainConfig, path: str | Path, recipe: str | Path | None = 
     return path
 
 
-def data_config(cfg: TrainConfig, train: bool):
+def data_config(cfg: TrainConfig, train: bool) -> DataConfig:
     """The ``mmsparse.data.DataConfig`` of the train or val split."""
-    from mmsparse.data import DataConfig
-
-    d = cfg.data
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    for k in d.extra:
-        if k not in names:
-            hint = difflib.get_close_matches(k, sorted(names), n=1)
-            raise ConfigError(f"unknown config key 'data.extra.{k}' (not a DataConfig field)"
-                              + (f"; did you mean 'data.extra.{hint[0]}'?" if hint else ""))
-    kw = dict(backend=d.backend, num_frames=d.frames, crop=d.crop, short_side=d.short_side,
-              load_audio=d.load_audio, load_image=d.load_image, max_bad_fraction=d.max_bad_fraction,
-              train=train, seed=cfg.run.seed)
-    kw.update(d.extra)
-    return DataConfig(**kw)
+    kw = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{**kw, "train": train, "seed": cfg.run.seed})

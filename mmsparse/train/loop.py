@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, data_config, save_config, to_dict
+from .config import TrainConfig, data_config, normalized_tree, save_config, to_dict
 from .deepspeed_config import deepspeed_config
 from .distributed import Topology, all_mean, any_true, init
 from .logs import RunLogger, plot_curves
@@ -78,7 +78,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """Dotted keys whose value in ``cfg`` differs from the checkpoint's ``saved`` config, less
     those a resume may change (``RESUME_MAY_CHANGE``); each as ``key: saved -> new``."""
-    a, b = _flat(saved), _flat(to_dict(cfg))
+    a, b = _flat(normalized_tree(saved)), _flat(to_dict(cfg))
     out = []
     for k in sorted(set(a) | set(b)):
         if k in RESUME_MAY_CHANGE or k.startswith(tuple(p for p in RESUME_MAY_CHANGE if p.endswith("."))):

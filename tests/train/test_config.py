@@ -67,8 +67,9 @@ def test_type_and_value_errors(tmp_path):
     _write(tmp_path / "y.yaml", {"base": "x.yaml"})
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "x.yaml")
-    with pytest.raises(ConfigError, match=r"data\.extra\.num_frame.*did you mean 'data\.extra\.num_frames'"):
-        data_config(load_config("tiny_cpu", ["data.extra={num_frame: 3}"]), train=True)
+    # data.extra.KEY is the older spelling of data.KEY: checked at load as data.KEY
+    with pytest.raises(ConfigError, match=r"'data\.num_frame'.*did you mean 'data\.num_frames'"):
+        load_config("tiny_cpu", ["data.extra={num_frame: 3}"])
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -79,4 +80,22 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == cfg
     assert "optim.lr" in valid_keys() and "deepspeed.sequence_parallel_size" in valid_keys()
     dc = data_config(cfg, train=True)
-    assert dc.num_frames == cfg.data.frames and dc.train and dc.seed == cfg.run.seed
+    assert dc.num_frames == cfg.data.num_frames == cfg.data.frames and dc.train and dc.seed == cfg.run.seed
+    assert dc.flip is False and dc.load_image is False  # base.yaml's flip; the training default
+    assert "seed" not in yaml.safe_load(text)["data"]     # set by the trainer, not a key
+
+
+def test_one_model_config_and_one_data_config():
+    """The tree nests the components' own configs: data is a DataConfig, model.overrides are
+    ModelConfig fields (typed at load), and the older spellings of recipes still load."""
+    from mmsparse.data import DataConfig
+    from mmsparse.models import ModelConfig
+
+    cfg = load_config("tiny_cpu", ["data.frames=4", "data.extra.hop_seconds=0.02", "data.extra={stride: 2}",
+                                   "model.overrides.video_tile=[2,2,2]", "model.overrides.mlp_ratio=3"])
+    assert isinstance(cfg.data, DataConfig) and cfg.data.num_frames == 4 and cfg.data.hop_seconds == 0.02
+    assert cfg.data.stride == 2
+    assert cfg.model.overrides == {"video_tile": (2, 2, 2), "mlp_ratio": 3.0}
+    m = cfg.model.config()
+    assert isinstance(m, ModelConfig) and m.video_tile == (2, 2, 2) and m.embed_dim == 64  # captioner_tiny's
+    assert "data.num_frames" in valid_keys() and "data.flip" in valid_keys() and "data.extra" not in valid_keys()
