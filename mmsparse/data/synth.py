@@ -9,6 +9,10 @@ vocabulary so a tiny captioner can learn it:
 - a tone (``high`` 880 Hz or ``low`` 220 Hz) starts and stops at known times,
 
 and the caption says which came first, e.g. ``"a red circle moves left then a high tone plays"``.
+A share of the clips (``empty_fraction``; training data: one in eight) shows nothing: the plain
+background in silence, captioned ``"nothing happens"`` (``NOTHING``), so a model also learns to
+say so of a stretch of video without events (a window of a long clip, say) instead of inventing
+one.
 Every frame also carries its own index as a 16-bit code of black / white blocks in a band at
 the top (``frame_code_height(size)`` rows; bit k at block row k // 8, column k % 8), so tests can
 check that a decoder returned exactly the frames it was asked for.
@@ -18,14 +22,14 @@ event, a shape and a tone together for one second at a random time (``meta.event
 seconds). PNG images of one shape each go to ``images/`` with their own ``images.jsonl``.
 
 Everything drawn is a pure function of ``seed``: the same seed gives the same manifests,
-captions, events, rendered frames and audio. The encoded video is not quite: libx264 (through
-PyAV, single- or multi-threaded alike) gives about one clip in a hundred a different bitstream
-when another process encodes it (pixels off by up to ~20 in a few frames; the frame codes and
-events still read back right; measured on a 2-core CPU at 32 x 32: the rendered frames and
-their YUV planes hash the same in every process, the x264 packets do not; cause inside the
-encoder not found).
-Within one process the output repeats. Runs that must agree to the bit share one generated
-folder (tests/train/test_whole_run.py does).
+captions, events, rendered frames and audio, and the same decoded pixels. The video is encoded
+losslessly (libx264 at crf 0, still yuv420p): lossy libx264 (crf 18) gave about one clip in a
+hundred a different bitstream, with pixels off by up to ~20, when the machine was busy with
+other processes (measured on a 2-core CPU, 32 x 32: the rendered frames and their YUV planes
+hash the same in every process, the x264 packets do not), so two training runs that generated
+their own data drifted apart (1e-5 in the loss from the first affected batch, ~1e-3 after 40
+steps). A lossless stream decodes to its input whatever choices the encoder makes; the files
+are 1.1 to 1.5 times larger.
 
 Shapes: frames (T, H, W, 3) uint8 RGB; audio (S,) float32 at ``sample_rate``.
 """
@@ -54,7 +58,8 @@ BACKGROUND = (124, 116, 104)
 # Version of what the generator writes for a given spec: part of every cache key of generated
 # data (training runs, the harness and long-clip benchmarks), so a change to the content (as the
 # background above, version 2) regenerates cached sets instead of reusing stale ones.
-FORMAT = 2
+FORMAT = 3  # 3: lossless video, clips where nothing happens
+NOTHING = "nothing happens"  # the caption of a clip without events
 CODE_BITS = 16
 _BLACK, _WHITE = 16, 235
 
@@ -115,20 +120,25 @@ class ClipPlan:
 
     def events(self) -> list[dict]:
         s0, s1 = self.shape_frames
-        return [
-            {"kind": "shape", "shape": self.shape, "colour": self.colour, "motion": self.motion,
-             "start": s0 / self.fps, "end": s1 / self.fps, "start_frame": s0, "end_frame": s1},
-            {"kind": "tone", "pitch": self.tone, "freq": TONES[self.tone],
-             "start": self.tone_seconds[0], "end": self.tone_seconds[1]},
-        ]
+        out = []
+        if s1 > s0:
+            out.append({"kind": "shape", "shape": self.shape, "colour": self.colour, "motion": self.motion,
+                        "start": s0 / self.fps, "end": s1 / self.fps, "start_frame": s0, "end_frame": s1})
+        if self.tone_seconds[1] > self.tone_seconds[0]:
+            out.append({"kind": "tone", "pitch": self.tone, "freq": TONES[self.tone],
+                        "start": self.tone_seconds[0], "end": self.tone_seconds[1]})
+        return out
 
 
-def plan_clip(rng: np.random.Generator, frames: int, fps: int, long: bool = False) -> ClipPlan:
-    """Draw a clip's events. Short clips: two events with well separated onsets; long: one needle."""
+def plan_clip(rng: np.random.Generator, frames: int, fps: int, long: bool = False, empty: bool = False) -> ClipPlan:
+    """Draw a clip's events. Short clips: two events with well separated onsets; long: one needle;
+    ``empty``: none (background and silence, caption ``NOTHING``)."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     tone = list(TONES)[rng.integers(len(TONES))]
     dur = frames / fps
+    if empty:
+        return ClipPlan(frames, fps, shape, colour, None, (0, 0), tone, (0.0, 0.0), NOTHING)
     if long:
         length = min(frames, fps)  # one second
         s0 = int(rng.integers(0, frames - length + 1))
@@ -185,16 +195,17 @@ def render_audio(plan: ClipPlan, sample_rate: int = 16000) -> np.ndarray:
     out = np.zeros(n, np.float32)
     a = int(round(plan.tone_seconds[0] * sample_rate))
     b = min(n, int(round(plan.tone_seconds[1] * sample_rate)))
-    t = np.arange(b - a) / sample_rate
+    t = np.arange(max(0, b - a)) / sample_rate
     env = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01) if b > a else t
     out[a:b] = (0.3 * env * np.sin(2 * np.pi * TONES[plan.tone] * t)).astype(np.float32)
     return out
 
 
 def write_clip(path: str | Path, plan: ClipPlan, size: tuple[int, int] = (64, 64), sample_rate: int = 16000,
-               audio: bool = True, frame_code: bool = True, crf: int = 18, chunk: int = 256,
+               audio: bool = True, frame_code: bool = True, crf: int | None = None, chunk: int = 256,
                codec: str = "libx264") -> Path:
     """Encode ``plan`` into an H.264 (+ AAC) MP4 at ``path``; frames are rendered in chunks.
+    ``crf``: None is lossless H.264 (0; see the module's note on determinism), 18 for AV1.
 
     ``codec="libsvtav1"`` writes AV1 instead: a real file that decord 0.6.0 cannot open (its
     bundled FFmpeg has no AV1 decoder) and PyAV reads, which is what tests of the fallback need.
@@ -216,9 +227,10 @@ def write_clip(path: str | Path, plan: ClipPlan, size: tuple[int, int] = (64, 64
         vs.width, vs.height = size[1], size[0]
         vs.pix_fmt = "yuv420p"
         if codec == "libx264":
-            vs.options = {"crf": str(crf), "preset": "veryfast", "g": str(2 * plan.fps), "bf": "0"}
+            vs.options = {"crf": str(0 if crf is None else crf), "preset": "veryfast", "g": str(2 * plan.fps),
+                          "bf": "0"}
         else:
-            vs.options = {"crf": str(crf), "preset": "10", "g": str(2 * plan.fps)}
+            vs.options = {"crf": str(18 if crf is None else crf), "preset": "10", "g": str(2 * plan.fps)}
         ast = None
         if audio:
             ast = c.add_stream("aac", rate=sample_rate)
@@ -270,7 +282,8 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
                  size: tuple[int, int] = (64, 64), long: bool = False, fps: int = 8,
                  images: int | None = None, sample_rate: int = 16000,
                  long_frames: tuple[int, int] = (512, 4096), audio: bool = True,
-                 frame_code: bool = True, processes: int = 1, long_lengths: str = "range") -> Path:
+                 frame_code: bool = True, processes: int = 1, long_lengths: str = "range",
+                 empty_fraction: float = 0.0) -> Path:
     """Write a synthetic dataset under ``out_dir`` and return the path of its ``manifest.jsonl``.
 
     Args:
@@ -285,6 +298,8 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
             ``long``).
         processes: clips encoded side by side in this many processes; the plans are drawn here,
             so the output does not depend on it.
+        empty_fraction: share of the (short) clips where nothing happens (``NOTHING``); which
+            ones is drawn from its own stream, so the other clips do not depend on it.
     """
     h, w = int(size[0]), int(size[1])
     if h < 16 or w < 16 or h % 2 or w % 2:
@@ -294,6 +309,8 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
     lo, hi = long_frames
     if long and not (fps <= lo <= hi < 2 ** CODE_BITS):
         raise ValueError(f"long_frames must satisfy fps <= lo <= hi < {2 ** CODE_BITS}, got {long_frames}")
+    if not 0.0 <= empty_fraction <= 1.0:
+        raise ValueError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
     if long_lengths not in ("range", "doubling"):
         raise ValueError(f"long_lengths must be 'range' or 'doubling', got {long_lengths!r}")
     doubling = [lo << k for k in range(32) if lo << k <= hi]
@@ -311,7 +328,8 @@ def make_dataset(out_dir: str | Path, clips: int = 16, frames: int = 32, seed: i
             n = doubling[int(rng.integers(len(doubling)))]
         else:
             n = int(rng.integers(lo, hi + 1))
-        plan = plan_clip(rng, n, fps, long=long)
+        empty = not long and np.random.default_rng([seed, 3, i]).random() < empty_fraction
+        plan = plan_clip(rng, n, fps, long=long, empty=empty)
         rel = f"videos/{prefix}-{i:04d}.mp4"
         jobs.append((out / rel, plan))
         records.append({"id": f"{prefix}-{i:04d}", "video": rel, "caption": plan.caption,
@@ -351,7 +369,8 @@ def _write_clips(jobs: list[tuple[Path, ClipPlan]], size: tuple[int, int], sampl
 
 def vocabulary() -> list[str]:
     """Every word a synthetic caption can use (for tokenizers and tests)."""
-    words = {"a", "then", "moves", "tone", "plays", "appears", "with", *COLOURS, *SHAPES, *MOTIONS, *TONES}
+    words = {"a", "then", "moves", "tone", "plays", "appears", "with", *NOTHING.split(), *COLOURS, *SHAPES, *MOTIONS,
+             *TONES}
     return sorted(words)
 
 

@@ -113,6 +113,7 @@ class SynthConfig:
     long_lengths: Literal["range", "doubling"] = "range"  # range: any length in long_frames; doubling:
                                        # lo, 2 lo, ... (synth.make_dataset)
     frame_code: bool = True            # the frame-index band at the top of each frame (synth.make_dataset)
+    empty_fraction: Fraction = 0.125   # share of short clips where nothing happens ("nothing happens")
 
 
 @section

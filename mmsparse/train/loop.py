@@ -147,7 +147,7 @@ def prepare_data(cfg: TrainConfig, topo: Topology, run_dir: Path) -> tuple[Path,
     spec = json.dumps({**to_dict(s), "format": synth.FORMAT}, sort_keys=True)
     if topo.is_main and not (done.is_file() and done.read_text() == spec):
         kw = dict(frames=s.frames, size=tuple(s.size), long=s.long, long_frames=tuple(s.long_frames),
-                  long_lengths=s.long_lengths, frame_code=s.frame_code, images=0)
+                  long_lengths=s.long_lengths, frame_code=s.frame_code, empty_fraction=s.empty_fraction, images=0)
         synth.make_dataset(root / "train", clips=s.clips, seed=s.seed, **kw)
         if s.val_clips:
             synth.make_dataset(root / "val", clips=s.val_clips, seed=s.seed + 1000, **kw)
