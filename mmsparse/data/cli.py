@@ -33,30 +33,50 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """Decode every sample once; print each bad one once (path, reason, detail) on stdout, files
+    only the fallback backend reads as ``fallback``, and the counts on stderr. A sample's audio
+    track is decoded whole and checked against its declared duration (``audio.read_audio``),
+    not only the window the dataset reads."""
+    import logging
+
     from . import DataConfig, MediaDataset
+    from .audio import read_audio
+    from .errors import MediaError
 
     try:
         fallback = None if args.fallback == "none" else args.fallback
         ds = MediaDataset(args.manifest, DataConfig(backend=args.backend, num_frames=args.frames, strict=True,
                                                     require_audio=args.require_audio, min_frames=1,
-                                                    video_fallback=fallback))
+                                                    video_fallback=fallback, audio_backend=args.audio_backend))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .errors import MediaError
-
+    c = ds.cfg
+    data_log = logging.getLogger("mmsparse.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # every failure and fallback is printed below, once
     bad = 0
-    for i in range(len(ds)):
-        rescued = ds.stats.fallbacks
-        try:
-            ds[i]
-        except MediaError as err:
-            ds.stats.record(err)
-            bad += 1
-            print(f"{err.path}\t{err.reason}\t{err.detail}")
-        if ds.stats.fallbacks > rescued:  # readable, but only by the fallback backend: listed, not bad
-            path, backend, detail = ds.stats.recent_fallbacks[-1]
-            print(f"{path}\tfallback\t{backend} read it; {args.backend}: {detail}")
+    try:
+        for i, s in enumerate(ds.samples):
+            rescued = ds.stats.fallbacks
+            try:
+                ds[i]
+                src = (s.audio or s.video) if c.load_audio else None
+                if src is not None:
+                    try:
+                        read_audio(src, c.sample_rate, backend=c.audio_backend)
+                    except MediaError as err:
+                        if err.reason != "no_audio":
+                            raise
+            except MediaError as err:
+                ds.stats.record(err, warn=False)
+                bad += 1
+                print(f"{err.path}\t{err.reason}\t{err.detail}")
+            if ds.stats.fallbacks > rescued:  # readable, but only by the fallback backend: listed, not bad
+                path, backend, detail = ds.stats.recent_fallbacks[-1]
+                print(f"{path}\tfallback\t{backend} read it; {args.backend}: {detail}")
+    finally:
+        data_log.setLevel(level)
     print(ds.stats.summary().splitlines()[0].replace("sample loads", "samples"), file=sys.stderr)
     return 1 if bad else 0
 
@@ -96,6 +116,7 @@ def register(subparsers) -> None:
     k.add_argument("--backend", default="pyav", choices=["pyav", "decord"])
     k.add_argument("--fallback", default="auto", choices=["auto", "decord", "pyav", "none"],
                    help="backend tried when --backend's decoder fails (auto: the other one)")
+    k.add_argument("--audio-backend", default="pyav", choices=["pyav", "decord"])
     k.add_argument("--frames", type=int, default=4)
     k.add_argument("--require-audio", action="store_true")
     k.set_defaults(func=_check)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MediaError, check_file, diagnose
+from .errors import MediaError, capture_stderr, check_file, diagnose, library_log
 
 BACKENDS = ("decord", "pyav")
 # decoder errors that another backend may not share; missing / empty / unreadable files fail in
@@ -191,7 +191,7 @@ class DecordVideo:
         out = np.empty((len(indices), *out_hw, 3), np.uint8)
         for a in range(0, len(indices), chunk):
             idx = indices[a:a + chunk].tolist()
-            out[a:a + len(idx)] = resize_frames(self._vr.get_batch(idx).asnumpy(), out_hw)
+            out[a:a + len(idx)] = resize_frames(quiet(lambda: self._vr.get_batch(idx).asnumpy()), out_hw)
         times = self._vr.get_frame_timestamp(indices.tolist())[:, 0] if len(indices) else np.zeros(0)
         return out, np.asarray(times, np.float64)
 
@@ -365,13 +365,34 @@ def _frame_rotation(frame) -> int:
     return int(round(r / 90.0)) * 90 % 360
 
 
+class LibraryError(RuntimeError):
+    """A decoder library's exception with the lines it logged while failing (``quiet``)."""
+
+
+def quiet(fn: Callable[[], R]) -> R:
+    """Run ``fn`` with the process's stderr captured: what a C/C++ decoder library prints there
+    (decord's C++ check failures, its bundled FFmpeg's log) never reaches the terminal; when
+    ``fn`` fails, those lines join its error (``LibraryError``) as the reason."""
+    failure = None
+    with capture_stderr() as log:
+        try:
+            return fn()
+        except MediaError:
+            raise
+        except Exception as err:
+            failure = err
+    said = library_log("".join(log))
+    msg = library_log(str(failure), keep=5) or type(failure).__name__
+    raise LibraryError(msg + (f"; log: {said}" if said and said not in msg else "")) from failure
+
+
 def open_video(path: str | Path, backend: str = "pyav", num_threads: int = 1) -> VideoReader:
-    """Open ``path`` with ``backend`` (``decord`` or ``pyav``); failures become MediaError."""
+    """Open ``path`` with ``backend`` (``pyav`` or ``decord``); failures become MediaError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_file(path)
     try:
-        return DecordVideo(path, num_threads) if backend == "decord" else PyAVVideo(path, num_threads)
+        return quiet(lambda: DecordVideo(path, num_threads)) if backend == "decord" else PyAVVideo(path, num_threads)
     except MediaError:
         raise
     except Exception as err:  # decord raises RuntimeError / DECORDError, PyAV av.error.*

@@ -2,8 +2,9 @@
 
 Reasons (``REASONS``): ``missing`` (no such file), ``unreadable`` (a directory, no permission,
 I/O error), ``empty`` (zero bytes), ``truncated`` (the container declares more bytes than the
-file holds), ``corrupt`` (anything else the decoder rejects), ``no_audio`` (audio required but
-the file has no audio track), ``too_short`` (fewer frames than asked), ``timeout`` (decode did
+file holds, or a stream holds less than its header declares), ``corrupt`` (anything else the
+decoder rejects), ``corrupt_audio`` (the audio track fails to decode, or decodes short of its
+declared duration: damaged packets), ``no_audio`` (audio required but the file has no audio track), ``too_short`` (fewer frames than asked), ``timeout`` (decode did
 not finish in time), ``crashed`` (the decoder killed its DataLoader worker, e.g. a segfault in
 decord's C++ on a damaged file; see ``CrashGuard``).
 
@@ -14,22 +15,35 @@ backend's error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import re
 import stat
+import tempfile
+import threading
 from pathlib import Path
 
 log = logging.getLogger("mmsparse.data")
 
-REASONS = ("missing", "unreadable", "empty", "truncated", "corrupt", "no_audio", "too_short", "timeout",
-           "crashed")
+REASONS = ("missing", "unreadable", "empty", "truncated", "corrupt", "corrupt_audio", "no_audio", "too_short",
+           "timeout", "crashed")
 
 
 class MediaError(Exception):
-    """A sample could not be loaded; ``reason`` is one of ``REASONS``."""
+    """A sample could not be loaded; ``reason`` is one of ``REASONS``.
 
-    def __init__(self, path: str | Path, reason: str, detail: str = ""):
+    A DataLoader worker hands an exception to the main process as its type and formatted text,
+    and torch rebuilds it there by calling the type with that text alone ("Caught MediaError in
+    DataLoader worker process 0. Original Traceback ... MediaError: <path>: <reason> (<detail>)");
+    given one argument, MediaError reads its path, reason and detail back from that text, so
+    strict mode raises a MediaError from workers as it does without them.
+    """
+
+    def __init__(self, path: str | Path, reason: str | None = None, detail: str = ""):
+        if reason is None:
+            path, reason, detail = _parse_worker_text(str(path))
         if reason not in REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; expected one of {REASONS}")
         self.path, self.reason, self.detail = str(path), reason, detail
@@ -37,6 +51,18 @@ class MediaError(Exception):
 
     def __reduce__(self):  # picklable across DataLoader workers
         return (MediaError, (self.path, self.reason, self.detail))
+
+
+_WORKER_TEXT = re.compile(r"MediaError: (?P<path>.*?): (?P<reason>" + "|".join(REASONS) + r")(?: \((?P<detail>.*)\))?$")
+
+
+def _parse_worker_text(text: str) -> tuple[str, str, str]:
+    """(path, reason, detail) from the last ``MediaError: ...`` line of a worker's traceback."""
+    for line in reversed(text.strip().splitlines()):
+        m = _WORKER_TEXT.search(line.strip())
+        if m:
+            return m["path"], m["reason"], m["detail"] or ""
+    raise ValueError(f"MediaError needs (path, reason[, detail]); got only {text[:200]!r}")
 
 
 class TooManyBadSamples(RuntimeError):
@@ -63,6 +89,77 @@ def check_file(path: str | Path) -> None:
             raise MediaError(p, "empty", "zero-length file")
         if not os.access(p, os.R_OK):
             raise MediaError(p, "unreadable", "permission denied")
+
+
+class _StderrCapture:
+    """Output written to file descriptor 2 (by C and C++ libraries, which Python cannot
+    intercept) while a capture is open goes to a temporary file instead of the terminal.
+
+    One capture per process at a time (a nested or concurrent one captures nothing of its
+    own). ``restore`` puts the terminal back even while a capture is open, for a decode that was
+    abandoned inside one (``decode.call_with_timeout``); that capture's end then changes nothing.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._saved: int | None = None  # the terminal's fd 2, while a capture is open
+        self._owner: object | None = None
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Yields a list that holds the captured text (one string) once the block has ended."""
+        out: list[str] = []
+        token, f = object(), None
+        with self._lock:
+            if self._owner is None:
+                try:
+                    f = tempfile.TemporaryFile(mode="w+b")
+                    saved = os.dup(2)
+                    os.dup2(f.fileno(), 2)
+                    self._saved, self._owner = saved, token
+                except OSError:  # no fd 2 to redirect: capture nothing
+                    if f is not None:
+                        f.close()
+                    f = None
+        try:
+            yield out
+        finally:
+            if f is not None:
+                with self._lock:
+                    if self._owner is token:
+                        self._restore_fd()
+                f.seek(0)
+                out.append(f.read().decode("utf-8", "replace"))
+                f.close()
+
+    def _restore_fd(self) -> None:
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+        self._saved = self._owner = None
+
+    def restore(self) -> None:
+        with self._lock:
+            self._restore_fd()
+
+
+_STDERR = _StderrCapture()
+capture_stderr = _STDERR.capture  # with capture_stderr() as log: ...; then "".join(log)
+restore_stderr = _STDERR.restore
+
+
+# decord's log prefix: "[08:46:50] /github/workspace/src/video/video_reader.cc:486: "
+_LOG_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+\.(?:cc|cpp|h):\d+: ")
+
+
+def library_log(text: str, keep: int = 3) -> str:
+    """The last ``keep`` distinct non-empty lines of a captured library log, without decord's
+    time and source-file prefixes, joined with "; "."""
+    lines: list[str] = []
+    for line in (_LOG_PREFIX.sub("", " ".join(t.split())) for t in text.splitlines()):
+        if line and line not in lines:
+            lines.append(line)
+    return "; ".join(lines[-keep:])
 
 
 def _iso_bmff_truncated(path: Path) -> bool:
@@ -129,11 +226,13 @@ class FailureStats:
         with self._lock:
             self._counts[0] += 1
 
-    def record(self, err: MediaError) -> None:
+    def record(self, err: MediaError, warn: bool = True) -> None:
+        """Count ``err``; ``warn``: also log it (a caller that reports it itself passes False)."""
         with self._lock:
             self._counts[1 + REASONS.index(err.reason)] += 1
         self.recent = (self.recent + [(err.path, err.reason, err.detail)])[-self.keep:]
-        log.warning("skipping %s: %s%s", err.path, err.reason, f" ({err.detail})" if err.detail else "")
+        if warn:
+            log.warning("skipping %s: %s%s", err.path, err.reason, f" ({err.detail})" if err.detail else "")
 
     def fallback(self, err: MediaError, backend: str) -> None:
         """The primary backend failed with ``err`` and ``backend`` decoded the sample instead."""

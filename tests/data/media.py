@@ -80,3 +80,45 @@ def _mux(c, pkt, packet_pts) -> None:
         if pkt.dts is not None:
             pkt.dts += shift
     c.mux(pkt)
+
+
+def rewrite_audio(src: str | Path, dst: str | Path, damage) -> Path:
+    """Copy ``src`` to ``dst`` packet by packet (no re-encoding), passing each audio packet's
+    bytes through ``damage(k, data) -> bytes`` (k counts audio packets from 0)."""
+    import av
+
+    dst = Path(dst)
+    with av.open(str(src)) as i, av.open(str(dst), "w", format=i.format.name.split(",")[0]) as o:
+        out = {s.index: o.add_stream_from_template(s) for s in i.streams}
+        k = 0
+        for p in i.demux():
+            if p.dts is None:  # the demuxer's end-of-stream packets
+                continue
+            index = p.stream.index
+            if p.stream.type == "audio":
+                q = av.Packet(damage(k, bytes(p)))
+                q.pts, q.dts, q.time_base = p.pts, p.dts, p.time_base
+                k += 1
+                p = q
+            p.stream = out[index]
+            o.mux(p)
+    return dst
+
+
+def write_tone(path: str | Path, seconds: float = 3.0, sample_rate: int = 16000, codec: str = "libopus",
+               fmt: str = "matroska") -> Path:
+    """A mono 440 Hz tone, audio only."""
+    import av
+
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * sample_rate)) / sample_rate)).astype(np.float32)
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=sample_rate)
+        s.layout = "mono"
+        for k in range(0, len(wave), 960):
+            f = av.AudioFrame.from_ndarray(wave[None, k:k + 960], format="flt", layout="mono")
+            f.sample_rate, f.pts = sample_rate, k
+            for pkt in s.encode(f):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return Path(path)
