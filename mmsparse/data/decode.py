@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MediaError, capture_stderr, check_file, diagnose, library_log
+from .errors import MediaError, capture_stderr, check_file, diagnose, library_log, restore_stderr
 
 BACKENDS = ("decord", "pyav")
 # decoder errors that another backend may not share; missing / empty / unreadable files fail in
@@ -480,6 +480,7 @@ def call_with_timeout(fn: Callable[[], R], timeout: float | None, path: str | Pa
     th.start()
     th.join(timeout)
     if th.is_alive():
+        restore_stderr()  # the abandoned decode may hang inside a capture (``quiet``)
         raise MediaError(path, "timeout", f"decode did not finish in {timeout:g} s")
     if "error" in box:
         raise box["error"]  # type: ignore[misc]

@@ -102,7 +102,11 @@ def test_log_mel_arguments():
     feat = log_mel(np.zeros(1600, np.float32), n_mels=64, hop_seconds=0.02)
     assert feat.shape == (64, 1600 // 320 + 1) and torch.isfinite(feat).all()
     assert log_mel(np.zeros(10, np.float32)).shape[0] == 128  # very short input is padded, not an error
-    with pytest.raises(ValueError, match=r"wave must be 1-D \(S,\)"):
-        log_mel(np.zeros((2, 100), np.float32))
+    batch = np.random.default_rng(0).standard_normal((2, 1600)).astype(np.float32)
+    both = log_mel(batch)  # (B, S) -> (B, M, Tm), each row as if alone
+    assert both.shape == (2, 128, 1600 // 160 + 1)
+    torch.testing.assert_close(both[1], log_mel(batch[1]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"wave must be \(\.\.\., S\) with S >= 1"):
+        log_mel(np.zeros((2, 0), np.float32))
     with pytest.raises(ValueError, match="audio backend"):
         read_audio("x.wav", backend="torchaudio")

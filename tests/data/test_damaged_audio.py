@@ -109,3 +109,27 @@ def test_data_check_lists_each_damaged_file_once(damaged, backend, capfd):
     assert sorted((p, r) for p, r, _ in lines) == sorted((str(p), DAMAGED[n]) for n, p in files.items())
     assert "3 of 5 samples failed" in err
     assert "skipping" not in err and ".cc:" not in err and ".cc:" not in out  # no log lines, no C++ lines
+
+
+def test_library_log_is_captured_and_the_terminal_restored(capfd):
+    """What a C library writes to fd 2 during ``quiet`` becomes the error's reason; the
+    terminal gets it back afterwards, also when a decode is abandoned inside a capture."""
+    import os
+    import threading
+
+    from mmsparse.data.decode import LibraryError, call_with_timeout, quiet
+
+    def fail():
+        os.write(2, b"[08:46:50] /github/workspace/src/audio/audio_reader.cc:189: ERROR Fail to send packet.\n")
+        raise RuntimeError("decode failed")
+
+    with pytest.raises(LibraryError, match=r"^decode failed; log: ERROR Fail to send packet\.$"):
+        quiet(fail)
+    assert quiet(lambda: os.write(2, b"noise\n") and 7) == 7
+    release = threading.Event()
+    with pytest.raises(MediaError, match="timeout"):
+        call_with_timeout(lambda: quiet(lambda: release.wait(10)), 0.2, "hung.mp4")
+    os.write(2, b"after\n")
+    release.set()
+    out, err = capfd.readouterr()
+    assert "Fail to send" not in err and "noise" not in err and err.endswith("after\n")
