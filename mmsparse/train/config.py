@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -86,6 +87,27 @@ class RunConfig:
 
 
 @section
+class InitSection:
+    """Pretrained encoder weights from a timm ViT (mmsparse.models.pretrained): a timm model name
+    and / or a local checkpoint file, loaded through timm. Empty: random initialisation."""
+
+    timm_model: str = ""               # timm architecture[.tag], e.g. vit_base_patch16_224, vit_base_patch16_clip_224
+    checkpoint: str = ""               # local .safetensors / .pth / .bin; "" with timm_model: timm's hub download
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs (a variant, e.g. depth: 2)
+    inflate: Literal["central", "average"] = "central"  # 2D patch filter -> tubelet: middle frame / mean
+    match_encoder: bool = True         # encoder width, depth, heads, norms, patch size from the checkpoint
+
+
+@section
+class FreezeSection:
+    """Parameters kept fixed while fine-tuning (mmsparse.models.pretrained.freeze)."""
+
+    encoder: bool = False              # video / image patch embeddings, pre-norm, blocks, final norm
+    patch_embed: bool = False          # the video / image patch embeddings
+    blocks: NonNegative = 0            # the first N encoder blocks
+
+
+@section
 class ModelSection:
     """Which model: a variant of mmsparse.models' registry, its ModelConfig fields changed by
     ``overrides``, and the task it is trained for."""
@@ -93,6 +115,8 @@ class ModelSection:
     name: str = "captioner_tiny"       # a name in mmsparse.models' registry
     task: Literal["caption", "contrastive"] = "caption"
     overrides: dict[str, Any] = field(default_factory=dict)   # ModelConfig fields (create_model kwargs)
+    init: InitSection = field(default_factory=InitSection)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
 
     def config(self) -> ModelConfig:
         """The ModelConfig the run builds."""
@@ -147,6 +171,9 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: Fraction = 0.1
     grad_clip: NonNegativeFloat = 1.0  # 0 disables
+    # layer-wise lr decay (BEiT; timm's param_groups_layer_decay): block i of a depth-L encoder
+    # trains at lr * layer_decay ** (L - i), the decoder at lr; 1: off (one parameter group)
+    layer_decay: Annotated[float, AllowInfNan(False), Interval(gt=0, le=1)] = 1.0
 
 
 @section
@@ -211,7 +238,8 @@ class TrainConfig:
         if lo > hi:
             fail("data.synth.long_frames", f"needs low <= high, got {[lo, hi]}")
         if m.name not in list_models():
-            fail("model.name", f"{m.name!r} is not one of {', '.join(list_models())}{_did_you_mean(m.name, list_models())}")
+            names = list_models()
+            fail("model.name", f"{m.name!r} is not one of {', '.join(names)}{_did_you_mean(m.name, names)}")
         try:
             m.config()
         except ValueError as err:  # ModelConfig's own checks (schedule names, head sizes, ...)
@@ -237,18 +265,14 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-def _section_type(tp: Any) -> type | None:
-    return tp if dataclasses.is_dataclass(tp) else None
-
-
 def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted key of the tree (sections and leaves)."""
     out = []
     for name in _fields(cls):
         key = prefix + name
         out.append(key)
-        sub = _section_type(_hints(cls)[name])
-        if sub is not None:
+        sub = _hints(cls)[name]
+        if dataclasses.is_dataclass(sub):
             out += valid_keys(sub, key + ".")
     return out
 
@@ -307,7 +331,7 @@ def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in ("model.overrides", "deepspeed.extra"):
+        if isinstance(v, dict) and v and key not in ("model.overrides", "model.init.timm_kwargs", "deepspeed.extra"):
             out += _leaves(v, key + ".")
         else:
             out.append((key, v))
@@ -351,10 +375,10 @@ def _check_keys(tree: dict, sources: Sources, cls: type = TrainConfig, prefix: s
                               f"{_at(sources.of(key))}")
         if k not in names:
             raise ConfigError(f"unknown config key {key!r}{_at(sources.of(key))}{_suggest(key)}")
-        sub = _section_type(hints[k])
-        if sub is not None and isinstance(v, dict):
-            _check_keys(v, sources, sub, key + ".")
-    overrides = (tree.get("model") or {}).get("overrides") if prefix == "" else None
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            _check_keys(v, sources, hints[k], key + ".")
+    model = tree.get("model") if prefix == "" else None
+    overrides = model.get("overrides") if isinstance(model, dict) else None
     if isinstance(overrides, dict):
         fields = [f.name for f in dataclasses.fields(ModelConfig)]
         for k in overrides:
@@ -368,14 +392,9 @@ def _check_keys(tree: dict, sources: Sources, cls: type = TrainConfig, prefix: s
 # Validation (pydantic against the dataclasses' types)
 
 
-_ADAPTER: TypeAdapter | None = None
-
-
+@functools.cache
 def _adapter() -> TypeAdapter:
-    global _ADAPTER
-    if _ADAPTER is None:
-        _ADAPTER = TypeAdapter(TrainConfig)
-    return _ADAPTER
+    return TypeAdapter(TrainConfig)
 
 
 def _field_type(cls: Any, loc: tuple) -> Any:

@@ -99,3 +99,22 @@ def test_one_model_config_and_one_data_config():
     m = cfg.model.config()
     assert isinstance(m, ModelConfig) and m.video_tile == (2, 2, 2) and m.embed_dim == 64  # captioner_tiny's
     assert "data.num_frames" in valid_keys() and "data.flip" in valid_keys() and "data.extra" not in valid_keys()
+
+
+def test_config_saved_in_the_older_spelling_loads_the_same(tmp_path):
+    """A run's config.yaml written before data took DataConfig's fields (data.frames, data.extra)
+    loads to the same tree, and a resume compares it without spurious differences."""
+    from mmsparse.train.config import from_dict, normalized_tree, to_dict
+    from mmsparse.train.loop import config_differences
+
+    cfg = load_config("longclip_local")
+    old = to_dict(cfg)
+    data = old["data"]
+    keep = ("manifest", "val_manifest", "batch_size", "num_workers", "crop", "short_side", "load_audio",
+            "load_image", "backend", "max_bad_fraction", "synth")
+    old["data"] = {**{k: data[k] for k in keep}, "frames": data["num_frames"],
+                   "extra": {k: v for k, v in data.items() if k not in keep and k != "num_frames"}}
+    assert from_dict(old) == cfg and normalized_tree(old) == to_dict(cfg)
+    assert config_differences(old, cfg) == []
+    assert config_differences(old, load_config("longclip_local", ["data.frames=128"])) == [
+        "data.num_frames: 256 -> 128"]

@@ -34,7 +34,7 @@ BAD = [
     ("model.overrides.schedule=locl", r"model\.overrides\.schedule: schedule must be one of"),
     ("model.overrides.num_heads=3", r"model\.overrides\.num_heads: .*even head_dim"),
     ("model.overrides.depth=two", r"model\.overrides\.depth: expected int, got 'two'"),
-    ("model.overrides.depht=2", r"unknown config key 'model\.overrides\.depht'.*did you mean 'model\.overrides\.depth'"),
+    ("model.overrides.depht=2", r"unknown config key 'model\.overrides\.depht'.*'model\.overrides\.depth'"),
     ("data.seed=1", r"data\.seed cannot be set: the trainer sets it from run\.seed"),
 ]
 
