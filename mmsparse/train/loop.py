@@ -247,14 +247,22 @@ def load_init_weights(model: nn.Module, export: Path) -> None:
 
 
 def build_model(cfg: TrainConfig, train_manifest: Path, run_dir: Path, topo: Topology):
-    """(model, task) from the registry. The caption tokenizer is trained once on the train
-    manifest by rank 0 and kept in the run folder (a resumed run reuses it)."""
+    """(model, task, init report or None) from the registry, with the pretrained encoder weights
+    of ``model.init`` and the freezing of ``model.freeze``. The caption tokenizer is trained once
+    on the train manifest by rank 0 and kept in the run folder (a resumed run reuses it)."""
     import torch.distributed as dist
 
     from mmsparse import models
+    from mmsparse.data.transforms import TransformConfig, pixel_norm
+    from mmsparse.models.pretrained import create_initialised, freeze
     from mmsparse.models.text import CaptionTokenizer
 
-    model = models.create_model(cfg.model.name, **cfg.model.overrides)
+    model, report = create_initialised(cfg.model.name, cfg.model.overrides, cfg.model.init,
+                                       data_norm=pixel_norm(TransformConfig(normalize=cfg.data.normalize)))
+    fz = cfg.model.freeze
+    frozen = freeze(model, fz.encoder, fz.patch_embed, fz.blocks)
+    if report is not None:
+        report.frozen = frozen
     tok_path = run_dir / "tokenizer.json"
     if topo.is_main and not tok_path.is_file():
         tok = CaptionTokenizer.from_manifest(train_manifest, vocab_size=model.cfg.vocab_size)
@@ -265,7 +273,7 @@ def build_model(cfg: TrainConfig, train_manifest: Path, run_dir: Path, topo: Top
         dist.barrier()
     model.set_tokenizer(CaptionTokenizer.load(tok_path))
     task_cls = {"caption": models.CaptionTask, "contrastive": models.ContrastiveTask}[cfg.model.task]
-    return model, task_cls(model)
+    return model, task_cls(model), report
 
 
 class StreamStats:
@@ -474,7 +482,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
 
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     train_manifest, val_manifest = prepare_data(cfg, topo, run_dir)
-    model, task = build_model(cfg, train_manifest, run_dir, topo)
+    model, task, init_report = build_model(cfg, train_manifest, run_dir, topo)
+    if init_report is not None and topo.is_main:
+        init_report.save(run_dir)
     if source is not None:
         load_init_weights(model, source)
     stats = StreamStats(model.blocks)  # before the sequence-parallel hooks: counts whole streams
@@ -488,8 +498,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
         apply_sequence_parallel(model, topo.sp_group, topo.sp_rank, topo.sp)
     module = task if isinstance(task, nn.Module) and model in task.modules() else TaskModule(task, model)
     n_params = sum(p.numel() for p in model.parameters())
-    engine, _opt, _, _sched = deepspeed.initialize(
-        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds_cfg)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.optim.layer_decay < 1:  # parameter groups, each at its layer's lr (models/pretrained.py)
+        from mmsparse.models.pretrained import param_groups, scheduler_lrs
+
+        inside = {id(p) for p in model.parameters()}
+        params = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.layer_decay,
+                              extra=[p for p in params if id(p) not in inside])
+        ds_cfg = scheduler_lrs(ds_cfg, params)
+    engine, _opt, _, _sched = deepspeed.initialize(model=module, model_parameters=params, config=ds_cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
     seed_all(cfg.run.seed + 1 + topo.rank)  # per-rank dropout / drop-path streams
     train_loader, val_loader = make_loaders(cfg, topo, train_manifest, val_manifest)
@@ -509,6 +526,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
     log.message(f"{cfg.model.name} ({n_params / 1e6:.2f} M parameters), {topo.world} processes "
                 f"(data-parallel {topo.dp} x sequence-parallel {topo.sp}) on {topo.device.type}, "
                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, run folder {run_dir}")
+    if init_report is not None:
+        log.message(init_report.summary() + f"\n  (all keys: {run_dir / 'init_report.json'})")
 
     def save(at: int) -> None:
         client = {"step": at, "nonfinite_skipped": skipped, "nonfinite_in_row": in_row,
