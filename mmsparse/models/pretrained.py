@@ -261,6 +261,19 @@ def inflate_patch_embed(weight: torch.Tensor, frames: int, mode: str = "central"
     return out
 
 
+def fold_input_norm(weight: torch.Tensor, bias: torch.Tensor, weights_norm, data_norm):
+    """(weight, bias) of a patch filter (D, C, ...) for frames normalised with ``data_norm`` that
+    compute what it computes on the same pixels normalised with ``weights_norm`` (each a (mean,
+    std) of C floats): x_w = x_d * s_d / s_w + (m_d - m_w) / s_w per channel, exact for a filter
+    with no padding."""
+    (mw, sw), (md, sd) = [tuple(torch.tensor(v, dtype=torch.float64) for v in n) for n in (weights_norm, data_norm)]
+    shape = (1, -1) + (1,) * (weight.dim() - 2)
+    w = weight.double()
+    new_w = w * (sd / sw).view(shape)
+    new_b = bias.double() + (w * ((md - mw) / sw).view(shape)).sum(dim=tuple(range(1, w.dim())))
+    return new_w.to(weight.dtype), new_b.to(bias.dtype)
+
+
 @dataclass
 class InitReport:
     """What ``apply_pretrained`` did: model parameter -> source key (and how), source keys dropped
@@ -340,8 +353,12 @@ def _check_structure(cfg, arch: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central") -> InitReport:
+def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central", data_norm=None) -> InitReport:
     """Copy the source's weights into ``model`` (a VideoCaptioner) in place; the InitReport.
+
+    ``data_norm``: the (mean, std) the model's frames are normalised with (the data pipeline's);
+    where the weights were trained on another one (timm's pretrained_cfg), the patch embeddings
+    take the difference (`fold_input_norm`), so the pixels give the features they gave in timm.
 
     PretrainedError, before anything is copied, on a shape mismatch (naming each parameter and both
     shapes) or a structural difference (heads, norm eps, pre-norm, QK-norm)."""
@@ -372,6 +389,15 @@ def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central")
     if b is None:
         b = w.new_zeros(w.shape[0])
         report.notes.append("the checkpoint's patch embedding has no bias (CLIP): the patch biases start at zero")
+    w_norm = (arch["mean"], arch["std"]) if arch.get("mean") and arch.get("std") else None
+    if data_norm is not None and w_norm is None:
+        report.notes.append("the weights' input normalisation is unknown (a bare state dict): frames go in with "
+                            "the data's, unadjusted")
+    elif data_norm is not None and _differs(w_norm, data_norm):
+        w, b = fold_input_norm(w, b, w_norm, data_norm)
+        report.notes.append(f"the weights were trained on frames normalised with mean {_r(w_norm[0])}, std "
+                            f"{_r(w_norm[1])}, the data uses mean {_r(data_norm[0])}, std {_r(data_norm[1])}: "
+                            "the patch embeddings take the difference (exact)")
     if "image" in embeds:
         put("embed.embeds.image.proj.proj.weight", w, "patch_embed.proj.weight")
         put("embed.embeds.image.proj.proj.bias", b, "patch_embed.proj.bias")
@@ -454,6 +480,14 @@ def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central")
     return report
 
 
+def _differs(a, b) -> bool:
+    return any(abs(float(x) - float(y)) > 1e-7 for u, v in zip(a, b) for x, y in zip(u, v))
+
+
+def _r(v) -> list[float]:
+    return [round(float(x), 4) for x in v]
+
+
 def _map_prefix_tokens(model, st, arch, put, report: InitReport) -> None:
     """cls_token (with its position, where the table has one) and registers -> the global tokens."""
     g = model.embed.global_tokens
@@ -505,11 +539,12 @@ def _dropped_why(key: str) -> str:
 # Building, freezing, parameter groups
 
 
-def create_initialised(name: str, overrides: dict | None = None, init=None, tokenizer=None):
+def create_initialised(name: str, overrides: dict | None = None, init=None, tokenizer=None, data_norm=None):
     """(model, InitReport or None): the registered model ``name`` with ``overrides``, and with the
     pretrained weights of ``init`` (the train config's ``model.init``: timm_model, checkpoint,
     timm_kwargs, inflate, match_encoder) when it names any. With match_encoder the encoder's shape
-    comes from the checkpoint (explicit ``overrides`` still win, and are then checked)."""
+    comes from the checkpoint (explicit ``overrides`` still win, and are then checked).
+    ``data_norm``: the data's pixel (mean, std), see `apply_pretrained`."""
     from .registry import create_model
 
     overrides = dict(overrides or {})
@@ -522,7 +557,7 @@ def create_initialised(name: str, overrides: dict | None = None, init=None, toke
         derived = {k: v for k, v in encoder_overrides(source, base).items()
                    if k not in overrides and getattr(base, k) != v}
     model = create_model(name, tokenizer=tokenizer, **derived, **overrides)
-    report = apply_pretrained(model, source, init.inflate)
+    report = apply_pretrained(model, source, init.inflate, data_norm)
     report.overrides = derived
     return model, report
 

@@ -250,3 +250,25 @@ def test_training_step_with_layer_decay_and_freeze(tmp_path, batch, tokenizer):
     assert torch.equal(after["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])
     assert not torch.equal(after["blocks.1.mlp.fc1.weight"], before["blocks.1.mlp.fc1.weight"])
     assert not torch.equal(after["decoder.tok_embed.weight"], before["decoder.tok_embed.weight"])
+
+
+def test_data_normalisation_folded_into_patch_embedding(tmp_path):
+    """CLIP weights expect CLIP's (mean, std), the data gives ImageNet's: the patch embedding takes
+    the difference, so the same pixels give timm's features."""
+    from mmsparse.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    name, extra = FAMILIES["clip"]
+    ref = _timm(name, extra)
+    init = _init(name, _save(ref, tmp_path / "clip.safetensors"), {**SMALL, **extra})
+    model, report = create_initialised("captioner_tiny", dict(n_global=1, schedule="dense", required_modalities=()),
+                                       init, data_norm=(IMAGENET_MEAN, IMAGENET_STD))
+    assert any("take the difference" in n for n in report.notes)
+    pixels = torch.rand(2, 3, 64, 64)
+
+    def norm(mean, std):
+        return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+    with torch.no_grad():
+        ours, layout = _no_rope_encode(model.eval(), {"image": norm(IMAGENET_MEAN, IMAGENET_STD)})
+        theirs = ref.forward_features(norm(ref.pretrained_cfg["mean"], ref.pretrained_cfg["std"]))
+    torch.testing.assert_close(_segment_raster(ours, layout, "image"), theirs[:, 1:], atol=5e-5, rtol=1e-4)
