@@ -1,7 +1,7 @@
-"""Data-loading benchmark (docs/benchmarks.md E3): clips/s and peak memory, decord vs PyAV,
-float32 vs uint8 pixels.
+"""Data-loading benchmark (docs/benchmarks.md E3): clips/s and peak memory, PyAV (the default
+decoder, ``DataConfig.backend``) beside decord, float32 vs uint8 pixels.
 
-What it measures, decord and PyAV side by side, each with float32 pixels (converted and
+What it measures, the backends of ``--backends`` side by side (default: PyAV and decord), each with float32 pixels (converted and
 normalised in the loader) and uint8 pixels (``DataConfig.pixel_dtype``: normalised by the model
 on its device):
 
@@ -61,7 +61,7 @@ from bench.common import environment, out_folder, result_stem, slug  # noqa: E40
 # imported in main after the check, so a missing wheel is named instead of a traceback
 REQUIRED = {"numpy": "numpy<2.4", "torch": "torch==2.11.0", "torchvision": "torchvision==0.26.0",
             "decord": "decord==0.6.0", "av": "av (PyAV)"}
-BACKENDS = ("decord", "pyav")
+BACKENDS = ("pyav", "decord")  # the library's default first
 DTYPES = ("float32", "uint8")  # DataConfig.pixel_dtype
 CLIP_FRAMES, OUT = 64, 224
 TARGET = (8, 200.0)  # (workers, clips/s) of issue 4
@@ -70,6 +70,13 @@ MIN_ROUNDS = 3       # timed rounds of batches (one from each worker) at least, 
 # past its limit, or no batch has come for that long: STARTUP_S + STARTUP_PER_WORKER_S a worker
 # (forks, imports, first decodes on a loaded host) + LIMIT_FACTOR times --seconds.
 LIMIT_FACTOR, STARTUP_S, STARTUP_PER_WORKER_S = 10, 60.0, 5.0
+
+
+def default_backend() -> str:
+    """The video decoder a DataConfig uses unless told otherwise."""
+    from mmsparse.data import DataConfig
+
+    return DataConfig().backend
 
 
 def row_limit(workers: int, seconds: float) -> float:
@@ -428,24 +435,26 @@ def print_tables(res: dict) -> None:
         ok = x and y and "clips_per_s" in x and "clips_per_s" in y
         return f"{x['clips_per_s'] / y['clips_per_s']:.2f}x" if ok else "-"
 
-    cols = [(b, d) for b in BACKENDS for d in dtypes]
+    backends = s.get("backends", BACKENDS)
+    cols = [(b, d) for b in backends for d in dtypes]
     print(f"\nloader clips/s, 64 x 224 x 224 clips from 256 x 340 H.264 "
           f"({s['seconds']:g} s a row after warm-up, batch {s['batch_size']}, decode threads per reader "
           f"{s.get('decode_threads') or 'auto'})")
     both = len(dtypes) == 2
     print(f"{'workers':>8} | " + " | ".join(f"{b + ' ' + d:>14}" for b, d in cols)
-          + (" | " + " | ".join(f"{b + ' u8/f32':>13}" for b in BACKENDS) if both else "")
+          + (" | " + " | ".join(f"{b + ' u8/f32':>13}" for b in backends) if both else "")
           + f" | decord/pyav {dtypes[-1]}")
     for w in s["workers"]:
         line = f"{w:>8} | " + " | ".join(_fmt(row(w, b, d), "clips_per_s", 14) for b, d in cols)
         if both:
-            line += " | " + " | ".join(f"{ratio(row(w, b, 'uint8'), row(w, b, 'float32')):>13}" for b in BACKENDS)
+            line += " | " + " | ".join(f"{ratio(row(w, b, 'uint8'), row(w, b, 'float32')):>13}" for b in backends)
         print(line + f" | {ratio(row(w, 'decord', dtypes[-1]), row(w, 'pyav', dtypes[-1]))}")
     w, goal = TARGET
     for b, d in cols:
         r = row(w, b, d)
         if r and "clips_per_s" in r:
-            print(f"target {w} workers >= {goal:g} clips/s, {b} {d}: {r['clips_per_s']:.1f} "
+            mark = " (default)" if b == s.get("default_backend") else ""
+            print(f"target {w} workers >= {goal:g} clips/s, {b}{mark} {d}: {r['clips_per_s']:.1f} "
                   f"({'met' if r['clips_per_s'] >= goal else 'not met'})")
     print(f"\npeak RSS, {s['long_frames']}-frame 224 x 224 clip, fresh process")
     print(f"{'backend':>8} | {'mode':>10} | {'output MB':>9} | {'RSS before':>10} | {'peak RSS MB':>11} | s")
@@ -460,6 +469,8 @@ def print_tables(res: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2, 8, 16])
+    ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                    help="video decoders measured side by side (DataConfig.backend; the default first)")
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES),
                     help="pixel dtypes measured side by side (DataConfig.pixel_dtype)")
     ap.add_argument("--seconds", type=float, default=None, help="timed seconds per (backend, workers) row (10)")
@@ -525,7 +536,8 @@ def main(argv=None) -> int:
     res = {
         "benchmark": "data loading (E3)", "date": dt.datetime.now().isoformat(timespec="seconds"), "tag": tag,
         "complete": False, "machine": info, "versions": versions, "environment": env,
-        "settings": {"workers": a.workers, "seconds": a.seconds, "min_rounds": MIN_ROUNDS, "clips": a.clips,
+        "settings": {"workers": a.workers, "backends": a.backends, "default_backend": default_backend(),
+                     "seconds": a.seconds, "min_rounds": MIN_ROUNDS, "clips": a.clips,
                      "samples": a.samples, "src_frames": a.src_frames, "src_size": [256, 340], "src_fps": 25,
                      "clip_frames": CLIP_FRAMES, "out_size": [OUT, OUT], "dtypes": a.dtypes,
                      "batch_size": a.batch_size, "prefetch_factor": 2, "audio": False, "decode_threads": a.decode_threads,
@@ -554,7 +566,7 @@ def main(argv=None) -> int:
         save()
         print(f"generated {a.clips} clips in {gen['clips_s']} s ({procs} processes), the "
               f"{a.long_frames}-frame clip in {gen['long_clip_s']} s", flush=True)
-        for b in BACKENDS:
+        for b in a.backends:
             for d in a.dtypes:
                 r = _guarded(stages, manifest, b, d, min(a.stage_clips, a.clips), a.batch_size, backend=b, dtype=d)
                 res["stages"].append(r)
@@ -563,7 +575,7 @@ def main(argv=None) -> int:
                     print(f"  one core {b:6s} {d:7s}: decode {r['decode_ms']} ms, sample {r['sample_ms']} ms, "
                           f"collate {r['collate_ms']} ms a clip", flush=True)
         for w in a.workers:
-            for b in BACKENDS:
+            for b in a.backends:
                 for d in a.dtypes:  # side by side, so a change in the machine's load hits both alike
                     r = _guarded(throughput, manifest, b, d, w, a.batch_size, a.seconds, a.row_limit or None,
                                  a.decode_threads, backend=b, dtype=d, workers=w)
@@ -574,7 +586,7 @@ def main(argv=None) -> int:
                               f"({r['rounds']} rounds, start-up {r['startup_s']} s)", flush=True)
         # 4 cores a child on big hosts; one at a time on small ones, so its seconds stay honest
         res["long_clip_memory"] = long_clip_memory(
-            long_path, [(b, how) for b in BACKENDS for how in ("uniform64", "all112")], min(4, cpus // 4))
+            long_path, [(b, how) for b in a.backends for how in ("uniform64", "all112")], min(4, cpus // 4))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
