@@ -327,11 +327,23 @@ def _canonical(key: str) -> str:
     return key
 
 
+@functools.cache
+def _mappings(cls: type = TrainConfig, prefix: str = "") -> frozenset[str]:
+    """The keys whose value is a mapping of its own (``model.overrides``, ``deepspeed.extra``)."""
+    out = set()
+    for name, tp in _hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out |= _mappings(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is dict:
+            out.add(prefix + name)
+    return frozenset(out)
+
+
 def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in ("model.overrides", "model.init.timm_kwargs", "deepspeed.extra"):
+        if isinstance(v, dict) and v and key not in _mappings():
             out += _leaves(v, key + ".")
         else:
             out.append((key, v))
