@@ -618,6 +618,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
         groups.append({"params": extra, "weight_decay": weight_decay, "lr_scale": 1.0})
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
+    groups.sort(key=lambda g: -g["lr_scale"])  # group 0 at the full lr: what the run log reports
     return groups
 
 

@@ -16,6 +16,7 @@ here, so both sequences are [class, patches]).
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -272,3 +273,37 @@ def test_data_normalisation_folded_into_patch_embedding(tmp_path):
         ours, layout = _no_rope_encode(model.eval(), {"image": norm(IMAGENET_MEAN, IMAGENET_STD)})
         theirs = ref.forward_features(norm(ref.pretrained_cfg["mean"], ref.pretrained_cfg["std"]))
     torch.testing.assert_close(_segment_raster(ours, layout, "image"), theirs[:, 1:], atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_recipe_trains_from_local_checkpoint(tmp_path):
+    """`mmsparse train caption_base_from_vit model.init.checkpoint=PATH` with the tiny variant on
+    CPU (the README's line): a few steps from a local timm file, the report in the run folder."""
+    from mmsparse.train.logs import read_metrics
+
+    from tests.train.test_whole_run import _env
+
+    ckpt = tmp_path / "vit.safetensors"
+    save = [sys.executable, "-m", "mmsparse.models.pretrained", "save", "vit_base_patch16_224", str(ckpt),
+            "depth=2", "embed_dim=64", "num_heads=2"]
+    out = subprocess.run(save, capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmsparse.train", "caption_base_from_vit", f"model.init.checkpoint={ckpt}",
+           "model.init.timm_kwargs={depth: 2, embed_dim: 64, num_heads: 2}", "model.name=captioner_tiny",
+           "deepspeed.precision=fp32", "data.crop=null", "data.num_frames=8", "data.synth.frames=8",
+           "data.synth.size=[32,32]", "data.synth.clips=8", "data.synth.val_clips=2", "data.batch_size=2",
+           "data.num_workers=0", "run.steps=3", "optim.warmup_steps=1", "checkpoint.every=0", "eval.batches=1",
+           "eval.captions=2", f"run.dir={run}", "run.progress=false", "run.tensorboard=false", "run.plot=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=280)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "pretrained init from vit_base_patch16_224.augreg2_in21k_ft_in1k + " in out.stdout
+    report = json.loads((run / "init_report.json").read_text())
+    assert report["loaded"]["blocks.1.mlp.fc2.weight"] == "blocks.1.mlp.fc2.weight"
+    assert "central" in report["loaded"]["embed.embeds.video.proj.weight"]
+    assert report["unexpected"] == [] and "pos_embed" in report["dropped"]
+    train = read_metrics(run / "metrics.jsonl", "train")
+    assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
+    # the encoder the export describes is the checkpoint's (patch 16), with its weights after training
+    exported = json.loads((run / "export" / "config.json").read_text())["config"]
+    assert exported["tubelet"] == [2, 16, 16] and exported["norm_eps"] == 1e-6
