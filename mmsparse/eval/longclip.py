@@ -108,6 +108,12 @@ def make_benchmark(out_dir: str | Path, lengths: Sequence[int] = DEFAULT_LENGTHS
     manifest = root / "manifest.jsonl"
     if _cached(root, spec):
         return manifest
+    import os
+    import sys
+
+    if int(os.environ.get("RANK", 0)) == 0:  # minutes for long lengths: say what is happening
+        print(f"writing the long-clip benchmark: {clips_per_length} clips of each of {list(lengths)} frames into "
+              f"{root} with {workers} processes (once; later runs reuse them)", file=sys.stderr, flush=True)
     jobs, keys = [], []
     for n in lengths:
         for j, m in _parts(clips_per_length):
@@ -236,11 +242,23 @@ def _run_data_extra(model_dir: Path) -> dict:
     return {**(extra if isinstance(extra, dict) else {}), **data}
 
 
+def _bar(total: int, desc: str):
+    """A tqdm bar of ``total`` clips on stderr, on rank 0 only (None elsewhere)."""
+    import os
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="clip", mininterval=1.0, dynamic_ncols=True)
+
+
 def score_model(model_dir: str | Path, manifest: str | Path, *, frames: int | None = None, batch: int = 4,
                 beam: int = 1, device: str = "cpu", backend: str = "auto", choice: bool = True,
                 limit: int | None = None, shard: tuple[int, int] | None = None,
-                audio_backend: str | None = None) -> dict[str, Any]:
-    """Caption (and multiple-choice score) every clip of the benchmark with one model.
+                audio_backend: str | None = None, progress: bool = True, label: str | None = None) -> dict[str, Any]:
+    """Caption (and multiple-choice score) every clip of the benchmark with one model; with
+    ``progress`` a bar of clips done on stderr (rank 0 only), named ``label`` (default: the folder).
 
     ``shard=(k, n)`` scores clips k, k + n, k + 2n, ... only (``merge_scores`` joins the
     shards); ``audio_backend`` (decord / pyav) defaults to the training run's
@@ -272,12 +290,18 @@ def score_model(model_dir: str | Path, manifest: str | Path, *, frames: int | No
         groups.setdefault(int(s.meta["length"]), []).append(s)
     t0 = time.perf_counter()
     records = []
+    bar = _bar(len(samples), f"longclip {label or Path(model_dir).name}") if progress else None
     try:
         for n in sorted(groups):
-            records += cap.caption(groups[n], beam=beam, frames=frames, batch=batch, candidates=cands, max_len=16,
-                                   count_attention=cost)
+            for r in cap.iter_caption(groups[n], beam=beam, frames=frames, batch=batch, candidates=cands,
+                                      max_len=16, count_attention=cost):
+                records.append(r)
+                if bar is not None:
+                    bar.update(1)
     finally:
         cost.close()
+        if bar is not None:
+            bar.close()
     wall = time.perf_counter() - t0
     by_id = {s.id: s for s in samples}
     clips = []
@@ -460,6 +484,6 @@ def run(models: dict[str, str | Path], out_dir: str | Path, *, lengths: Sequence
     manifest = make_benchmark(data_dir or Path(out_dir) / "data", lengths, clips_per_length, seed, size,
                               workers=workers)
     results = {name: score_model(d, manifest, frames=frames, batch=batch, device=device, backend=backend,
-                                 choice=choice) for name, d in models.items()}
+                                 choice=choice, label=name) for name, d in models.items()}
     report(results, out_dir, note=note)
     return {name: summarize(r) for name, r in results.items()}

