@@ -124,7 +124,9 @@ def machine() -> dict:
            "cores_physical": len(cores) or None,
            "cgroup_cpu_limit": round(limit, 2) if limit else None,
            "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
-           "platform": platform.platform(), "python": platform.python_version()}
+           "platform": platform.platform(), "python": platform.python_version(),
+           # a shared machine's other work slows every row alike; 1, 5 and 15 minute averages
+           "load_average": [round(x, 2) for x in os.getloadavg()]}
     try:
         shm = shutil.disk_usage("/dev/shm")
         out["dev_shm_gib"] = {"total": round(shm.total / 2**30, 1), "free": round(shm.free / 2**30, 1)}
@@ -592,6 +594,7 @@ def main(argv=None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     res["complete"] = True
     res["settings"]["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    res["settings"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     save()
     print_tables(res)
     print(f"\nwrote {path} ({res['settings']['total_seconds']} s in all)")
