@@ -89,7 +89,8 @@ def test_every_backend_gives_the_same_frames(files, name):
     for b, frames in got.items():  # the same conversion: bit-identical for even sizes
         d = np.abs(frames.astype(np.int16) - got["pyav"])
         if truth.shape[1] % 2 == 0 and truth.shape[2] % 2 == 0:
-            assert d.max() == 0, (b, d.max())
+            # equal to the bit with these builds; another FFmpeg's IDCT may round a pixel apart
+            assert d.mean() < 0.05 and d.max() <= 3, (b, d.mean(), d.max())
         else:  # odd sizes: the FFmpeg versions upsample the odd chroma column differently
             assert d.mean() < 1.5, (b, d.mean())
 
@@ -130,3 +131,24 @@ def test_decord_reads_any_target_size(tmp_path, hw):
         frames, _ = r.read([0, 2], size=size)
         assert frames.shape == open_video(path, "pyav").read([0, 2], size=size)[0].shape == (2, *size, 3)
         np.testing.assert_array_equal(frames, resize_frames(native, size))
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("h264_long.mp4", dict(codec="libx264", options={"g": "24", "bf": "3", "crf": "18"})),
+    ("mpeg4_long_gap.avi", dict(codec="mpeg4", fmt="avi", options={"g": "25", "qscale": "2"},
+                                packet_pts=lambda p: p + 3 * (p >= 100))),  # three timestamps missing
+])
+def test_scattered_reads_seek_to_the_same_frames(tmp_path, name, kw):
+    """Indices far apart (seeks past ``seek_gap``), unsorted and repeated, on 160 frames."""
+    path = write_video(tmp_path / name, make_frames(160, (48, 64)), **kw)
+    idx = np.random.default_rng(0).integers(0, 160, 24)
+    out = {}
+    for b in PRESENT:
+        r = open_video(path, b)
+        assert r.num_frames == 160, b
+        frames, times = r.read(idx)
+        assert [synth.decode_frame_index(f) for f in frames] == idx.tolist(), b
+        out[b] = frames, times
+    for b, (frames, times) in out.items():
+        np.testing.assert_allclose(times, out["pyav"][1], atol=1e-6)
+        assert np.abs(frames.astype(np.int16) - out["pyav"][0]).mean() < 0.05, b
