@@ -15,8 +15,8 @@ run gets a fresh budget.
 Determinism on CPU in fp32: data order comes from the resumable sampler, sample content from
 (seed, epoch, index), the DataLoader draws its base seed from its own generator (not the global
 RNG), and every rank's RNG states are in the checkpoint, so a resumed run repeats the
-uninterrupted run's losses exactly. Two separate runs agree exactly only on the same media files:
-synthetic data generated anew may differ in a few pixels (see ``mmsparse.data.synth``).
+uninterrupted run's losses exactly; so do two separate runs, each on synthetic media it generated
+itself (the video is lossless: see ``mmsparse.data.synth``).
 
 Failures: a non-finite loss on any rank skips that micro-batch on every rank (counted,
 ``nonfinite_skipped``) and the run stops after ``run.max_nonfinite_in_row`` in a row; an

@@ -67,6 +67,22 @@ def test_undecodable_inputs_get_error_records_and_the_rest_are_captioned(caption
         assert r["timings"]["total_s"] >= r["timings"]["model_s"] > 0
 
 
+def test_windows_where_nothing_happens_say_so(captioner, tmp_path):
+    """A 5 s clip with one 1 s event: the windows without it are captioned as the training data's
+    empty clips are (synth.NOTHING), not with an invented event; the event's window is not."""
+    m = synth.make_dataset(tmp_path, clips=2, long=True, long_frames=(40, 40), size=(32, 32), seed=31, images=0)
+    for sample in load_manifest(m):
+        ev = next(e for e in sample.meta["events"] if e["kind"] == "shape")
+        (rec,) = captioner.caption([sample.video], window_seconds=1.0)
+        assert len(rec["segments"]) == 5
+        for seg in rec["segments"]:
+            overlap = min(seg["end"], ev["end"]) - max(seg["start"], ev["start"])
+            if overlap <= 0:
+                assert seg["caption"] == synth.NOTHING, rec["segments"]
+            elif overlap >= 0.5:
+                assert seg["caption"] != synth.NOTHING, rec["segments"]
+
+
 def test_manifest_input_keeps_ids_and_references(captioner, clips):
     recs = captioner.caption([clips["manifest"], clips["videos"][0]])
     samples = load_manifest(clips["manifest"])
