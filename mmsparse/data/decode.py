@@ -350,6 +350,7 @@ class PyAVVideo:
 
 _TABLES: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (path, size, mtime) -> pts, most recent last
 _TABLES_KEEP = 256
+_TABLES_LOCK = threading.Lock()
 
 
 def _frame_table(path: Path, container, stream) -> np.ndarray:
@@ -368,9 +369,10 @@ def _frame_table(path: Path, container, stream) -> np.ndarray:
         key = (str(path), st.st_size, st.st_mtime_ns)
     except OSError:
         key = None
-    if key is not None and key in _TABLES:
-        _TABLES.move_to_end(key)
-        return _TABLES[key]
+    with _TABLES_LOCK:  # an abandoned decode (call_with_timeout) may still run beside a new one
+        if key is not None and key in _TABLES:
+            _TABLES.move_to_end(key)
+            return _TABLES[key]
     packets = [(p.pts if p.pts is not None else p.dts, p.size) for p in container.demux(stream)]
     stamps = [t for t, size in packets if size]  # empty packets fill timestamp gaps (AVI)
     pts = np.unique(np.asarray([t for t in stamps if t is not None], np.int64))
@@ -382,9 +384,10 @@ def _frame_table(path: Path, container, stream) -> np.ndarray:
         raise MediaError(path, "truncated", f"the container declares {declared} video frames, "
                          f"the file holds {len(packets)}")
     if key is not None and stat.S_ISREG(st.st_mode):
-        _TABLES[key] = pts
-        while len(_TABLES) > _TABLES_KEEP:
-            _TABLES.popitem(last=False)
+        with _TABLES_LOCK:
+            _TABLES[key] = pts
+            while len(_TABLES) > _TABLES_KEEP:
+                _TABLES.popitem(last=False)
     return pts
 
 
