@@ -234,14 +234,6 @@ def encoder_overrides(source: Source, base) -> dict[str, Any]:
     return out
 
 
-def _model_config(name: str, overrides: dict):
-    """The ModelConfig create_model(name, **overrides) builds."""
-    from . import registry
-
-    if hasattr(registry, "model_config"):
-        return registry.model_config(name, **overrides)
-    return registry.create_model(name, **overrides).cfg
-
 
 # ------------------------------------------------------------------------------------------------
 # Mapping
@@ -326,7 +318,7 @@ def _prefix_counts(keys, depth: int = 3) -> list[str]:
     for k in keys:
         p = ".".join(re.sub(r"\.\d+(\.|$)", r".*\1", k).split(".")[:depth])
         counts[p] = counts.get(p, 0) + 1
-    return [f"{p}* ({n})" if n > 1 else p for p, n in counts.items()]
+    return [f"{p.rstrip('.*')}.* ({n})" if n > 1 else p for p, n in counts.items()]
 
 
 def _grouped(dropped: dict[str, str]) -> dict[str, str]:
@@ -545,7 +537,7 @@ def create_initialised(name: str, overrides: dict | None = None, init=None, toke
     timm_kwargs, inflate, match_encoder) when it names any. With match_encoder the encoder's shape
     comes from the checkpoint (explicit ``overrides`` still win, and are then checked).
     ``data_norm``: the data's pixel (mean, std), see `apply_pretrained`."""
-    from .registry import create_model
+    from .registry import create_model, model_config
 
     overrides = dict(overrides or {})
     if init is None or not (init.timm_model or init.checkpoint):
@@ -553,7 +545,7 @@ def create_initialised(name: str, overrides: dict | None = None, init=None, toke
     source = load_source(init.timm_model, init.checkpoint, init.timm_kwargs)
     derived = {}
     if init.match_encoder:
-        base = _model_config(name, overrides)
+        base = model_config(name, **overrides)
         derived = {k: v for k, v in encoder_overrides(source, base).items()
                    if k not in overrides and getattr(base, k) != v}
     model = create_model(name, tokenizer=tokenizer, **derived, **overrides)

@@ -307,3 +307,30 @@ def test_recipe_trains_from_local_checkpoint(tmp_path):
     # the encoder the export describes is the checkpoint's (patch 16), with its weights after training
     exported = json.loads((run / "export" / "config.json").read_text())["config"]
     assert exported["tubelet"] == [2, 16, 16] and exported["norm_eps"] == 1e-6
+
+
+@pytest.mark.parametrize("name,captioner", [
+    ("vit_small_patch16_224", "captioner_small"), ("vit_base_patch16_224", "captioner_base"),
+    ("vit_large_patch16_224", "captioner_large"), ("vit_base_patch16_clip_224", "captioner_base"),
+])
+def test_full_size_architectures_map(name, captioner, monkeypatch):
+    """The real timm ViT-S/B/L and CLIP ViT-B/16 onto the registry's captioners, built on the meta
+    device (shapes only, no memory): every tensor maps, nothing is left over, the encoder config
+    the checkpoint asks for is the variant's but for the norms."""
+    from mmsparse.models.pretrained import Source, _arch_of_model, apply_pretrained, encoder_overrides
+    from mmsparse.models.registry import create_model, model_config
+
+    linspace = torch.linspace  # the models' drop-path rates are read as floats: computed on the host
+    monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **{**k, "device": "cpu"}))
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+        source = Source(dict(ref.state_dict()), _arch_of_model(ref, name), name)
+        base = model_config(captioner)
+        derived = {k: v for k, v in encoder_overrides(source, base).items() if getattr(base, k) != v}
+        model = create_model(captioner, **derived)
+    assert set(derived) <= {"norm_eps", "pre_norm", "qk_norm"}, derived
+    report = apply_pretrained(model, source)
+    depth = model.cfg.depth
+    assert report.unexpected == [] and set(report.dropped) == {"pos_embed", "head.weight", "head.bias"}
+    assert sum(k.startswith("blocks.") for k in report.loaded) == 12 * depth
+    assert model.embed.embeds["video"].proj.weight.shape == (ref.embed_dim, 3, 2, 16, 16)
