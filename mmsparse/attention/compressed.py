@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 
 
 def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +45,9 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     """Dense attention of q (B, H, N, D) over the block means of k, v (B, Hk, N, D).
 
     Returns out (B, H, N, D) in q's dtype and lse (B, H, N) float32, float64 for float64 inputs
-    (natural log; -inf where no
-    block has a real token). GQA when Hk divides H. Memory O(N C) per head."""
+    (natural log; -inf where no block has a real token). GQA when Hk divides H. Queries go in
+    chunks of at most ``CHUNK_SCORES`` scores, each recomputed in the backward pass, so memory
+    stays O(N D) plus one chunk at any length."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q must be (B, H, N, D) and k, v (B, Hk, N, D) alike; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -59,13 +61,34 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         kc, vc = kc.repeat_interleave(rep, 1), vc.repeat_interleave(rep, 1)
-    s = torch.matmul(q, kc.transpose(-1, -2))  # (B, H, N, C)
-    s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale  # softmax in float32 (or float64)
-    s = s.masked_fill(~live[:, None, None, :], -math.inf)
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
+    bias = torch.zeros(live.shape, dtype=torch.float32, device=q.device).masked_fill(~live, -math.inf)[:, None, None]
+    b, h, n, _ = q.shape
+    rows = max(1, CHUNK_SCORES // max(1, b * h * kc.shape[2]))  # query rows per chunk
+    if rows >= n:
+        return _dense_part(q, kc, vc, bias, scale)
+    outs, lses = [], []
+    for i in range(0, n, rows):
+        part = q[:, :, i:i + rows]
+        if torch.is_grad_enabled():
+            # scores of a chunk are recomputed in the backward pass: memory O(rows C), not O(N C)
+            o, l = torch.utils.checkpoint.checkpoint(_dense_part, part, kc, vc, bias, scale, use_reentrant=False)
+        else:
+            o, l = _dense_part(part, kc, vc, bias, scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+# score elements (B x H x rows x C) a chunk of queries may hold at once (float32: 4 bytes each)
+CHUNK_SCORES = 1 << 27
+
+
+def _dense_part(q, kc, vc, bias, scale: float):
+    s = torch.matmul(q, kc.transpose(-1, -2))  # (B, H, rows, C)
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale + bias  # softmax in float32 (or float64)
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, rows)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    out = torch.matmul(p.to(vc.dtype), vc)
-    return out.to(q.dtype), lse
+    return torch.matmul(p.to(vc.dtype), vc).to(q.dtype), lse
 
 
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor

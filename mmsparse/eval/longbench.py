@@ -67,17 +67,20 @@ class BenchSpec:
     """Everything that defines a benchmark's numbers (its hash names the set of runs)."""
 
     train_lengths: tuple[int, ...] = (256, 512, 1024)
+    # short-to-long: (until this fraction of the steps, clip lengths drawn in turn); then
+    # train_lengths. Short clips teach what an event is, long ones where to find it
+    curriculum: tuple = ((0.25, (64,)), (0.5, (64, 256)))
     eval_lengths: tuple[int, ...] = (256, 1024, 4096)
     clips: int = 128                 # eval clips per task and length
     val_clips: int = 16              # per task, at the longest train length, for the curve
-    probe_clips: int = 128           # probe training clips per task (at each eval length <= probe_max)
+    probe_clips: int = 64            # probe training clips per task (at each eval length <= probe_max)
     probe_max: int = 1024
     batch: int = 16                  # training clips a step (tasks mixed)
     eval_batch: int = 16
     steps: int = 1500                # the equal-steps budget (and dense's, which sets equal FLOPs)
     max_flops_factor: float = 8.0    # equal-FLOPs steps are capped at this many times `steps`
-    lr: float = 1e-3
-    warmup: int = 100
+    lr: float = 2e-3
+    warmup: int = 50
     eval_every: int = 250
     eval_seed: int = 20261207        # the held-out set's seed (training draws from the run's seed)
     model: dict = field(default_factory=lambda: dict(BASE_MODEL))
@@ -93,13 +96,25 @@ class BenchSpec:
         for k in ("train_lengths", "eval_lengths"):
             if k in d:
                 d[k] = tuple(d[k])
+        if "curriculum" in d:
+            d["curriculum"] = tuple((float(f), tuple(int(n) for n in ls)) for f, ls in d["curriculum"])
         return cls(**d)
+
+    def lengths_at(self, step: int, total: int) -> int:
+        """The clip length of training step `step` of `total`."""
+        for until, lengths in self.curriculum:
+            if step < until * total:
+                return lengths[step % len(lengths)]
+        return self.train_lengths[step % len(self.train_lengths)]
+
+    def all_train_lengths(self) -> tuple[int, ...]:
+        return tuple(sorted({n for _, ls in self.curriculum for n in ls} | set(self.train_lengths)))
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
-SMOKE = dict(train_lengths=(48, 64), eval_lengths=(48, 96), clips=6, val_clips=3, probe_clips=12, probe_max=96,
+SMOKE = dict(train_lengths=(48, 64), eval_lengths=(48, 96), curriculum=((0.5, (48,)),), clips=6, val_clips=3, probe_clips=12, probe_max=96,
              batch=8, eval_batch=8, steps=6, warmup=2, eval_every=3, max_flops_factor=2.0,
              model=dict(BASE_MODEL, embed_dim=32, depth=2, num_heads=2, dec_dim=32, dec_heads=2, n_global=2),
              task=lt.TaskSpec(size=16, shape_px=8, distractors=(1, 2)))
@@ -336,10 +351,12 @@ def flops_per_step(spec: BenchSpec, arm: str, device="cpu") -> dict[str, Any]:
     model = build_model(spec, arm, 0, device)
     rng = np.random.default_rng(0)
     per_len = {}
-    for frames in sorted(set(spec.train_lengths) | set(spec.eval_lengths)):
+    for frames in sorted(set(spec.all_train_lengths()) | set(spec.eval_lengths)):
         plans = [lt.plan("needle", frames, rng, spec.task)]
         per_len[frames] = clip_flops(model, lt.render(plans, spec.task, device, seed=0))
-    train = float(np.mean([3 * spec.batch * per_len[n]["forward"] for n in spec.train_lengths]))
+    # the mean over the steps of the equal-steps budget, curriculum included
+    train = float(np.mean([3 * spec.batch * per_len[spec.lengths_at(i, spec.steps)]["forward"]
+                           for i in range(spec.steps)]))
     return {"train_flops_per_step": train, "per_length": {str(k): v for k, v in per_len.items()}}
 
 
@@ -369,7 +386,7 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = np.random.default_rng(seed)
     val = eval_plans(spec, max(spec.train_lengths), spec.val_clips, spec.eval_seed + 17)
-    curve, losses, step_ms = [], [], {}
+    curve, losses, train_flops = [], [], 0.0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -377,7 +394,8 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
         bar = tqdm(total=steps, desc=f"{arm} s{seed} {budget}", mininterval=5, leave=False)
     t_train = time.perf_counter()
     for step in range(steps):
-        frames = spec.train_lengths[step % len(spec.train_lengths)]
+        frames = spec.lengths_at(step, steps)
+        train_flops += 3 * spec.batch * costs[arm]["per_length"][str(frames)]["forward"]
         batch = train_batch(spec, rng, frames, device)
         for g in opt.param_groups:
             g["lr"] = _lr(step, spec, steps)
@@ -397,8 +415,6 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_train
-    for frames in spec.eval_lengths:  # a training step's time at every eval length
-        step_ms[str(frames)] = _time_step(model, spec, opt, frames, device, rng)
     t0 = time.perf_counter()
     rows = []
     for frames in spec.eval_lengths:
@@ -406,16 +422,26 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
     probes = probe(model, spec, device, seed)
     result = {"spec_key": spec.key(), "spec": spec.to_dict(), "arm": arm, "arm_config": ARMS[arm], "seed": seed,
               "budget": budget, "steps": steps, "capped": capped, "train_seconds": round(train_seconds, 1),
-              "eval_seconds": round(time.perf_counter() - t0, 1), "train_flops": steps * costs[arm]["train_flops_per_step"],
-              "cost": costs[arm], "step_ms": step_ms, "curve": curve, "final_loss": float(torch.stack(losses[-50:]).float().mean()),
+              "eval_seconds": round(time.perf_counter() - t0, 1), "train_flops": train_flops,
+              "cost": costs[arm], "curve": curve, "final_loss": float(torch.stack(losses[-50:]).float().mean()),
               "rows": rows, "probe": probes, "device": _device_name(device)}
     atomic_write_text(out, json.dumps(result))
     return out
 
 
-def _time_step(model, spec: BenchSpec, opt, frames: int, device, rng, repeats: int = 3) -> float | None:
-    """Median ms of a training step (forward, backward; no optimizer update) at `frames`, or None
-    when it does not fit in memory."""
+def time_steps(spec: BenchSpec, arm: str, device, repeats: int = 3) -> dict[str, float | None]:
+    """Median ms of a training step (forward and backward of `spec.batch` clips) at every eval
+    length, None where it does not fit in memory. Run it alone on the device: runs side by side
+    would time each other."""
+    model = build_model(spec, arm, 0, device)
+    rng = np.random.default_rng(0)
+    out = {}
+    for frames in spec.eval_lengths:
+        out[str(frames)] = _time_step(model, spec, frames, device, rng, repeats)
+    return out
+
+
+def _time_step(model, spec: BenchSpec, frames: int, device, rng, repeats: int = 3) -> float | None:
     batch = train_batch(spec, rng, frames, device)
     times = []
     try:
@@ -432,7 +458,8 @@ def _time_step(model, spec: BenchSpec, opt, frames: int, device, rng, repeats: i
     except torch.OutOfMemoryError:
         return None
     finally:
-        opt.zero_grad(set_to_none=True)
+        batch = None
+        model.zero_grad(set_to_none=True)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return float(np.median(times[1:]))

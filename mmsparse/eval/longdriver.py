@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="sparse attention backend of the models")
     p.add_argument("--from", dest="extra", action="append", default=[], help="more run folders to merge")
     p.add_argument("--report-only", action="store_true", help="merge the finished runs and write the report")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip timing each arm's training step alone on the device (timing.json)")
     p.add_argument("--label", default="v2", help="report name label")
     p.add_argument("--results", default=None, help="where the report goes (default --out)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: arm,seed,budget in this process
@@ -121,14 +124,20 @@ def main(argv=None) -> int:
         (out / "costs.json").write_text(json.dumps(costs))
         jobs = [(a, s, b) for s in seeds for a in arms for b in budgets if not (a == "dense" and b == "flops")]
         _run_all(jobs, args, spec, costs, device, runs)
-    report = lr.merge([runs, *args.extra], spec.key())
+    timing_file = out / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    if not args.report_only and not args.no_timing:
+        for arm in arms:  # after the runs, one arm at a time: nothing else on the device
+            if arm not in timing:
+                timing[arm] = lb.time_steps(spec, arm, device)
+                timing_file.write_text(json.dumps(timing))
+                print(f"timed {arm}: {timing[arm]} ms a step", flush=True)
+    report = lr.merge([runs, *args.extra], spec.key(), timing)
     stem = f"longclip-{_slug(report.get('device') or device)}-{dt.date.today().isoformat()}-{args.label}"
     meta = {"torch": torch.__version__, "commit": _git_commit()}
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
+    try:  # the installed version, without importing triton outside the kernels
+        meta["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         pass
     paths = lr.write(report, args.results or out, stem, meta=meta)
     print("\n".join(map(str, paths)))

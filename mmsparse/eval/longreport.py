@@ -47,9 +47,11 @@ def load_runs(folders: Sequence[str | Path]) -> list[dict]:
     return runs
 
 
-def merge(folders: Sequence[str | Path], spec_key: str | None = None) -> dict[str, Any]:
+def merge(folders: Sequence[str | Path], spec_key: str | None = None,
+          timing: dict[str, dict[str, float | None]] | None = None) -> dict[str, Any]:
     """Summaries of every (arm, budget) over its seeds, for runs of one spec (the most common
-    one, or `spec_key`); runs of other specs are listed under "other_specs"."""
+    one, or `spec_key`); runs of other specs are listed under "other_specs". `timing`: arm ->
+    {length: ms of a training step, measured alone on the device} (``longbench.time_steps``)."""
     runs = load_runs(folders)
     if not runs:
         raise ValueError(f"no finished runs (<arm>-s<seed>-<budget>.json) under {list(map(str, folders))}")
@@ -68,7 +70,7 @@ def merge(folders: Sequence[str | Path], spec_key: str | None = None) -> dict[st
         seeds = sorted(r["seed"] for r in rs)
         if len(seeds) != len(set(seeds)):
             raise ValueError(f"arm {arm} budget {budget}: seed repeated in {[r['_file'] for r in rs]}")
-        arms.append(_summarize(arm, budget, rs, lengths))
+        arms.append(_summarize(arm, budget, rs, lengths, (timing or {}).get(arm, {})))
     baselines = {}  # the most frequent answer of each task's eval clips (balanced: 1 / answers)
     for task in lt.TASKS:
         truths = Counter(row["truth"] for row in mine[0]["rows"] if row["task"] == task)
@@ -86,7 +88,7 @@ def _cell(rows: list[dict], key: str, per_seed: dict[int, list[dict]]) -> dict[s
             "seed_min": min(seed_acc), "seed_max": max(seed_acc)}
 
 
-def _summarize(arm: str, budget: str, rs: list[dict], lengths: list[int]) -> dict[str, Any]:
+def _summarize(arm: str, budget: str, rs: list[dict], lengths: list[int], step_ms: dict) -> dict[str, Any]:
     cells: dict[str, dict] = {}
     for task in lt.TASKS:
         for n in lengths:
@@ -100,7 +102,6 @@ def _summarize(arm: str, budget: str, rs: list[dict], lengths: list[int]) -> dic
             for name, acc in res.items():
                 probes[f"{name}@{n}"].append(acc)
     cost = rs[0]["cost"]["per_length"]
-    step_ms = {n: _median([r["step_ms"].get(n) for r in rs]) for n in rs[0]["step_ms"]}
     return {"arm": arm, "budget": budget, "config": rs[0]["arm_config"], "seeds": sorted(r["seed"] for r in rs),
             "steps": rs[0]["steps"], "capped": any(r["capped"] for r in rs),
             "train_flops": rs[0]["train_flops"], "final_loss": [r["final_loss"] for r in rs],
@@ -110,11 +111,6 @@ def _summarize(arm: str, budget: str, rs: list[dict], lengths: list[int]) -> dic
             "step_ms": step_ms, "cells": cells,
             "probe": {k: sum(v) / len(v) for k, v in sorted(probes.items())},
             "curves": {r["seed"]: r["curve"] for r in rs}}
-
-
-def _median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    return xs[len(xs) // 2] if xs else None
 
 
 def write(report: dict[str, Any], out_dir: str | Path, stem: str, title: str = "Long-clip benchmark v2",
@@ -147,15 +143,21 @@ def markdown(report: dict[str, Any], title: str, meta: dict | None = None) -> st
               f"FLOPs, capped at {spec['max_flops_factor']}x the steps). Accuracy: pooled over seeds, 95 % Wilson "
               "interval in brackets. Majority baselines (the most frequent answer): "
               + ", ".join(f"{t} {b:.2f}" for t, b in report["majority"].items() if b is not None) + ".", ""]
-    lines += ["## Arms", "", "| arm | budget | seeds | steps | train PFLOPs | final loss | attention / dense at "
-              + " / ".join(map(str, lengths)) + " | train step ms at " + " / ".join(map(str, lengths)) + " |",
-              "|---|---|---|---|---|---|---|---|"]
+    dense_ms = next((a["step_ms"] for a in report["arms"] if a["arm"] == "dense"), {})
+    lines += ["## Arms", "", "Train step: forward and backward of one batch, each arm alone on the device; "
+              "speed-up: dense's step time over the arm's (OOM: did not fit).", "",
+              "| arm | budget | seeds | steps | train PFLOPs | final loss | attention / dense at "
+              + " / ".join(map(str, lengths)) + " | train step ms at " + " / ".join(map(str, lengths))
+              + " | speed-up over dense |", "|---|---|---|---|---|---|---|---|---|"]
     for a in report["arms"]:
         frac = " / ".join(f"{a['attention_fraction_of_dense'].get(str(n), math.nan):.3f}" for n in lengths)
-        ms = " / ".join("OOM" if a["step_ms"].get(str(n)) is None else f"{a['step_ms'][str(n)]:.0f}" for n in lengths)
+        ms = " / ".join("-" if str(n) not in a["step_ms"] else "OOM" if a["step_ms"][str(n)] is None
+                        else f"{a['step_ms'][str(n)]:.0f}" for n in lengths)
+        speed = " / ".join(f"{dense_ms[str(n)] / a['step_ms'][str(n)]:.1f}x" if dense_ms.get(str(n))
+                           and a["step_ms"].get(str(n)) else "-" for n in lengths)
         loss = " / ".join(f"{x:.3f}" for x in a["final_loss"])
         lines.append(f"| {a['arm']} | {a['budget']} | {len(a['seeds'])} | {a['steps']}{' (capped)' if a['capped'] else ''}"
-                     f" | {a['train_flops'] / 1e15:.2f} | {loss} | {frac} | {ms} |")
+                     f" | {a['train_flops'] / 1e15:.2f} | {loss} | {frac} | {ms} | {speed} |")
     for metric in ("choice", "caption"):
         lines += ["", f"## {metric} accuracy by task and length (frames)", "",
                   "| arm | budget | " + " | ".join(f"{t} {n}" for t in lt.TASKS for n in lengths) + " |",

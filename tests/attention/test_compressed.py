@@ -73,6 +73,24 @@ def test_compressed_attention_fwd_bwd_gqa():
         torch.testing.assert_close(a, w)
 
 
+def test_chunked_queries_match_one_pass(monkeypatch):
+    """Long streams go in query chunks recomputed in the backward pass: same values and gradients."""
+    import mmsparse.attention.compressed as comp
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 50, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    valid = torch.rand(2, 50, generator=g) > 0.1
+    out, lse = comp.compressed_attention(q, k, v, 6, valid=valid)
+    want = torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))
+    monkeypatch.setattr(comp, "CHUNK_SCORES", 2 * 2 * 9 * 7)  # 7 query rows a chunk (9 blocks)
+    out2, lse2 = comp.compressed_attention(q, k, v, 6, valid=valid)
+    got = torch.autograd.grad((out2.sum() + lse2.sum()), (q, k, v))
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(lse2, lse)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w)
+
+
 def test_compressed_attention_rejects_bad_shapes():
     q = torch.randn(1, 3, 10, 4)
     k = torch.randn(1, 2, 10, 4)
