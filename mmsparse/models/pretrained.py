@@ -377,9 +377,9 @@ def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central",
 
     embeds = model.embed.embeds
     w = st["patch_embed.proj.weight"]  # (D, C, p, p)
-    b = st.get("patch_embed.proj.bias")
+    b, b_src = st.get("patch_embed.proj.bias"), "patch_embed.proj.bias"
     if b is None:
-        b = w.new_zeros(w.shape[0])
+        b, b_src = w.new_zeros(w.shape[0]), "zeros (no patch bias in the checkpoint)"
         report.notes.append("the checkpoint's patch embedding has no bias (CLIP): the patch biases start at zero")
     w_norm = (arch["mean"], arch["std"]) if arch.get("mean") and arch.get("std") else None
     if data_norm is not None and w_norm is None:
@@ -387,17 +387,18 @@ def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central",
                             "the data's, unadjusted")
     elif data_norm is not None and _differs(w_norm, data_norm):
         w, b = fold_input_norm(w, b, w_norm, data_norm)
+        b_src += " + the normalisation difference"
         report.notes.append(f"the weights were trained on frames normalised with mean {_r(w_norm[0])}, std "
                             f"{_r(w_norm[1])}, the data uses mean {_r(data_norm[0])}, std {_r(data_norm[1])}: "
                             "the patch embeddings take the difference (exact)")
     if "image" in embeds:
         put("embed.embeds.image.proj.proj.weight", w, "patch_embed.proj.weight")
-        put("embed.embeds.image.proj.proj.bias", b, "patch_embed.proj.bias")
+        put("embed.embeds.image.proj.proj.bias", b, b_src, "patch_embed.proj.bias")
     if "video" in embeds:
         kt = embeds["video"].tubelet[0]
         put("embed.embeds.video.proj.weight", inflate_patch_embed(w, kt, inflate),
             f"patch_embed.proj.weight (inflated to {kt} frames, {inflate})", "patch_embed.proj.weight")
-        put("embed.embeds.video.proj.bias", b, "patch_embed.proj.bias")
+        put("embed.embeds.video.proj.bias", b, b_src, "patch_embed.proj.bias")
     if "audio" in embeds:
         report.notes.append("timm has no audio spectrogram transformer: the audio patch embedding keeps its "
                             "own initialisation")
@@ -410,7 +411,7 @@ def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central",
     if rows:
         z = target["embed.modality_embed.weight"].clone()
         z[rows] = 0
-        put("embed.modality_embed.weight", z, "zeros for video and image (pretrained tokens enter unchanged)", )
+        put("embed.modality_embed.weight", z, "zeros for video and image (pretrained tokens enter unchanged)")
     depth_src = arch["depth"]
     for i in range(min(depth_src, cfg.depth)):
         p = f"blocks.{i}."
@@ -425,13 +426,13 @@ def apply_pretrained(model: nn.Module, source: Source, inflate: str = "central",
         for lin, ls in (("attn.proj", "ls1.gamma"), ("mlp.fc2", "ls2.gamma")):
             wk, bk = p + lin + ".weight", p + lin + ".bias"
             wv, bv = st[wk], st.get(bk)
-            if bv is None:
-                bv = wv.new_zeros(wv.shape[0])
             how_w, how_b = wk, bk
+            if bv is None:
+                bv, how_b = wv.new_zeros(wv.shape[0]), "zeros (no bias in the checkpoint)"
             if p + ls in st:  # LayerScale: x + gamma * (W y + b) = x + (gamma W) y + gamma b
                 g = st[p + ls]
                 wv, bv = wv * g[:, None], bv * g
-                how_w, how_b = f"{wk} * {p + ls}", f"{bk} * {p + ls}"
+                how_w, how_b = f"{wk} * {p + ls}", f"{how_b} * {p + ls}"
             put(wk, wv, how_w, wk, p + ls)
             put(bk, bv, how_b, bk, p + ls)
     if depth_src > cfg.depth:
