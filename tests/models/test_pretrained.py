@@ -334,3 +334,18 @@ def test_full_size_architectures_map(name, captioner, monkeypatch):
     assert report.unexpected == [] and set(report.dropped) == {"pos_embed", "head.weight", "head.bias"}
     assert sum(k.startswith("blocks.") for k in report.loaded) == 12 * depth
     assert model.embed.embeds["video"].proj.weight.shape == (ref.embed_dim, 3, 2, 16, 16)
+
+
+def test_recipe_config_keys():
+    """The recipe's keys in the config tree, and their checks."""
+    from mmsparse.train.config import ConfigError, load_config
+
+    cfg = load_config("caption_base_from_vit", ["model.init.checkpoint=/x.safetensors", "model.freeze.blocks=2",
+                                                "model.init.timm_kwargs.depth=2"])
+    assert cfg.model.init.timm_model.startswith("vit_base_patch16_224") and cfg.model.init.inflate == "central"
+    assert cfg.model.init.timm_kwargs == {"depth": 2} and cfg.model.freeze.blocks == 2
+    assert cfg.optim.layer_decay == 0.75
+    with pytest.raises(ConfigError, match="did you mean 'central'"):
+        load_config("caption_base_from_vit", ["model.init.inflate=centre"])
+    with pytest.raises(ConfigError, match="optim.layer_decay"):
+        load_config("caption_base_from_vit", ["optim.layer_decay=1.5"])
