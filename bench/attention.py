@@ -38,7 +38,7 @@ from mmsparse.attention import (  # noqa: E402
     sparse_transformer,
 )
 from mmsparse.attention import blocklayout as _bl  # noqa: E402
-from mmsparse.attention.backends import _triton_available  # noqa: E402
+from mmsparse.attention.backends import triton_available  # noqa: E402
 
 
 @dataclass
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="# %(name)s: %(message)s")
     logging.getLogger("mmsparse.kernels").setLevel(logging.INFO)  # autotune choices
     if device == "cuda":
-        backends = (["triton"] if _triton_available() else []) + ["flex"]
+        backends = (["triton"] if triton_available() else []) + ["flex"]
         workloads = gpu_workloads()
     else:
         backends = ["reference"]

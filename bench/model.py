@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, environment, lower_median, mean_step_ms, out_folder, result_stem, slug  # noqa: E402
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
-from mmsparse.attention.backends import _triton_available  # noqa: E402
+from mmsparse.attention.backends import triton_available  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
 CAPTION = "a red circle moves left then a high tone plays"
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
                                               zip(runs[r["frames"], "dense"], runs[r["frames"], r["variant"]])]
     env = environment(device.type)
     gpu, triton_version = env["device"], env["triton"]
-    backend = "reference" if device.type == "cpu" else ("triton" if _triton_available() else "flex")
+    backend = "reference" if device.type == "cpu" else ("triton" if triton_available() else "flex")
     result = {"workload": "E1", "model": args.model, **env, "sparse_backend": backend, "precision": args.precision,
               "checkpointing": args.checkpointing, "repeats": args.repeats,
               "overrides": {k: v for k, v in args.override.items()},

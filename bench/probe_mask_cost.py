@@ -25,7 +25,11 @@ import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmsparse.kernels import block_sparse_attention as bs  # noqa: E402
+from mmsparse.attention.backends.triton_kernels import block_lists  # noqa: E402
+from mmsparse.kernels.block_sparse.backward import attention_backward  # noqa: E402
+from mmsparse.kernels.block_sparse.forward import attention_forward  # noqa: E402
+from mmsparse.kernels.block_sparse.worklist import kernel_program, use_mask_tiles  # noqa: E402
+from mmsparse.kernels.options import set_kernel_options  # noqa: E402
 
 
 def captioner_layout(frames: int, overrides: dict | None = None):
@@ -49,7 +53,8 @@ def run(name, layout, h, d, batch: int = 1):
     n = layout.n
     q, k, v = (torch.randn(batch, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = d ** -0.5
-    kp = bs._kernel_program(layout, q.device)
+    lists = block_lists(layout)
+    kp = kernel_program(lists, q.device)
     real = kp.program
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -58,13 +63,15 @@ def run(name, layout, h, d, batch: int = 1):
     build_ms = 1e3 * (time.perf_counter() - t0)
     times = {}
     for label, program, tiles in (("program", real, "0"), ("tiles", real, "1"), ("all-true", (), "0")):
-        kp.program, bs._MASK_TILES = program, tiles
-        out, lse = bs._attention_forward(q, k, v, layout, scale)
+        kp.program = program
+        set_kernel_options(mask_tiles=tiles)
+        out, lse = attention_forward(q, k, v, lists, scale)
         do = torch.randn_like(out)
-        f = tt.do_bench(lambda: bs._attention_forward(q, k, v, layout, scale), return_mode="median")
-        b = tt.do_bench(lambda: bs._attention_backward(q, k, v, out, lse, do, layout, scale), return_mode="median")
+        f = tt.do_bench(lambda: attention_forward(q, k, v, lists, scale), return_mode="median")
+        b = tt.do_bench(lambda: attention_backward(q, k, v, out, lse, do, lists, scale), return_mode="median")
         times[label] = (f, b)
-    kp.program, bs._MASK_TILES = real, None
+    kp.program = real
+    set_kernel_options(mask_tiles="auto")
     (fr, br), (fm, bm), (ft, bt) = times["program"], times["tiles"], times["all-true"]
     print(f"{name:34s} N {n:7d} full {layout.num_full:7d} partial {layout.num_partial:7d} "
           f"predicates {len(real) // 5:3d} | tiles {kp.tile_bytes / 2**20:7.1f} MiB built in {build_ms:6.1f} ms"
@@ -81,8 +88,10 @@ def main() -> int:
         frames = int(sys.argv[at]) if at < len(sys.argv) else 512
         lay, h, d = captioner_layout(frames)
         print(f"E1 captioner_base {frames} frames: N {lay.n}, {h} heads x {d}, full {lay.num_full}, partial "
-              f"{lay.num_partial}, tiles {bs._use_mask_tiles(bs._kernel_program(lay, lay.device))}")
-        bs.sweep(None, None, h, d, layout=lay)
+              f"{lay.num_partial}, tiles {use_mask_tiles(kernel_program(block_lists(lay), lay.device))}")
+        from bench.sweep_tiles import sweep
+
+        sweep(None, None, h, d, layout=lay)
         return 0
     if "--e1" in sys.argv[1:]:  # one E1 layer layout: --e1 FRAMES [--batch B] [--override field=value ...]
         import bench.model as bm

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROWS = 40
 # the attention kernels of a step: ours (mmsparse/kernels/*.py), SDPA's flash / cuDNN / memory-efficient,
 # FlexAttention's generated ones
-ATTENTION_KERNELS = re.compile(r"_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel|_bwd_preprocess|_mask_tiles_kernel|"
+ATTENTION_KERNELS = re.compile(r"fwd_kernel|bwd_dq_kernel|bwd_dkdv_kernel|bwd_preprocess|mask_tiles_kernel|"
                                r"axial|strided|flash|fmha|cudnn|sdpa|attention|flex", re.IGNORECASE)
 
 
@@ -69,34 +69,36 @@ def strided(args) -> None:
     import triton.testing as tt
 
     from mmsparse.attention import build_layout, sparse_transformer
+    from mmsparse.attention.backends.triton_kernels import strided_split
     from mmsparse.kernels import axial_attention as ax
-    from mmsparse.kernels import block_sparse_attention as bs
     from mmsparse.kernels import strided_attention as st
+    from mmsparse.kernels.block_sparse.backward import attention_backward
+    from mmsparse.kernels.block_sparse.forward import attention_forward
 
     n, h, d = args.n, 16, 64
     lay = build_layout(sparse_transformer(args.stride), (n,), device="cuda")
-    split = st.strided_split(lay)
-    print(f"N {n}, stride {args.stride}, rest {split.rest.pattern if split.rest is not None else None}, "
+    split = strided_split(lay)
+    print(f"N {n}, stride {args.stride}, rest {'yes' if split.rest is not None else None}, "
           f"rest blocks full {split.rest.num_full} partial {split.rest.num_partial}, overlap pairs {split.oq.numel()}")
     q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     scale = d ** -0.5
-    n_pad, geometry = st._line_grid(n, args.stride)
+    n_pad, geometry = st.line_grid(n, args.stride)
     ms = lambda f: tt.do_bench(f, return_mode="median")
-    t_rest = ms(lambda: bs._attention_forward(q, k, v, split.rest, scale))
-    t_lines = ms(lambda: ax._forward(q, k, v, geometry, scale))
-    out_a, lse_a = bs._attention_forward(q, k, v, split.rest, scale)
-    out_b, lse_b = ax._forward(q, k, v, geometry, scale)  # LSE in line order, as the op passes it
-    t_merge = ms(lambda: st._merge(out_a, lse_a, out_b, lse_b, q, k, v, split, scale, None, n_pad))
-    out, lse = st.strided_attention(q, k, v, lay)
+    t_rest = ms(lambda: attention_forward(q, k, v, split.rest, scale))
+    t_lines = ms(lambda: ax.axial_forward(q, k, v, geometry, scale))
+    out_a, lse_a = attention_forward(q, k, v, split.rest, scale)
+    out_b, lse_b = ax.axial_forward(q, k, v, geometry, scale)  # LSE in line order, as the op passes it
+    t_merge = ms(lambda: st.merge(out_a, lse_a, out_b, lse_b, q, k, v, split, scale, None, n_pad))
+    out, lse = st.strided_attention(q, k, v, split)
     do = torch.randn_like(out)
-    t_fwd = ms(lambda: st.strided_attention(q, k, v, lay))
-    t_fb = ms(lambda: torch.autograd.grad(st.strided_attention(q, k, v, lay)[0], (q, k, v), do))
-    t_rest_b = ms(lambda: bs._attention_backward(q, k, v, out, lse, do, split.rest, scale))
-    lse_lines = ax._line_order(lse, *geometry)
-    t_lines_b = ms(lambda: ax._backward(q, k, v, out, lse_lines, do, geometry, scale))
+    t_fwd = ms(lambda: st.strided_attention(q, k, v, split))
+    t_fb = ms(lambda: torch.autograd.grad(st.strided_attention(q, k, v, split)[0], (q, k, v), do))
+    t_rest_b = ms(lambda: attention_backward(q, k, v, out, lse, do, split.rest, scale))
+    lse_lines = ax.line_order(lse, *geometry)
+    t_lines_b = ms(lambda: ax.axial_backward(q, k, v, out, lse_lines, do, geometry, scale))
     print(f"forward: rest {t_rest:.3f} ms, lines {t_lines:.3f} ms, merge {t_merge:.3f} ms; op {t_fwd:.3f} ms")
     print(f"backward kernels: rest {t_rest_b:.3f} ms, lines {t_lines_b:.3f} ms; op fwd+bwd {t_fb:.3f} ms")
-    _tables(_profile(lambda: torch.autograd.grad(st.strided_attention(q, k, v, lay)[0], (q, k, v), do)),
+    _tables(_profile(lambda: torch.autograd.grad(st.strided_attention(q, k, v, split)[0], (q, k, v), do)),
             "strided fwd+bwd")
 
 

@@ -18,21 +18,6 @@ _COMMANDS = (
 )
 
 
-def add_subcommand(subparsers, name: str, help: str, doc: str | None, add_arguments, run) -> None:
-    """Register sub-command `name`: its arguments come from add_arguments(parser), and
-    run(args) -> exit code does the work."""
-    p = subparsers.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def module_main(prog: str, doc: str | None, add_arguments, run, argv: list[str] | None = None) -> int:
-    """The same job as `python -m <module>`, without the `mmsparse` front."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
 # `mmsparse bench NAME ...` runs bench/NAME.py of the repository checkout: the benchmarks live
 # beside their committed results, outside the package, so they need the checkout an editable
 # install (`pip install -e .`) points at.

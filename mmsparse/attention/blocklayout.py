@@ -30,6 +30,8 @@ from functools import lru_cache
 
 import torch
 
+from mmsparse.kernels.block_sparse.lists import BlockCounts, rows_of
+
 from .patterns import Pattern
 from .program import MaskProgram
 from .stream import StreamLayout, as_stream_layout, token_table
@@ -38,7 +40,7 @@ _PAIR_CHUNK = 1 << 19  # block pairs tested at once (bounds the compiler's memor
 
 
 @dataclass(eq=False)
-class BlockLayout:
+class BlockLayout(BlockCounts):
     """What a sparse attention kernel consumes. All index tensors are int32 on `device`.
 
     q_full_ptr (Mq + 1,), q_full_idx (nnz_full,): key blocks attended fully by each query block.
@@ -67,22 +69,6 @@ class BlockLayout:
     @property
     def device(self) -> torch.device:
         return self.q_full_ptr.device
-
-    @property
-    def num_q_blocks(self) -> int:
-        return self.q_full_ptr.numel() - 1
-
-    @property
-    def num_k_blocks(self) -> int:
-        return self.k_full_ptr.numel() - 1
-
-    @property
-    def num_full(self) -> int:
-        return self.q_full_idx.numel()
-
-    @property
-    def num_partial(self) -> int:
-        return self.q_part_idx.numel()
 
     @property
     def block_density(self) -> float:
@@ -115,7 +101,7 @@ class BlockLayout:
 
     def iter_partial_blocks(self, chunk: int = 64):
         """Yield (qi (G, bq, 1), ki (G, 1, bk), valid) token indices of partial block pairs."""
-        qb = _rows_of(self.q_part_ptr).long()
+        qb = rows_of(self.q_part_ptr).long()
         kb = self.q_part_idx.long()
         dq = torch.arange(self.block_q, device=self.device)
         dk = torch.arange(self.block_k, device=self.device)
@@ -133,10 +119,10 @@ class BlockLayout:
         mq, mk = self.num_q_blocks, self.num_k_blocks
         mask = torch.zeros(mq * bq, mk * bk, dtype=torch.bool, device=self.device)
         view = mask.view(mq, bq, mk, bk)
-        qb = _rows_of(self.q_full_ptr).long()
+        qb = rows_of(self.q_full_ptr).long()
         view[qb, :, self.q_full_idx.long(), :] = True
         start = 0
-        part_q = _rows_of(self.q_part_ptr).long()
+        part_q = rows_of(self.q_part_ptr).long()
         for qi, ki, valid in self.iter_partial_blocks():
             g = qi.shape[0]
             sel = slice(start, start + g)
@@ -168,14 +154,8 @@ class BlockLayout:
         )
 
 
-def _rows_of(ptr: torch.Tensor) -> torch.Tensor:
-    """CSR row index of each entry."""
-    counts = (ptr[1:] - ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts)
-
-
 def _pairs_in_blocks(layout: BlockLayout, ptr, idx) -> int:
-    rows = _rows_of(ptr).long()
+    rows = rows_of(ptr).long()
     q_len = (torch.clamp(layout.n - rows * layout.block_q, max=layout.block_q)).long()
     k_len = (torch.clamp(layout.n - idx.long() * layout.block_k, max=layout.block_k)).long()
     return int((q_len * k_len).sum())

@@ -52,10 +52,10 @@ from .collate import collate
 from .dataset import DataConfig, MediaDataset, read_image
 from .errors import REASONS, CrashGuard, FailureStats, MediaError, TooManyBadSamples
 from .loader import MediaLoader, make_loader
-from .manifest import Sample, load_manifest, write_manifest
+from .manifest import Sample, load_manifest, manifest_captions, write_manifest
 from .sampler import ShardedSampler
 
 __all__ = [
     "CrashGuard", "DataConfig", "FailureStats", "MediaDataset", "MediaError", "MediaLoader", "REASONS", "Sample",
-    "ShardedSampler", "TooManyBadSamples", "collate", "load_manifest", "make_loader", "read_image", "write_manifest",
+    "ShardedSampler", "TooManyBadSamples", "collate", "load_manifest", "make_loader", "manifest_captions", "read_image", "write_manifest",
 ]

@@ -125,6 +125,11 @@ def load_manifest(path: str | Path) -> list[Sample]:
     return samples
 
 
+def manifest_captions(path: str | Path) -> list[str]:
+    """Every reference caption of a manifest, in order (what a caption tokenizer trains on)."""
+    return [c for s in load_manifest(path) for c in (s.captions or [s.caption])]
+
+
 def write_manifest(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write records (already holding manifest-relative paths) as JSON Lines, atomically."""
     path = Path(path)

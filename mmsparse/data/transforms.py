@@ -9,7 +9,7 @@ Output dtype (``TransformConfig.dtype``): ``float32`` converts and normalises on
 (``x * (1 / 255)``, then ``(x - mean) / std`` when ``normalize``); ``uint8`` stops after the
 geometric ops (resize, crop, flip act on uint8 directly) and leaves the conversion to the model,
 which applies exactly the same arithmetic on its device with ``pixel_norm(cfg)`` (see
-``mmsparse.encoders.normalize_pixels``). The geometric ops see the same uint8 pixels either
+``mmsparse.pixels.normalize_pixels``). The geometric ops see the same uint8 pixels either
 way, so both paths give the same numbers.
 """
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from mmsparse.pixels import normalize_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,7 +74,7 @@ class ToNormalizedFloat(v2.Transform):
     """uint8 video / image -> contiguous float32 ``(x * (1 / 255) - mean) / std`` per channel.
 
     Computes what ``ToDtype(float32, scale=True)`` then ``Normalize(mean, std)`` compute, with the
-    model's own function for uint8 batches (``mmsparse.encoders.normalize_pixels``), so the two
+    model's own function for uint8 batches (``mmsparse.pixels.normalize_pixels``), so the two
     pixel paths cannot drift apart; one conversion pass into a contiguous tensor instead of
     torchvision's two on the channels-last frames (64 x 224 x 224 frames: 70 -> 35 ms a clip on
     one core).
@@ -85,8 +87,6 @@ class ToNormalizedFloat(v2.Transform):
         self.norm = (tuple(map(float, mean)), tuple(map(float, std)))
 
     def transform(self, inpt, params):
-        from mmsparse.encoders.patch import normalize_pixels
-
         return tv_tensors.wrap(normalize_pixels(inpt.as_subclass(torch.Tensor), self.norm), like=inpt)
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+# the rotation itself lives beside its fused Triton kernel (the bottom layer); re-exported here
+from mmsparse.kernels.rope import apply_rope  # noqa: F401
+
 
 def axis_pairs(head_dim: int, n_axes: int) -> tuple[int, ...]:
     """How many rotated pairs each axis gets (sums to head_dim // 2)."""
@@ -42,12 +45,3 @@ def rope_cos_sin(coords: torch.Tensor, head_dim: int, theta: float = 10000.0):
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, N, D) -> rotated x, same shape and dtype; cos / sin (N, D / 2).
-
-    Pairs are (x[..., j], x[..., j + D / 2]) (the GPT-NeoX layout: two contiguous halves).
-    """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    c, s = cos.to(x.device), sin.to(x.device)
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).to(x.dtype)

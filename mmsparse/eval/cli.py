@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmsparse.cli import add_subcommand, module_main
+from mmsparse.subcommand import add_subcommand, module_main
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

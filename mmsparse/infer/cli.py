@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from mmsparse.cli import add_subcommand, module_main
+from mmsparse.subcommand import add_subcommand, module_main
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 

@@ -16,12 +16,11 @@ tile) in the dK / dV pass, with the line's stride in the pointer arithmetic. The
 
 Layers (CONVENTIONS.md item 1):
 1. `axial_attention_ref`: the permuted batch through dense PyTorch attention.
-2. `_axial_fwd_kernel`, `_axial_dq_kernel`, `_axial_dkdv_kernel` (and the block-sparse file's
-   `_bwd_preprocess` for delta = rowsum(dO O)). LSE and delta are kept in line order
+2. `_axial_fwd_kernel`, `_axial_dq_kernel`, `_axial_dkdv_kernel` (and the shared
+   `bwd_preprocess` for delta = rowsum(dO O)). LSE and delta are kept in line order
    (B, H, lines, L) inside, token order (B, H, N) outside.
-3. Launchers, the autograd function and the public `axial_attention`; `axial_geometry`
-   recognises a BlockLayout that is exactly axial, so `sparse_attention(backend="triton")`
-   takes this path for it.
+3. Launchers, the op in the shared autograd shell and the public `axial_attention`
+   (mmsparse.attention recognises a layout that is exactly axial and passes its geometry).
 """
 
 from __future__ import annotations
@@ -32,11 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from mmsparse.attention.backends import check_key_padding_mask
-
-from .block_sparse_attention import (
-    _LOG2E, MAX_HEAD_DIM, _bwd_preprocess, _dims, _dkdv_inner, _dot_prec, _dq_inner,
-    _finish_rows, _fwd_inner, _is_padding, _last_contiguous, _load_kv_tile, _load_lse2, _padding_flags,
+from .block_sparse.steps import (
+    bwd_preprocess, dkdv_inner, dq_inner, finish_rows, fwd_inner, is_padding, load_kv_tile, load_lse2,
+)
+from .common import (
+    LOG2E, MAX_HEAD_DIM, check_kernel_inputs, dims, dot_prec, last_contiguous, padding_flags, run_attention,
     tensor_unsupported_reason,
 )
 
@@ -45,7 +44,7 @@ from .block_sparse_attention import (
 # ---------------------------------------------------------------------------------------------
 
 
-def _lines_view(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+def lines_view(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
     """(B, H, N, ...) -> (B, H, outer * inner, L, ...): the lines as a batch (a copy)."""
     b, h = x.shape[:2]
     rest = x.shape[3:]
@@ -53,8 +52,8 @@ def _lines_view(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.T
     return y.reshape(b, h, outer * inner, length, *rest)
 
 
-def _tokens_view(y: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
-    """Inverse of `_lines_view`."""
+def tokens_view(y: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+    """Inverse of `lines_view`."""
     b, h = y.shape[:2]
     rest = y.shape[4:]
     x = y.reshape(b, h, outer, inner, length, *rest).transpose(3, 4)
@@ -67,17 +66,17 @@ def axial_attention_ref(q, k, v, geometry: tuple[int, int, int], scale=None, key
     outer, length, inner = geometry
     g = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    ql, kl, vl = (_lines_view(t.double(), outer, length, inner) for t in (q, k, v))
+    ql, kl, vl = (lines_view(t.double(), outer, length, inner) for t in (q, k, v))
     kl, vl = kl.repeat_interleave(g, 1), vl.repeat_interleave(g, 1)
     s = ql @ kl.transpose(-1, -2) * scale
     if key_padding_mask is not None:
-        pad = _lines_view(key_padding_mask.to(q.device)[:, None], outer, length, inner)  # (B, 1, lines, L)
+        pad = lines_view(key_padding_mask.to(q.device)[:, None], outer, length, inner)  # (B, 1, lines, L)
         s = s.masked_fill(pad[:, :, :, None, :], -math.inf)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
     out = p @ vl
-    return (_tokens_view(out, outer, length, inner).to(q.dtype),
-            _tokens_view(lse.unsqueeze(-1), outer, length, inner).squeeze(-1).float())
+    return (tokens_view(out, outer, length, inner).to(q.dtype),
+            tokens_view(lse.unsqueeze(-1), outer, length, inner).squeeze(-1).float())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,11 +131,11 @@ def _axial_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, INNER, offs_m, start_n, L,
+        acc, l_i, m_i = fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, INNER, offs_m, start_n, L,
                                    qk_scale, INNER * stride_kn, INNER * stride_vn, Q, 0, Q, Q, 0, offs_m, 0,
                                    Q, Q, 0, 0, HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM,
                                    False, BLOCK_M, BLOCK_N, False)
-    acc, lse = _finish_rows(acc, l_i, m_i)  # a line of padding keys only attends nothing: 0, -inf
+    acc, lse = finish_rows(acc, l_i, m_i)  # a line of padding keys only attends nothing: 0, -inf
     tl.store(_line_tile(_line_start(O, b, h, base, stride_ob, stride_oh, stride_on), offs_m, INNER, stride_on, offs_d),
              acc.to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + pid_bh.to(tl.int64) * N + line * L + offs_m, lse, mask=offs_m < L)
@@ -165,14 +164,14 @@ def _axial_dq_kernel(
     do = tl.load(_line_tile(_line_start(DO, b, h, base, stride_dob, stride_doh, stride_don), offs_m, INNER,
                             stride_don, offs_d), mask=row_mask, other=0.0)
     stat = pid_bh.to(tl.int64) * N + line * L
-    lse2 = _load_lse2(LSE + stat, offs_m, L)
+    lse2 = load_lse2(LSE + stat, offs_m, L)
     delta = tl.load(DELTA + stat + offs_m, mask=offs_m < L, other=0.0)
     K_base = _line_start(K, b, hk, base, stride_kb, stride_kh, stride_kn)
     V_base = _line_start(V, b, hk, base, stride_vb, stride_vh, stride_vn)
     KPM_base = KPM + b.to(tl.int64) * stride_kpm + base
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, INNER, offs_m, start_n, L, qk_scale,
+        dq = dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, INNER, offs_m, start_n, L, qk_scale,
                        INNER * stride_kn, INNER * stride_vn, Q, 0, Q, Q, 0, offs_m, 0, Q, Q, 0, 0,
                        HEAD_DIM, D_PAD, BLOCK_N, False, EVEN_L, (), DOT_PREC, HAS_KPM,
                        False, BLOCK_M, BLOCK_N, False)
@@ -197,7 +196,7 @@ def _axial_dkdv_kernel(
     line, base, offs_n = _line_of(tl.program_id(0), L, INNER, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     col_mask = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    k, v = _load_kv_tile(_line_start(K, b, hk, base, stride_kb, stride_kh, stride_kn),
+    k, v = load_kv_tile(_line_start(K, b, hk, base, stride_kb, stride_kh, stride_kn),
                          _line_start(V, b, hk, base, stride_vb, stride_vh, stride_vn),
                          offs_n, L, INNER * stride_kn, INNER * stride_vn, HEAD_DIM, D_PAD, False)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -209,12 +208,12 @@ def _axial_dkdv_kernel(
         DO_base = _line_start(DO, b, h, base, stride_dob, stride_doh, stride_don)
         stat = bh.to(tl.int64) * N + line * L
         for start_m in range(0, L, BLOCK_M):
-            dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE + stat, DELTA + stat, offs_n, start_m,
+            dk, dv = dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE + stat, DELTA + stat, offs_n, start_m,
                                  L, qk_scale, INNER * stride_qn, INNER * stride_don, Q, 0, Q, Q, 0, 0, offs_n,
                                  Q, Q, 0, 0, HEAD_DIM, D_PAD, BLOCK_M, False, (), DOT_PREC, False, BLOCK_M,
                                  BLOCK_N, False)
     if HAS_KPM:  # padding keys are attended by no query: zero gradients
-        pad = _is_padding(KPM + b.to(tl.int64) * stride_kpm + base, INNER, offs_n, L)[:, None]
+        pad = is_padding(KPM + b.to(tl.int64) * stride_kpm + base, INNER, offs_n, L)[:, None]
         dk = tl.where(pad, 0.0, dk)
         dv = tl.where(pad, 0.0, dv)
     tl.store(_line_tile(_line_start(DK, b, hk, base, stride_dkb, stride_dkh, stride_dkn), offs_n, INNER, stride_dkn,
@@ -232,15 +231,15 @@ def _axial_dkdv_kernel(
 # 16-bit inputs up to D_PAD 64: three stages, and dK / dV steps of 32 queries; on the strided
 # lines of the A5 Sparse Transformer preset (512-token lines, D = 64, H200) that took fwd+bwd
 # 3.71 -> 3.57 ms and the forward 0.92 -> 0.88 ms (results/logs/sweep-axial-in-strided-a5-h200-
-# 2026-12-04.log, bench/NOTES.md session 15). At D_PAD 128 the same rule timed A4's T and H
-# lines slower (1.01 / 0.93 ms against 0.93 / 0.80 in an earlier session) and W faster
+# 2026-12-04.log, bench/NOTES.md of 2026-12-04). At D_PAD 128 the same rule timed A4's T and H
+# lines slower (1.01 / 0.93 ms against 0.93 / 0.80 in an earlier, not same-run, measurement) and W faster
 # (0.88 against 1.03): not adopted there without a same-run A/B.
-_OVERRIDE: dict = {}  # tests: kernel name -> config
+FORCED: dict = {}  # tests: kernel name -> config
 
 
 def _config(kernel: str, length: int, d_pad: int, dtype):
-    if kernel in _OVERRIDE:
-        return _OVERRIDE[kernel]
+    if kernel in FORCED:
+        return FORCED[kernel]
     small = dtype == torch.float32 or d_pad > 128
     t = min(32 if small else 64, max(16, triton.next_power_of_2(length)))
     if small or d_pad > 64:
@@ -248,92 +247,87 @@ def _config(kernel: str, length: int, d_pad: int, dtype):
     return (min(32, t) if kernel == "dkdv" else t), t, 4, 3
 
 
-def _line_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+def line_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
     """(B, H, N) token order -> (B, H, N) line order, contiguous."""
-    return _lines_view(x.unsqueeze(-1), outer, length, inner).reshape(x.shape).contiguous()
+    return lines_view(x.unsqueeze(-1), outer, length, inner).reshape(x.shape).contiguous()
 
 
-def _token_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
+def token_order(x: torch.Tensor, outer: int, length: int, inner: int) -> torch.Tensor:
     b, h, n = x.shape
-    return _tokens_view(x.reshape(b, h, outer * inner, length, 1), outer, length, inner).reshape(b, h, n)
+    return tokens_view(x.reshape(b, h, outer * inner, length, 1), outer, length, inner).reshape(b, h, n)
 
 
-def _forward(q, k, v, geometry, scale, out=None, key_padding=None):
+def axial_forward(q, k, v, geometry, scale, out=None, key_padding=None):
     """-> out (B, H, N, D) and the LSE (B, H, N) float32 in line order."""
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
     outer, length, inner = geometry
     b, h, n, _ = q.shape
-    d, d_pad = _dims(q)
+    d, d_pad = dims(q)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
+    kpm, stride_kpm, has_kpm = padding_flags(key_padding, q)
     bm, bn, warps, stages = _config("fwd", length, d_pad, q.dtype)
     _axial_fwd_kernel[(outer * inner * triton.cdiv(length, bm), b * h)](
         q, k, v, out, lse, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        stride_kpm, n, length, inner, h, scale * _LOG2E,
+        stride_kpm, n, length, inner, h, scale * LOG2E,
         GROUP=h // k.shape[1], HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0,
-        DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm, num_warps=warps, num_stages=stages,
+        DOT_PREC=dot_prec(q.dtype), HAS_KPM=has_kpm, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-def _backward(q, k, v, out, lse_lines, dout, geometry, scale, dlse=None, dq=None, dk=None, dv=None,
+def axial_backward(q, k, v, out, lse_lines, dout, geometry, scale, dlse=None, dq=None, dk=None, dv=None,
               key_padding=None):
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    out, dout = _last_contiguous(out), _last_contiguous(dout)
+    q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
+    out, dout = last_contiguous(out), last_contiguous(dout)
     outer, length, inner = geometry
     b, h, n, _ = q.shape
     hk = k.shape[1]
-    d, d_pad = _dims(q)
+    d, d_pad = dims(q)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    _bwd_preprocess[(triton.cdiv(n, 64), b * h)](
+    bwd_preprocess[(triton.cdiv(n, 64), b * h)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], n, h, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=64,
     )
     if dlse is not None:  # d lse / d s = P: dlse shifts delta (as in the block-sparse backward)
         delta -= dlse.float()
-    delta = _line_order(delta, outer, length, inner)
-    kpm, stride_kpm, has_kpm = _padding_flags(key_padding, q)
-    common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=_dot_prec(q.dtype), HAS_KPM=has_kpm)
+    delta = line_order(delta, outer, length, inner)
+    kpm, stride_kpm, has_kpm = padding_flags(key_padding, q)
+    common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype), HAS_KPM=has_kpm)
     bm, bn, warps, stages = _config("dq", length, d_pad, q.dtype)
     _axial_dq_kernel[(outer * inner * triton.cdiv(length, bm), b * h)](
         q, k, v, dout, dq, lse_lines, delta, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *dout.stride()[:3], *dq.stride()[:3], stride_kpm, n, length, inner, h, scale * _LOG2E, scale,
+        *dout.stride()[:3], *dq.stride()[:3], stride_kpm, n, length, inner, h, scale * LOG2E, scale,
         BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0, num_warps=warps, num_stages=stages, **common,
     )
     bm, bn, warps, stages = _config("dkdv", length, d_pad, q.dtype)
     _axial_dkdv_kernel[(outer * inner * triton.cdiv(length, bn), b * hk)](
         q, k, v, dout, dk, dv, lse_lines, delta, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], stride_kpm, n, length, inner, hk,
-        scale * _LOG2E, scale,
+        scale * LOG2E, scale,
         BLOCK_M=bm, BLOCK_N=bn, EVEN_L=length % bn == 0, num_warps=warps, num_stages=stages, **common,
     )
     return dq, dk, dv
 
 
-class _AxialAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, geometry, scale, key_padding):
-        out, lse_lines = _forward(q, k, v, geometry, scale, key_padding=key_padding)
-        ctx.save_for_backward(q, k, v, out, lse_lines)
-        # an output nobody differentiates (the LSE, in a model) arrives as None in the
-        # backward instead of a tensor of zeros: no allocation, no delta correction
-        ctx.set_materialize_grads(False)
-        ctx.geometry, ctx.scale, ctx.key_padding = geometry, scale, key_padding
-        return out, _token_order(lse_lines, *geometry)
+class AxialOp:
+    """The axial kernels as an op of the shared autograd shell: the LSE is kept in line order
+    inside (saved for the backward), returned in token order."""
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse_lines = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
+    def __init__(self, geometry: tuple[int, int, int]):
+        self.geometry = geometry
+
+    def forward(self, q, k, v, scale, key_padding):
+        out, lse_lines = axial_forward(q, k, v, self.geometry, scale, key_padding=key_padding)
+        return out, token_order(lse_lines, *self.geometry), (q, k, v, out, lse_lines)
+
+    def backward(self, saved, dout, dlse, scale, key_padding):
+        q, k, v, out, lse_lines = saved
         if dlse is not None:
-            dlse = torch.where(torch.isfinite(_token_order(lse_lines, *ctx.geometry)), dlse, 0.0)
-        dq, dk, dv = _backward(q, k, v, out, lse_lines, dout, ctx.geometry, ctx.scale, dlse=dlse,
-                               key_padding=ctx.key_padding)
-        return dq, dk, dv, None, None, None
+            dlse = torch.where(torch.isfinite(token_order(lse_lines, *self.geometry)), dlse, 0.0)
+        return axial_backward(q, k, v, out, lse_lines, dout, self.geometry, scale, dlse=dlse, key_padding=key_padding)
 
 
 def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None = None, key_padding_mask=None):
@@ -352,24 +346,13 @@ def axial_attention(q, k, v, geometry: tuple[int, int, int], scale: float | None
         out (B, H, N, D) in q's dtype and lse (B, H, N) float32 (-inf on a line of padding
         only), both differentiable.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4D tensor (B, H, N, D), got {getattr(t, 'shape', type(t).__name__)}")
+    check_kernel_inputs(q, k, v, "axial_attention", key_padding_mask)
     outer, length, inner = (int(x) for x in geometry)
     if min(outer, length, inner) < 1 or outer * length * inner != q.shape[2]:
         raise ValueError(f"geometry (outer, L, inner) = {tuple(geometry)} must be positive with product "
                          f"N = {q.shape[2]}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"k, v must be (B, Hk, N, D) with H a multiple of Hk; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    reason = unsupported_reason(q)
-    if reason:
-        raise ValueError(f"axial_attention: {reason}")
-    check_key_padding_mask(key_padding_mask, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _AxialAttention.apply(q, k, v, (outer, length, inner), scale, key_padding_mask)
+    return run_attention(AxialOp((outer, length, inner)), q, k, v, scale, key_padding_mask)
 
 
 def unsupported_reason(q) -> str | None:
@@ -377,25 +360,5 @@ def unsupported_reason(q) -> str | None:
     return tensor_unsupported_reason(q)
 
 
-def axial_geometry(layout) -> tuple[int, int, int] | None:
-    """(outer, L, inner) when `layout` is exactly axial attention over consecutive axes of one
-    raster-ordered segment that fills the stream (no global tokens, no other segment), else None."""
-    from mmsparse.attention.patterns import Axial
-
-    pattern, stream = getattr(layout, "pattern", None), getattr(layout, "stream", None)
-    if type(pattern) is not Axial or stream is None or stream.n_global or len(stream.segments) != 1:
-        return None
-    seg = stream.segments[0]
-    if seg.order != "raster" or seg.offset != 0 or seg.numel != layout.n:
-        return None
-    if pattern.modality is not None and pattern.modality != seg.modality:
-        return None
-    nd = len(seg.shape)
-    axes = sorted({a % nd for a in ((pattern.axes,) if isinstance(pattern.axes, int) else pattern.axes)})
-    if axes != list(range(axes[0], axes[-1] + 1)):
-        return None  # not consecutive: the lines are not one stride apart
-    shape = seg.shape
-    return (math.prod(shape[: axes[0]]), math.prod(shape[axes[0]: axes[-1] + 1]), math.prod(shape[axes[-1] + 1:]))
-
-
-__all__ = ["axial_attention", "axial_attention_ref", "axial_geometry", "unsupported_reason", "MAX_HEAD_DIM"]
+__all__ = ["AxialOp", "axial_attention", "axial_attention_ref", "axial_backward", "axial_forward", "line_order",
+           "token_order", "unsupported_reason", "MAX_HEAD_DIM"]

@@ -7,12 +7,12 @@ as (B, H, N, D), q and k rotated. In PyTorch that is a permute, an unbind, and p
 float32 upcast of both halves, four multiplies, two adds, a cat and a cast back, each a full
 pass over memory, and the same again in the backward (plus the stack that rebuilds dqkv). On
 the E1 captioner (bench/model.py) those passes were a fifth of the sparse training step at
-512 to 1,024 frames (bench/NOTES.md, profile of session 6). Here one program reads a tile of
+512 to 1,024 frames (bench/NOTES.md v7, 2026-11-28). Here one program reads a tile of
 tokens of one (head, q | k | v) from qkv, rotates it in float32 registers and writes it to its
 (B, H, N, D) place; the backward reads dq, dk, dv and writes dqkv in the projection's layout,
 rotating by the negative angle (the rotation's transpose).
 
-Rotation (GPT-NeoX layout, as `mmsparse.encoders.apply_rope`): pairs (x[j], x[j + P]),
+Rotation (GPT-NeoX layout, `apply_rope`, which mmsparse.encoders re-exports): pairs (x[j], x[j + P]),
     y[j] = x[j] cos - x[j + P] sin,   y[j + P] = x[j] sin + x[j + P] cos,
 with (cos, sin) (N, P) float32 per token; the result is cast back to the input dtype.
 
@@ -25,19 +25,27 @@ Layers (CONVENTIONS.md item 1):
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from mmsparse.encoders.rope import apply_rope
-
-from .block_sparse_attention import _DTYPES, _interpreting
+from .common import DTYPES, interpreting
+from .options import kernel_options
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference
 # ---------------------------------------------------------------------------------------------
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D) -> rotated x, same shape and dtype; cos / sin (N, D / 2).
+
+    Pairs are (x[..., j], x[..., j + D / 2]) (the GPT-NeoX layout: two contiguous halves).
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos.to(x.device), sin.to(x.device)
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).to(x.dtype)
 
 
 def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None):
@@ -229,17 +237,16 @@ def heads_to_rows(o: torch.Tensor, rows: torch.Tensor, r: int) -> torch.Tensor:
 
 def fused_rope_available(x: torch.Tensor) -> bool:
     """Whether the model layers take `qkv_rope` for x: a CUDA tensor of float16, bfloat16 or
-    float32. MMSPARSE_FUSED_ROPE=0 turns it off; =1 also takes it on the CPU under
-    TRITON_INTERPRET=1 (tests: the interpreter runs it ~10x slower than PyTorch's rotation)."""
-    mode = os.environ.get("MMSPARSE_FUSED_ROPE", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"MMSPARSE_FUSED_ROPE must be auto, 0 or 1, got {mode!r}")
+    float32. KernelOptions.fused_rope (MMSPARSE_FUSED_ROPE) "0" turns it off; "1" also takes
+    it on the CPU under TRITON_INTERPRET=1 (tests: the interpreter runs it ~10x slower than
+    PyTorch's rotation)."""
+    mode = kernel_options().fused_rope
     return mode != "0" and _runs_on(x) and (x.is_cuda or mode == "1")
 
 
 def _runs_on(x: torch.Tensor) -> bool:
     """The kernel's own limits: a CUDA tensor, or the CPU under the interpreter; a dtype it has."""
-    return x.dtype in _DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
+    return x.dtype in DTYPES and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None):

@@ -40,9 +40,10 @@ Layers (CONVENTIONS.md item 1):
 1. Reference: `strided_attention_ref`, dense masked attention over the whole layout.
 2. Kernels: the merge forward and backward (the attention itself: the block-sparse and axial
    kernels, unchanged).
-3. `strided_split` (which layouts take this path, with the rest's layout and the overlap
-   pairs, cached on the layout), `_merge`, `_sum_grads`, `_remove_pairs`, `_remove_overlap`,
-   the autograd function and the public `strided_attention`.
+3. `StridedSplit` (the rest's block lists, the stride and the overlap pairs; which layouts
+   take this path is decided by mmsparse.attention, which builds it), `merge`, `_sum_grads`,
+   `_remove_pairs`, `_remove_overlap`, the op in the shared autograd shell and the public
+   `strided_attention`.
 """
 
 from __future__ import annotations
@@ -55,20 +56,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mmsparse.attention.backends import check_key_padding_mask
-
-from . import axial_attention as ax
-from . import block_sparse_attention as bs
-from .block_sparse_attention import _check, _dims, _last_contiguous, _padding_flags, block_sparse_attention_ref
+from .axial_attention import axial_backward, axial_forward, line_order, token_order
+from .block_sparse import BlockLists, block_sparse_attention_ref, check_block_inputs
+from .block_sparse.backward import attention_backward
+from .block_sparse.forward import attention_forward
+from .common import check_kernel_inputs, dims, last_contiguous, padding_flags, run_attention
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference
 # ---------------------------------------------------------------------------------------------
 
 
-def strided_attention_ref(q, k, v, layout, scale=None, key_padding_mask=None):
-    """Dense masked attention over the layout's whole pattern, in float64: (out, lse)."""
-    return block_sparse_attention_ref(q, k, v, layout, scale, key_padding_mask=key_padding_mask)
+def strided_attention_ref(q, k, v, mask, scale=None, key_padding_mask=None):
+    """Dense masked attention with the whole pattern's (N, N) mask, in float64: (out, lse)."""
+    return block_sparse_attention_ref(q, k, v, mask, scale, key_padding_mask=key_padding_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,21 +183,20 @@ def _merge_bwd_kernel(
 # 3. Decomposition, merge, public op
 # ---------------------------------------------------------------------------------------------
 
-_PAIR_CHUNK = 1 << 22  # candidate (query, strided key) pairs evaluated at a time
-
-
 @dataclass
 class StridedSplit:
-    """How a `rest | Strided(stride)` layout runs: `rest` (a BlockLayout, or None when the
-    pattern is the strided part alone), the stride, the overlap pairs (oq, ok) int64 (P,),
+    """How a `rest | Strided(stride)` layout of N tokens runs: `rest` (the rest's BlockLists,
+    or None when the pattern is the strided part alone), the stride, the overlap pairs (oq, ok)
+    int64 (P,) that the rest also attends,
     `diag` (every token's own pair (i, i) is in the overlap: the merge kernels remove it) and
     the overlap pairs the kernels leave to PyTorch, (xq, xk): all of them when not `diag`,
     else those off the diagonal (global tokens' strided keys)."""
 
-    rest: object
+    rest: BlockLists | None
     stride: int
     oq: torch.Tensor
     ok: torch.Tensor
+    n: int
     diag: bool = field(init=False)
     xq: torch.Tensor = field(init=False)
     xk: torch.Tensor = field(init=False)
@@ -211,52 +211,6 @@ class StridedSplit:
             self.xq, self.xk = self.oq, self.ok
 
 
-def _overlap(program, n: int, stride: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The strided pairs (q, k), k = q mod stride + j * stride, that `program` also attends."""
-    per_q = -(-n // stride)
-    rows = max(1, _PAIR_CHUNK // per_q)
-    j = torch.arange(per_q, device=device) * stride
-    oq, ok = [], []
-    for a in range(0, n, rows):
-        qi = torch.arange(a, min(n, a + rows), device=device)
-        ki = (qi % stride)[:, None] + j[None, :]  # (rows, per_q)
-        valid = ki < n
-        hit = program.evaluate(qi[:, None], ki.clamp(max=n - 1)) & valid
-        r, c = hit.nonzero(as_tuple=True)
-        oq.append(qi[r])
-        ok.append(ki[r, c])
-    return torch.cat(oq), torch.cat(ok)
-
-
-def strided_split(layout) -> StridedSplit | None:
-    """A StridedSplit when `layout`'s pattern is a union with one non-causal `Strided(s)` part
-    (s < N) and everything else (or nothing else) as the rest; None otherwise (user layouts,
-    causal strided heads, several strides: the block-sparse path runs them). Cached on the
-    layout; the first call evaluates the rest's mask on the N * ceil(N / s) strided pairs."""
-    from mmsparse.attention.blocklayout import build_layout
-    from mmsparse.attention.patterns import Strided, Union
-
-    cached = getattr(layout, "_strided_split", False)
-    if cached is not False:
-        return cached
-    split = None
-    pattern, stream = getattr(layout, "pattern", None), getattr(layout, "stream", None)
-    parts = pattern.parts if isinstance(pattern, Union) else (pattern,)
-    strided = [p for p in parts if type(p) is Strided]
-    if stream is not None and strided and all(not p.causal for p in strided) \
-            and len({p.stride for p in strided}) == 1 and strided[0].stride < layout.n:
-        stride = strided[0].stride
-        others = [p for p in parts if type(p) is not Strided]
-        if not others:
-            split = StridedSplit(None, stride, *(torch.zeros(0, dtype=torch.long, device=layout.device),) * 2)
-        else:
-            rest_pattern = others[0] if len(others) == 1 else Union(tuple(others))
-            rest = build_layout(rest_pattern, stream, layout.block_q, layout.block_k, layout.device)
-            split = StridedSplit(rest, stride, *_overlap(rest.program, layout.n, stride, layout.device))
-    layout._strided_split = split
-    return split
-
-
 def _pad_lines(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
     """(B, H, N, ...) padded along N to n_pad (a copy only when N < n_pad)."""
     n = x.shape[2]
@@ -266,7 +220,7 @@ def _pad_lines(x: torch.Tensor, n_pad: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, pad, value=value)
 
 
-def _line_grid(n: int, stride: int) -> tuple[int, tuple[int, int, int]]:
+def line_grid(n: int, stride: int) -> tuple[int, tuple[int, int, int]]:
     """(N padded to a multiple of the stride, the axial geometry of the strided lines)."""
     n_pad = -(-n // stride) * stride
     return n_pad, (1, n_pad // stride, stride)
@@ -285,16 +239,16 @@ def _rows(n: int, d_pad: int) -> int:
     return max(16, min(64, 4096 // d_pad))
 
 
-def _merge(out_a, lse_a, out_b, lse_b_lines, q, k, v, split, scale: float, kpm, n_pad: int):
+def merge(out_a, lse_a, out_b, lse_b_lines, q, k, v, split, scale: float, kpm, n_pad: int):
     """Union of the two parts' results: out (B, H, N, D) in q's dtype, lse (B, H, N) float32
     (module doc). `out_b` has n_pad rows in token order, `lse_b_lines` is in line order.
     The kernel removes the diagonal (when `split.diag`); `_remove_pairs` the other overlap
     pairs. No autograd."""
     b, h, n, _ = q.shape
-    d, d_pad = _dims(q)
+    d, d_pad = dims(q)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    kpm_flags, stride_kpm, has_kpm = _padding_flags(kpm, q)
+    kpm_flags, stride_kpm, has_kpm = padding_flags(kpm, q)
     rows = _rows(n, d_pad)
     _merge_fwd_kernel[(triton.cdiv(n, rows), b * h)](
         out_a, lse_a, out_b, lse_b_lines, q, k, v, out, lse, kpm_flags,
@@ -337,58 +291,53 @@ def _remove_pairs(out, lse, q, k, v, pq, pk, scale: float, kpm):
     return out, lse
 
 
-class _StridedAttention(torch.autograd.Function):
+class StridedOp:
     """Forward: both kernels' forwards and the merge. Backward: each part's backward kernels
     run with the *merged* output and LSE (P recomputed from the final LSE and delta from the
     final output is the union's gradient restricted to that part's pairs), and the overlap
     pairs, counted by both, are subtracted once. No gradient flows through the merge itself."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, split, scale, kpm):
-        b, _, n, _ = q.shape
-        n_pad, geometry = _line_grid(n, split.stride)
-        out_b, lse_b = ax._forward(_pad_lines(q, n_pad), _pad_lines(k, n_pad), _pad_lines(v, n_pad), geometry,
-                                   scale, key_padding=_line_padding(kpm, b, n, n_pad, q.device))
-        if split.rest is None:
-            out, lse = out_b[:, :, :n], ax._token_order(lse_b, *geometry)[:, :, :n].contiguous()
-        else:
-            out_a, lse_a = bs._attention_forward(q, k, v, split.rest, scale, key_padding=kpm)
-            out, lse = _merge(out_a, lse_a, out_b, lse_b, q, k, v, split, scale, kpm, n_pad)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.split, ctx.scale, ctx.kpm = split, scale, kpm
-        # an output nobody differentiates (the LSE, in a model) arrives as None in the
-        # backward instead of a tensor of zeros: no allocation, no delta correction
-        ctx.set_materialize_grads(False)
-        return out, lse
+    def __init__(self, split: StridedSplit):
+        self.split = split
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        split, scale, kpm = ctx.split, ctx.scale, ctx.kpm
+    def forward(self, q, k, v, scale, kpm):
+        split = self.split
+        b, _, n, _ = q.shape
+        n_pad, geometry = line_grid(n, split.stride)
+        out_b, lse_b = axial_forward(_pad_lines(q, n_pad), _pad_lines(k, n_pad), _pad_lines(v, n_pad), geometry,
+                                     scale, key_padding=_line_padding(kpm, b, n, n_pad, q.device))
+        if split.rest is None:
+            out, lse = out_b[:, :, :n], token_order(lse_b, *geometry)[:, :, :n].contiguous()
+        else:
+            out_a, lse_a = attention_forward(q, k, v, split.rest, scale, key_padding=kpm)
+            out, lse = merge(out_a, lse_a, out_b, lse_b, q, k, v, split, scale, kpm, n_pad)
+        return out, lse, (q, k, v, out, lse)
+
+    def backward(self, saved, dout, dlse, scale, kpm):
+        q, k, v, out, lse = saved
+        split = self.split
         b, h, n, _ = q.shape
-        if dout is None:
-            dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = torch.where(torch.isfinite(lse), dlse.float(), 0.0)
-        n_pad, geometry = _line_grid(n, split.stride)
+        n_pad, geometry = line_grid(n, split.stride)
         # padded query rows: no output, no gradient, and an LSE of -inf, so their P is 0
-        lse_lines = ax._line_order(_pad_lines(lse[..., None], n_pad, -math.inf)[..., 0], *geometry)
-        dq_b, dk_b, dv_b = ax._backward(
+        lse_lines = line_order(_pad_lines(lse[..., None], n_pad, -math.inf)[..., 0], *geometry)
+        dq_b, dk_b, dv_b = axial_backward(
             _pad_lines(q, n_pad), _pad_lines(k, n_pad), _pad_lines(v, n_pad), _pad_lines(out, n_pad), lse_lines,
             _pad_lines(dout, n_pad), geometry, scale,
             dlse=None if dlse is None else _pad_lines(dlse[..., None], n_pad)[..., 0],
             key_padding=_line_padding(kpm, b, n, n_pad, q.device))
         if split.rest is None:
-            return dq_b[:, :, :n], dk_b[:, :, :n], dv_b[:, :, :n], None, None, None
-        dq_a, dk_a, dv_a = bs._attention_backward(q, k, v, out, lse, dout, split.rest, scale, dlse=dlse,
-                                                  key_padding=kpm)
+            return dq_b[:, :, :n], dk_b[:, :, :n], dv_b[:, :, :n]
+        dq_a, dk_a, dv_a = attention_backward(q, k, v, out, lse, dout, split.rest, scale, dlse=dlse,
+                                              key_padding=kpm)
         exact = torch.float32 if split.xq.numel() else None  # PyTorch subtracts the rest of the overlap
         dq, dk, dv = _sum_grads(dq_a, dk_a, dv_a, dq_b, dk_b, dv_b, q, k, v, out, lse, dout, dlse, split,
                                 scale, kpm, exact)
         if split.xq.numel():
             _remove_overlap(dq, dk, dv, q, k, v, out, lse, dout, dlse, split.xq, split.xk, scale, kpm)
             dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv
 
 
 def _sum_grads(dq_a, dk_a, dv_a, dq_b, dk_b, dv_b, q, k, v, out, lse, dout, dlse, split, scale, kpm, dtype):
@@ -396,12 +345,12 @@ def _sum_grads(dq_a, dk_a, dv_a, dq_b, dk_b, dv_b, q, k, v, out, lse, dout, dlse
     in one kernel; in `dtype` (None: the inputs' dtypes)."""
     b, h, n, _ = q.shape
     hk = k.shape[1]
-    d, d_pad = _dims(q)
+    d, d_pad = dims(q)
     dq = torch.empty(q.shape, device=q.device, dtype=dtype or q.dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=dtype or k.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=dtype or v.dtype)
-    kpm_flags, stride_kpm, has_kpm = _padding_flags(kpm, q)
-    dout = _last_contiguous(dout)
+    kpm_flags, stride_kpm, has_kpm = padding_flags(kpm, q)
+    dout = last_contiguous(dout)
     rows = _rows(n, d_pad)
     _merge_bwd_kernel[(triton.cdiv(n, rows), b * hk)](
         dq_a, dk_a, dv_a, dq_b, dk_b, dv_b, q, k, v, out, dout, lse, lse if dlse is None else dlse, kpm_flags,
@@ -439,25 +388,24 @@ def _remove_overlap(dq, dk, dv, q, k, v, out, lse, dout, dlse, oq, ok, scale: fl
     dv.index_add_(2, ok, per_key(p[..., None] * do), alpha=-1.0)
 
 
-def strided_attention(q, k, v, layout, scale: float | None = None, key_padding_mask=None):
-    """Attention over a `rest | Strided(s)` layout: rest block-sparse, strided lines axial,
-    merged by LSE (module doc). Arguments and results as `block_sparse_attention`'s.
+def strided_attention(q, k, v, split: StridedSplit, scale: float | None = None, key_padding_mask=None):
+    """Attention over a `rest | Strided(s)` pattern: rest block-sparse, strided lines axial,
+    merged by LSE (module doc). `split` comes from mmsparse.attention (it decides which
+    layouts take this path); arguments and results otherwise as `block_sparse_attention`'s.
 
     Raises:
-        ValueError: when `layout` is not such a layout (see `strided_split`), or on bad inputs.
+        ValueError: on bad inputs, or a split built for another N.
     """
-    _check(q, k, v, layout)
-    reason = ax.unsupported_reason(q)
-    if reason:
-        raise ValueError(f"strided_attention: {reason}")
-    layout = layout.to(q.device)
-    split = strided_split(layout)
-    if split is None:
-        raise ValueError("strided_attention needs a layout of `rest | Strided(s)` (non-causal, s < N); "
-                         f"got pattern {getattr(layout, 'pattern', None)!r}")
-    check_key_padding_mask(key_padding_mask, q)
+    if not isinstance(split, StridedSplit):
+        raise ValueError(f"strided_attention: split must be a StridedSplit, got {type(split).__name__}")
+    if split.rest is not None:
+        check_block_inputs(q, k, v, split.rest, "strided_attention", key_padding_mask)
+    else:
+        check_kernel_inputs(q, k, v, "strided_attention", key_padding_mask)
+    if q.shape[2] != split.n:
+        raise ValueError(f"q has N={q.shape[2]} tokens but the layout was built for N={split.n}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _StridedAttention.apply(q, k, v, split, scale, key_padding_mask)
+    return run_attention(StridedOp(split), q, k, v, scale, key_padding_mask)
 
 
-__all__ = ["StridedSplit", "strided_attention", "strided_attention_ref", "strided_split"]
+__all__ = ["StridedOp", "StridedSplit", "strided_attention", "strided_attention_ref"]

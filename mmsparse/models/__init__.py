@@ -2,9 +2,10 @@
 
 Public API::
 
+    from mmsparse.data import manifest_captions
     from mmsparse.models import CaptionTokenizer, create_model, CaptionTask, ContrastiveTask, VideoCaptioner
 
-    tok = CaptionTokenizer.from_manifest("data/manifest.jsonl", vocab_size=1024)  # byte-level BPE
+    tok = CaptionTokenizer.train(manifest_captions("data/manifest.jsonl"), vocab_size=1024)  # byte-level BPE
     model = create_model("captioner_base", tokenizer=tok)        # tiny / small / base / large
     model = create_model("captioner_base", tokenizer=tok, schedule="dense")   # dense SDPA baseline
 

@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
 from mmsparse.attention import BlockLayout, sparse_attention
@@ -129,9 +128,8 @@ class SparseSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if layout is None:
-            mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if layout is None:  # a dense layer: SDPA, padding keys masked
+            out = sparse_attention(q, k, v, None, key_padding_mask=pad_mask)
         elif self.compress:
             out, lse = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask,
                                         return_lse=True)

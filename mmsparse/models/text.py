@@ -45,14 +45,6 @@ class CaptionTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_manifest(cls, manifest: str | Path, vocab_size: int = 1024) -> "CaptionTokenizer":
-        """Train on every reference caption of a manifest (`mmsparse.data.load_manifest`)."""
-        from mmsparse.data import load_manifest
-
-        caps = [c for s in load_manifest(manifest) for c in (s.captions or [s.caption])]
-        return cls.train(caps, vocab_size)
-
-    @classmethod
     def load(cls, path: str | Path) -> "CaptionTokenizer":
         from tokenizers import Tokenizer
 

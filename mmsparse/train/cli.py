@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from mmsparse.cli import add_subcommand, module_main
+from mmsparse.subcommand import add_subcommand, module_main
 
 EXIT_CONFIG, EXIT_OOM, EXIT_NONFINITE, EXIT_CHECKPOINT = 2, 3, 4, 5
 

@@ -253,6 +253,7 @@ def build_model(cfg: TrainConfig, train_manifest: Path, run_dir: Path, topo: Top
     import torch.distributed as dist
 
     from mmsparse import models
+    from mmsparse.data.manifest import manifest_captions
     from mmsparse.data.transforms import TransformConfig, pixel_norm
     from mmsparse.models.pretrained import create_initialised, freeze
     from mmsparse.models.text import CaptionTokenizer
@@ -265,7 +266,7 @@ def build_model(cfg: TrainConfig, train_manifest: Path, run_dir: Path, topo: Top
         report.frozen = frozen
     tok_path = run_dir / "tokenizer.json"
     if topo.is_main and not tok_path.is_file():
-        tok = CaptionTokenizer.from_manifest(train_manifest, vocab_size=model.cfg.vocab_size)
+        tok = CaptionTokenizer.train(manifest_captions(train_manifest), vocab_size=model.cfg.vocab_size)
         tmp = tok_path.with_name("tokenizer.json.tmp")
         tok.save(tmp)
         os.replace(tmp, tok_path)

@@ -101,11 +101,8 @@ class _LocalSparseAttention(nn.Module):
 
         n_pad, n = q.shape[1], self.state["n"]
         q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
-        if layout is None:
-            mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
+        # layout None (a dense layer): SDPA inside sparse_attention, padding keys masked
+        out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
         out = out.transpose(1, 2)  # (B, N, H/P, D)
         return F.pad(out, (0, 0, 0, 0, 0, n_pad - n)) if n_pad > n else out
 

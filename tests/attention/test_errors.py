@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mmsparse.attention import AVSync, Axial, BlockSparse, Global, Local, Tiled, build_layout, sparse_attention
-from mmsparse.attention import backends
 
 
 @pytest.fixture
@@ -47,7 +46,7 @@ def test_bad_backend_and_layout(layout):
 
 
 def test_sdpa_refuses_large_n(monkeypatch, layout):
-    monkeypatch.setattr(backends, "SDPA_MAX_TOKENS", 32)
+    monkeypatch.setenv("MMSPARSE_SDPA_MAX_TOKENS", "32")
     with pytest.raises(ValueError, match="N <= 32"):
         sparse_attention(*qkv(), layout, backend="sdpa")
 

@@ -17,8 +17,9 @@ import torch
 from mmsparse.attention import (
     LSH, Axial, Local, Segment, StreamLayout, build_layout, sparse_attention,
 )
+from mmsparse.attention.backends.triton_kernels import axial_geometry, block_lists
 from mmsparse.kernels import axial_attention as ax
-from mmsparse.kernels import block_sparse_attention as bsa
+from mmsparse.kernels import block_sparse as bsa
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -72,12 +73,12 @@ def case():
     layout = build_layout(_PATTERN, _STREAM, 16, 16)
     pad = _padding(layout.n)
     qkv, dout, dlse = _inputs(layout.n)
-    truth = _run(lambda q, k, v: bsa.block_sparse_attention_ref(q.double(), k.double(), v.double(), layout,
+    truth = _run(lambda q, k, v: bsa.block_sparse_attention_ref(q.double(), k.double(), v.double(), layout.dense_mask(),
                                                                  0.25, key_padding_mask=pad),
                  [t.double() for t in qkv], dout, dlse)
     # the case means what it says: some rows attend nothing, and padding changes the result
     assert torch.isinf(truth[1][1]).any() and not torch.isinf(truth[1][0]).any()
-    plain = bsa.block_sparse_attention_ref(*(t.double() for t in qkv), layout, 0.25)[0]
+    plain = bsa.block_sparse_attention_ref(*(t.double() for t in qkv), layout.dense_mask(), 0.25)[0]
     assert (plain[1] - truth[0][1]).abs().max() > 1e-3 and torch.allclose(plain[0], truth[0][0])
     return layout, pad, qkv, dout, dlse, truth
 
@@ -104,16 +105,16 @@ def test_flex_forward(case):
 
 def test_triton_block_sparse_kernel(case):
     layout, pad, qkv, dout, dlse, truth = case
-    got = _run(lambda q, k, v: bsa.block_sparse_attention(q, k, v, layout.to(DEV), 0.25, key_padding_mask=pad.to(DEV)),
+    got = _run(lambda q, k, v: bsa.block_sparse_attention(q, k, v, block_lists(layout.to(DEV)), 0.25, key_padding_mask=pad.to(DEV)),
                qkv, dout, dlse)
     _check(got, truth, 1e-4, pad)
 
 
-def test_triton_block_sparse_kernel_split_rows(case, monkeypatch):
+def test_triton_block_sparse_kernel_split_rows(case, set_options):
     """Rows split into chunks of 2 blocks, of which some see only padding, merge right."""
     layout, pad, qkv, dout, dlse, truth = case
-    monkeypatch.setattr(bsa, "_SPLIT_CHUNK", 2)
-    got = _run(lambda q, k, v: bsa.block_sparse_attention(q, k, v, layout.to(DEV), 0.25, key_padding_mask=pad.to(DEV)),
+    set_options(split_chunk=2)
+    got = _run(lambda q, k, v: bsa.block_sparse_attention(q, k, v, block_lists(layout.to(DEV)), 0.25, key_padding_mask=pad.to(DEV)),
                qkv, dout, dlse)
     _check(got, truth, 1e-4, pad)
 
@@ -122,7 +123,7 @@ def test_triton_axial_kernel():
     """Time lines of sample 1 lose their padded frames; a line of padding only is empty."""
     grid = (6, 3, 4)
     layout = build_layout(Axial(0), grid, 16, 16)
-    geometry = ax.axial_geometry(layout)
+    geometry = axial_geometry(layout)
     pad = torch.zeros(2, layout.n, dtype=torch.bool)
     pad[1, 4 * 12:] = True  # frames 4 and 5 of sample 1
     qkv, dout, dlse = _inputs(layout.n, seed=1)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from mmsparse.attention import Global, Segment, StreamLayout, Tiled, build_layout, sparse_attention
+from mmsparse.attention.backends.triton_kernels import block_lists
 from mmsparse.attention.stream import token_table
+from mmsparse.kernels.block_sparse import block_sparse_attention
 from mmsparse.models.schedule import Gaps, StreamGlobal, gap_positions
 
 
@@ -81,10 +83,9 @@ def test_aligned_tiles_on_a_14x14_grid_are_whole_blocks():
 def _attend(backend, q, k, v, layout):
     if backend == "reference":
         return sparse_attention(q, k, v, layout, backend="reference")
-    from mmsparse.kernels import block_sparse_attention as bsa  # the interpreter on a CPU
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return bsa.block_sparse_attention(q.to(dev), k.to(dev), v.to(dev), layout.to(dev) if dev != "cpu" else layout)[0].cpu()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on a CPU
+    lists = block_lists(layout.to(dev))
+    return block_sparse_attention(q.to(dev), k.to(dev), v.to(dev), lists)[0].cpu()
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mmsparse.attention import Axial, Local, Segment, StreamLayout, build_layout, sparse_attention
-from mmsparse.attention.reference import reference_attention
+from mmsparse.attention.backends.reference import reference_attention
+from mmsparse.attention.backends.triton_kernels import axial_geometry
 from mmsparse.kernels import axial_attention as ax
 from tests.kernels.budget import CUDA, DEV, check_budget, grads, inputs
 
@@ -36,7 +37,7 @@ def test_matches_truth_through_sparse_attention_layout(grid, axes, dtype):
     """The geometry comes from the layout of an Axial pattern; compared with the reference
     backend on the same layout (float64 truth, dtype-level error as the budget)."""
     layout = build_layout(Axial(axes), grid, 16, 16)
-    geometry = ax.axial_geometry(layout)
+    geometry = axial_geometry(layout)
     assert geometry is not None and math.prod(geometry) == layout.n
     d = 40
     q, k, v, dout, dlse = inputs(SHAPE, layout.n, d, seed=sum(grid) + len(str(axes)))
@@ -52,21 +53,21 @@ def _low_precision_ref(q, k, v, geometry, scale):
     """Dense attention on the lines in the input dtype (float32 softmax, as SDPA's math path)."""
     outer, length, inner = geometry
     g = q.shape[1] // k.shape[1]
-    ql, kl, vl = (ax._lines_view(t, outer, length, inner) for t in (q, k, v))
+    ql, kl, vl = (ax.lines_view(t, outer, length, inner) for t in (q, k, v))
     kl, vl = kl.repeat_interleave(g, 1), vl.repeat_interleave(g, 1)
     s = (ql @ kl.transpose(-1, -2)).float() * scale
     out = torch.softmax(s, -1).to(q.dtype) @ vl
     lse = torch.logsumexp(s, -1)
-    return (ax._tokens_view(out, outer, length, inner),
-            ax._tokens_view(lse.unsqueeze(-1), outer, length, inner).squeeze(-1))
+    return (ax.tokens_view(out, outer, length, inner),
+            ax.tokens_view(lse.unsqueeze(-1), outer, length, inner).squeeze(-1))
 
 
 def test_poisoned_buffers_are_all_written():
     geometry = (3, 19, 5)
     q, k, v, dout, dlse = (t.to(DEV) for t in inputs(SHAPE, math.prod(geometry), 24, seed=11))
     nan = lambda t: torch.full_like(t, math.nan)
-    out, lse_lines = ax._forward(q, k, v, geometry, 0.2, out=nan(q))
-    dq, dk, dv = ax._backward(q, k, v, out, lse_lines, dout, geometry, 0.2, dlse=dlse, dq=nan(q), dk=nan(k), dv=nan(v))
+    out, lse_lines = ax.axial_forward(q, k, v, geometry, 0.2, out=nan(q))
+    dq, dk, dv = ax.axial_backward(q, k, v, out, lse_lines, dout, geometry, 0.2, dlse=dlse, dq=nan(q), dk=nan(k), dv=nan(v))
     for name, t in (("out", out), ("lse", lse_lines), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert not torch.isnan(t).any(), name
 
@@ -74,7 +75,7 @@ def test_poisoned_buffers_are_all_written():
 def test_tiles_shorter_than_the_line(monkeypatch):
     """Lines of 37 run as three 16-tiles (online softmax across tiles, ragged last tile)."""
     for kernel in ("fwd", "dq", "dkdv"):
-        monkeypatch.setitem(ax._OVERRIDE, kernel, (16, 16, 4, 1))
+        monkeypatch.setitem(ax.FORCED, kernel, (16, 16, 4, 1))
     geometry = (2, 37, 3)
     q, k, v, dout, dlse = inputs(SHAPE, math.prod(geometry), 32, seed=12)
     truth = grads(lambda q, k, v: ax.axial_attention_ref(q, k, v, geometry, 0.25), q, k, v, dout, dlse, torch.float64)
@@ -86,15 +87,15 @@ def test_tiles_shorter_than_the_line(monkeypatch):
 def test_geometry_only_for_exact_axial_layouts():
     """Tile order, global tokens, a second segment, a modality filter that misses, or axes that
     are not consecutive keep the block-sparse path."""
-    assert ax.axial_geometry(build_layout(Axial(0), (4, 6, 8), 16, 16)) == (1, 4, 48)
-    assert ax.axial_geometry(build_layout(Axial((1, 2)), (4, 6, 8), 16, 16)) == (4, 48, 1)
-    assert ax.axial_geometry(build_layout(Axial(-1), (4, 6, 8), 16, 16)) == (24, 8, 1)
-    assert ax.axial_geometry(build_layout(Axial((0, 2)), (4, 6, 8), 16, 16)) is None
-    assert ax.axial_geometry(build_layout(Axial(0), StreamLayout.from_grid((4, 8, 8), order=(2, 4, 4)), 16, 16)) is None
-    assert ax.axial_geometry(build_layout(Axial(0), StreamLayout.from_grid((4, 6, 8), n_global=2), 16, 16)) is None
+    assert axial_geometry(build_layout(Axial(0), (4, 6, 8), 16, 16)) == (1, 4, 48)
+    assert axial_geometry(build_layout(Axial((1, 2)), (4, 6, 8), 16, 16)) == (4, 48, 1)
+    assert axial_geometry(build_layout(Axial(-1), (4, 6, 8), 16, 16)) == (24, 8, 1)
+    assert axial_geometry(build_layout(Axial((0, 2)), (4, 6, 8), 16, 16)) is None
+    assert axial_geometry(build_layout(Axial(0), StreamLayout.from_grid((4, 8, 8), order=(2, 4, 4)), 16, 16)) is None
+    assert axial_geometry(build_layout(Axial(0), StreamLayout.from_grid((4, 6, 8), n_global=2), 16, 16)) is None
     two = StreamLayout.concat(Segment("video", (4, 6, 8)), Segment("audio", (2, 16)))
-    assert ax.axial_geometry(build_layout(Axial(0, modality="video"), two, 16, 16)) is None
-    assert ax.axial_geometry(build_layout(Axial(0) | Local(3), (4, 6, 8), 16, 16)) is None
+    assert axial_geometry(build_layout(Axial(0, modality="video"), two, 16, 16)) is None
+    assert axial_geometry(build_layout(Axial(0) | Local(3), (4, 6, 8), 16, 16)) is None
 
 
 def test_bad_geometry_raises():

@@ -21,7 +21,11 @@ from mmsparse.attention import (
     AVSync, Axial, Causal, Dense, Global, Local, Segment, StreamLayout, Tiled, bigbird,
     build_layout, longformer, sparse_transformer,
 )
-from mmsparse.kernels import block_sparse_attention as bsa
+from mmsparse.attention.backends.triton_kernels import block_lists
+from mmsparse.kernels.block_sparse import block_sparse_attention, block_sparse_attention_ref, launch, worklist
+from mmsparse.kernels.block_sparse import tiles as tile_configs
+from mmsparse.kernels.block_sparse.backward import attention_backward
+from mmsparse.kernels.block_sparse.forward import attention_forward
 
 # the Triton 3.6 interpreter converts 1-element arrays to scalars (numpy warns on every loop)
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -90,7 +94,7 @@ def _inputs(n, dtype, d, shape=SHAPE, seed=0):
 def _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, upcast):
     """out, lse, dq, dk, dv of the dense reference (float64 when upcast, else in dtype)."""
     q, k, v = (t.to(dtype).detach().requires_grad_(True) for t in (q, k, v))
-    out, lse = bsa.block_sparse_attention_ref(q, k, v, layout, scale, upcast=upcast)
+    out, lse = block_sparse_attention_ref(q, k, v, layout.dense_mask(max_tokens=1 << 15), scale, upcast=upcast)
     finite = torch.isfinite(lse)
     loss = (out.double() * dout.double()).sum() + (torch.where(finite, lse, 0.0).double() * dlse.double()).sum()
     dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
@@ -101,9 +105,9 @@ def _kernel_grads(q, k, v, dout, dlse, layout, scale, dtype):
     """The kernels through their launchers, every output buffer poisoned with NaN."""
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     poison = lambda t, dt=None: torch.full_like(t, math.nan, dtype=dt or t.dtype)
-    out, lse = bsa._attention_forward(q, k, v, layout, scale, out=poison(q), lse=poison(dlse, torch.float32))
-    dq, dk, dv = bsa._attention_backward(
-        q, k, v, out, lse, dout, layout, scale, dq=poison(q), dk=poison(k), dv=poison(v), dlse=dlse
+    out, lse = attention_forward(q, k, v, block_lists(layout), scale, out=poison(q), lse=poison(dlse, torch.float32))
+    dq, dk, dv = attention_backward(
+        q, k, v, out, lse, dout, block_lists(layout), scale, dq=poison(q), dk=poison(k), dv=poison(v), dlse=dlse
     )
     return out, lse, dq, dk, dv
 
@@ -130,7 +134,7 @@ def _check_budget(got, low, truth, dtype):
 def mask_mode(request, monkeypatch):
     """Partial blocks' masks evaluated by the program in registers, or read from the layout's
     precomputed uint8 tiles."""
-    monkeypatch.setattr(bsa, "_MASK_TILES", {"program": "0", "tiles": "1"}[request.param])
+    monkeypatch.setenv("MMSPARSE_MASK_TILES", {"program": "0", "tiles": "1"}[request.param])
     return request.param
 
 
@@ -157,30 +161,30 @@ def test_tensor_descriptor_loads_match_truth(name, dtype, d, mask_mode, monkeypa
     monkeypatch.setenv("MMSPARSE_TRITON_TMA", "1")
     layout = _layout(name)
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=hash(name) % 1000 + 1)
-    assert bsa._use_tma(k.to(dtype), v.to(dtype), 64, 64)
+    assert launch.use_tma(k.to(dtype), v.to(dtype), 64, 64)
     scale = d**-0.5
     truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
     low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
     got = _kernel_grads(q, k, v, dout, dlse, layout, scale, dtype)
     _check_budget(got, low, truth, dtype)
     monkeypatch.setenv("MMSPARSE_TRITON_TMA", "0")
-    assert not bsa._use_tma(k.to(dtype), v.to(dtype), 64, 64)
+    assert not launch.use_tma(k.to(dtype), v.to(dtype), 64, 64)
     monkeypatch.setenv("MMSPARSE_TRITON_TMA", "auto")
-    assert bsa._use_tma(k.to(dtype), v.to(dtype), 64, 64) == CUDA
+    assert launch.use_tma(k.to(dtype), v.to(dtype), 64, 64) == CUDA
     monkeypatch.setenv("MMSPARSE_TRITON_TMA", "yes")
     with pytest.raises(ValueError, match="MMSPARSE_TRITON_TMA"):
-        bsa._use_tma(k, v, 64, 64)
+        launch.use_tma(k, v, 64, 64)
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_sub_lists_hold_exactly_the_non_empty_tiles(monkeypatch, chunk):
+def test_sub_lists_hold_exactly_the_non_empty_tiles(set_options, chunk):
     """The partial-block loops' lists (`sub_lists`) against a brute force over the mask tiles:
     each program's range holds, in order, the loop positions whose kernel tile attends a pair;
     also for the chunks of split rows (chunk=2 splits every row longer than two blocks: the
     global tokens' row and column)."""
-    monkeypatch.setattr(bsa, "_SPLIT_CHUNK", chunk)
+    set_options(split_chunk=chunk)
     layout = build_layout(longformer(15, 3) | Local(5), (227,), 64, 64, device=DEV)
-    kp = bsa._kernel_program(layout, torch.device(DEV))
+    kp = worklist.kernel_program(block_lists(layout), torch.device(DEV))
     tiles, k_ord = (t.cpu() for t in kp.mask_tiles())
     if chunk:
         assert kp.rows.n_split and kp.cols.n_split
@@ -213,21 +217,21 @@ def test_sub_lists_hold_exactly_the_non_empty_tiles(monkeypatch, chunk):
 
 def test_partial_heavy_layouts_pick_their_own_forward_tiles():
     """Token-level windows (mostly partial blocks) at D_PAD 128 take the forward tiles of
-    _CONFIGS_PARTIAL; tile-aligned windows (all blocks full) keep _CONFIGS; float32 keeps its own."""
+    CONFIGS_PARTIAL; tile-aligned windows (all blocks full) keep CONFIGS; float32 keeps its own."""
     window = build_layout(Local((3, 5, 7)), (6, 12, 20), 128, 128, device=DEV)
     tiled = build_layout(Tiled((2, 4, 8), 1), StreamLayout.from_grid((8, 16, 24), order=(2, 4, 8)), 128, 128,
                          device=DEV)
-    assert bsa._partial_heavy(window) and not bsa._partial_heavy(tiled)
+    assert tile_configs.partial_heavy(block_lists(window)) and not tile_configs.partial_heavy(block_lists(tiled))
     bf16 = torch.bfloat16
-    assert bsa._default_config("fwd", 128, bf16, window) == bsa._CONFIGS_PARTIAL["fwd"][128]
-    assert bsa._default_config("fwd", 128, bf16, tiled) == bsa._CONFIGS["fwd"][128]
-    assert bsa._default_config("fwd", 64, bf16, window) == bsa._CONFIGS["fwd"][64]  # no entry: the table
-    assert bsa._default_config("dkdv", 128, bf16, window) == bsa._CONFIGS["dkdv"][128]
-    assert bsa._default_config("fwd", 128, torch.float32, window) == bsa._CONFIGS_FP32["fwd"][128]
+    assert tile_configs.default_config("fwd", 128, bf16, block_lists(window)) == tile_configs.CONFIGS_PARTIAL["fwd"][128]
+    assert tile_configs.default_config("fwd", 128, bf16, block_lists(tiled)) == tile_configs.CONFIGS["fwd"][128]
+    assert tile_configs.default_config("fwd", 64, bf16, block_lists(window)) == tile_configs.CONFIGS["fwd"][64]  # no entry: the table
+    assert tile_configs.default_config("dkdv", 128, bf16, block_lists(window)) == tile_configs.CONFIGS["dkdv"][128]
+    assert tile_configs.default_config("fwd", 128, torch.float32, block_lists(window)) == tile_configs.CONFIGS_FP32["fwd"][128]
 
 
 def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
-    """Layouts of 64 x 64 blocks at D_PAD <= 64 (tile-aligned 14 x 14 grids) take _CONFIGS_B64
+    """Layouts of 64 x 64 blocks at D_PAD <= 64 (tile-aligned 14 x 14 grids) take CONFIGS_B64
     (4 warps on 64 x 64 forward tiles, not the table's 8); they run end to end on a stream of
     padded tiles with global tokens and gaps, D = 48 (padded to 64)."""
     from mmsparse.attention import Segment
@@ -238,7 +242,7 @@ def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
     layout = build_layout(Tiled((2, 7, 7), 0) | StreamGlobal(2) | Gaps(), stream, 64, 64, device=DEV)
     bf16 = torch.bfloat16
     for kernel in ("fwd", "dq", "dkdv"):
-        assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
+        assert tile_configs.default_config(kernel, 64, bf16, block_lists(layout)) == tile_configs.CONFIGS_B64[kernel]
     dtype, d = (bf16 if CUDA else torch.float16), 48
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=12)
     scale = d**-0.5
@@ -250,16 +254,16 @@ def test_64_blocks_pick_their_own_tiles_and_match_truth(mask_mode):
 @pytest.mark.parametrize("d", [72, 40])
 def test_partial_heavy_tiles_match_truth(d, mask_mode):
     """Layouts of 64-token blocks that are mostly partial blocks run end to end on their own
-    tiles, N = 105 (a ragged last block): D = 72 (padded to 128) the forward on _CONFIGS_PARTIAL's;
-    D = 40 (padded to 64) all three kernels on _CONFIGS_B64's."""
+    tiles, N = 105 (a ragged last block): D = 72 (padded to 128) the forward on CONFIGS_PARTIAL's;
+    D = 40 (padded to 64) all three kernels on CONFIGS_B64's."""
     layout = build_layout(Local((3, 3, 3)), (3, 5, 7), 64, 64, device=DEV)
-    assert bsa._partial_heavy(layout)
+    assert tile_configs.partial_heavy(block_lists(layout))
     bf16 = torch.bfloat16
     if d == 72:
-        assert bsa._default_config("fwd", 128, bf16, layout) == bsa._CONFIGS_PARTIAL["fwd"][128]
+        assert tile_configs.default_config("fwd", 128, bf16, block_lists(layout)) == tile_configs.CONFIGS_PARTIAL["fwd"][128]
     else:
         for kernel in ("fwd", "dq", "dkdv"):
-            assert bsa._default_config(kernel, 64, bf16, layout) == bsa._CONFIGS_B64[kernel]
+            assert tile_configs.default_config(kernel, 64, bf16, block_lists(layout)) == tile_configs.CONFIGS_B64[kernel]
     dtype = torch.bfloat16 if CUDA else torch.float16
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=d)
     scale = d**-0.5
@@ -277,9 +281,9 @@ def test_kernel_tiles_smaller_than_layout_blocks(monkeypatch, n, mask_mode, skip
     if skip == "0" and mask_mode == "program":
         pytest.skip("skipping empty tiles needs the mask tiles")
     monkeypatch.setenv("MMSPARSE_SKIP_EMPTY_TILES", skip)
-    monkeypatch.setitem(bsa._OVERRIDE, "fwd", (32, 16, 4, 1))
-    monkeypatch.setitem(bsa._OVERRIDE, "dq", (32, 16, 4, 1))
-    monkeypatch.setitem(bsa._OVERRIDE, "dkdv", (16, 32, 4, 1))
+    monkeypatch.setitem(tile_configs.FORCED, "fwd", (32, 16, 4, 1))
+    monkeypatch.setitem(tile_configs.FORCED, "dq", (32, 16, 4, 1))
+    monkeypatch.setitem(tile_configs.FORCED, "dkdv", (16, 32, 4, 1))
     layout = build_layout(longformer(15, 3) | Local(5), (n,), 64, 64, device=DEV)
     dtype, d = (torch.bfloat16 if CUDA else torch.float32), 24
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=3)
@@ -292,13 +296,13 @@ SPLIT_RUNS = [(name, chunk) for name in ("longformer", "bigbird", "multimodal", 
 
 
 @pytest.mark.parametrize("name,chunk", SPLIT_RUNS, ids=[f"{n}-chunk{c}" for n, c in SPLIT_RUNS])
-def test_split_rows(monkeypatch, name, chunk, mask_mode):
+def test_split_rows(set_options, name, chunk, mask_mode):
     """Rows and columns cut into chunks of 1 or 3 blocks (every row split, ragged last chunks,
     rows whose chunks straddle the full and partial lists): merged by LSE in the forward and
     summed in the backward, the result stays within the budget."""
-    monkeypatch.setattr(bsa, "_SPLIT_CHUNK", chunk)
+    set_options(split_chunk=chunk)
     layout = _layout(name)
-    kp = bsa._kernel_program(layout, torch.device(DEV))
+    kp = worklist.kernel_program(block_lists(layout), torch.device(DEV))
     assert kp.rows.n_split > 0 and kp.cols.n_split > 0
     dtype, d = (torch.bfloat16 if CUDA else torch.float32), 40
     q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=7 + chunk)
@@ -315,7 +319,7 @@ def test_mask_tiles_are_the_partial_blocks_of_the_dense_mask(name):
         layout = build_layout(longformer(15, 3) | Local(5), (97,), 64, 32, device=DEV)
     else:
         layout = _layout(name)
-    tiles, ordinal = bsa._kernel_program(layout, torch.device(DEV)).mask_tiles()
+    tiles, ordinal = worklist.kernel_program(block_lists(layout), torch.device(DEV)).mask_tiles()
     bq, bk, n = layout.block_q, layout.block_k, layout.n
     assert tiles.shape == (layout.num_partial, bq, bk) and tiles.dtype == torch.uint8
     dense = torch.zeros(layout.num_q_blocks * bq, layout.num_k_blocks * bk, dtype=torch.bool, device=DEV)
@@ -329,32 +333,32 @@ def test_mask_tiles_are_the_partial_blocks_of_the_dense_mask(name):
 
 def test_mask_tile_policy(monkeypatch):
     """auto: tiles while they fit MMSPARSE_MASK_TILE_MB; 0 / 1 force; anything else is an error."""
-    kp = bsa._kernel_program(_layout("multimodal"), torch.device(DEV))
+    kp = worklist.kernel_program(block_lists(_layout("multimodal")), torch.device(DEV))
     monkeypatch.delenv("MMSPARSE_MASK_TILES", raising=False)
-    assert bsa._use_mask_tiles(kp)
+    assert worklist.use_mask_tiles(kp)
     monkeypatch.setenv("MMSPARSE_MASK_TILE_MB", str(kp.tile_bytes / 2**20 / 2))
-    assert not bsa._use_mask_tiles(kp)
+    assert not worklist.use_mask_tiles(kp)
     monkeypatch.setenv("MMSPARSE_MASK_TILES", "1")
-    assert bsa._use_mask_tiles(kp)
+    assert worklist.use_mask_tiles(kp)
     monkeypatch.setenv("MMSPARSE_MASK_TILES", "0")
     monkeypatch.delenv("MMSPARSE_MASK_TILE_MB")
-    assert not bsa._use_mask_tiles(kp)
+    assert not worklist.use_mask_tiles(kp)
     monkeypatch.setenv("MMSPARSE_MASK_TILES", "yes")
     with pytest.raises(ValueError, match="MMSPARSE_MASK_TILES"):
-        bsa._use_mask_tiles(kp)
-    dense = bsa._kernel_program(_layout("dense"), torch.device(DEV))
+        worklist.use_mask_tiles(kp)
     monkeypatch.setenv("MMSPARSE_MASK_TILES", "1")
-    assert not bsa._use_mask_tiles(dense)  # no partial block, nothing to read
+    dense = worklist.kernel_program(block_lists(_layout("dense")), torch.device(DEV))
+    assert not worklist.use_mask_tiles(dense)  # no partial block, nothing to read
 
 
 def test_mask_tiles_share_one_memory_budget(monkeypatch):
     """Tiles of every cached layout share MMSPARSE_MASK_TILE_MB: building one layout's tiles
     drops the least recently used others' (rebuilt, identical, on their next use)."""
-    a = bsa._kernel_program(_layout("multimodal"), torch.device(DEV))
-    b = bsa._kernel_program(_layout("bigbird"), torch.device(DEV))
+    a = worklist.kernel_program(block_lists(_layout("multimodal")), torch.device(DEV))
+    b = worklist.kernel_program(block_lists(_layout("bigbird")), torch.device(DEV))
     for kp in (a, b):
         kp._tiles = None
-    monkeypatch.setattr(bsa, "_TILE_HOLDERS", type(bsa._TILE_HOLDERS)())
+    monkeypatch.setattr(worklist, "TILE_HOLDERS", type(worklist.TILE_HOLDERS)())
     # a budget that holds either layout's tiles but not both (the two cases' sizes differ, and
     # differ again between the CPU and the GPU sizes of the cases)
     both = a.tile_bytes + b.tile_bytes
@@ -372,12 +376,12 @@ def test_long_rows_split_automatically():
     """Global tokens make one row and one column as long as the sequence: they are split, the
     window rows are not; a window or a dense layout splits nothing."""
     layout = build_layout(longformer(33, 8), (1024,), 16, 16, device="cpu")
-    kp = bsa._kernel_program(layout, torch.device("cpu"))
+    kp = worklist.kernel_program(block_lists(layout), torch.device("cpu"))
     assert kp.rows.long_blocks.tolist() == [0] and kp.cols.long_blocks.tolist() == [0]
     assert kp.rows.n_direct == layout.num_q_blocks - 1 and kp.rows.n_split >= 4
     for pattern in (Local((3, 3, 3)), Dense()):
         layout = build_layout(pattern, (4, 8, 8), 16, 16, device="cpu")
-        kp = bsa._kernel_program(layout, torch.device("cpu"))
+        kp = worklist.kernel_program(block_lists(layout), torch.device("cpu"))
         assert kp.rows.n_split == 0 and kp.cols.n_split == 0
 
 
@@ -396,7 +400,7 @@ def test_autograd_function_and_lse_gradient():
     dtype = torch.float32 if not CUDA else torch.bfloat16
     q, k, v, dout, dlse = _inputs(layout.n, dtype, 32, seed=5)
     qg, kg, vg = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
-    out, lse = bsa.block_sparse_attention(qg, kg, vg, layout)
+    out, lse = block_sparse_attention(qg, kg, vg, block_lists(layout))
     ((out.float() * dout).sum() + (lse * dlse).sum()).backward()
     truth = _ref_grads(q, k, v, dout, dlse, layout, 32**-0.5, torch.float64, True)
     low = _ref_grads(q, k, v, dout, dlse, layout, 32**-0.5, dtype, False)
@@ -440,14 +444,14 @@ def test_head_dim_above_limit_raises():
     layout, _ = _small()
     q = torch.randn(1, 1, 40, 264, device=DEV)
     with pytest.raises(ValueError, match="head_dim 264"):
-        bsa.block_sparse_attention(q, q, q, layout)
+        block_sparse_attention(q, q, q, block_lists(layout))
 
 
 def test_unsupported_dtype_raises():
     layout, q = _small()
     q = q.double()
     with pytest.raises(ValueError, match="dtype"):
-        bsa.block_sparse_attention(q, q, q, layout)
+        block_sparse_attention(q, q, q, block_lists(layout))
 
 
 def test_cpu_tensors_without_interpreter_raise(monkeypatch):
@@ -455,22 +459,22 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     layout = build_layout(Local(5), (40,), 16, 16)
     q = torch.randn(1, 2, 40, 16)
     with pytest.raises(ValueError, match="CUDA"):
-        bsa.block_sparse_attention(q, q, q, layout)
+        block_sparse_attention(q, q, q, block_lists(layout))
 
 
 def test_layout_blocks_must_be_multiples_of_16():
     layout = build_layout(Local(5), (40,), 8, 8, device=DEV)
     q = torch.randn(1, 2, 40, 16, device=DEV)
     with pytest.raises(ValueError, match="multiples of 16"):
-        bsa.block_sparse_attention(q, q, q, layout)
+        block_sparse_attention(q, q, q, block_lists(layout))
 
 
 def test_shape_mismatches_raise():
     layout, q = _small()
     with pytest.raises(ValueError, match="N=41"):
-        bsa.block_sparse_attention(*(torch.randn(1, 2, 41, 16, device=DEV),) * 3, layout)
+        block_sparse_attention(*(torch.randn(1, 2, 41, 16, device=DEV),) * 3, block_lists(layout))
     k = torch.randn(1, 3, 40, 16, device=DEV)
     with pytest.raises(ValueError, match="GQA"):
-        bsa.block_sparse_attention(q, k, k, layout)
+        block_sparse_attention(q, k, k, block_lists(layout))
     with pytest.raises(ValueError, match="dtype"):
-        bsa.block_sparse_attention(q, q.half(), q, layout)
+        block_sparse_attention(q, q.half(), q, block_lists(layout))

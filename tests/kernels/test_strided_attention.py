@@ -13,8 +13,9 @@ import torch
 
 from mmsparse.attention import Global, Local, Strided, build_layout, sparse_attention
 from mmsparse.attention.patterns import sparse_transformer
-from mmsparse.kernels import block_sparse_attention as bs
-from mmsparse.kernels import strided_attention as st
+from mmsparse.attention.backends.triton_kernels import strided_split
+from mmsparse.kernels.block_sparse import block_sparse_attention_ref
+from mmsparse.kernels.strided_attention import strided_attention
 from tests.kernels.budget import CUDA, DEV, check_budget, grads, inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -42,16 +43,16 @@ RUNS = [(c, t) for c in CASES for t in DTYPES]
 def test_matches_truth(case, dtype):
     name, pattern, n = case
     layout = build_layout(pattern, (n,), BLOCK, BLOCK, device=DEV)
-    split = st.strided_split(layout)
+    split = strided_split(layout)
     assert split is not None
     assert split.diag == (name not in ("alone", "global-only"))
     assert (split.xq.numel() > 0) == (name in ("wide+global", "global-only"))
     d = 24
     q, k, v, dout, dlse = inputs(SHAPE, n, d, seed=n)
-    ref = lambda up: (lambda q, k, v: bs.block_sparse_attention_ref(q, k, v, layout, d**-0.5, upcast=up))
+    ref = lambda up: (lambda q, k, v: block_sparse_attention_ref(q, k, v, layout.dense_mask(), d**-0.5, upcast=up))
     truth = grads(ref(True), q, k, v, dout, dlse, torch.float64)
     low = grads(ref(False), q, k, v, dout, dlse, dtype)
-    got = grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5), q, k, v, dout, dlse, dtype)
+    got = grads(lambda q, k, v: strided_attention(q, k, v, split, d**-0.5), q, k, v, dout, dlse, dtype)
     check_budget(got, low, truth, dtype)
 
 
@@ -60,6 +61,7 @@ def test_key_padding():
     n, d = (3000, 64) if CUDA else (59, 16)
     pattern = Local(97) | Global(40) | Strided(32) if CUDA else Local(13) | Global(3) | Strided(5)
     layout = build_layout(pattern, (n,), BLOCK, BLOCK, device=DEV)
+    split = strided_split(layout)
     q, k, v, dout, dlse = inputs(SHAPE, n, d, seed=5)
     kpm = torch.zeros(SHAPE[0], n, dtype=torch.bool)
     kpm[0, n // 3: n // 2] = True
@@ -67,11 +69,11 @@ def test_key_padding():
     kpm[:, -7:] = True  # the ragged tail
     kpm = kpm.to(DEV)
     dtype = torch.bfloat16 if CUDA else torch.float32
-    ref = lambda up: (lambda q, k, v: bs.block_sparse_attention_ref(q, k, v, layout, d**-0.5, upcast=up,
-                                                                    key_padding_mask=kpm))
+    ref = lambda up: (lambda q, k, v: block_sparse_attention_ref(q, k, v, layout.dense_mask(), d**-0.5, upcast=up,
+                                                                 key_padding_mask=kpm))
     truth = grads(ref(True), q, k, v, dout, dlse, torch.float64)
     low = grads(ref(False), q, k, v, dout, dlse, dtype)
-    got = grads(lambda q, k, v: st.strided_attention(q, k, v, layout, d**-0.5, key_padding_mask=kpm),
+    got = grads(lambda q, k, v: strided_attention(q, k, v, split, d**-0.5, key_padding_mask=kpm),
                  q, k, v, dout, dlse, dtype)
     check_budget(got, low, truth, dtype)
     for b in range(SHAPE[0]):  # padding keys get no gradient from either part or the overlap
@@ -81,7 +83,7 @@ def test_key_padding():
 def test_overlap_pairs_are_exactly_the_intersection():
     n, s = 50, 6
     layout = build_layout(Local(9) | Global(2) | Strided(s), (n,), 16, 16)
-    split = st.strided_split(layout)
+    split = strided_split(layout)
     got = set(zip(split.oq.tolist(), split.ok.tolist()))
     rest = build_layout(Local(9) | Global(2), (n,), 16, 16).dense_mask()
     want = {(a, b) for a in range(n) for b in range(n) if (a - b) % s == 0 and rest[a, b]}
@@ -89,14 +91,16 @@ def test_overlap_pairs_are_exactly_the_intersection():
 
 
 def test_only_strided_unions_split():
-    assert st.strided_split(build_layout(Local(9), (64,), 16, 16)) is None
-    assert st.strided_split(build_layout(Local(9) | Strided(8, causal=True), (64,), 16, 16)) is None
-    assert st.strided_split(build_layout(Local(9) | Strided(8) | Strided(4), (64,), 16, 16)) is None
-    assert st.strided_split(build_layout(Strided(64), (64,), 16, 16)) is None  # the diagonal alone
-    assert st.strided_split(build_layout(Strided(8), (64,), 16, 16)).rest is None
-    with pytest.raises(ValueError, match="Strided"):
-        q = torch.randn(1, 1, 64, 16, device=DEV)
-        st.strided_attention(q, q, q, build_layout(Local(9), (64,), 16, 16, device=DEV))
+    assert strided_split(build_layout(Local(9), (64,), 16, 16)) is None
+    assert strided_split(build_layout(Local(9) | Strided(8, causal=True), (64,), 16, 16)) is None
+    assert strided_split(build_layout(Local(9) | Strided(8) | Strided(4), (64,), 16, 16)) is None
+    assert strided_split(build_layout(Strided(64), (64,), 16, 16)) is None  # the diagonal alone
+    assert strided_split(build_layout(Strided(8), (64,), 16, 16)).rest is None
+    q = torch.randn(1, 1, 64, 16, device=DEV)
+    with pytest.raises(ValueError, match="StridedSplit"):
+        strided_attention(q, q, q, build_layout(Local(9), (64,), 16, 16, device=DEV))
+    with pytest.raises(ValueError, match="N=50"):
+        strided_attention(q, q, q, strided_split(build_layout(Local(9) | Strided(8), (50,), 16, 16, device=DEV)))
 
 
 @pytest.mark.skipif(not CUDA, reason="backend='triton' of sparse_attention needs CUDA tensors")
@@ -104,6 +108,6 @@ def test_sparse_attention_triton_takes_the_strided_path():
     layout = build_layout(sparse_transformer(128), (8192,), device="cuda")
     q, k, v = (torch.randn(1, 4, layout.n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = sparse_attention(q, k, v, layout, backend="triton")
-    assert st.strided_split(layout) is not None
+    assert strided_split(layout) is not None
     ref = sparse_attention(q, k, v, layout, backend="flex")
     assert (out.float() - ref.float()).abs().max().item() < 3e-2

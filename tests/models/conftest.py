@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmsparse.data import DataConfig, make_loader
+from mmsparse.data import DataConfig, make_loader, manifest_captions
 from mmsparse.data.synth import make_dataset
 from mmsparse.models import CaptionTokenizer, create_model
 
@@ -23,7 +23,7 @@ def batch(manifest):
 
 @pytest.fixture(scope="session")
 def tokenizer(manifest):
-    return CaptionTokenizer.from_manifest(manifest, vocab_size=512)
+    return CaptionTokenizer.train(manifest_captions(manifest), vocab_size=512)
 
 
 @pytest.fixture

@@ -22,11 +22,12 @@ def _batch(tmp: str):
 
 
 def _model(manifest, n_global):
+    from mmsparse.data import manifest_captions
     from mmsparse.models import CaptionTask, CaptionTokenizer, create_model
 
     torch.manual_seed(0)
     model = create_model("captioner_tiny", n_global=n_global)
-    model.set_tokenizer(CaptionTokenizer.from_manifest(manifest, vocab_size=model.cfg.vocab_size))
+    model.set_tokenizer(CaptionTokenizer.train(manifest_captions(manifest), vocab_size=model.cfg.vocab_size))
     return model, CaptionTask(model)
 
 

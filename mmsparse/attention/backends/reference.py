@@ -17,7 +17,10 @@ import math
 
 import torch
 
-from .blocklayout import BlockLayout, _rows_of
+from mmsparse.kernels.block_sparse.lists import rows_of
+from mmsparse.kernels.common import run_attention
+
+from ..blocklayout import BlockLayout
 
 _CHUNK_ELEMENTS = 1 << 24  # score elements per chunk of query blocks
 
@@ -27,7 +30,7 @@ class _KeyLists:
 
     def __init__(self, layout: BlockLayout):
         dev = layout.device
-        rows = torch.cat([_rows_of(layout.q_full_ptr), _rows_of(layout.q_part_ptr)]).long()
+        rows = torch.cat([rows_of(layout.q_full_ptr), rows_of(layout.q_part_ptr)]).long()
         cols = torch.cat([layout.q_full_idx, layout.q_part_idx]).long()
         partial = torch.cat(
             [torch.zeros(layout.num_full, dtype=torch.bool, device=dev),
@@ -159,26 +162,34 @@ def _backward(q, k, v, out, lse, dout, dlse, layout: BlockLayout, scale: float, 
     return dq, dk[:, :, :n], dv[:, :, :n]
 
 
-class _ReferenceAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale, key_padding):
-        out, lse = _forward(q, k, v, layout, scale, key_padding)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.key_padding = layout, scale, key_padding
-        return out.to(q.dtype), lse
+class ReferenceOp:
+    """The PyTorch walk as an op of the kernels' shared autograd shell: it keeps its float32
+    output for the backward and returns it in q's dtype."""
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
+    def __init__(self, layout: BlockLayout):
+        self.layout = layout
+
+    def forward(self, q, k, v, scale, key_padding):
+        out, lse = _forward(q, k, v, self.layout, scale, key_padding)
+        return out.to(q.dtype), lse, (q, k, v, out, lse)
+
+    def backward(self, saved, dout, dlse, scale, key_padding):
+        q, k, v, out, lse = saved
         if dlse is not None:
             dlse = torch.where(torch.isfinite(lse), dlse, 0.0)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.layout, ctx.scale, ctx.key_padding)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, self.layout, scale, key_padding)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def reference_attention(q, k, v, layout: BlockLayout, scale: float, key_padding_mask=None):
     """out (B, H, N, D) in q's dtype, lse (B, H, N) float32; both differentiable in q, k, v.
     key_padding_mask (B, N) bool: True where a key is padding (never attended)."""
-    return _ReferenceAttention.apply(q, k, v, layout, scale, key_padding_mask)
+    return run_attention(ReferenceOp(layout), q, k, v, scale, key_padding_mask)
+
+
+def can_run(q, k, v, layout: BlockLayout) -> str | None:
+    """The reference runs everything (any device, any N): never a reason not to."""
+    return None
+
+
+run = reference_attention

@@ -1,0 +1,130 @@
+"""Attention backends behind `sparse_attention`, and the entry point itself.
+
+Legend: B batch, H query heads, Hk key/value heads (H % Hk == 0, GQA), N tokens, D head dim.
+
+Backends (all compute the same function of q, k, v and the BlockLayout; tests prove it), one
+module each with `can_run(q, k, v, layout) -> reason or None` and `run(...)`:
+- `reference`: plain PyTorch, chunked by query block, O(N k) memory, any device.
+- `sdpa`: torch's scaled_dot_product_attention with the dense boolean mask of the layout;
+  small N only (the mask is N x N).
+- `flex`: torch FlexAttention with a BlockMask built from the same CSR lists and the mask
+  program as mask_mod; compiled on CUDA, unfused eager mode on the CPU (small N).
+- `triton_kernels`: the Triton kernels (mmsparse.kernels), CUDA only: block-sparse, with
+  exactly-axial layouts on the axial kernels and `rest | Strided(s)` layouts split into both.
+
+`auto` picks triton on CUDA when it can run the inputs, else flex (logging why, once), and the
+reference on the CPU; `KernelOptions.attention_backend` (MMSPARSE_ATTENTION_BACKEND) overrides it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mmsparse.kernels.common import DTYPES, check_key_padding_mask, check_qkv
+from mmsparse.kernels.options import kernel_options
+
+from ..blocklayout import BlockLayout
+from ..lsh import lsh_attention
+from ..patterns import LSH
+from . import flex, reference, sdpa, triton_kernels
+from .flex import flex_block_mask
+from .sdpa import dense_attention
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "sdpa", "flex", "triton")
+_MODULES = {"reference": reference, "sdpa": sdpa, "flex": flex, "triton": triton_kernels}
+
+
+def check_inputs(q, k, v, layout) -> None:
+    """ValueError unless q, k, v are attention inputs (shapes, dtypes, devices) for `layout`."""
+    check_qkv(q, k, v, DTYPES)
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"block_layout must be a BlockLayout (see build_layout), got {type(layout).__name__}")
+    if q.shape[2] != layout.n:
+        raise ValueError(f"q has N={q.shape[2]} tokens but block_layout was built for N={layout.n}")
+
+
+def choose_backend(q, k, v, layout) -> str:
+    """The `auto` choice: forced by the options, else triton on CUDA where it can run the
+    inputs, else flex (the reason logged once), and the reference off CUDA."""
+    forced = kernel_options().attention_backend
+    if forced:
+        log.debug("sparse_attention: backend %s forced by the kernel options", forced)
+        return forced
+    if q.device.type == "cuda":
+        reason = triton_kernels.can_run(q, k, v, layout)
+        if reason is None:
+            log.debug("sparse_attention: auto -> triton (CUDA tensors)")
+            return "triton"
+        _log_once(f"sparse_attention: auto -> flex because {reason}")
+        return "flex"
+    log.debug("sparse_attention: auto -> reference (%s tensors)", q.device.type)
+    return "reference"
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here at all (a CUDA device)."""
+    return torch.cuda.is_available()
+
+
+def sparse_attention(q, k, v, block_layout: BlockLayout | None, backend: str = "auto", scale: float | None = None,
+                     return_lse: bool = False, key_padding_mask: torch.Tensor | None = None):
+    """Block-sparse attention.
+
+    Args:
+        q: (B, H, N, D) queries; k, v: (B, Hk, N, D) keys and values, H a multiple of Hk.
+        block_layout: from `build_layout(pattern, layout)`, built for these N tokens; None runs
+            dense attention (SDPA; `backend` and `return_lse` do not apply).
+        backend: "auto", "reference", "sdpa", "flex" or "triton".
+        scale: softmax scale, default 1 / sqrt(D).
+        return_lse: also return the log-sum-exp (B, H, N) float32 (natural log).
+        key_padding_mask: (B, N) bool, True where a token is padding (clips of different
+            lengths in one batch): such keys are never attended, by any query. A query whose
+            keys are all padding outputs zeros (LSE -inf), as for any row that attends nothing.
+
+    Returns:
+        out (B, H, N, D) in q's dtype, and lse when asked.
+    """
+    if block_layout is None:
+        if return_lse:
+            raise ValueError("return_lse needs a block_layout (dense attention through SDPA gives no LSE)")
+        return dense_attention(q, k, v, key_padding_mask)
+    check_inputs(q, k, v, block_layout)
+    check_key_padding_mask(key_padding_mask, q)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = choose_backend(q, k, v, block_layout)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    layout = block_layout.to(q.device)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(q.device)
+    if isinstance(layout.pattern, LSH):
+        if kpm is not None:
+            raise ValueError("key_padding_mask is not supported with the LSH pattern (its buckets sort "
+                             "tokens per batch element); drop padding before LSH attention")
+        out, lse = lsh_attention(q, k, v, layout, lambda q, k, v, l: _dispatch(q, k, v, l, backend, scale, True))
+    else:
+        out, lse = _dispatch(q, k, v, layout, backend, scale, return_lse, kpm)
+    return (out, lse) if return_lse else out
+
+
+def _dispatch(q, k, v, layout, backend, scale, return_lse, kpm=None):
+    if backend == "sdpa":
+        return sdpa.run(q, k, v, layout, scale, kpm, return_lse)
+    return _MODULES[backend].run(q, k, v, layout, scale, kpm)
+
+
+__all__ = ["BACKENDS", "check_inputs", "check_key_padding_mask", "choose_backend", "flex_block_mask",
+           "sparse_attention", "triton_available"]
