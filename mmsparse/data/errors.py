@@ -4,9 +4,13 @@ Reasons (``REASONS``): ``missing`` (no such file), ``unreadable`` (a directory, 
 I/O error), ``empty`` (zero bytes), ``truncated`` (the container declares more bytes than the
 file holds, or a stream holds less than its header declares), ``corrupt`` (anything else the
 decoder rejects), ``corrupt_audio`` (the audio track fails to decode, or decodes short of its
-declared duration: damaged packets), ``no_audio`` (audio required but the file has no audio track), ``too_short`` (fewer frames than asked), ``timeout`` (decode did
-not finish in time), ``crashed`` (the decoder killed its DataLoader worker, e.g. a segfault in
-decord's C++ on a damaged file; see ``CrashGuard``).
+declared duration: damaged packets), ``no_audio`` (audio required but the file has no audio
+track), ``too_short`` (fewer frames than asked), ``timeout`` (decode did not finish in time),
+``crashed`` (the decoder killed its DataLoader worker, e.g. a segfault in decord's C++ on a
+damaged file; see ``CrashGuard``).
+
+Decoder libraries' own log lines (decord's C++ checks, its bundled FFmpeg) are captured from the
+process's stderr while they run (``capture_stderr``) and shown only as an error's detail.
 
 A decode that the configured fallback backend rescued (see ``decode.with_fallback``) is not a
 failure: ``FailureStats`` counts it apart, as ``fallback``, with the path and the primary

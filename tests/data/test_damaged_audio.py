@@ -28,9 +28,11 @@ def damaged(tmp_path_factory, synth_manifest, synth_records):
     """(folder, good clip with audio, good tone, {name: damaged path})."""
     root = tmp_path_factory.mktemp("damaged_audio")
     good = synth_manifest.parent / synth_records[0]["video"]
-    files = {
-        "cut_packets.mp4": rewrite_audio(good, root / "cut_packets.mp4", lambda k, b: b[: len(b) // 3] if k >= 10 else b),
-        "zeroed_packets.mp4": rewrite_audio(good, root / "zeroed_packets.mp4", lambda k, b: bytes(len(b)) if k >= 10 else b),
+    files = {  # audio packets from the 11th on: a third of their bytes, or all zeros
+        "cut_packets.mp4": rewrite_audio(good, root / "cut_packets.mp4",
+                                         lambda k, b: b[: len(b) // 3] if k >= 10 else b),
+        "zeroed_packets.mp4": rewrite_audio(good, root / "zeroed_packets.mp4",
+                                            lambda k, b: bytes(len(b)) if k >= 10 else b),
     }
     tone = write_tone(root / "tone.mka", seconds=3.0)
     data = tone.read_bytes()
@@ -101,7 +103,8 @@ def test_media_error_from_worker_text():
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
 def test_data_check_lists_each_damaged_file_once(damaged, backend, capfd):
     root, good, tone, files = damaged
-    recs = [_line(n, p) for n, p in files.items()] + [{"id": "good", "video": str(good)}, {"id": "t", "audio": str(tone)}]
+    recs = [_line(n, p) for n, p in files.items()]
+    recs += [{"id": "good", "video": str(good)}, {"id": "t", "audio": str(tone)}]
     m = _manifest(root, f"m-check-{backend}.jsonl", recs)
     assert cli.main(["data", "check", str(m), "--backend", backend, "--audio-backend", backend]) == 1
     out, err = capfd.readouterr()
