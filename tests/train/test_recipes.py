@@ -6,7 +6,9 @@ clips of 8 to 32 frames at 32 x 32.
 One subprocess trains them all (one import of torch and DeepSpeed, and no process group left in
 the test process). Sequence parallelism needs two processes: a recipe that asks for it
 (long_clip_ulysses) trains here at sequence_parallel_size=1, and the split itself is tested by
-tests/train/test_sequence_parallel.py.
+tests/train/test_sequence_parallel.py. A recipe that starts from a timm model's hub weights
+(model.init.timm_model) trains here from random weights: the download needs the network, and
+the pretrained initialisation is tested by tests/models with local checkpoints.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ TINY = [f"run.steps={STEPS}", "run.progress=false", "run.tensorboard=false", "ru
 
 
 def tiny(name: str, run_dir) -> TrainConfig:
-    return load_config(name, [*TINY, f"run.dir={run_dir}"])
+    offline = ["model.init.timm_model=", "model.init.checkpoint="] if load_config(name).model.init.timm_model else []
+    return load_config(name, [*TINY, *offline, f"run.dir={run_dir}"])
 
 
 def _train_all(root: str) -> None:
