@@ -188,6 +188,22 @@ def test_the_package_keeps_its_layers():
     assert not problems, "layering violations:\n" + "\n".join(problems)
 
 
+def private_imports(root: Path = ROOT) -> list[str]:
+    """`from X import _name` where X is another module of the package: a private name used
+    across modules (make it public, or keep it in its module)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("mmsparse")):
+                found += [f"{path.relative_to(root.parent)}:{node.lineno}: imports {alias.name}"
+                          for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_private_name_crosses_modules():
+    assert not private_imports(), "\n".join(private_imports())
+
+
 def test_kernels_import_only_torch_and_triton():
     modules = {module_name(p, ROOT) for p in ROOT.rglob("*.py")}
     for path in (ROOT / "kernels").rglob("*.py"):
@@ -229,6 +245,11 @@ def test_planted_confined_packages_fail(copy):
     problems = check(copy)
     assert any("models/layers.py" in p and "deepspeed" in p for p in problems)
     assert any("attention/program.py" in p and "triton.language" in p for p in problems)
+
+
+def test_planted_private_import_fails(copy):
+    _plant(copy, "attention/lsh.py", "from .blocklayout import _pieces  # noqa")
+    assert [p for p in private_imports(copy) if "attention/lsh.py" in p and "_pieces" in p]
 
 
 def test_planted_cycle_fails(copy):

@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import torch
 
-from mmsparse.kernels.block_sparse.lists import BlockCounts, rows_of
+from mmsparse.kernels.block_sparse.lists import BlockCSR, rows_of
 
 from .patterns import Pattern
 from .program import MaskProgram
@@ -40,27 +40,14 @@ _PAIR_CHUNK = 1 << 19  # block pairs tested at once (bounds the compiler's memor
 
 
 @dataclass(eq=False)
-class BlockLayout(BlockCounts):
-    """What a sparse attention kernel consumes. All index tensors are int32 on `device`.
-
-    q_full_ptr (Mq + 1,), q_full_idx (nnz_full,): key blocks attended fully by each query block.
-    q_part_ptr (Mq + 1,), q_part_idx (nnz_part,): key blocks attended partially.
-    k_full_ptr (Mk + 1,), k_full_idx, k_part_ptr, k_part_idx: the transposes (query blocks of
-    each key block), for the dK / dV pass.
+class BlockLayout(BlockCSR):
+    """What a sparse attention kernel consumes: the block structure as CSR lists (BlockCSR:
+    n, block sizes, q_full_ptr (Mq + 1,), q_full_idx (nnz_full,) the key blocks attended fully
+    by each query block, q_part_* those attended partially, k_* the transposes for the dK / dV
+    pass), all int32 on `device`, and
     program: the token-level mask program evaluated inside partial blocks.
     """
 
-    n: int
-    block_q: int
-    block_k: int
-    q_full_ptr: torch.Tensor
-    q_full_idx: torch.Tensor
-    q_part_ptr: torch.Tensor
-    q_part_idx: torch.Tensor
-    k_full_ptr: torch.Tensor
-    k_full_idx: torch.Tensor
-    k_part_ptr: torch.Tensor
-    k_part_idx: torch.Tensor
     program: MaskProgram
     pattern: Pattern | None = None
     stream: StreamLayout | None = None

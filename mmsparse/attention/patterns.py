@@ -354,7 +354,9 @@ class Fixed(Pattern):
         return [(("eq", same),) + tail, (("kflag", summ),) + tail]
 
 
-def _global_flag(ctx, n: int, who: str) -> int:
+def global_flag(ctx, n: int, who: str) -> int:
+    """The attribute that flags the stream's first n tokens (its global tokens), for a
+    pattern named `who` in the error raised when n does not fit N."""
     if not 0 < n <= ctx.n:
         raise ValueError(f"{who}(n={n}) needs 0 < n <= N={ctx.n}")
     return ctx.attr(f"first{n}", lambda: torch.arange(ctx.n) < n)
@@ -367,7 +369,7 @@ class Global(Pattern):
     n: int
 
     def clauses(self, ctx):
-        flag = _global_flag(ctx, self.n, "Global")
+        flag = global_flag(ctx, self.n, "Global")
         return [(("qflag", flag),), (("kflag", flag),)]
 
 
@@ -378,7 +380,7 @@ class Sinks(Pattern):
     n: int
 
     def clauses(self, ctx):
-        return [(("kflag", _global_flag(ctx, self.n, "Sinks")),)]
+        return [(("kflag", global_flag(ctx, self.n, "Sinks")),)]
 
 
 def _coarse_rows(rows, n_rows: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MediaError, _iso_bmff_truncated, capture_stderr, check_file, diagnose, library_log
+from .errors import MediaError, iso_bmff_truncated, capture_stderr, check_file, diagnose, library_log
 
 AUDIO_BACKENDS = ("pyav", "decord")
 # decoded audio may end this much before the declared end: encoder padding, priming and
@@ -129,7 +129,7 @@ def _read_pyav(path: Path, sample_rate: int, start: float | None, end: float | N
                 chunks.append(g.to_ndarray().reshape(-1))
         except av.error.FFmpegError as err:
             detail = " ".join(str(err).split())[:200]
-            reason = "truncated" if _iso_bmff_truncated(path) else "corrupt_audio"
+            reason = "truncated" if iso_bmff_truncated(path) else "corrupt_audio"
             got = (t_first or 0.0) + sum(map(len, chunks)) / sample_rate
             raise MediaError(path, reason, f"audio decode failed after {got:.2f} s: {detail}") from None
     wave = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)

@@ -166,7 +166,7 @@ def library_log(text: str, keep: int = 3) -> str:
     return "; ".join(lines[-keep:])
 
 
-def _iso_bmff_truncated(path: Path) -> bool:
+def iso_bmff_truncated(path: Path) -> bool:
     """True when an MP4/MOV top-level box runs past the end of the file (a cut-off download)."""
     try:
         size = path.stat().st_size
@@ -205,7 +205,7 @@ def diagnose(path: str | Path, err: BaseException) -> MediaError:
     detail = " ".join(str(err).split())[:200] or type(err).__name__
     if isinstance(err, (PermissionError, IsADirectoryError)):
         return MediaError(p, "unreadable", detail)
-    if _iso_bmff_truncated(p):
+    if iso_bmff_truncated(p):
         return MediaError(p, "truncated", detail)
     return MediaError(p, "corrupt", detail)
 

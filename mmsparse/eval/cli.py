@@ -69,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if bench.split(":", 1)[0] == "longclip" and not Path(bench).is_file():
             from . import longclip
-            from .harness import _run_synth_spec
+            from .harness import run_synth_spec
             from mmsparse.infer import resolve_model_dir
 
             arg = bench.partition(":")[2]
             lengths = tuple(int(x) for x in arg.split(",")) if arg else longclip.DEFAULT_LENGTHS
-            size = tuple(args.size) if args.size else _run_synth_spec(resolve_model_dir(next(iter(models.values()))))["size"]
+            size = tuple(args.size) if args.size else run_synth_spec(resolve_model_dir(next(iter(models.values()))))["size"]
             summary = longclip.run(models, out, lengths=lengths, clips_per_length=args.clips_per_length,
                                    frames=args.frames, batch=args.batch, device=device, backend=args.backend,
                                    size=size, choice=not args.no_choice, workers=args.workers or os.cpu_count() or 1)

@@ -111,7 +111,7 @@ def synthetic_benchmark(cache_dir: str | Path, clips: int = 32, frames: int = 16
     return manifest
 
 
-def _run_synth_spec(model_dir: Path) -> dict:
+def run_synth_spec(model_dir: Path) -> dict:
     """The training run's synthetic data spec (frames, size), when the run config is beside the model."""
     cfg = model_dir.parent / "config.yaml"
     if cfg.is_file():
@@ -133,7 +133,7 @@ def resolve_benchmark(benchmark: str | Path, model_dir: str | Path, cache_dir: s
     name = str(benchmark)
     base, _, arg = name.partition(":")
     if base == "synthetic":
-        spec = _run_synth_spec(Path(model_dir))
+        spec = run_synth_spec(Path(model_dir))
         clips = int(arg) if arg else 32
         return name, synthetic_benchmark(cache_dir, clips=clips, **spec)
     raise ValueError(f"benchmark {name!r} is neither a manifest file nor a known name "

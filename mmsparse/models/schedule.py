@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mmsparse.attention import AVSync, Axial, Global, Local, Pattern, StreamLayout, Tiled
-from mmsparse.attention.patterns import _global_flag
+from mmsparse.attention.patterns import global_flag
 from mmsparse.attention.program import POS
 from mmsparse.attention.stream import token_table
 
@@ -66,7 +66,7 @@ class StreamGlobal(Pattern):
     n: int
 
     def clauses(self, ctx):
-        first = _global_flag(ctx, self.n, "StreamGlobal")
+        first = global_flag(ctx, self.n, "StreamGlobal")
         real = ctx.attr("real", lambda: ~gap_positions(ctx.stream))
         return [(("qflag", first), ("kflag", real)), (("kflag", first),)]
 

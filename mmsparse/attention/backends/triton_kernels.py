@@ -10,12 +10,14 @@ plain inputs each takes, built from the BlockLayout and cached on it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from mmsparse.kernels.axial_attention import axial_attention
 from mmsparse.kernels.block_sparse import BlockLists, block_sparse_attention, unsupported_reason
+from mmsparse.kernels.block_sparse.lists import BlockCSR
 from mmsparse.kernels.strided_attention import StridedSplit, strided_attention
 
 from ..blocklayout import BlockLayout, build_layout
@@ -34,12 +36,10 @@ def block_lists(layout: BlockLayout) -> BlockLists:
     """The kernels' view of `layout` (CSR lists, block sizes, mask program), cached on it."""
     cached = layout.__dict__.get("_block_lists")
     if cached is None:
+        csr = {f.name: getattr(layout, f.name) for f in dataclasses.fields(BlockCSR)}
         prog = layout.program
         cached = layout.__dict__["_block_lists"] = BlockLists(
-            layout.n, layout.block_q, layout.block_k,
-            layout.q_full_ptr, layout.q_full_idx, layout.q_part_ptr, layout.q_part_idx,
-            layout.k_full_ptr, layout.k_full_idx, layout.k_part_ptr, layout.k_part_idx,
-            prog.clauses, prog.attrs, prog.tables)
+            **csr, clauses=prog.clauses, attrs=prog.attrs, tables=prog.tables)
     return cached
 
 

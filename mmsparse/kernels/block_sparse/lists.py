@@ -11,9 +11,24 @@ from dataclasses import dataclass, field
 import torch
 
 
-class BlockCounts:
-    """Block counts of a layout held as CSR lists (q_full_ptr, q_full_idx, q_part_idx,
-    k_full_ptr): shared by BlockLists and mmsparse.attention's BlockLayout."""
+@dataclass(eq=False)
+class BlockCSR:
+    """A layout's block structure as CSR lists (all int32): q_full_ptr (Mq + 1,), q_full_idx:
+    the key blocks attended fully by each query block; q_part_ptr, q_part_idx: those attended
+    partially (a mask decides per pair); k_*: the transposes (query blocks of each key block),
+    for the dK / dV pass. Shared by BlockLists and mmsparse.attention's BlockLayout."""
+
+    n: int
+    block_q: int
+    block_k: int
+    q_full_ptr: torch.Tensor
+    q_full_idx: torch.Tensor
+    q_part_ptr: torch.Tensor
+    q_part_idx: torch.Tensor
+    k_full_ptr: torch.Tensor
+    k_full_idx: torch.Tensor
+    k_part_ptr: torch.Tensor
+    k_part_idx: torch.Tensor
 
     @property
     def num_q_blocks(self) -> int:
@@ -33,25 +48,12 @@ class BlockCounts:
 
 
 @dataclass(eq=False)
-class BlockLists(BlockCounts):
-    """q_full_ptr (Mq + 1,), q_full_idx: key blocks attended fully by each query block;
-    q_part_ptr, q_part_idx: those attended partially (the mask program decides per pair);
-    k_*: the transposes (query blocks of each key block), for the dK / dV pass. All int32.
-    clauses: the mask program's DNF (tuples of predicate tuples), attrs (A, N) its token
-    attributes, tables its coarse tables (see mmsparse.attention.program). `programs` caches
-    the KernelProgram per device."""
+class BlockLists(BlockCSR):
+    """The block-sparse kernels' input: the CSR lists (BlockCSR) and the mask program's parts,
+    clauses (its DNF: tuples of predicate tuples), attrs (A, N) its token attributes, tables
+    its coarse tables (see mmsparse.attention.program). `programs` caches the KernelProgram
+    per device."""
 
-    n: int
-    block_q: int
-    block_k: int
-    q_full_ptr: torch.Tensor
-    q_full_idx: torch.Tensor
-    q_part_ptr: torch.Tensor
-    q_part_idx: torch.Tensor
-    k_full_ptr: torch.Tensor
-    k_full_idx: torch.Tensor
-    k_part_ptr: torch.Tensor
-    k_part_idx: torch.Tensor
     clauses: tuple
     attrs: torch.Tensor
     tables: tuple = ()
