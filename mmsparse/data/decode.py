@@ -244,6 +244,7 @@ class PyAVVideo:
         self._s.thread_type = "AUTO"
         self.seek_gap = seek_gap
         self._rotation: int | None = None
+        self._resume: tuple | None = None  # (decoding generator, index, frame) left by the rotation probe
         self._scalers: tuple | None = None  # (scale in the source format, convert to RGB), made on first use
 
     # the rotation is known once a frame is decoded (FFmpeg hands the display matrix to frames)
@@ -252,8 +253,10 @@ class PyAVVideo:
         """Display rotation in degrees counter-clockwise (0, 90, 180, 270)."""
         if self._rotation is None:
             self._rotation = 0
-            for _, frame in self._decode_from(0):
+            decoding = self._decode_from(0)
+            for idx, frame in decoding:
                 self._rotation = _frame_rotation(frame)
+                self._resume = (decoding, idx, frame)  # the next read goes on from here
                 break
         return self._rotation
 
@@ -299,6 +302,16 @@ class PyAVVideo:
         return i
 
     def _decode_from(self, first: int):
+        """(index, frame) pairs in presentation order from the key frame before frame ``first``,
+        or from the frame the rotation probe decoded, when ``first`` is at most ``seek_gap``
+        frames past it (saving a seek and the key frame's second decode)."""
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            decoding, idx, frame = resume
+            if idx <= first <= idx + self.seek_gap:
+                yield idx, frame
+                yield from decoding
+                return
         target = int(self._pts[first]) if self.num_frames else self._t0
         self._c.seek(target, stream=self._s, backward=True, any_frame=False)
         for frame in self._c.decode(self._s):
