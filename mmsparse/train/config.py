@@ -13,7 +13,8 @@ validated by pydantic against the dataclasses' types (``Literal`` choices, ``Ann
 bounds) when it is loaded, before anything is written: an unknown key, a duplicate YAML key, a
 wrong type or a value out of range is a ``ConfigError`` naming the key, the recipe file and
 line or the command-line item it came from, and for unknown keys and choices the nearest valid
-ones. The resolved tree is written into the run folder as ``config.yaml`` (``save_config``).
+ones (the YAML itself, with each key's file and line, is read by ``recipe``). The resolved tree
+is written into the run folder as ``config.yaml`` (``save_config``).
 
 Older spellings still load: ``data.frames`` is ``data.num_frames`` and ``data.extra.KEY`` is
 ``data.KEY`` (``ALIASES``). ``deepspeed.extra`` is passed through unchecked (DeepSpeed checks
@@ -41,14 +42,13 @@ from mmsparse.fileio import atomic_write_text
 from mmsparse.models import ModelConfig, list_models
 from mmsparse.models.registry import model_config
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+from .recipe import RECIPES_DIR, ConfigError, Sources, at, deep_merge, load_tree, parse_override, resolve_recipe, set_key
+
+__all__ = ["RECIPES_DIR", "ConfigError", "TrainConfig", "data_config", "deep_merge", "from_dict", "load_config",
+           "normalized_tree", "parse_override", "resolve_recipe", "save_config", "to_dict", "valid_keys"]
 
 # Older key spellings, still read from recipes, saved configs and the command line
 ALIASES = {"data.frames": "data.num_frames", "data.extra.": "data."}
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config tree."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class TrainConfig:
         ds, m = self.deepspeed, self.model
 
         def fail(key: str, msg: str):
-            raise ConfigError(f"{key}: {msg}{_at(where(key))}")
+            raise ConfigError(f"{key}: {msg}{at(where(key))}")
 
         if ds.offload_param != "none" and ds.zero_stage != 3:
             fail("deepspeed.offload_param", f"{ds.offload_param!r} needs zero_stage 3, got {ds.zero_stage}")
@@ -297,25 +297,6 @@ def _suggest(key: str, keys: list[str] | None = None) -> str:
     return f"; did you mean {' or '.join(repr(h) for h in hits)}?" if hits else ""
 
 
-def _at(source: str) -> str:
-    return f" ({source})" if source else ""
-
-
-class Sources(dict):
-    """Dotted key -> where its value was set (``recipes/x.yaml:12``, ``command line 'k=v'``)."""
-
-    def of(self, key: str) -> str:
-        """The source of ``key`` or of the nearest enclosing key that has one."""
-        parts = key.split(".")
-        for n in range(len(parts), 0, -1):
-            if ".".join(parts[:n]) in self:
-                return self[".".join(parts[:n])]
-        return ""
-
-    def under(self, key: str) -> list[str]:
-        return sorted({v for k, v in self.items() if k == key or k.startswith(key + ".")})
-
-
 def _canonical(key: str) -> str:
     """``key`` in its current spelling (``ALIASES``)."""
     for _ in range(2):  # data.extra.frames -> data.frames -> data.num_frames
@@ -350,16 +331,6 @@ def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _set(tree: dict, key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        node[part] = nxt = dict(nxt) if isinstance(nxt, dict) else {}
-        node = nxt
-    node[parts[-1]] = value
-
-
 def _canonical_layer(tree: dict, sources: Sources) -> tuple[dict, Sources]:
     """One recipe file or saved tree with older spellings renamed (``ALIASES``)."""
     flat = [(k, v) for k, v in _leaves(tree) if not (k == "data.extra" and not v)]
@@ -370,9 +341,9 @@ def _canonical_layer(tree: dict, sources: Sources) -> tuple[dict, Sources]:
     for key, value in flat:
         new = _canonical(key)
         if new in seen:
-            raise ConfigError(f"{new!r} is set twice, as {seen[new]!r} and {key!r}{_at(sources.of(key))}")
+            raise ConfigError(f"{new!r} is set twice, as {seen[new]!r} and {key!r}{at(sources.of(key))}")
         seen[new] = key
-        _set(out, new, value)
+        set_key(out, new, value)
     return out, Sources({_canonical(k): src for k, src in sources.items()})
 
 
@@ -384,9 +355,9 @@ def _check_keys(tree: dict, sources: Sources, cls: type = TrainConfig, prefix: s
         key = prefix + str(k)
         if k in getattr(cls, "SET_BY_TRAINER", {}):
             raise ConfigError(f"{key} cannot be set: the trainer sets it from {cls.SET_BY_TRAINER[k]}"
-                              f"{_at(sources.of(key))}")
+                              f"{at(sources.of(key))}")
         if k not in names:
-            raise ConfigError(f"unknown config key {key!r}{_at(sources.of(key))}{_suggest(key)}")
+            raise ConfigError(f"unknown config key {key!r}{at(sources.of(key))}{_suggest(key)}")
         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
             _check_keys(v, sources, hints[k], key + ".")
     model = tree.get("model") if prefix == "" else None
@@ -396,7 +367,7 @@ def _check_keys(tree: dict, sources: Sources, cls: type = TrainConfig, prefix: s
         for k in overrides:
             if k not in fields or k == "name":
                 key = f"model.overrides.{k}"
-                raise ConfigError(f"unknown config key {key!r} (not a ModelConfig field){_at(sources.of(key))}"
+                raise ConfigError(f"unknown config key {key!r} (not a ModelConfig field){at(sources.of(key))}"
                                   + _suggest(key, [f"model.overrides.{f}" for f in fields if f != "name"]))
 
 
@@ -430,7 +401,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _value_at(tree: Any, loc: tuple) -> Any:
+def _valueat(tree: Any, loc: tuple) -> Any:
     for part in loc:
         try:
             tree = tree[part]
@@ -448,16 +419,16 @@ def _explain(err: dict, tree: dict, sources: Sources, root: type = TrainConfig, 
     while field_loc and isinstance(field_loc[-1], int):
         field_loc = field_loc[:-1]
     key = prefix + ".".join(str(p) for p in field_loc)
-    where = _at(sources.of(key))
-    value = _value_at(tree, field_loc)
+    where = at(sources.of(key))
+    value = _valueat(tree, field_loc)
     if kind == "value_error":  # a dataclass's own __post_init__ check, reported against its section
         msg = str(ctx.get("error", err["msg"]))
         cls = _field_type(root, field_loc)
         named = _named_fields(msg, _fields(cls) if dataclasses.is_dataclass(cls) else [])
         if named:
             key = f"{key}.{named[0]}" if key else named[0]
-            return f"{key}: {msg}{_at(sources.of(key))}"
-        return f"{key}: {msg}{_at(', '.join(sources.under(key)))}"
+            return f"{key}: {msg}{at(sources.of(key))}"
+        return f"{key}: {msg}{at(', '.join(sources.under(key)))}"
     if kind in ("literal_error", "enum"):
         options = [a.group(1) or a.group(2) for a in re.finditer(r"'((?:[^'\\]|\\.)*)'|(-?\d+)", ctx["expected"])]
         return (f"{key}={value!r}: expected one of {', '.join(options)}{_did_you_mean(value, options)}{where}")
@@ -467,7 +438,7 @@ def _explain(err: dict, tree: dict, sources: Sources, root: type = TrainConfig, 
         return f"{key}: expected {_type_name(_field_type(root, field_loc))}, got {value!r}{where}"
     msg = err["msg"]
     msg = msg[0].lower() + msg[1:]
-    shown = value if value is not None or not loc else _value_at(tree, loc)
+    shown = value if value is not None or not loc else _valueat(tree, loc)
     return f"{key}={shown!r}: {msg.replace('input should', 'must')}{where}"
 
 
@@ -504,132 +475,7 @@ def _validate(tree: dict, sources: Sources) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# YAML, inheritance, overrides
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """``top`` over ``base``; mappings merge recursively, anything else is replaced."""
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def resolve_recipe(recipe: str | Path) -> Path:
-    """A path, or a name in the repository's recipes/ ("tiny_cpu" or "tiny_cpu.yaml")."""
-    p = Path(recipe)
-    candidates = [p, p.with_suffix(".yaml") if p.suffix == "" else p, RECIPES_DIR / p.name,
-                  RECIPES_DIR / (p.name + ".yaml")]
-    for c in candidates:
-        if c.is_file():
-            return c
-    known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-    hint = difflib.get_close_matches(p.stem, known, n=1)
-    raise ConfigError(f"recipe {str(recipe)!r} not found (looked in . and {RECIPES_DIR})"
-                      + (f"; did you mean {hint[0]!r}?" if hint else f"; known recipes: {known}"))
-
-
-class _Lined(dict):
-    """A YAML mapping that knows the line of each of its keys."""
-
-    lines: dict
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and keeps each key's line."""
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Lined:
-    loader.flatten_mapping(node)
-    out = _Lined()
-    out.lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if key in out:
-            raise ConfigError(f"{loader.source}:{line}: duplicate key {key!r} (first at line {out.lines[key]}); "
-                              f"a YAML mapping keeps only one value per key")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.lines[key] = line
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _show(path: Path) -> str:
-    try:
-        return str(path.relative_to(RECIPES_DIR.parent))
-    except ValueError:
-        return str(path)
-
-
-def _plain(node: Any, source: str, sources: Sources, prefix: str = "") -> Any:
-    """Plain dicts from ``_Lined`` ones, each key's ``file:line`` into ``sources``."""
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if isinstance(node, _Lined):
-                sources[key] = f"{source}:{node.lines[k]}"
-            out[k] = _plain(v, source, sources, key + ".")
-        return out
-    if isinstance(node, list):
-        return [_plain(v, source, sources, prefix) for v in node]
-    return node
-
-
-def _load_file(path: Path) -> tuple[dict, Sources]:
-    loader = _Loader(path.read_text())
-    loader.source = _show(path)
-    try:
-        data = loader.get_single_data()
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    finally:
-        loader.dispose()
-    if data is None:
-        return {}, Sources()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
-    sources = Sources()
-    return _plain(data, _show(path), sources), sources
-
-
-def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, Sources]:
-    """The recipe as a dict with its ``base:`` chain merged in (cycles are errors), and the source
-    of every key."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise ConfigError(f"recipe inheritance cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
-    if not path.is_file():
-        raise ConfigError(f"recipe file {path} not found" + (f" (base of {_seen[-1]})" if _seen else ""))
-    data, sources = _load_file(path)
-    bases = data.pop("base", None) or []
-    merged, merged_sources = {}, Sources()
-    for b in [bases] if isinstance(bases, str) else bases:
-        bp = Path(b)
-        tree, src = load_tree(bp if bp.is_absolute() else path.parent / bp, (*_seen, path))
-        merged, merged_sources = deep_merge(merged, tree), Sources({**merged_sources, **src})
-    data, sources = _canonical_layer(data, sources)
-    return deep_merge(merged, data), Sources({**merged_sources, **sources})
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r}: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+# Loading
 
 
 def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...],
@@ -644,7 +490,7 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...],
         else:
             items = [(_canonical(key), value)]
         for k, v in items:
-            _set(tree, k, v)
+            set_key(tree, k, v)
             for stale in [s for s in sources if s.startswith(k + ".")]:
                 del sources[stale]
             sources[k] = f"command line {item!r}"
@@ -653,7 +499,7 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...],
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Recipe (with its bases) + overrides -> a validated ``TrainConfig``, or a ``ConfigError``."""
-    tree, sources = load_tree(resolve_recipe(recipe)) if recipe is not None else ({}, Sources())
+    tree, sources = load_tree(resolve_recipe(recipe), _canonical_layer) if recipe is not None else ({}, Sources())
     tree, sources = apply_overrides(tree, list(overrides), sources)
     return _validate(tree, sources)
 
