@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,22 +361,39 @@ def flops_per_step(spec: BenchSpec, arm: str, device="cpu") -> dict[str, Any]:
     return {"train_flops_per_step": train, "per_length": {str(k): v for k, v in per_len.items()}}
 
 
+def schedule_flops(spec: BenchSpec, cost: dict, steps: int) -> float:
+    """Training FLOPs of `steps` steps of the curriculum (``cost``: one arm's ``flops_per_step``)."""
+    per = {int(n): 3 * spec.batch * c["forward"] for n, c in cost["per_length"].items()}
+    return float(sum(per[spec.lengths_at(i, steps)] for i in range(steps)))
+
+
 def steps_for(spec: BenchSpec, arm: str, budget: str, costs: dict[str, dict]) -> tuple[int, bool]:
-    """(steps, capped) for an arm under a budget; `costs` from ``flops_per_step`` (arm -> ...)."""
+    """(steps, capped) for an arm under a budget; `costs` from ``flops_per_step`` (arm -> ...).
+    Equal FLOPs: the fewest steps whose curriculum costs at least dense's `spec.steps`, at most
+    ``max_flops_factor`` x `spec.steps` (capped: True when that cap binds)."""
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; expected one of {BUDGETS}")
     if budget == "steps" or arm == "dense":
         return spec.steps, False
-    dense = costs["dense"]["train_flops_per_step"] * spec.steps
-    want = int(round(dense / costs[arm]["train_flops_per_step"]))
-    cap = int(spec.max_flops_factor * spec.steps)
-    return min(want, cap), want > cap
+    target = schedule_flops(spec, costs["dense"], spec.steps)
+    cap = max(1, int(spec.max_flops_factor * spec.steps))
+    lo, hi = 1, cap
+    if schedule_flops(spec, costs[arm], cap) < target:
+        return cap, True
+    while lo < hi:  # FLOPs grow with the step count: bisect for the fewest steps that reach dense's
+        mid = (lo + hi) // 2
+        if schedule_flops(spec, costs[arm], mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, False
 
 
 def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Path, device="cuda",
             costs: dict | None = None, backend: str = "auto", progress: bool = True) -> Path:
     """Train and score one run; writes ``<arm>-s<seed>-<budget>.json``; returns its path
-    (already there: returned untouched)."""
+    (already there: returned untouched). Training state is saved every ``eval_every`` steps to
+    ``<arm>-s<seed>-<budget>.ckpt.pt`` (atomically), and a killed run goes on from there."""
     out = Path(out_dir) / f"{arm}-s{seed}-{budget}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file() and json.loads(out.read_text()).get("spec_key") == spec.key():
@@ -384,18 +402,48 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
     steps, capped = steps_for(spec, arm, budget, costs)
     model = build_model(spec, arm, seed, device, backend)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05, betas=(0.9, 0.98))
-    rng = np.random.default_rng(seed)
+    state = {"step": 0, "rng": np.random.default_rng(seed).bit_generator.state, "curve": [], "losses": [],
+             "train_flops": 0.0, "train_seconds": 0.0}
+    ckpt = out.with_suffix(".ckpt.pt")
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        if saved.get("spec_key") == spec.key():
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            state = saved["state"]
+            print(f"{out.stem}: resumed at step {state['step']} of {steps}", flush=True)
+    _train(spec, arm, model, opt, steps, costs, device, state, ckpt, progress, out.stem)
+    t0 = time.perf_counter()
+    rows = []
+    for frames in spec.eval_lengths:
+        rows += score(model, eval_plans(spec, frames, spec.clips, spec.eval_seed), spec, device, spec.eval_seed)
+    probes = probe(model, spec, device, seed)
+    result = {"spec_key": spec.key(), "spec": spec.to_dict(), "arm": arm, "arm_config": ARMS[arm], "seed": seed,
+              "budget": budget, "steps": steps, "capped": capped, "train_seconds": round(state["train_seconds"], 1),
+              "eval_seconds": round(time.perf_counter() - t0, 1), "train_flops": state["train_flops"],
+              "cost": costs[arm], "curve": state["curve"], "final_loss": float(np.mean(state["losses"][-50:])),
+              "rows": rows, "probe": probes, "device": _device_name(device)}
+    atomic_write_text(out, json.dumps(result))
+    ckpt.unlink(missing_ok=True)
+    return out
+
+
+def _train(spec: BenchSpec, arm: str, model, opt, steps: int, costs: dict, device, state: dict, ckpt: Path,
+           progress: bool, name: str) -> None:
+    """Steps state["step"] .. steps - 1; the curve and the checkpoint every ``eval_every`` steps."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
     val = eval_plans(spec, max(spec.train_lengths), spec.val_clips, spec.eval_seed + 17)
-    curve, losses, train_flops = [], [], 0.0
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc=f"{arm} s{seed} {budget}", mininterval=5, leave=False)
-    t_train = time.perf_counter()
-    for step in range(steps):
+        bar = tqdm(total=steps, initial=state["step"], desc=name, mininterval=5, leave=False)
+    pending: list[torch.Tensor] = []  # losses not read yet: no sync per step
+    t0 = time.perf_counter()
+    for step in range(state["step"], steps):
         frames = spec.lengths_at(step, steps)
-        train_flops += 3 * spec.batch * costs[arm]["per_length"][str(frames)]["forward"]
+        state["train_flops"] += 3 * spec.batch * costs[arm]["per_length"][str(frames)]["forward"]
         batch = train_batch(spec, rng, frames, device)
         for g in opt.param_groups:
             g["lr"] = _lr(step, spec, steps)
@@ -405,28 +453,29 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.detach())  # read at the curve's points: no sync per step
+        pending.append(loss.detach())
         if bar is not None:
             bar.update(1)
         if (step + 1) % spec.eval_every == 0 or step + 1 == steps:
+            state["losses"] += torch.stack(pending).float().tolist()
+            pending = []
             rows = score(model, val, spec, device, spec.eval_seed + 17, greedy=False)
-            curve.append({"step": step + 1, "loss": float(torch.stack(losses[-spec.eval_every:]).float().mean()),
-                          "val_choice": float(np.mean([r["choice_correct"] for r in rows]))})
+            point = {"step": step + 1, "loss": float(np.mean(state["losses"][-spec.eval_every:])),
+                     "val_choice": float(np.mean([r["choice_correct"] for r in rows]))}
+            state["curve"].append(point)
+            state["step"], state["rng"] = step + 1, rng.bit_generator.state
+            state["train_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if not progress:
+                print(f"{name}: step {point['step']}/{steps} loss {point['loss']:.3f} val choice "
+                      f"{point['val_choice']:.2f} ({state['train_seconds']:.0f} s)", flush=True)
+            if step + 1 < steps:
+                tmp = ckpt.with_name(ckpt.name + ".tmp")
+                torch.save({"spec_key": spec.key(), "model": model.state_dict(), "opt": opt.state_dict(),
+                            "state": state}, tmp)
+                os.replace(tmp, ckpt)
     if bar is not None:
         bar.close()
-    train_seconds = time.perf_counter() - t_train
-    t0 = time.perf_counter()
-    rows = []
-    for frames in spec.eval_lengths:
-        rows += score(model, eval_plans(spec, frames, spec.clips, spec.eval_seed), spec, device, spec.eval_seed)
-    probes = probe(model, spec, device, seed)
-    result = {"spec_key": spec.key(), "spec": spec.to_dict(), "arm": arm, "arm_config": ARMS[arm], "seed": seed,
-              "budget": budget, "steps": steps, "capped": capped, "train_seconds": round(train_seconds, 1),
-              "eval_seconds": round(time.perf_counter() - t0, 1), "train_flops": train_flops,
-              "cost": costs[arm], "curve": curve, "final_loss": float(torch.stack(losses[-50:]).float().mean()),
-              "rows": rows, "probe": probes, "device": _device_name(device)}
-    atomic_write_text(out, json.dumps(result))
-    return out
 
 
 def time_steps(spec: BenchSpec, arm: str, device, repeats: int = 3) -> dict[str, float | None]:

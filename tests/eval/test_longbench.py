@@ -1,0 +1,146 @@
+"""The long-clip benchmark v2 end to end at CPU size: task clips, training, scoring, probe,
+resume after a kill, report with intervals; and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmsparse.data import longtasks as lt
+from mmsparse.eval import longbench as lb
+from mmsparse.eval import longdriver, longreport
+
+TINY = dict(lb.SMOKE, steps=4, eval_every=2, clips=3, val_clips=1, probe_clips=3, batch=4, eval_batch=6,
+            eval_lengths=(48, 64))
+
+
+@pytest.mark.parametrize("task", lt.TASKS)
+def test_task_clips_are_balanced_and_well_formed(task):
+    spec = lt.TaskSpec(size=16, shape_px=8, distractors=(1, 2))
+    cands = lt.candidates(task)
+    plans = lt.balanced_plans(task, 64, 2 * len(cands), seed=3, spec=spec)
+    counts = {c: sum(p.caption == c for p in plans) for c in cands}
+    assert set(counts.values()) == {2}  # every answer equally often
+    for p in plans:
+        starts = sorted(e.frame for e in p.events)
+        assert all(b - a >= spec.event_frames for a, b in zip(starts, starts[1:]))  # events never overlap
+        coloured = [e for e in p.events if e.colour != lt.GREY]
+        if task == "count":
+            assert len(coloured) == lt.NUMBERS.index(p.caption.split()[1]) + 1
+        if task == "order":
+            first, second = sorted(coloured, key=lambda e: e.frame)
+            assert p.caption == f"order {first.shape} then {second.shape}"
+            assert second.frame - first.frame >= (64 // spec.event_frames // 4) * spec.event_frames
+        if task in ("needle", "pair"):
+            toned = [e for e in p.events if e.tone]
+            assert len(toned) == 1 and toned[0].colour != lt.GREY
+    batch = lt.render(plans[:2], spec, seed=0)
+    assert batch["video"].shape == (2, 64, 3, 16, 16) and batch["audio"].shape[:2] == (2, spec.n_mels)
+    # the event is in the pixels: its frames differ from the background
+    e = plans[0].events[0]
+    frames = lt.render_frames(plans[:1], spec, generator=torch.Generator().manual_seed(0))[0]
+    patch = frames[e.frame, e.y:e.y + spec.shape_px, e.x:e.x + spec.shape_px].float()
+    assert (patch - torch.tensor(lt.BACKGROUND)).abs().amax() > 50
+
+
+def test_tone_is_heard_only_during_its_event():
+    spec = lt.TaskSpec()
+    p = lt.plan("needle", 128, np.random.default_rng(0), spec)
+    wave = lt.render_wave([p], spec, generator=torch.Generator().manual_seed(0))[0]
+    e = next(e for e in p.events if e.tone)
+    a = int(e.frame / spec.fps * spec.sample_rate)
+    loud = wave[a + 100:a + spec.sample_rate - 100].abs().mean()
+    quiet = torch.cat([wave[:max(1, a - 100)], wave[a + spec.sample_rate + 100:]]).abs().mean()
+    assert loud > 20 * quiet
+
+
+def test_bad_task_inputs_are_named():
+    with pytest.raises(ValueError, match="unknown task 'story'.*needle"):
+        lt.candidates("story")
+    with pytest.raises(ValueError, match="frames=16 .* task 'count' needs at least"):
+        lt.plan("count", 16, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown arm.*'sparse'"):
+        lb.check_arms(["sparse"])
+    spec = lb.BenchSpec(**TINY)
+    with pytest.raises(ValueError, match="unknown budget 'time'"):
+        lb.steps_for(spec, "tiled", "time", {})
+
+
+def test_wilson_interval():
+    lo, hi = longreport.wilson(50, 100)
+    assert math.isclose(lo, 0.4038, abs_tol=1e-3) and math.isclose(hi, 0.5962, abs_tol=1e-3)
+    assert longreport.wilson(0, 10)[0] == 0.0 and longreport.wilson(10, 10)[1] == 1.0
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    spec = lb.BenchSpec(**{**TINY, "eval_lengths": (48,)})
+    costs = {a: lb.flops_per_step(spec, a) for a in ("dense", "tiled_compress")}
+    whole = json.loads(lb.run_one(spec, "tiled_compress", 0, "steps", tmp_path / "a", "cpu", costs,
+                                  progress=False).read_text())
+    calls = {"n": 0}
+    real = lb.train_batch
+
+    def dies_at_step_three(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lb, "train_batch", dies_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        lb.run_one(spec, "tiled_compress", 0, "steps", tmp_path / "b", "cpu", costs, progress=False)
+    assert (tmp_path / "b" / "tiled_compress-s0-steps.ckpt.pt").is_file()
+    assert not (tmp_path / "b" / "tiled_compress-s0-steps.json").exists()  # nothing half-written to merge
+    monkeypatch.setattr(lb, "train_batch", real)
+    resumed = json.loads(lb.run_one(spec, "tiled_compress", 0, "steps", tmp_path / "b", "cpu", costs,
+                                    progress=False).read_text())
+    assert not (tmp_path / "b" / "tiled_compress-s0-steps.ckpt.pt").exists()
+    for a, b in zip(whole["curve"], resumed["curve"]):
+        assert a["step"] == b["step"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+    assert [r["choice_correct"] for r in whole["rows"]] == [r["choice_correct"] for r in resumed["rows"]]
+
+
+def test_driver_end_to_end_and_report(tmp_path, capsys):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({k: v for k, v in lb.BenchSpec(**TINY).to_dict().items()}))
+    out = tmp_path / "bench"
+    argv = ["--out", str(out), "--arms", "dense,tiled_compress", "--seeds", "0,1", "--budgets", "steps,flops",
+            "--spec", str(spec_file), "--smoke", "--device", "cpu", "--label", "t"]
+    assert longdriver.main(argv) == 0
+    report = json.loads(next(out.glob("longclip-cpu-*-t.json")).read_text())
+    assert [(a["arm"], a["budget"]) for a in report["arms"]] == [
+        ("dense", "steps"), ("tiled_compress", "flops"), ("tiled_compress", "steps")]
+    for a in report["arms"]:
+        assert a["seeds"] == [0, 1]
+        assert set(a["step_ms"]) == {"48", "64"}  # timed alone after the runs
+        for task in lt.TASKS:
+            for n in (48, 64):
+                cell = a["cells"][f"{task}@{n}"]["choice"]
+                assert cell["n"] == 2 * 3 and 0 <= cell["ci95"][0] <= cell["acc"] <= cell["ci95"][1] <= 1
+                assert a["cells"][f"{task}@{n}"]["caption"]["n"] == 6
+        assert set(a["probe"]) >= {"needle.colour@48", "count.count@64", "pair.shape@48"}
+        assert a["attention_fraction_of_dense"]["48"] > 0
+    flops = next(a for a in report["arms"] if a["budget"] == "flops")
+    assert flops["capped"] or flops["train_flops"] >= 0.99 * report["arms"][0]["train_flops"]
+    assert set(report["majority"]) == set(lt.TASKS)
+    md = next(out.glob("longclip-cpu-*-t.md")).read_text()
+    assert "| tiled_compress | flops |" in md and "[" in md
+    assert next(out.glob("longclip-cpu-*-t.png")).stat().st_size > 1000
+    capsys.readouterr()
+    # rerun: every run is found finished, and the report is never overwritten
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        longdriver.main(argv)
+    assert "6 runs, 6 already finished" in capsys.readouterr().out
+    assert longdriver.main(argv[:-1] + ["t2", "--report-only"]) == 0
+
+
+def test_driver_rejects_bad_arguments(tmp_path):
+    for argv, msg in ((["--arms", "dense,fast"], "--arms: unknown arm"), (["--budgets", "time"], "--budgets"),
+                      (["--eval-lengths", "48,x"], "--eval-lengths must be"),
+                      (["--eval-lengths", "8"], "length 8: frames=8")):
+        with pytest.raises(SystemExit, match=msg):
+            longdriver.main(["--out", str(tmp_path), "--smoke", "--device", "cpu", *argv])
