@@ -25,6 +25,7 @@ BENCHMARKS = {
     "attention": "kernel workloads A1-A6 and dense, every backend beside the SDPA anchors",
     "model": "E1: training steps of the base captioner, sparse against dense",
     "data": "E3: data loading, decord against PyAV, clips/s and memory",
+    "longclip": "E5: long-clip quality v2, sparse schedules against dense (trains and scores; in the package)",
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,10 @@ def run_bench(name: str, argv: list[str], root: Path = REPO_ROOT) -> int:
     ``bench.<name>`` (so the processes it spawns can import it too)."""
     if name not in BENCHMARKS:
         raise ValueError(f"benchmark must be one of {sorted(BENCHMARKS)}, got {name!r}")
+    if name == "longclip":  # part of the package: runs from any install
+        from mmsparse.eval.longdriver import main as longclip
+
+        return int(longclip(argv) or 0)
     script = Path(root) / "bench" / f"{name}.py"
     if not script.is_file():
         raise FileNotFoundError(
@@ -55,7 +60,7 @@ def _register_bench(sub) -> None:
                        description=f"Run a benchmark script of the repository's bench/ folder; the arguments after "
                                    f"NAME go to it (`mmsparse bench attention --help` lists its own).\n\n{lines}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help="attention, model or data")
+    p.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help="attention, model, data or longclip")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of bench/NAME.py")
 
     def run(args) -> int:

@@ -34,7 +34,7 @@ def _csv(text: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mmsparse.eval.longdriver", description=__doc__,
+    p = argparse.ArgumentParser(prog="mmsparse bench longclip", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="benchmark folder (runs/ and the report)")
     p.add_argument("--arms", default="dense,tiled,tiled_compress", help=f"comma list of {sorted(lb.ARMS)}")

@@ -144,3 +144,10 @@ def test_driver_rejects_bad_arguments(tmp_path):
                       (["--eval-lengths", "8"], "length 8: frames=8")):
         with pytest.raises(SystemExit, match=msg):
             longdriver.main(["--out", str(tmp_path), "--smoke", "--device", "cpu", *argv])
+
+
+def test_cli_runs_the_driver(tmp_path):
+    from mmsparse.cli import main
+
+    with pytest.raises(SystemExit, match="--arms: unknown arm"):
+        main(["bench", "longclip", "--out", str(tmp_path), "--smoke", "--device", "cpu", "--arms", "nope"])
