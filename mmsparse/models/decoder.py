@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
+from .text import EOS
+
 
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     b, n, c = x.shape
@@ -165,8 +167,6 @@ class CaptionDecoder(nn.Module):
 
     def text_features(self, ids):
         """ids (B, L) -> (B, C): the final state at each caption's <eos> (text only, causal)."""
-        from .text import EOS
-
         x = self._embed(ids)
         for blk in self.blocks:
             x = blk(x)

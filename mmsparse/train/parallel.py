@@ -33,12 +33,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mmsparse.attention import sparse_attention
+from mmsparse.encoders import apply_rope
 
 
 def checkpoint_blocks(blocks: nn.ModuleList) -> int:
     """Wrap every block's forward in activation checkpointing; returns how many were wrapped."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in blocks:
         if getattr(block, "_mmsparse_ckpt", False):
             continue
@@ -95,10 +98,6 @@ class _LocalSparseAttention(nn.Module):
         self.backend, self.state = backend, state
 
     def forward(self, q, k, v, layout, pad_mask=None):
-        import torch.nn.functional as F
-
-        from mmsparse.attention import sparse_attention
-
         n_pad, n = q.shape[1], self.state["n"]
         q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
         # layout None (a dense layer): SDPA inside sparse_attention, padding keys masked
@@ -124,8 +123,6 @@ class UlyssesSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None) -> torch.Tensor:
         """x (B, N/P, C) local tokens; layout of the whole stream; rope (cos, sin) and pad_mask
         (B, N) of all N tokens (attention sees the whole stream after the all-to-all)."""
-        from mmsparse.encoders import apply_rope
-
         if packed is not None:
             raise ValueError("sequence parallelism runs the blocks on every stream position: "
                              "set model.cfg.pack_gaps = False (apply_sequence_parallel does)")
@@ -149,8 +146,6 @@ class UlyssesSelfAttention(nn.Module):
 
 def apply_sequence_parallel(model: nn.Module, group, sp_rank: int, sp: int) -> None:
     """Shard the token stream over ``group`` between the first and the last block (see module doc)."""
-    import torch.nn.functional as F
-
     check_heads(model, sp)
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "pack_gaps"):
         # the token slices are slices of the whole stream (its layout, rope and masks): the
