@@ -99,30 +99,37 @@ def training_manifest(model_dir: str | Path) -> Path | None:
 
 
 def synthetic_benchmark(cache_dir: str | Path, clips: int = 32, frames: int = 16, size: tuple[int, int] = (32, 32),
-                        seed: int = DEFAULT_SEED) -> Path:
-    """Held-out synthetic clips (``mmsparse.data.synth``), written once per spec into ``cache_dir``."""
+                        seed: int = DEFAULT_SEED, empty_fraction: float = 0.0) -> Path:
+    """Held-out synthetic clips (``mmsparse.data.synth``), written once per spec into ``cache_dir``;
+    ``empty_fraction`` of them where nothing happens, as in the training data (``run_synth_spec``):
+    the benchmark asks what training taught, and the constant-caption baseline (the most frequent
+    training caption, "nothing happens" when the run had such clips) is scored on clips it can fit."""
     from mmsparse.data import synth
 
-    root = Path(cache_dir) / f"synthetic-n{clips}-f{frames}-{size[0]}x{size[1]}-s{seed}-v{synth.FORMAT}"
+    empty = f"-e{empty_fraction:g}" if empty_fraction else ""
+    root = Path(cache_dir) / f"synthetic-n{clips}-f{frames}-{size[0]}x{size[1]}-s{seed}{empty}-v{synth.FORMAT}"
     manifest = root / "manifest.jsonl"
     if not (root / "done").is_file():
-        synth.make_dataset(root, clips=clips, frames=frames, size=tuple(size), seed=seed, images=0)
+        synth.make_dataset(root, clips=clips, frames=frames, size=tuple(size), seed=seed, images=0,
+                           empty_fraction=empty_fraction)
         (root / "done").write_text("ok\n")
     return manifest
 
 
 def run_synth_spec(model_dir: Path) -> dict:
-    """The training run's synthetic data spec (frames, size), when the run config is beside the model."""
+    """The training run's synthetic data spec (frames, size, empty_fraction), when the run config
+    is beside the model."""
     cfg = model_dir.parent / "config.yaml"
     if cfg.is_file():
         import yaml
 
         try:
             synth = (((yaml.safe_load(cfg.read_text()) or {}).get("data") or {}).get("synth")) or {}
-            return {"frames": int(synth.get("frames", 16)), "size": tuple(synth.get("size", (32, 32)))}
+            return {"frames": int(synth.get("frames", 16)), "size": tuple(synth.get("size", (32, 32))),
+                    "empty_fraction": float(synth.get("empty_fraction", 0.0))}
         except (yaml.YAMLError, TypeError, ValueError):
             pass
-    return {"frames": 16, "size": (32, 32)}
+    return {"frames": 16, "size": (32, 32), "empty_fraction": 0.0}
 
 
 def resolve_benchmark(benchmark: str | Path, model_dir: str | Path, cache_dir: str | Path) -> tuple[str, Path]:

@@ -11,6 +11,7 @@ import pytest
 
 from mmsparse.cli import main as cli_main
 from mmsparse.data import load_manifest
+from mmsparse.data.synth import NOTHING
 from mmsparse.eval import caption_metrics
 from mmsparse.eval.harness import evaluate, most_frequent_caption, report_markdown
 
@@ -60,12 +61,25 @@ def test_trained_model_names_the_colour(result):
     from mmsparse.data.synth import COLOURS
 
     res, _ = result
-    named = [next((w for w in e["prediction"].split() if w in COLOURS), None) for e in res["examples"]]
-    truth = [next(w for w in e["references"][0].split() if w in COLOURS) for e in res["examples"]]
+    shown = [e for e in res["examples"] if e["references"][0] != NOTHING]  # a shape to name
+    named = [next((w for w in e["prediction"].split() if w in COLOURS), None) for e in shown]
+    truth = [next(w for w in e["references"][0].split() if w in COLOURS) for e in shown]
     right = sum(p == t for p, t in zip(named, truth))
     blind = max(truth.count(c) for c in set(truth))  # the best any one-colour answer scores
     assert right >= blind + COLOUR_MARGIN, (f"colour named right in {right} of {len(truth)} captions; "
                                             f"naming one colour for all gets {blind}")
+
+
+def test_trained_model_says_when_nothing_happens(result, tiny_run):
+    """The benchmark has the training data's share of clips without events (data.synth.empty_fraction),
+    and the model captions them so; the constant baseline is scored on clips it can match."""
+    res, _ = result
+    empty = [e for e in res["examples"] if e["references"][0] == NOTHING]
+    events = [e for e in res["examples"] if e["references"][0] != NOTHING]
+    assert 1 <= len(empty) <= 12, len(empty)
+    assert sum(e["prediction"] == NOTHING for e in empty) >= len(empty) - 1, empty
+    assert sum(e["prediction"] == NOTHING for e in events) <= 1, events
+    assert res["baseline"]["caption"] == NOTHING and res["baseline"]["metrics"]["CIDEr-D"] > 0
 
 
 def test_result_json_and_markdown_report(result):
