@@ -1,4 +1,4 @@
-"""Attention benchmark: the BENCHMARKS.md workloads, every backend side by side in one run.
+"""Attention benchmark: the docs/benchmarks.md workloads, every backend side by side in one run.
 
     python bench/attention.py                 # GPU: all workloads; CPU: reduced, reference only
     python bench/attention.py --only A1,A3    # a subset
@@ -68,7 +68,7 @@ class Workload:
         return math.prod(self.grid)
 
 
-# BENCHMARKS.md's A5 presets, N = 65,536 at 16 heads x 64: name -> (label, pattern); the probes
+# docs/benchmarks.md's A5 presets, N = 65,536 at 16 heads x 64: name -> (label, pattern); the probes
 # (probe_layout_block.py, probe_profile.py preset) time the same ones
 A5_N = 65536
 A5_PRESETS = {

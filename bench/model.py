@@ -18,8 +18,8 @@ weights (the convention of results before 2026-12-03: every step then re-casts t
 the norms in fp32, about 25 ms of copies at 64 frames x 8 clips, the same for sparse and dense).
 The sparse model uses the config's pattern schedule with backend "auto" (triton when the
 kernels import, else flex); the dense model is the same model with `schedule="dense"`, i.e.
-SDPA flash with no mask. Reported: step ms, tokens/s, MFU, peak memory, the sparse/dense
-speedup. MFU counts attended FLOPs of the encoder: 6 x N x (12 E^2) per layer for the
+SDPA with no mask in its default dispatch (cuDNN on Hopper). Reported: step ms, tokens/s, MFU,
+peak memory, the sparse/dense speedup. MFU counts attended FLOPs of the encoder: 6 x N x (12 E^2) per layer for the
 matmuls (forward + backward) plus 3.5 x 4 x (attended pairs) x E per layer for attention
 (docs/benchmarks.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100. N and
 tokens/s count real tokens only; the positions of alignment gaps and tile padding
