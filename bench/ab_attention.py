@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     env = environment("cuda")
     stem = result_stem(out, "attention", slug(env["device"]), args.label, env["date"], suffixes=(".json", ".md"))
-    Path(f"{stem}.json").write_text(json.dumps(dict(env, trees={n: str(p) for n, p in trees.items()},
+    Path(f"{stem}.json").write_text(json.dumps(dict(env, trees=names,
                                                     rounds=args.rounds, reps=args.reps, rows=table), indent=1))
     Path(f"{stem}.md").write_text(f"# Triton kernels A/B: {env['device']}\n\ntorch {env['torch']}, triton "
                                   f"{env['triton']}, {env['date']}; trees " + ", ".join(names)
