@@ -4,6 +4,8 @@
   nearest-key suggestions for unknown keys, the resolved ``config.yaml`` of a run.
 - ``deepspeed_config``: the DeepSpeed JSON generated from a recipe.
 - ``loop``: data, model + task, engine, steps, evaluation, throughput, failure handling.
+- ``resume``: the checks of ``--resume`` (a complete run, a changed config) and the weights of
+  ``--init-from``.
 - ``checkpoint``: DeepSpeed checkpoints + RNG + data position, atomic ``latest``, verification,
   export to ``save_pretrained``.
 - ``parallel``: activation checkpointing and DeepSpeed-Ulysses sequence parallelism, applied

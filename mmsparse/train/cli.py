@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     from .checkpoint import CheckpointError
-    from .loop import NonFiniteLoss, ResumeMismatch, TrainOOM, init_source, train
+    from .loop import NonFiniteLoss, TrainOOM, train
+    from .resume import ResumeMismatch, init_source
 
     if args.init_from is not None:
         try:

@@ -317,7 +317,7 @@ def test_full_size_architectures_map(name, captioner, monkeypatch):
     """The real timm ViT-S/B/L and CLIP ViT-B/16 onto the registry's captioners, built on the meta
     device (shapes only, no memory): every tensor maps, nothing is left over, the encoder config
     the checkpoint asks for is the variant's but for the norms."""
-    from mmsparse.models.pretrained import Source, _arch_of_model, apply_pretrained, encoder_overrides
+    from mmsparse.models.timm_weights import Source, _arch_of_model, apply_pretrained, encoder_overrides
     from mmsparse.models.registry import create_model, model_config
 
     linspace = torch.linspace  # the models' drop-path rates are read as floats: computed on the host

@@ -105,7 +105,7 @@ def test_config_saved_in_the_older_spelling_loads_the_same(tmp_path):
     """A run's config.yaml written before data took DataConfig's fields (data.frames, data.extra)
     loads to the same tree, and a resume compares it without spurious differences."""
     from mmsparse.train.config import from_dict, normalized_tree, to_dict
-    from mmsparse.train.loop import config_differences
+    from mmsparse.train.resume import config_differences
 
     cfg = load_config("longclip_local")
     old = to_dict(cfg)
