@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MediaError, iso_bmff_truncated, capture_stderr, check_file, diagnose, library_log
+from .errors import MediaError, capture_stderr, check_file, iso_bmff_truncated, library_log, media_errors
 
 AUDIO_BACKENDS = ("pyav", "decord")
 # decoded audio may end this much before the declared end: encoder padding, priming and
@@ -157,7 +157,7 @@ def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
         raise ValueError(f"audio backend must be one of {AUDIO_BACKENDS}, got {backend!r}")
     path = Path(path)
     check_file(path)
-    wave = None
+    wave, short = None, None
     if backend == "decord":
         try:
             wave = _read_decord(path, sample_rate, end)
@@ -168,25 +168,12 @@ def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
         except _DecordAudioError as err:
             if _is_no_audio(err):
                 raise MediaError(path, "no_audio", "file has no audio stream") from None
-            short = None  # fall back to PyAV below
-        else:
-            short = None
-        if wave is None:
-            try:
-                wave = _read_pyav(path, sample_rate, start, end)
-            except MediaError:
-                raise
-            except Exception as err:
-                raise diagnose(path, err) from err
-            if short is not None:
-                raise short
-        return slice_wave(wave, sample_rate, start, end)
-    try:
-        wave = _read_pyav(path, sample_rate, start, end)
-    except MediaError:
-        raise
-    except Exception as err:
-        raise diagnose(path, err) from err
+            # else: fall back to PyAV below
+    if wave is None:
+        with media_errors(path):
+            wave = _read_pyav(path, sample_rate, start, end)
+        if short is not None:
+            raise short
     return slice_wave(wave, sample_rate, start, end)
 
 

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from . import audio as audio_mod
 from .decode import call_with_timeout, open_video, resolve_fallback, sample_indices, short_side_size, with_fallback
-from .errors import CrashGuard, FailureStats, MediaError, TooManyBadSamples, check_file, diagnose
+from .errors import CrashGuard, FailureStats, MediaError, TooManyBadSamples, check_file, media_errors
 from .manifest import Sample, load_manifest
 from .transforms import PIXEL_DTYPES, TransformConfig, apply_clip, apply_image, build_transform, pixel_norm
 
@@ -277,7 +277,7 @@ class MediaDataset(Dataset):
         c = self.cfg
         rng = np.random.default_rng(seed) if c.train else None  # fresh per backend: a fallback samples alike
         reader = open_video(s.video, backend, self.decode_threads)
-        try:
+        with media_errors(s.video):
             first = int(math.floor(s.start * reader.fps)) if s.start is not None else 0
             last = int(math.ceil(s.end * reader.fps)) if s.end is not None else None
             idx = sample_indices(reader.num_frames, reader.fps, mode=c.mode, num_frames=c.num_frames,
@@ -290,10 +290,6 @@ class MediaDataset(Dataset):
                                  f"(clip has {reader.num_frames} at {reader.fps:g} fps)")
             size = short_side_size((reader.height, reader.width), c.short_side)
             frames, times = reader.read(idx, size=size, chunk=c.chunk)
-        except MediaError:
-            raise
-        except Exception as err:
-            raise diagnose(s.video, err) from err
         return frames, times, reader.fps
 
     def _decode(self, s: Sample, seed: list[int], level: int = 0) -> _Raw:
@@ -361,7 +357,5 @@ def read_image(path: str | Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     check_file(path)
-    try:
+    with media_errors(path):
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except Exception as err:
-        raise diagnose(path, err) from err

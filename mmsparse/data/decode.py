@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MediaError, capture_stderr, check_file, diagnose, library_log, restore_stderr
+from .errors import MediaError, capture_stderr, check_file, library_log, media_errors, restore_stderr
 
 BACKENDS = ("decord", "pyav")
 # decoder errors that another backend may not share; missing / empty / unreadable files fail in
@@ -439,24 +439,16 @@ def open_video(path: str | Path, backend: str = "pyav", num_threads: int = 1) ->
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_file(path)
-    try:
+    with media_errors(path):  # decord raises RuntimeError / DECORDError, PyAV av.error.*
         return quiet(lambda: DecordVideo(path, num_threads)) if backend == "decord" else PyAVVideo(path, num_threads)
-    except MediaError:
-        raise
-    except Exception as err:  # decord raises RuntimeError / DECORDError, PyAV av.error.*
-        raise diagnose(path, err) from err
 
 
 def read_frames(path: str | Path, indices, *, backend: str = "pyav", size: tuple[int, int] | None = None,
                 chunk: int = 64, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``indices`` of ``path``: frames (T, H, W, 3) uint8 and their times (T,) in seconds."""
     reader = open_video(path, backend, num_threads)
-    try:
+    with media_errors(path):
         return reader.read(np.asarray(indices, np.int64), size=size, chunk=chunk)
-    except MediaError:
-        raise
-    except Exception as err:
-        raise diagnose(path, err) from err
 
 
 def resolve_fallback(backend: str, fallback: str | None = "auto") -> str | None:

@@ -210,6 +210,19 @@ def diagnose(path: str | Path, err: BaseException) -> MediaError:
     return MediaError(p, "corrupt", detail)
 
 
+@contextlib.contextmanager
+def media_errors(path: str | Path):
+    """Around a decoder call on ``path``: a MediaError passes as it is, any other exception
+    becomes the MediaError that ``diagnose`` finds for it (chained, so the decoder's own error
+    stays in the traceback)."""
+    try:
+        yield
+    except MediaError:
+        raise
+    except Exception as err:
+        raise diagnose(path, err) from err
+
+
 class FailureStats:
     """Per-reason failure counts shared by the main process and every DataLoader worker.
 

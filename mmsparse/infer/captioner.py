@@ -514,16 +514,12 @@ def _probe(path: Path, backend: str) -> tuple[float, float]:
     file (AV1 with decord 0.6.0), by the other one: the same fallback the clips themselves
     decode with."""
     from mmsparse.data.decode import open_video, with_fallback
-    from mmsparse.data.errors import diagnose
+    from mmsparse.data.errors import media_errors
 
     def probe(b: str) -> tuple[float, float]:
-        try:
+        with media_errors(path):
             r = open_video(path, b)
             return r.num_frames / r.fps, r.fps
-        except MediaError:
-            raise
-        except Exception as err:
-            raise diagnose(path, err) from err
 
     return with_fallback(probe, path, backend)[0]
 
