@@ -1,9 +1,12 @@
 """Kernel options: one dataclass for every knob that tunes the attention kernels and backends.
 
-The defaults are the tuned choices. A program sets its own with `set_kernel_options` (the
-training config does, from a recipe's `kernels:` section); the environment variables below
-override single fields for a run or an A/B test, and are read here only, on every call of
-`kernel_options()` (a test may set one with monkeypatch.setenv):
+The defaults are the tuned choices. A program sets its own with `set_kernel_options`: a
+training run does, from its config's `kernels` section (a recipe's `kernels: {mask_tile_mb:
+1024}`, or `kernels.autotune=true` on the command line; `mmsparse.train.config.KernelsSection`).
+The environment variables below override single fields of the program's options, the config's
+included (the environment wins: it is what a one-off run or an A/B test sets without touching a
+recipe). They are read here only, on every call of `kernel_options()` (a test may set one with
+monkeypatch.setenv):
 
 | field | environment variable | values |
 |-------|----------------------|--------|
@@ -49,9 +52,10 @@ class KernelOptions:
         for name in ("mask_tiles", "tma", "fused_rope"):
             if getattr(self, name) not in _MODES:
                 raise ValueError(f"{name} must be auto, 0 or 1, got {getattr(self, name)!r}")
-        if self.sdpa_max_tokens < 1 or self.mask_tile_mb < 0:
-            raise ValueError(f"sdpa_max_tokens must be >= 1 and mask_tile_mb >= 0, got "
-                             f"{self.sdpa_max_tokens} and {self.mask_tile_mb}")
+        if self.sdpa_max_tokens < 1:
+            raise ValueError(f"sdpa_max_tokens must be >= 1, got {self.sdpa_max_tokens}")
+        if not self.mask_tile_mb >= 0:  # NaN too
+            raise ValueError(f"mask_tile_mb must be >= 0, got {self.mask_tile_mb}")
         if self.split_chunk is not None and self.split_chunk < 1:
             raise ValueError(f"split_chunk must be None or >= 1, got {self.split_chunk}")
 

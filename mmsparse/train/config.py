@@ -1,15 +1,16 @@
 """The training config tree: dataclasses, YAML recipes with ``base:`` inheritance, dotted overrides.
 
 A recipe is a YAML mapping whose top-level keys are the sections of ``TrainConfig`` (``run``,
-``model``, ``data``, ``optim``, ``deepspeed``, ``eval``, ``checkpoint``). ``base: other.yaml``
-(a path relative to the recipe, or a list of them) is merged first, the recipe on top, mappings
-deep-merged, everything else replaced. Command-line overrides ``optim.lr=3e-4 data.frames=128``
+``model``, ``data``, ``optim``, ``deepspeed``, ``eval``, ``checkpoint``, ``kernels``).
+``base: other.yaml`` (a path relative to the recipe, or a list of them) is merged first, the
+recipe on top, mappings deep-merged, everything else replaced. Command-line overrides ``optim.lr=3e-4 data.frames=128``
 come last; their values are parsed as YAML (``a.b=[1,2]``, ``a.b=null``).
 
 Each component owns its config: ``data`` is ``mmsparse.data.DataConfig`` plus where the data
 comes from and how it is batched (``DataSection``); ``model.overrides`` are fields of
-``mmsparse.models.ModelConfig`` over the registry variant ``model.name``. The tree is
-validated by pydantic against the dataclasses' types (``Literal`` choices, ``Annotated``
+``mmsparse.models.ModelConfig`` over the registry variant ``model.name``; ``kernels`` is
+``mmsparse.kernels.options.KernelOptions`` (its ``MMSPARSE_*`` environment variables override
+it field by field, see that module). The tree is validated by pydantic against the dataclasses' types (``Literal`` choices, ``Annotated``
 bounds) when it is loaded, before anything is written: an unknown key, a duplicate YAML key, a
 wrong type or a value out of range is a ``ConfigError`` naming the key, the recipe file and
 line or the command-line item it came from, and for unknown keys and choices the nearest valid
@@ -39,6 +40,7 @@ from pydantic import AllowInfNan, ConfigDict, TypeAdapter, ValidationError
 
 from mmsparse.data import DataConfig
 from mmsparse.fileio import atomic_write_text
+from mmsparse.kernels.options import KernelOptions
 from mmsparse.models import ModelConfig, list_models
 from mmsparse.models.registry import model_config
 
@@ -63,9 +65,12 @@ Offload = Literal["none", "cpu", "nvme"]
 
 
 def section(cls):
-    """A dataclass of the tree (a number where a string is expected is read as that string)."""
+    """A dataclass of the tree (a number where a string is expected is read as that string);
+    frozen when it extends a frozen component config (``KernelOptions``)."""
     cls.__pydantic_config__ = ConfigDict(coerce_numbers_to_str=True)
-    return dataclass(cls)
+    frozen = any(getattr(base, "__dataclass_params__", None) is not None and base.__dataclass_params__.frozen
+                 for base in cls.__mro__[1:])
+    return dataclass(cls, frozen=frozen)
 
 
 @section
@@ -213,6 +218,14 @@ class CheckpointConfig:
 
 
 @section
+class KernelsSection(KernelOptions):
+    """``mmsparse.kernels.options.KernelOptions``: the attention backend and the Triton kernels'
+    tuning knobs, set for the whole run when it starts (``kernels.mask_tile_mb=1024``,
+    ``kernels.autotune=true``). Each field's ``MMSPARSE_*`` environment variable, when set,
+    overrides the config's value (the table in ``mmsparse.kernels.options``)."""
+
+
+@section
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -221,6 +234,7 @@ class TrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
 
     def validate(self, where: typing.Callable[[str], str] = lambda key: "") -> "TrainConfig":
         """Checks across fields, which the types alone cannot express; ``where(key)`` names the

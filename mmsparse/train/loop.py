@@ -26,6 +26,8 @@ lower memory.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +41,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+
+from mmsparse.kernels.options import KernelOptions, kernel_options, set_kernel_options
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, data_config, save_config, to_dict
@@ -348,6 +352,24 @@ def evaluate(engine, model, val, cfg: TrainConfig, topo: Topology, dtype) -> dic
 # The run
 
 
+@contextlib.contextmanager
+def run_kernel_options(cfg: TrainConfig) -> Iterator[KernelOptions]:
+    """The config's ``kernels`` section as the program's kernel options while the run lasts (the
+    previous ones back after it); yields the options in force, each ``MMSPARSE_*`` environment
+    variable that is set overriding its field (``mmsparse.kernels.options``)."""
+    previous = set_kernel_options(cfg.kernels)
+    try:
+        yield kernel_options()
+    finally:
+        set_kernel_options(previous)
+
+
+def _changed_options(opts: KernelOptions) -> str:
+    """The fields of ``opts`` that differ from the defaults, as ``name=value, ...``."""
+    return ", ".join(f"{f.name}={getattr(opts, f.name)!r}" for f in dataclasses.fields(opts)
+                     if getattr(opts, f.name) != f.default)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
           overrides: list[str] | tuple[str, ...] = (), init_from: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the final summary (also written to summary.json).
@@ -356,7 +378,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
     ``run.steps``) nothing is touched and the run's summary comes back with ``already_complete``;
     values that differ from the checkpoint's config (``config_differences``) are a
     ``ResumeMismatch``. ``init_from``: a new run (step 0, fresh optimizer and schedule) from the
-    model weights and tokenizer of another run (its folder, or its ``export`` folder)."""
+    model weights and tokenizer of another run (its folder, or its ``export`` folder). The
+    config's ``kernels`` section sets the kernel options for the run (``run_kernel_options``)."""
+    with run_kernel_options(cfg) as opts:
+        return _train(cfg, opts, resume=resume, recipe=recipe, overrides=overrides, init_from=init_from)
+
+
+def _train(cfg: TrainConfig, opts: KernelOptions, *, resume: bool, recipe: str | None,
+           overrides: list[str] | tuple[str, ...], init_from: str | Path | None) -> dict[str, Any]:
     started = time.monotonic()  # run.max_minutes counts from here: set-up is part of the budget
     if resume and init_from:
         raise ValueError("--resume continues a run, --init-from starts a new one from another run's weights: "
@@ -437,6 +466,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, recipe: str | None = None,
                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, run folder {run_dir}")
     if init_report is not None:
         log.message(init_report.summary() + f"\n  (all keys: {run_dir / 'init_report.json'})")
+    changed = _changed_options(opts)
+    if changed:
+        log.message(f"kernel options (the kernels section, MMSPARSE_* variables over it): {changed}")
 
     def save(at: int) -> None:
         client = {"step": at, "nonfinite_skipped": skipped, "nonfinite_in_row": in_row,

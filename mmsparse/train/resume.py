@@ -24,9 +24,12 @@ class ResumeMismatch(ValueError):
 
 
 # Keys a resume may change: they extend or observe the run without changing what it trains on
-# or how (run.steps extends it; the learning-rate schedule keeps the checkpoint's length).
+# or how (run.steps extends it; the learning-rate schedule keeps the checkpoint's length), or
+# choose how the same attention is computed (kernels.*: backend and kernel tuning, e.g. on
+# another GPU).
 RESUME_MAY_CHANGE = ("run.name", "run.dir", "run.steps", "run.max_minutes", "run.log_every", "run.progress",
-                     "run.tensorboard", "run.plot", "run.threads", "data.num_workers", "eval.", "checkpoint.")
+                     "run.tensorboard", "run.plot", "run.threads", "data.num_workers", "eval.", "checkpoint.",
+                     "kernels.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
