@@ -219,8 +219,10 @@ def _autocast(device):
 
 # scoring ------------------------------------------------------------------------------------
 @torch.no_grad()
-def score(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int, greedy: bool = True) -> list[dict]:
-    """Per clip: task, length, choice correct, caption correct (greedy after the task word)."""
+def score(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int, greedy: bool = True,
+          keep_ll: bool = False) -> list[dict]:
+    """Per clip: task, length, choice correct, caption correct (greedy after the task word);
+    `keep_ll`: also each candidate's log-likelihood ("ll")."""
     tok = model.tokenizer
     model.eval()
     rows = []
@@ -252,7 +254,9 @@ def score(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int, g
             for j, i in enumerate(idx):
                 p = chunk[i]
                 row = {"task": task, "length": p.frames, "truth": p.caption, "choice_correct": cands[choice[j]] == p.caption,
-                       "finite": bool(torch.isfinite(ll[j]).all())}
+                       "choice": cands[choice[j]], "finite": bool(torch.isfinite(ll[j]).all())}
+                if keep_ll:
+                    row["ll"] = ll[j].tolist()
                 if texts[j] is not None:
                     row["caption"] = texts[j]
                     row["caption_correct"] = texts[j].split() == p.caption.split()
@@ -423,8 +427,37 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
               "eval_seconds": round(time.perf_counter() - t0, 1), "train_flops": state["train_flops"],
               "cost": costs[arm], "curve": state["curve"], "final_loss": float(np.mean(state["losses"][-50:])),
               "rows": rows, "probe": probes, "device": _device_name(device)}
+    model.save_pretrained(model_dir(out))  # for rescoring (check_backends) and inspection
     atomic_write_text(out, json.dumps(result))
     ckpt.unlink(missing_ok=True)
+    return out
+
+
+def model_dir(run_json: Path) -> Path:
+    """Where a run keeps its trained model (save_pretrained format)."""
+    return run_json.with_name(run_json.stem + ".model")
+
+
+def check_backends(run_json: str | Path, backends: Sequence[str], frames: int, clips: int, device,
+                   spec: BenchSpec | None = None) -> dict[str, Any]:
+    """Score one trained run's model on the same eval clips under each backend: the answers
+    must agree, and the candidates' log-likelihoods within the low-precision noise. A
+    disagreement points at a kernel (or a backend) bug, not at the schedule."""
+    from mmsparse.models.captioner import VideoCaptioner
+
+    run_json = Path(run_json)
+    spec = spec or BenchSpec.from_dict(json.loads(run_json.read_text())["spec"])
+    plans = eval_plans(spec, frames, clips, spec.eval_seed)
+    out: dict[str, Any] = {"run": run_json.stem, "frames": frames, "clips": len(plans), "backends": list(backends)}
+    scored = {}
+    for b in backends:
+        model = VideoCaptioner.from_pretrained(model_dir(run_json), map_location=device, backend=b)
+        scored[b] = score(model, plans, spec, device, spec.eval_seed, greedy=False, keep_ll=True)
+    first = backends[0]
+    for b in backends[1:]:
+        same = [x["choice"] == y["choice"] for x, y in zip(scored[first], scored[b])]
+        diff = max(max(abs(u - v) for u, v in zip(x["ll"], y["ll"])) for x, y in zip(scored[first], scored[b]))
+        out[f"{b}_vs_{first}"] = {"same_choice": sum(same) / len(same), "max_abs_ll_diff": diff}
     return out
 
 

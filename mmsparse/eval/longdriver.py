@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip timing each arm's training step alone on the device (timing.json)")
     p.add_argument("--label", default="v2", help="report name label")
     p.add_argument("--results", default=None, help="where the report goes (default --out)")
+    p.add_argument("--check-backends", default=None, metavar="B1,B2",
+                   help="rescore every finished sparse run under these backends (e.g. reference,triton) at the "
+                        "shortest eval length; the answers must agree (backends.json, in the report)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: arm,seed,budget in this process
     return p.parse_args(argv)
 
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
                 timing_file.write_text(json.dumps(timing))
                 print(f"timed {arm}: {timing[arm]} ms a step", flush=True)
     report = lr.merge([runs, *args.extra], spec.key(), timing)
+    if args.check_backends:
+        report["backend_checks"] = _check_backends(args, spec, runs, device, out)
     stem = f"longclip-{_slug(report.get('device') or device)}-{dt.date.today().isoformat()}-{args.label}"
     meta = {"torch": torch.__version__, "commit": _git_commit()}
     try:  # the installed version, without importing triton outside the kernels
@@ -185,6 +190,20 @@ def _run_all(jobs, args, spec, costs, device, runs: Path) -> None:
                 print(f"{status} {job[0]} s{job[1]} {job[2]} in {time.perf_counter() - t0:.0f} s", flush=True)
     if failed:
         print(f"{len(failed)} runs failed: {failed}; the report merges the finished ones", flush=True)
+
+
+def _check_backends(args, spec: lb.BenchSpec, runs: Path, device, out: Path) -> list[dict]:
+    backends = _csv(args.check_backends)
+    if len(backends) < 2:
+        raise SystemExit(f"--check-backends needs two or more backends, got {args.check_backends!r}")
+    checks = []
+    for run in sorted(runs.glob("*-s*-*.json")):
+        if _done(run, spec) and not run.name.startswith("dense-"):
+            checks.append(lb.check_backends(run, backends, min(spec.eval_lengths), spec.val_clips, device, spec))
+            print(f"backends {run.stem}: " + json.dumps({k: v for k, v in checks[-1].items() if "_vs_" in k}),
+                  flush=True)
+    (out / "backends.json").write_text(json.dumps(checks, indent=1))
+    return checks
 
 
 def _done(path: Path, spec: lb.BenchSpec) -> bool:

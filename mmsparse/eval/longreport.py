@@ -179,6 +179,15 @@ def markdown(report: dict[str, Any], title: str, meta: dict | None = None) -> st
         for a in report["arms"]:
             lines.append(f"| {a['arm']} | {a['budget']} | " + " | ".join(
                 f"{a['probe'].get(k, math.nan):.2f}" for k in probe_keys) + " |")
+    checks = report.get("backend_checks") or []
+    if checks:
+        lines += ["", "## The same trained models under each backend (answers must agree)", "",
+                  "| run | frames | clips | comparison | same answer | max abs log-likelihood difference |",
+                  "|---|---|---|---|---|---|"]
+        for c in checks:
+            for key, v in ((k, v) for k, v in c.items() if "_vs_" in k):
+                lines.append(f"| {c['run']} | {c['frames']} | {c['clips']} | {key} | "
+                             f"{v['same_choice']:.3f} | {v['max_abs_ll_diff']:.2e} |")
     if report["other_specs"]:
         lines += ["", f"Runs of other specs, not merged: {len(report['other_specs'])}"]
     return "\n".join(lines) + "\n"

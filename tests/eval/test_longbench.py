@@ -109,7 +109,8 @@ def test_driver_end_to_end_and_report(tmp_path, capsys):
     spec_file.write_text(json.dumps({k: v for k, v in lb.BenchSpec(**TINY).to_dict().items()}))
     out = tmp_path / "bench"
     argv = ["--out", str(out), "--arms", "dense,tiled_compress", "--seeds", "0,1", "--budgets", "steps,flops",
-            "--spec", str(spec_file), "--smoke", "--device", "cpu", "--label", "t"]
+            "--spec", str(spec_file), "--smoke", "--device", "cpu", "--label", "t",
+            "--check-backends", "reference,sdpa"]
     assert longdriver.main(argv) == 0
     report = json.loads(next(out.glob("longclip-cpu-*-t.json")).read_text())
     assert [(a["arm"], a["budget"]) for a in report["arms"]] == [
@@ -127,7 +128,15 @@ def test_driver_end_to_end_and_report(tmp_path, capsys):
     flops = next(a for a in report["arms"] if a["budget"] == "flops")
     assert flops["capped"] or flops["train_flops"] >= 0.99 * report["arms"][0]["train_flops"]
     assert set(report["majority"]) == set(lt.TASKS)
+    # the trained sparse models rescored under another backend give the same answers
+    checks = report["backend_checks"]
+    assert [c["run"] for c in checks] == ["tiled_compress-s0-flops", "tiled_compress-s0-steps",
+                                          "tiled_compress-s1-flops", "tiled_compress-s1-steps"]
+    for c in checks:
+        assert c["sdpa_vs_reference"]["same_choice"] == 1.0
+        assert c["sdpa_vs_reference"]["max_abs_ll_diff"] < 1e-3
     md = next(out.glob("longclip-cpu-*-t.md")).read_text()
+    assert "sdpa_vs_reference" in md
     assert "| tiled_compress | flops |" in md and "[" in md
     assert next(out.glob("longclip-cpu-*-t.png")).stat().st_size > 1000
     capsys.readouterr()
@@ -135,7 +144,7 @@ def test_driver_end_to_end_and_report(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="never overwritten"):
         longdriver.main(argv)
     assert "6 runs, 6 already finished" in capsys.readouterr().out
-    assert longdriver.main(argv[:-1] + ["t2", "--report-only"]) == 0
+    assert longdriver.main([a if a != "t" else "t2" for a in argv] + ["--report-only"]) == 0
 
 
 def test_driver_rejects_bad_arguments(tmp_path):
