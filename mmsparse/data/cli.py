@@ -10,6 +10,18 @@ import sys
 def _synth(args: argparse.Namespace) -> int:
     from .synth import make_dataset
 
+    if args.tasks:
+        from .longtasks import TASKS, write_task_set
+
+        tasks = TASKS if args.tasks == "all" else tuple(t for t in args.tasks.split(",") if t)
+        try:
+            path = write_task_set(args.out, tasks, args.frames, args.clips, args.seed)
+        except ValueError as err:
+            print(f"error: --tasks / --frames: {err}", file=sys.stderr)
+            return 2
+        print(path)
+        return 0
+
     path = make_dataset(args.out, clips=args.clips, frames=args.frames, seed=args.seed,
                         size=tuple(args.size), long=args.long, fps=args.fps, images=args.images,
                         long_frames=tuple(args.long_frames), audio=not args.no_audio,
@@ -100,6 +112,9 @@ def register(subparsers) -> None:
     s.add_argument("--long-lengths", choices=("range", "doubling"), default="range",
                    help="long clip lengths: any in MIN..MAX, or MIN, 2 MIN, 4 MIN, ... <= MAX")
     s.add_argument("--no-audio", action="store_true", help="write video-only files")
+    s.add_argument("--tasks", default=None, metavar="T1,T2|all",
+                   help="long-clip benchmark v2 clips instead (needle, order, count, pair; --clips of each, "
+                        "balanced answers, --frames each; mmsparse/data/longtasks.py)")
     s.set_defaults(func=_synth)
 
     c = sub.add_parser("convert", help="convert MSR-VTT / ActivityNet Captions / YouCook2 annotations")

@@ -26,7 +26,7 @@ Shapes: frames (T, H, W, 3) uint8; wave (S,) float32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import permutations, product
 from typing import Sequence
 
@@ -41,6 +41,7 @@ NUMBERS = ("one", "two", "three", "four")
 GREY = (200, 200, 200)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FILE_SAMPLE_RATE = 16000  # audio of written clips (AAC has no 4 kHz)
 
 
 @dataclass(frozen=True)
@@ -248,3 +249,67 @@ def render(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device="cpu",
     batch["caption"] = [p.caption for p in plans]
     batch["task"] = [p.task for p in plans]
     return batch
+
+
+# files ------------------------------------------------------------------------------------------
+def write_task_set(out_dir, tasks: Sequence[str], frames: int, clips: int, seed: int, spec: TaskSpec = TaskSpec()):
+    """`clips` balanced clips of every task in `tasks` at `frames` frames, written as lossless
+    H.264 + AAC MP4s with a manifest (``manifest.jsonl``: video, caption, and in ``meta`` the task,
+    answer, events and frames), the same clips ``balanced_plans`` draws from `seed`. Returns the
+    manifest path."""
+    from pathlib import Path
+
+    from .manifest import write_manifest
+    from .synth import write_media
+
+    for t in tasks:
+        check_task(t)
+    root = Path(out_dir)
+    records = []
+    for i, task in enumerate(tasks):
+        for j, p in enumerate(balanced_plans(task, frames, clips, seed + 7919 * i + frames, spec)):
+            name = f"{task}-{frames:05d}-{j:04d}.mp4"
+            gen = torch.Generator().manual_seed(seed + 104_729 * i + j)
+            video = render_frames([p], spec, generator=gen)[0].numpy()
+            # AAC takes 8 kHz and up: the file's audio is drawn at 16 kHz (the tones are analytic);
+            # a reader resamples it to the model's rate
+            wave = render_wave([p], replace(spec, sample_rate=FILE_SAMPLE_RATE), generator=gen)[0].numpy()
+            write_media(root / name, [video], wave, spec.fps, (spec.size, spec.size), FILE_SAMPLE_RATE)
+            records.append({"id": name[:-4], "video": name, "caption": p.caption, "task": task, "frames": frames,
+                            "fps": spec.fps, "answer": p.answer,
+                            "events": [dict(vars(e), colour=list(e.colour)) for e in p.events]})
+    manifest = root / "manifest.jsonl"
+    write_manifest(manifest, records)
+    return manifest
+
+
+def load_task_set(manifest, spec: TaskSpec = TaskSpec(), backend: str = "pyav", device="cpu") -> tuple[dict, list[dict]]:
+    """Decode a written task set (``write_task_set``) with a real decoder into the model's batch
+    (the same layout as ``render``: every clip must have one length) and its manifest records."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .audio import read_audio
+    from .decode import read_frames
+
+    root = Path(manifest).parent
+    records = [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{manifest}: no clips")
+    lengths = {r["frames"] for r in records}
+    if len(lengths) != 1:
+        raise ValueError(f"{manifest}: clips of one length are batched together, got lengths {sorted(lengths)}")
+    frames, waves = [], []
+    for r in records:
+        video, _ = read_frames(root / r["video"], np.arange(r["frames"]), backend=backend)
+        frames.append(torch.from_numpy(video))
+        n = int(round(r["frames"] / spec.fps * spec.sample_rate))
+        wave = read_audio(root / r["video"], spec.sample_rate, backend=backend)[:n]
+        waves.append(torch.from_numpy(np.pad(wave, (0, n - len(wave)))))
+    batch = to_batch(torch.stack(frames).to(device), torch.stack(waves).to(device), spec)
+    batch["caption"] = [r["caption"] for r in records]
+    batch["task"] = [r["task"] for r in records]
+    return batch, records
+

@@ -41,6 +41,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -210,6 +211,18 @@ def write_clip(path: str | Path, plan: ClipPlan, size: tuple[int, int] = (64, 64
     ``codec="libsvtav1"`` writes AV1 instead: a real file that decord 0.6.0 cannot open (its
     bundled FFmpeg has no AV1 decoder) and PyAV reads, which is what tests of the fallback need.
     """
+    chunks = (render_frames(plan, size, start, min(plan.frames, start + chunk), frame_code)
+              for start in range(0, plan.frames, chunk))
+    wave = render_audio(plan, sample_rate) if audio else None
+    return write_media(path, chunks, wave, plan.fps, size, sample_rate, crf, codec)
+
+
+def write_media(path: str | Path, chunks: Iterable[np.ndarray], wave: np.ndarray | None, fps: int,
+                size: tuple[int, int], sample_rate: int = 16000, crf: int | None = None,
+                codec: str = "libx264") -> Path:
+    """Encode frames (an iterable of (k, H, W, 3) uint8 chunks, H x W = ``size``) and an optional
+    mono wave (S,) float32 into an MP4 at ``path``: H.264 (lossless with ``crf`` None) or AV1,
+    AAC audio. Written to a temporary name of this process and renamed: never half a file."""
     import av
 
     if codec not in ("libx264", "libsvtav1"):
@@ -223,29 +236,29 @@ def write_clip(path: str | Path, plan: ClipPlan, size: tuple[int, int] = (64, 64
     # a partial file, and the last rename leaves one whole, identical clip
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     with av.open(str(tmp), "w", format="mp4", options={"movflags": "faststart"}) as c:
-        vs = c.add_stream(codec, rate=Fraction(plan.fps))
+        vs = c.add_stream(codec, rate=Fraction(fps))
         vs.width, vs.height = size[1], size[0]
         vs.pix_fmt = "yuv420p"
         if codec == "libx264":
-            vs.options = {"crf": str(0 if crf is None else crf), "preset": "veryfast", "g": str(2 * plan.fps),
-                          "bf": "0"}
+            vs.options = {"crf": str(0 if crf is None else crf), "preset": "veryfast", "g": str(2 * fps), "bf": "0"}
         else:
-            vs.options = {"crf": str(18 if crf is None else crf), "preset": "10", "g": str(2 * plan.fps)}
+            vs.options = {"crf": str(18 if crf is None else crf), "preset": "10", "g": str(2 * fps)}
         ast = None
-        if audio:
+        if wave is not None:
             ast = c.add_stream("aac", rate=sample_rate)
             ast.layout = "mono"
-        for start in range(0, plan.frames, chunk):
-            block = render_frames(plan, size, start, min(plan.frames, start + chunk), frame_code)
-            for j, img in enumerate(block):
-                fr = av.VideoFrame.from_ndarray(img, format="rgb24")
-                fr.pts = start + j
+        pts = 0
+        for block in chunks:
+            for img in block:
+                fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                fr.pts = pts
+                pts += 1
                 for pkt in vs.encode(fr):
                     c.mux(pkt)
         for pkt in vs.encode():
             c.mux(pkt)
         if ast is not None:
-            wave = render_audio(plan, sample_rate)
+            wave = np.ascontiguousarray(wave, dtype=np.float32)
             for k in range(0, len(wave), 1024):
                 af = av.AudioFrame.from_ndarray(wave[None, k:k + 1024], format="fltp", layout="mono")
                 af.sample_rate = sample_rate
