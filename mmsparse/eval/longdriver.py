@@ -144,7 +144,10 @@ def main(argv=None) -> int:
         meta["triton"] = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         pass
-    paths = lr.write(report, args.results or out, stem, meta=meta)
+    try:
+        paths = lr.write(report, args.results or out, stem, meta=meta)
+    except FileExistsError as err:
+        raise SystemExit(f"{err} (--label)")
     print("\n".join(map(str, paths)))
     return 0
 

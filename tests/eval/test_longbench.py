@@ -141,7 +141,7 @@ def test_driver_end_to_end_and_report(tmp_path, capsys):
     assert next(out.glob("longclip-cpu-*-t.png")).stat().st_size > 1000
     capsys.readouterr()
     # rerun: every run is found finished, and the report is never overwritten
-    with pytest.raises(FileExistsError, match="never overwritten"):
+    with pytest.raises(SystemExit, match="never overwritten.*--label"):
         longdriver.main(argv)
     assert "6 runs, 6 already finished" in capsys.readouterr().out
     assert longdriver.main([a if a != "t" else "t2" for a in argv] + ["--report-only"]) == 0
