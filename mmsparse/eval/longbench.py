@@ -60,6 +60,9 @@ ARMS: dict[str, dict] = {
     "tiled_compress": dict(schedule="tiled", compress_block=64),
     "tiled_global16": dict(schedule="tiled", n_global=16),
     "tiled_compress_pooled": dict(schedule="tiled", compress_block=64, cross="pooled", n_pool=64),
+    "tiled_dilated": dict(schedule="tiled_dilated"),
+    "tiled_dilated_compress": dict(schedule="tiled_dilated", compress_block=64),
+    "tiled_compress_dec8": dict(schedule="tiled", compress_block=64, dec_heads=8, dec_depth=3),
 }
 
 

@@ -25,6 +25,10 @@ Schedules (`ModelConfig.schedule`):
 - "local_axial": even layers as "local"; odd layers the video time columns (Axial(0)) with the
   token-level window, plus the other parts: "local" with TimeSformer-like reach in time, so it
   differs from "local" in the axial layers alone (the long-clip benchmark compares the two).
+- "tiled_dilated": even layers as "tiled"; odd layers the own video tile plus a dilated window in
+  time at each token's place (Local((9, 1, 1), dilation=(d, 1, 1))), d = one tile's tubelets x
+  4 ** (layer // 2): the time reach grows geometrically with depth (1 s, 4 s, 16 s ... apart at
+  the long-clip benchmark's tiles) for 8 more keys a token.
 - "dense": every layer dense (the baseline of bench/model.py); `backend` is then unused.
 """
 
@@ -39,7 +43,8 @@ from mmsparse.attention.patterns import global_flag
 from mmsparse.attention.program import POS
 from mmsparse.attention.stream import token_table
 
-SCHEDULES = ("tiled", "tiled_shifted", "tiled_axial", "local", "local_axial", "dense")
+SCHEDULES = ("tiled", "tiled_shifted", "tiled_axial", "tiled_dilated", "local", "local_axial", "dense")
+DILATED_WINDOW = 9  # keys in time of a "tiled_dilated" odd layer's window (itself and 4 each side)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,13 @@ def layer_pattern(cfg, layer: int, stream: StreamLayout) -> Pattern | None:
             parts.append(Axial(0, modality=m) | local if odd_axial and m == "video" else local)
         elif odd_axial and m == "video":
             parts.append(Axial(0, modality=m) | Tiled(tuple(tile), radius=0, modality=m))
+        elif cfg.schedule == "tiled_dilated" and layer % 2 == 1 and m == "video":
+            t = seg.shape[0]
+            w = min(DILATED_WINDOW, t)
+            d = max(1, min(_tup(tile, seg.ndim)[0] * 4 ** (layer // 2), t // w))
+            ones = (1,) * (seg.ndim - 1)
+            parts.append(Tiled(_tup(tile, seg.ndim), radius=0, modality=m)
+                         | Local((w, *ones), dilation=(d, *ones), modality=m))
         else:
             tile_ = _tup(tile, seg.ndim)
             shift = 0
