@@ -5,7 +5,8 @@ under the folders, keeps the runs of one spec (refusing a mix: runs of another s
 not merged), and ``write(report, out, stem)`` writes ``<stem>.json``, ``<stem>.md`` and
 ``<stem>.png``. Every accuracy cell pools the clips of all seeds with a 95 % Wilson interval and
 also gives the seeds' mean and spread (min-max); the majority baseline of each task is the most
-frequent answer of its eval clips (balanced sets: 1 / answers).
+frequent answer of its eval clips (balanced sets: 1 / answers). Each run says whether its loss
+reached a plateau (``plateau``), so "undertrained" and "cannot learn" are told apart.
 """
 
 from __future__ import annotations
@@ -110,7 +111,25 @@ def _summarize(arm: str, budget: str, rs: list[dict], lengths: list[int], step_m
             "attention_fraction_of_dense": {n: c["attention"] / c["attention_dense"] for n, c in cost.items()},
             "step_ms": step_ms, "cells": cells,
             "probe": {k: sum(v) / len(v) for k, v in sorted(probes.items())},
-            "curves": {r["seed"]: r["curve"] for r in rs}}
+            "curves": {r["seed"]: r["curve"] for r in rs},
+            "plateau": [plateau(r["curve"]) for r in rs]}
+
+
+# a run is on its loss plateau when the last fifth of its steps took off less than this share
+PLATEAU_DROP = 0.02
+
+
+def plateau(curve: list[dict]) -> bool | None:
+    """Whether the training loss stopped falling: the mean loss of the curve points in the last
+    fifth of the steps is within PLATEAU_DROP of the point before them (None: too few points)."""
+    if len(curve) < 3:
+        return None
+    last = curve[-1]["step"]
+    tail = [c["loss"] for c in curve if c["step"] > 0.8 * last]
+    head = [c["loss"] for c in curve if c["step"] <= 0.8 * last]
+    if not tail or not head:
+        return None
+    return (head[-1] - sum(tail) / len(tail)) / head[-1] < PLATEAU_DROP
 
 
 def write(report: dict[str, Any], out_dir: str | Path, stem: str, title: str = "Long-clip benchmark v2",
@@ -146,9 +165,9 @@ def markdown(report: dict[str, Any], title: str, meta: dict | None = None) -> st
     dense_ms = next((a["step_ms"] for a in report["arms"] if a["arm"] == "dense"), {})
     lines += ["## Arms", "", "Train step: forward and backward of one batch, each arm alone on the device; "
               "speed-up: dense's step time over the arm's (OOM: did not fit).", "",
-              "| arm | budget | seeds | steps | train PFLOPs | final loss | attention / dense at "
+              "| arm | budget | seeds | steps | train PFLOPs | final loss (per seed) | on a plateau | attention / dense at "
               + " / ".join(map(str, lengths)) + " | train step ms at " + " / ".join(map(str, lengths))
-              + " | speed-up over dense |", "|---|---|---|---|---|---|---|---|---|"]
+              + " | speed-up over dense |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in report["arms"]:
         frac = " / ".join(f"{a['attention_fraction_of_dense'].get(str(n), math.nan):.3f}" for n in lengths)
         ms = " / ".join("-" if str(n) not in a["step_ms"] else "OOM" if a["step_ms"][str(n)] is None
@@ -156,8 +175,9 @@ def markdown(report: dict[str, Any], title: str, meta: dict | None = None) -> st
         speed = " / ".join(f"{dense_ms[str(n)] / a['step_ms'][str(n)]:.1f}x" if dense_ms.get(str(n))
                            and a["step_ms"].get(str(n)) else "-" for n in lengths)
         loss = " / ".join(f"{x:.3f}" for x in a["final_loss"])
+        flat = " / ".join({True: "yes", False: "no (still falling)", None: "-"}[x] for x in a["plateau"])
         lines.append(f"| {a['arm']} | {a['budget']} | {len(a['seeds'])} | {a['steps']}{' (capped)' if a['capped'] else ''}"
-                     f" | {a['train_flops'] / 1e15:.2f} | {loss} | {frac} | {ms} | {speed} |")
+                     f" | {a['train_flops'] / 1e15:.2f} | {loss} | {flat} | {frac} | {ms} | {speed} |")
     for metric in ("choice", "caption"):
         lines += ["", f"## {metric} accuracy by task and length (frames)", "",
                   "| arm | budget | " + " | ".join(f"{t} {n}" for t in lt.TASKS for n in lengths) + " |",

@@ -160,3 +160,10 @@ def test_cli_runs_the_driver(tmp_path):
 
     with pytest.raises(SystemExit, match="--arms: unknown arm"):
         main(["bench", "longclip", "--out", str(tmp_path), "--smoke", "--device", "cpu", "--arms", "nope"])
+
+
+def test_plateau_is_read_from_the_curve():
+    curve = lambda losses: [{"step": 100 * (i + 1), "loss": x} for i, x in enumerate(losses)]  # noqa: E731
+    assert longreport.plateau(curve([2.0, 1.0, 0.8, 0.6, 0.5])) is False
+    assert longreport.plateau(curve([2.0, 1.0, 0.5, 0.5, 0.499])) is True
+    assert longreport.plateau(curve([1.0, 0.9])) is None
