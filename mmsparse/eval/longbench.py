@@ -466,7 +466,8 @@ def check_backends(run_json: str | Path, backends: Sequence[str], frames: int, c
 
 def _train(spec: BenchSpec, arm: str, model, opt, steps: int, costs: dict, device, state: dict, ckpt: Path,
            progress: bool, name: str) -> None:
-    """Steps state["step"] .. steps - 1; the curve and the checkpoint every ``eval_every`` steps."""
+    """Steps state["step"] .. steps - 1; the curve, a line of ``<run>.metrics.jsonl`` and the
+    checkpoint every ``eval_every`` steps."""
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
     val = eval_plans(spec, max(spec.train_lengths), spec.val_clips, spec.eval_seed + 17)
@@ -475,6 +476,10 @@ def _train(spec: BenchSpec, arm: str, model, opt, steps: int, costs: dict, devic
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=state["step"], desc=name, mininterval=5, leave=False)
+    metrics = ckpt.with_name(name + ".metrics.jsonl")
+    if metrics.is_file():  # a resumed run: drop the lines of steps after its checkpoint
+        kept = [x for x in metrics.read_text().splitlines() if x and json.loads(x)["step"] <= state["step"]]
+        metrics.write_text("".join(x + "\n" for x in kept))
     pending: list[torch.Tensor] = []  # losses not read yet: no sync per step
     t0 = time.perf_counter()
     for step in range(state["step"], steps):
@@ -499,6 +504,9 @@ def _train(spec: BenchSpec, arm: str, model, opt, steps: int, costs: dict, devic
             point = {"step": step + 1, "loss": float(np.mean(state["losses"][-spec.eval_every:])),
                      "val_choice": float(np.mean([r["choice_correct"] for r in rows]))}
             state["curve"].append(point)
+            with open(metrics, "a") as log:  # a person can follow a run
+                log.write(json.dumps({**point, "seconds": round(state["train_seconds"] + time.perf_counter() - t0, 1),
+                                      "lr": _lr(step, spec, steps)}) + "\n")
             state["step"], state["rng"] = step + 1, rng.bit_generator.state
             state["train_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()

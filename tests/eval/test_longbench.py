@@ -99,6 +99,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     resumed = json.loads(lb.run_one(spec, "tiled_compress", 0, "steps", tmp_path / "b", "cpu", costs,
                                     progress=False).read_text())
     assert not (tmp_path / "b" / "tiled_compress-s0-steps.ckpt.pt").exists()
+    lines = [json.loads(x) for x in (tmp_path / "b" / "tiled_compress-s0-steps.metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4] and all("val_choice" in x and "lr" in x for x in lines)
     for a, b in zip(whole["curve"], resumed["curve"]):
         assert a["step"] == b["step"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
     assert [r["choice_correct"] for r in whole["rows"]] == [r["choice_correct"] for r in resumed["rows"]]
