@@ -118,8 +118,8 @@ class BenchSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
-SMOKE = dict(train_lengths=(48, 64), eval_lengths=(48, 96), curriculum=((0.5, (48,)),), clips=6, val_clips=3, probe_clips=12, probe_max=96,
-             batch=8, eval_batch=8, steps=6, warmup=2, eval_every=3, max_flops_factor=2.0,
+SMOKE = dict(train_lengths=(48, 64), eval_lengths=(48, 96), curriculum=((0.5, (48,)),), clips=6, val_clips=3,
+             probe_clips=12, probe_max=96, batch=8, eval_batch=8, steps=6, warmup=2, eval_every=3, max_flops_factor=2.0,
              model=dict(BASE_MODEL, embed_dim=32, depth=2, num_heads=2, dec_dim=32, dec_heads=2, n_global=2),
              task=lt.TaskSpec(size=16, shape_px=8, distractors=(1, 2)))
 
@@ -148,36 +148,39 @@ def build_model(spec: BenchSpec, arm: str, seed: int, device, backend: str = "au
 
 
 # cost ---------------------------------------------------------------------------------------
-def attention_pairs(model, batch) -> tuple[float, float]:
-    """(computed query-key pairs of the encoder per clip, the same of a dense encoder), summed
-    over layers; the compressed branch counts N x C pairs."""
-    with torch.no_grad():
-        stream = model.embed(batch, required=model.cfg.required_modalities)
-    n = stream.layout.length
+def attention_pairs(model, layout) -> tuple[float, float]:
+    """(computed query-key pairs of the encoder per clip on a StreamLayout, summed over layers;
+    the compressed branch counts N x C more), N being the stream's positions."""
+    n = layout.length
     pairs = 0.0
-    for lay in model.layer_layouts(stream.layout):
+    for lay in model.layer_layouts(layout):
         if lay is None:
             pairs += n * n
         else:
             pairs += float(lay.computed_pairs())
             if model.cfg.compress_block:
                 pairs += n * math.ceil(n / model.cfg.compress_block)
-    return pairs, float(model.cfg.depth * n * n)
+    return pairs
 
 
 def clip_flops(model, batch) -> dict[str, float]:
     """Forward FLOPs per clip: attention (4 E per computed pair), the encoder's and decoder's
-    matrix products (2 per parameter and token) and the decoder's cross-attention."""
-    pairs, dense_pairs = attention_pairs(model, batch)
-    e, cfg = model.cfg.embed_dim, model.cfg
+    matrix products (2 per parameter and real token: alignment gaps skip them) and the decoder's
+    cross-attention. ``attention_dense``: a dense encoder's attention on the same real tokens."""
+    from mmsparse.models.schedule import gap_positions
+
+    cfg = model.cfg
+    with torch.no_grad():
+        layout = model.embed(batch, required=cfg.required_modalities).layout
+    n_real = int((~gap_positions(layout)).sum())
+    pairs = attention_pairs(model, layout)
     enc_params = sum(p.numel() for blk in model.blocks for p in blk.parameters() if p.ndim > 1)
     dec_params = sum(p.numel() for p in model.decoder.parameters() if p.ndim > 1)
-    with torch.no_grad():
-        n_real = model.embed(batch, required=cfg.required_modalities).tokens.shape[1]
     text = cfg.max_text_len
-    attn = 4.0 * e * pairs
+    attn = 4.0 * cfg.embed_dim * pairs
     other = 2.0 * enc_params * n_real + 2.0 * dec_params * text + 4.0 * cfg.dec_dim * text * n_real * cfg.dec_depth
-    return {"attention": attn, "attention_dense": 4.0 * e * dense_pairs, "forward": attn + other}
+    return {"attention": attn, "attention_dense": 4.0 * cfg.embed_dim * cfg.depth * n_real ** 2,
+            "forward": attn + other}
 
 
 # data ---------------------------------------------------------------------------------------
