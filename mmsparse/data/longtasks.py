@@ -26,6 +26,7 @@ Shapes: frames (T, H, W, 3) uint8; wave (S,) float32.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass, field, replace
 from itertools import permutations, product
 from typing import Sequence
@@ -172,7 +173,18 @@ def balanced_plans(task: str, frames: int, n: int, seed: int, spec: TaskSpec = T
 
 
 # rendering ------------------------------------------------------------------------------------
-def _templates(spec: TaskSpec) -> dict[str, torch.Tensor]:
+@lru_cache(maxsize=16)
+def _templates(spec: TaskSpec, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Each shape's (s, s) bool mask on `device` (kept: training draws a batch every step)."""
+    return {k: v.to(device) for k, v in _template_masks(spec).items()}
+
+
+@lru_cache(maxsize=16)
+def _colour(rgb: tuple[int, int, int], device: str = "cpu") -> torch.Tensor:
+    return torch.tensor(rgb, dtype=torch.float32, device=device)
+
+
+def _template_masks(spec: TaskSpec) -> dict[str, torch.Tensor]:
     s = spec.shape_px
     yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
     c = s / 2
@@ -190,14 +202,14 @@ def render_frames(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device
         raise ValueError(f"render needs plans of one length, got {sorted(frames)}")
     t = frames.pop()
     b, s, ef = len(plans), spec.size, spec.event_frames
-    base = torch.tensor(BACKGROUND, dtype=torch.float32, device=device)
+    base = _colour(BACKGROUND, str(torch.device(device)))
     noise = torch.randn(b, t, s, s, 1, device=device, generator=generator) * spec.noise
     video = (base + noise).clamp_(0, 255)
-    tmpl = {k: v.to(device) for k, v in _templates(spec).items()}
+    tmpl = _templates(spec, str(torch.device(device)))
     for i, p in enumerate(plans):
         for e in p.events:
             region = video[i, e.frame:e.frame + ef, e.y:e.y + spec.shape_px, e.x:e.x + spec.shape_px]
-            colour = torch.tensor(e.colour, dtype=torch.float32, device=device)
+            colour = _colour(tuple(e.colour), str(torch.device(device)))
             region[:, tmpl[e.shape]] = colour
     return video.round_().to(torch.uint8)
 
