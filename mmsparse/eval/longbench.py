@@ -195,9 +195,15 @@ def eval_plans(spec: BenchSpec, frames: int, per_task: int, seed: int) -> list[l
                                                                            spec.task)]
 
 
-def _batches(plans: list[lt.ClipPlan], size: int):
-    for i in range(0, len(plans), size):
-        yield plans[i:i + size]
+def _encoded(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int):
+    """(clips, memory (b, N, E), pad (b, N)) per chunk of ``eval_batch`` plans, each chunk
+    rendered with seed + its index (the same clips for every model)."""
+    for part, i in enumerate(range(0, len(plans), spec.eval_batch)):
+        chunk = plans[i:i + spec.eval_batch]
+        batch = lt.render(chunk, spec.task, device, seed=seed + part)
+        with _autocast(device):
+            memory, pad, _ = model.encode(batch)
+        yield chunk, memory, pad
 
 
 # training -----------------------------------------------------------------------------------
@@ -232,13 +238,11 @@ def score(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int, g
     tok = model.tokenizer
     model.eval()
     rows = []
-    for part, chunk in enumerate(_batches(plans, spec.eval_batch)):
+    for chunk, memory, pad in _encoded(model, plans, spec, device, seed):
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(chunk):
             groups.setdefault(p.task, []).append(i)
-        batch = lt.render(chunk, spec.task, device, seed=seed + part)
         with _autocast(device):
-            memory, pad, _ = model.encode(batch)
             mem, mpad = model.decoder.prepare_memory(memory, pad)
         for task, idx in groups.items():
             sel = torch.tensor(idx, device=mem.device)
@@ -302,10 +306,7 @@ def features(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int
     """(clips, 2 E) float32: mean and max of the encoder's output over its real tokens."""
     model.eval()
     out = []
-    for part, chunk in enumerate(_batches(plans, spec.eval_batch)):
-        batch = lt.render(chunk, spec.task, device, seed=seed + part)
-        with _autocast(device):
-            memory, pad, _ = model.encode(batch)
+    for _, memory, pad in _encoded(model, plans, spec, device, seed):
         memory = memory.float()
         keep = (~pad).to(memory.device)[..., None]
         mean = (memory * keep).sum(1) / keep.sum(1).clamp(min=1)
