@@ -51,13 +51,24 @@ class TaskSpec:
 
     size: int = 32            # frames are size x size
     fps: int = 8
-    shape_px: int = 12        # side of a shape's bounding box
+    shape_px: int = 16        # side of a shape's bounding box
     event_seconds: float = 1.0
     distractors: tuple[int, int] = (2, 4)   # grey shapes per clip, inclusive range
     sample_rate: int = 4000
     n_mels: int = 32
     hop_seconds: float = 0.0625
     noise: float = 4.0        # pixel noise std (0..255)
+    # shapes' corners on multiples of this many pixels: 8 puts a 16-px shape on exactly 2 x 2 of
+    # the encoder's 8-px patches, so telling shapes apart is not the hard part (at 12 px anywhere,
+    # a 128-wide model needed ~4x the steps to learn shapes; bench/NOTES.md 2026-12-07)
+    align: int = 8
+
+    def __post_init__(self):
+        if not 1 <= self.shape_px <= self.size:
+            raise ValueError(f"TaskSpec.shape_px must be in 1..size={self.size}, got {self.shape_px}")
+        if not 1 <= self.align <= max(1, self.size - self.shape_px):
+            raise ValueError(f"TaskSpec.align must be in 1..size - shape_px={self.size - self.shape_px} (or 1), "
+                             f"got {self.align}")
 
     @property
     def event_frames(self) -> int:
@@ -124,8 +135,9 @@ def plan(task: str, frames: int, rng: np.random.Generator, spec: TaskSpec = Task
 
     def place(slot: int, shape: str, colour, tone=None) -> Event:
         taken.add(slot)
-        hi = spec.size - spec.shape_px
-        return Event(slot * ef, shape, colour, int(rng.integers(0, hi + 1)), int(rng.integers(0, hi + 1)), tone)
+        cells = (spec.size - spec.shape_px) // spec.align + 1
+        x, y = (int(v) * spec.align for v in rng.integers(0, cells, size=2))
+        return Event(slot * ef, shape, colour, x, y, tone)
 
     def free_slot(lo: int = 0, hi: int | None = None) -> int:
         hi = slots if hi is None else hi

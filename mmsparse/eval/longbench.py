@@ -79,7 +79,7 @@ class BenchSpec:
     val_clips: int = 16              # per task, at the longest train length, for the curve
     probe_clips: int = 64            # probe training clips per task (at each eval length <= probe_max)
     probe_max: int = 1024
-    batch: int = 16                  # training clips a step (tasks mixed)
+    batch: int = 32                  # training clips a step (tasks mixed)
     eval_batch: int = 16
     steps: int = 1500                # the equal-steps budget (and dense's, which sets equal FLOPs)
     max_flops_factor: float = 8.0    # equal-FLOPs steps are capped at this many times `steps`

@@ -47,6 +47,20 @@ def test_task_clips_are_balanced_and_well_formed(task):
     assert (patch - torch.tensor(lt.BACKGROUND)).abs().amax() > 50
 
 
+def test_shapes_sit_on_the_alignment_grid_and_cover_its_cells():
+    spec = lt.TaskSpec()  # 16-px shapes on multiples of 8 in 32-px frames: 3 x 3 places
+    plans = lt.balanced_plans("count", 256, 48, seed=5, spec=spec)
+    places = {(e.x, e.y) for p in plans for e in p.events}
+    assert places == {(x, y) for x in (0, 8, 16) for y in (0, 8, 16)}
+    free = lt.TaskSpec(align=1, shape_px=12)
+    xs = {e.x for p in lt.balanced_plans("count", 256, 48, seed=5, spec=free) for e in p.events}
+    assert xs == set(range(0, 32 - 12 + 1))
+    with pytest.raises(ValueError, match="TaskSpec.align"):
+        lt.TaskSpec(align=0)
+    with pytest.raises(ValueError, match="TaskSpec.shape_px"):
+        lt.TaskSpec(shape_px=40)
+
+
 def test_tone_is_heard_only_during_its_event():
     spec = lt.TaskSpec()
     p = lt.plan("needle", 128, np.random.default_rng(0), spec)
