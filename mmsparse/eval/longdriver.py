@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     report = lr.merge([runs, *args.extra], spec.key(), timing)
     if args.check_backends:
         report["backend_checks"] = _check_backends(args, spec, runs, device, out)
+    elif (out / "backends.json").is_file():  # checks of an earlier invocation on these runs
+        report["backend_checks"] = json.loads((out / "backends.json").read_text())
     stem = f"longclip-{_slug(report.get('device') or device)}-{dt.date.today().isoformat()}-{args.label}"
     meta = {"torch": torch.__version__, "commit": _git_commit()}
     try:  # the installed version, without importing triton outside the kernels

@@ -28,7 +28,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
+    # exactly 0 / 1 at k = 0 / n (rounding leaves 1 - 1e-16, an interval that excludes p)
+    return (0.0 if k == 0 else max(0.0, mid - half), 1.0 if k == n else min(1.0, mid + half))
 
 
 def load_runs(folders: Sequence[str | Path]) -> list[dict]:
@@ -228,7 +229,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
             ys = [a["cells"][f"{task}@{n}"]["choice"]["acc"] for n in lengths]
             lo = [a["cells"][f"{task}@{n}"]["choice"]["ci95"][0] for n in lengths]
             hi = [a["cells"][f"{task}@{n}"]["choice"]["ci95"][1] for n in lengths]
-            ax.errorbar(lengths, ys, yerr=[[y - l for y, l in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]],
+            ax.errorbar(lengths, ys, yerr=[[max(0.0, y - l) for y, l in zip(ys, lo)],
+                                           [max(0.0, h - y) for y, h in zip(ys, hi)]],
                         fmt=style, marker="o", color=colour, capsize=2, label=label)
         for seed, curve in a["curves"].items():
             axes[-1].plot([c["step"] for c in curve], [c["val_choice"] for c in curve], style, color=colour,

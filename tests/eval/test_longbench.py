@@ -88,6 +88,10 @@ def test_wilson_interval():
     lo, hi = longreport.wilson(50, 100)
     assert math.isclose(lo, 0.4038, abs_tol=1e-3) and math.isclose(hi, 0.5962, abs_tol=1e-3)
     assert longreport.wilson(0, 10)[0] == 0.0 and longreport.wilson(10, 10)[1] == 1.0
+    for n in range(1, 1000):  # the interval holds its own estimate at every n (1.0 at k = n, not 1 - 1e-16)
+        for k in (0, n // 3, n):
+            lo, hi = longreport.wilson(k, n)
+            assert lo <= k / n <= hi
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
