@@ -152,6 +152,12 @@ def _f(c: dict | None) -> str:
     return f"{c['acc']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
 
 
+def _mean_acc(arm: dict[str, Any], frames: int) -> float:
+    """Mean choice accuracy over the tasks at one length (nan where a cell is missing)."""
+    accs = [arm["cells"].get(f"{t}@{frames}", {}).get("choice", {}).get("acc") for t in lt.TASKS]
+    return float(sum(accs) / len(accs)) if all(x is not None for x in accs) else math.nan
+
+
 def markdown(report: dict[str, Any], title: str, meta: dict | None = None) -> str:
     spec, lengths = report["spec"], report["lengths"]
     lines = [f"# {title}", ""]
@@ -179,6 +185,18 @@ def markdown(report: dict[str, Any], title: str, meta: dict | None = None) -> st
         flat = " / ".join({True: "yes", False: "no (still falling)", None: "-"}[x] for x in a["plateau"])
         lines.append(f"| {a['arm']} | {a['budget']} | {len(a['seeds'])} | {a['steps']}{' (capped)' if a['capped'] else ''}"
                      f" | {a['train_flops'] / 1e15:.2f} | {loss} | {flat} | {frac} | {ms} | {speed} |")
+    lines += ["", "## Cost and accuracy per attention FLOP", "",
+              "Encoder attention GFLOPs per clip (forward), and the choice accuracy over the four tasks (mean of "
+              "the task cells) per attention TFLOP, at each length.", "",
+              "| arm | budget | attention GFLOPs per clip at " + " / ".join(map(str, lengths))
+              + " | mean accuracy at " + " / ".join(map(str, lengths))
+              + " | accuracy per attention TFLOP at " + " / ".join(map(str, lengths)) + " |", "|---|---|---|---|---|"]
+    for a in report["arms"]:
+        flops = [a["attention_flops_per_clip"].get(str(n)) for n in lengths]
+        acc = [_mean_acc(a, n) for n in lengths]
+        lines.append(f"| {a['arm']} | {a['budget']} | " + " / ".join("-" if f is None else f"{f / 1e9:.3g}" for f in flops)
+                     + " | " + " / ".join(f"{x:.2f}" for x in acc) + " | "
+                     + " / ".join("-" if not f else f"{x / (f / 1e12):.3g}" for x, f in zip(acc, flops)) + " |")
     for metric in ("choice", "caption"):
         lines += ["", f"## {metric} accuracy by task and length (frames)", "",
                   "| arm | budget | " + " | ".join(f"{t} {n}" for t in lt.TASKS for n in lengths) + " |",

@@ -158,6 +158,11 @@ def test_driver_end_to_end_and_report(tmp_path, capsys):
     md = next(out.glob("longclip-cpu-*-t.md")).read_text()
     assert "sdpa_vs_reference" in md
     assert "| tiled_compress | flops |" in md and "[" in md
+    row = next(x for x in md.split("## Cost and accuracy per attention FLOP")[1].splitlines() if x.startswith("| dense"))
+    flops, acc, per = (c.split(" / ") for c in row.split(" | ")[2:5])
+    for f, a, p in zip(flops, acc, per):  # accuracy per attention TFLOP = mean accuracy / TFLOPs
+        # (accuracy printed to 2 decimals, the other two to 3 significant digits)
+        assert abs(float(p.strip(" |")) * float(f) / 1e3 - float(a)) <= 0.0051 + 0.01 * float(a)
     assert next(out.glob("longclip-cpu-*-t.png")).stat().st_size > 1000
     capsys.readouterr()
     # rerun: every run is found finished, and the report is never overwritten
