@@ -103,3 +103,84 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse
     norm = torch.where(total > 0, total, 1.0)
     out = (out_a.float() * (wa / norm)[..., None] + out_b.float() * (wb / norm)[..., None]).to(out_a.dtype)
     return out, torch.where(total > 0, m_safe + torch.log(norm), -math.inf)
+
+
+# -- the pooled keys inside the sparse kernel -----------------------------------------------------
+def pooled_keys_layout(layout, n_pooled: int):
+    """`layout` (a BlockLayout over N positions) widened so that every query block of the N
+    positions also attends ``n_pooled`` more keys fully: they sit in key blocks from
+    K0 = N rounded up to ``block_k``, after the stream. Returns (wide layout, K0); its rows past N
+    attend nothing, its positions in [N, K0) and past K0 + n_pooled are for key padding to mask.
+    One softmax then spans the sparse keys and the pooled keys (no log-sum-exp merge, no N x C
+    score tensor), in whatever backend runs the layout. Cached on `layout` per ``n_pooled``."""
+    from mmsparse.kernels.block_sparse.lists import rows_of
+
+    from .blocklayout import BlockLayout, _csr
+    from .program import MaskProgram
+
+    cache = layout.__dict__.setdefault("_pooled_keys", {})
+    if n_pooled in cache:
+        return cache[n_pooled]
+    if n_pooled < 1:
+        raise ValueError(f"n_pooled must be >= 1, got {n_pooled}")
+    n, bq, bk = layout.n, layout.block_q, layout.block_k
+    k0 = math.ceil(n / bk) * bk
+    extra = math.ceil(n_pooled / bk)
+    n_wide = k0 + extra * bk
+    mq, mk = math.ceil(n_wide / bq), n_wide // bk
+    mq_own, dev = layout.num_q_blocks, layout.device
+    rows = torch.arange(mq_own, device=dev).repeat_interleave(extra)
+    cols = (k0 // bk + torch.arange(extra, device=dev)).repeat(mq_own)
+    fr, fc = rows_of(layout.q_full_ptr), layout.q_full_idx.long()
+    pr, pc = rows_of(layout.q_part_ptr), layout.q_part_idx.long()
+    fr, fc = torch.cat([fr, rows]), torch.cat([fc, cols])
+    q_full_ptr, q_full_idx = _csr(fr, fc, mq, mk)
+    q_part_ptr, q_part_idx = _csr(pr, pc, mq, mk)
+    k_full_ptr, k_full_idx = _csr(fc, fr, mk, mq)
+    k_part_ptr, k_part_idx = _csr(pc, pr, mk, mq)
+    prog = layout.program
+    # the mask program is read only inside the stream's partial blocks; the new positions
+    # repeat the last token's attributes so every index stays inside its tables
+    attrs = torch.cat([prog.attrs, prog.attrs[:, -1:].expand(-1, n_wide - n)], 1)
+    wide = BlockLayout(n_wide, bq, bk, q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
+                       k_full_ptr, k_full_idx, k_part_ptr, k_part_idx,
+                       program=MaskProgram(attrs, prog.clauses, prog.names, prog.tables))
+    cache[n_pooled] = (wide, k0)
+    return wide, k0
+
+
+def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
+                      valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None):
+    """The inputs of one sparse attention call over `layout` and the block means of k, v:
+    (q, k, v widened to the wide layout's positions, the wide layout, its key padding mask
+    (B, N')). Shapes as in ``sparse_with_pooled_keys``."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    kc, live = pool_blocks(k, block, valid)
+    vc, _ = pool_blocks(v, block, valid)
+    c = kc.shape[2]
+    wide, k0 = pooled_keys_layout(layout, c)
+    nw = wide.n
+
+    def widen(x, pooled):  # [stream | gap to K0 | pooled | gap to N']
+        return torch.cat([x, x.new_zeros(b, hk, k0 - n, d), pooled.to(x.dtype), x.new_zeros(b, hk, nw - k0 - c, d)], 2)
+
+    qw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2)
+    pad = torch.ones(b, nw, dtype=torch.bool, device=q.device)
+    pad[:, :n] = False if key_padding_mask is None else key_padding_mask.to(q.device)
+    pad[:, k0:k0 + c] = ~live
+    return qw, widen(k, kc), widen(v, vc), wide, pad
+
+
+def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
+                            valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                            backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """Sparse attention over `layout` and the block means of k, v (``compressed_attention``'s
+    keys) in one softmax: the same result as ``merge_lse`` of the two branches, at the cost of
+    ceil(C / block_k) more full key blocks per query block. q (B, H, N, D), k, v (B, Hk, N, D);
+    valid (B, N) the real positions (None: all), key_padding_mask (B, N) True at keys the
+    sparse branch must not attend. Returns (B, H, N, D)."""
+    from .backends import sparse_attention
+
+    qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)
+    return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :q.shape[2]]

@@ -4,6 +4,7 @@ sparse layout, against plain softmax over explicitly listed keys, forward and ba
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -143,3 +144,78 @@ def test_merge_lse_empty_rows():
     lse_b = torch.tensor([[[0.0, -math.inf]]])
     merged, _ = merge_lse(out, ninf, out * 2, lse_b)
     assert torch.equal(merged[0, 0, 0], torch.full((3,), 2.0)) and torch.equal(merged[0, 0, 1], torch.zeros(3))
+
+
+def _branches_merged(q, k, v, layout, block, valid, kpm):
+    out_s, lse_s = sparse_attention(q, k, v, layout, backend="reference", key_padding_mask=kpm, return_lse=True)
+    out_c, lse_c = compressed_attention(q, k, v, block, valid=valid)
+    return merge_lse(out_s, lse_s, out_c, lse_c)[0]
+
+
+def _inputs(grid, b, h, hk, d, seed):
+    from mmsparse.attention import Local
+
+    layout = build_layout(Local((3, 3, 3)), grid, block_q=32, block_k=32)  # partial blocks: odd grid
+    n = math.prod(grid)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g).requires_grad_()
+    k, v = (torch.randn(b, hk, n, d, generator=g).requires_grad_() for _ in range(2))
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[-1, n - n // 3:] = False  # the last clip is shorter: padding keys
+    return layout, q, k, v, valid, g
+
+
+@pytest.mark.parametrize("grid,block,hk", [((3, 5, 7), 16, 2), ((4, 6, 9), 64, 1), ((3, 4, 11), 5, 2)])
+def test_pooled_keys_in_the_kernel_equal_the_merged_branches(grid, block, hk):
+    """One softmax over the wide layout (sparse keys + pooled key blocks) is merge_lse of the
+    sparse and compressed branches: forward and backward, odd N, padding, GQA."""
+    from mmsparse.attention.compressed import sparse_with_pooled_keys
+
+    layout, q, k, v, valid, g = _inputs(grid, 2, 2, hk, 16, sum(grid) + block)
+    want = _branches_merged(q, k, v, layout, block, valid, ~valid)
+    got = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=~valid, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    gout = torch.randn(want.shape, generator=g)
+    for a, w in zip(torch.autograd.grad((got * gout).sum(), (q, k, v)),
+                    torch.autograd.grad((want * gout).sum(), (q, k, v))):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_keys_layout_lists_every_pooled_block_for_the_stream_rows_only():
+    from mmsparse.attention import Local
+    from mmsparse.attention.compressed import pooled_keys_layout
+
+    layout = build_layout(Local((3, 3, 3)), (3, 5, 7), block_q=32, block_k=32)  # N = 105
+    wide, k0 = pooled_keys_layout(layout, 7)
+    assert k0 == 128 and wide.n == 160 and wide.num_q_blocks == 5 and wide.num_k_blocks == 5
+    mask = wide.dense_mask()
+    # rows 105-127 share the stream's last query block (their outputs are dropped); the rows of
+    # the blocks past the stream attend nothing
+    assert bool(mask[:105, 128:160].all()) and not bool(mask[128:].any())
+    assert torch.equal(mask[:105, :105], layout.dense_mask())
+    assert pooled_keys_layout(layout, 7)[0] is wide  # cached
+    with pytest.raises(ValueError, match="n_pooled"):
+        pooled_keys_layout(layout, 0)
+
+
+def test_pooled_keys_through_the_triton_kernels():
+    """The block-sparse Triton kernels (interpreted on CPU) on the wide layout: the merged branches,
+    forward and backward."""
+    from mmsparse.attention.backends.triton_kernels import block_lists
+    from mmsparse.attention.compressed import pooled_key_inputs
+    from mmsparse.kernels.block_sparse import block_sparse_attention
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layout, q, k, v, valid, g = _inputs((3, 5, 7), 2, 2, 1, 16, 11)
+    want = _branches_merged(q, k, v, layout, 16, valid, ~valid)
+    qd, kd, vd = (x.detach().to(dev).requires_grad_() for x in (q, k, v))
+    qw, kw, vw, wide, pad = pooled_key_inputs(qd, kd, vd, layout.to(dev), 16, valid.to(dev), ~valid.to(dev))
+    got = block_sparse_attention(qw, kw, vw, block_lists(wide), None, pad)
+    got = (got[0] if isinstance(got, tuple) else got)[:, :, :q.shape[2]]
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-4, atol=2e-5)
+    gout = torch.randn(want.shape, generator=g)
+    for a, w in zip(torch.autograd.grad((got * gout.to(dev)).sum(), (qd, kd, vd)),
+                    torch.autograd.grad((want * gout).sum(), (q, k, v))):
+        torch.testing.assert_close(a.cpu(), w, rtol=1e-3, atol=1e-4)
