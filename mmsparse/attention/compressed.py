@@ -7,9 +7,12 @@ A sparse pattern gives each token a small neighbourhood; what lies outside it re
 only through many layers (local windows) or a few shared tokens (global). The compressed branch
 (NSA, VideoNSA) gives every query a coarse view of the whole stream at O(N^2 / c) cost: keys and
 values are averaged over consecutive blocks of c stream positions (in the stream's storage
-order, so a block of a tile-ordered video segment is a compact spatio-temporal tile), the query
-attends all C pooled keys densely, and the result is merged with the sparse branch by
-log-sum-exp, as if the pooled keys were C more keys of one softmax (``merge_lse``). Positions
+order, so a block of a tile-ordered video segment is a compact spatio-temporal tile), and the
+query attends all C pooled keys as C more keys of its softmax. Two equal forms:
+``sparse_with_pooled_keys`` appends the pooled keys after the stream as key blocks every query
+block attends fully (``pooled_keys_layout``), so the sparse kernel runs one softmax over both;
+``compressed_attention`` + ``merge_lse`` computes the pooled part apart in PyTorch and merges
+by log-sum-exp (the reference, and the form for layouts whose keys are sorted per clip). Positions
 that are not real tokens (alignment gaps, padding of shorter clips) are left out of the means;
 a block with no real token is never attended.
 """
