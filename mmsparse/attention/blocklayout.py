@@ -338,3 +338,35 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int):
     ptr = torch.zeros(n_rows + 1, dtype=torch.int32, device=rows.device)
     ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
     return ptr, cols[order].to(torch.int32)
+
+
+def with_full_keys(layout: BlockLayout, n_keys: int) -> tuple[BlockLayout, int]:
+    """`layout` (N positions) widened so that every query block of the N positions also attends
+    ``n_keys`` more keys fully: they sit in key blocks from K0 = N rounded up to ``block_k``, after
+    the stream. Returns (wide layout, K0). The wide layout's rows past the stream's query blocks
+    attend nothing; its positions in [N, K0) and past K0 + n_keys hold no key (mask them as key
+    padding). Its mask program is read only inside the stream's partial blocks: the new positions
+    repeat the last token's attributes, so every index stays inside the program's tables."""
+    if n_keys < 1:
+        raise ValueError(f"n_keys must be >= 1, got {n_keys}")
+    n, bq, bk = layout.n, layout.block_q, layout.block_k
+    k0 = math.ceil(n / bk) * bk
+    extra = math.ceil(n_keys / bk)
+    n_wide = k0 + extra * bk
+    mq, mk = math.ceil(n_wide / bq), n_wide // bk
+    dev = layout.device
+    rows = torch.arange(layout.num_q_blocks, device=dev).repeat_interleave(extra)
+    cols = (k0 // bk + torch.arange(extra, device=dev)).repeat(layout.num_q_blocks)
+    fr = torch.cat([rows_of(layout.q_full_ptr), rows])
+    fc = torch.cat([layout.q_full_idx.long(), cols])
+    pr, pc = rows_of(layout.q_part_ptr), layout.q_part_idx.long()
+    q_full_ptr, q_full_idx = _csr(fr, fc, mq, mk)
+    q_part_ptr, q_part_idx = _csr(pr, pc, mq, mk)
+    k_full_ptr, k_full_idx = _csr(fc, fr, mk, mq)
+    k_part_ptr, k_part_idx = _csr(pc, pr, mk, mq)
+    prog = layout.program
+    attrs = torch.cat([prog.attrs, prog.attrs[:, -1:].expand(-1, n_wide - n)], 1)
+    wide = BlockLayout(n_wide, bq, bk, q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
+                       k_full_ptr, k_full_idx, k_part_ptr, k_part_idx,
+                       program=MaskProgram(attrs, prog.clauses, prog.names, prog.tables))
+    return wide, k0

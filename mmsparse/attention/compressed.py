@@ -110,46 +110,15 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse
 
 # -- the pooled keys inside the sparse kernel -----------------------------------------------------
 def pooled_keys_layout(layout, n_pooled: int):
-    """`layout` (a BlockLayout over N positions) widened so that every query block of the N
-    positions also attends ``n_pooled`` more keys fully: they sit in key blocks from
-    K0 = N rounded up to ``block_k``, after the stream. Returns (wide layout, K0); its rows past N
-    attend nothing, its positions in [N, K0) and past K0 + n_pooled are for key padding to mask.
-    One softmax then spans the sparse keys and the pooled keys (no log-sum-exp merge, no N x C
-    score tensor), in whatever backend runs the layout. Cached on `layout` per ``n_pooled``."""
-    from mmsparse.kernels.block_sparse.lists import rows_of
-
-    from .blocklayout import BlockLayout, _csr
-    from .program import MaskProgram
+    """`layout` widened so that every query block of its N positions also attends ``n_pooled``
+    more keys fully, after the stream (``blocklayout.with_full_keys``): (wide layout, K0, the
+    first pooled position). Cached on `layout` per ``n_pooled``."""
+    from .blocklayout import with_full_keys
 
     cache = layout.__dict__.setdefault("_pooled_keys", {})
-    if n_pooled in cache:
-        return cache[n_pooled]
-    if n_pooled < 1:
-        raise ValueError(f"n_pooled must be >= 1, got {n_pooled}")
-    n, bq, bk = layout.n, layout.block_q, layout.block_k
-    k0 = math.ceil(n / bk) * bk
-    extra = math.ceil(n_pooled / bk)
-    n_wide = k0 + extra * bk
-    mq, mk = math.ceil(n_wide / bq), n_wide // bk
-    mq_own, dev = layout.num_q_blocks, layout.device
-    rows = torch.arange(mq_own, device=dev).repeat_interleave(extra)
-    cols = (k0 // bk + torch.arange(extra, device=dev)).repeat(mq_own)
-    fr, fc = rows_of(layout.q_full_ptr), layout.q_full_idx.long()
-    pr, pc = rows_of(layout.q_part_ptr), layout.q_part_idx.long()
-    fr, fc = torch.cat([fr, rows]), torch.cat([fc, cols])
-    q_full_ptr, q_full_idx = _csr(fr, fc, mq, mk)
-    q_part_ptr, q_part_idx = _csr(pr, pc, mq, mk)
-    k_full_ptr, k_full_idx = _csr(fc, fr, mk, mq)
-    k_part_ptr, k_part_idx = _csr(pc, pr, mk, mq)
-    prog = layout.program
-    # the mask program is read only inside the stream's partial blocks; the new positions
-    # repeat the last token's attributes so every index stays inside its tables
-    attrs = torch.cat([prog.attrs, prog.attrs[:, -1:].expand(-1, n_wide - n)], 1)
-    wide = BlockLayout(n_wide, bq, bk, q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
-                       k_full_ptr, k_full_idx, k_part_ptr, k_part_idx,
-                       program=MaskProgram(attrs, prog.clauses, prog.names, prog.tables))
-    cache[n_pooled] = (wide, k0)
-    return wide, k0
+    if n_pooled not in cache:
+        cache[n_pooled] = with_full_keys(layout, n_pooled)
+    return cache[n_pooled]
 
 
 def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,

@@ -194,7 +194,7 @@ def test_pooled_keys_layout_lists_every_pooled_block_for_the_stream_rows_only():
     assert bool(mask[:105, 128:160].all()) and not bool(mask[128:].any())
     assert torch.equal(mask[:105, :105], layout.dense_mask())
     assert pooled_keys_layout(layout, 7)[0] is wide  # cached
-    with pytest.raises(ValueError, match="n_pooled"):
+    with pytest.raises(ValueError, match="n_keys"):
         pooled_keys_layout(layout, 0)
 
 
