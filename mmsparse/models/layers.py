@@ -99,7 +99,7 @@ class SparseSelfAttention(nn.Module):
             raise ValueError(f"compress must be >= 0 (0: off), got {compress}")
         self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
         # sparse layers also attend the means of every `compress` stream positions
-        # (mmsparse/attention/compressed.py), merged by log-sum-exp; 0: off
+        # (mmsparse/attention/compressed.py) in the same softmax; 0: off
         self.compress = compress
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()

@@ -219,3 +219,24 @@ def test_pooled_keys_through_the_triton_kernels():
     for a, w in zip(torch.autograd.grad((got * gout.to(dev)).sum(), (qd, kd, vd)),
                     torch.autograd.grad((want * gout).sum(), (q, k, v))):
         torch.testing.assert_close(a.cpu(), w, rtol=1e-3, atol=1e-4)
+
+
+def test_sparse_layer_with_compress_is_the_merged_branches():
+    """SparseSelfAttention(compress=c) on a layout with padding: qkv, the sparse keys and the
+    pooled keys in one softmax, proj; forward and backward through the layer."""
+    from mmsparse.models.layers import SparseSelfAttention
+
+    layout, _, _, _, valid, g = _inputs((3, 5, 7), 2, 2, 2, 16, 5)
+    torch.manual_seed(5)
+    attn = SparseSelfAttention(32, 2, backend="reference", compress=16)
+    b, n = valid.shape
+    x = torch.randn(b, n, 32, generator=g, requires_grad=True)
+    got = attn(x, layout, None, ~valid)
+    q, k, v = attn.qkv(x).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    heads = _branches_merged(q, k, v, layout, 16, valid, ~valid)
+    want = attn.proj(heads.transpose(1, 2).reshape(b, n, 32))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    gout = torch.randn(want.shape, generator=g)
+    params = (x, attn.qkv.weight, attn.proj.weight)
+    for a, w in zip(torch.autograd.grad((got * gout).sum(), params), torch.autograd.grad((want * gout).sum(), params)):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
