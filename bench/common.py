@@ -21,6 +21,7 @@ on ``sys.path``).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import re
 import subprocess
@@ -117,7 +118,10 @@ def device_name(device: str = "auto") -> str:
 
 def git_commit(root: Path = ROOT) -> str | None:
     """The checkout's HEAD commit, with ``+dirty`` when tracked files have uncommitted changes;
-    None outside a git checkout (an installed copy of the scripts)."""
+    None outside a git checkout (an installed copy of the scripts). ``MMSPARSE_GIT_COMMIT``, when
+    set, is taken instead: a run from a copied tree whose git history is not the code's."""
+    if os.environ.get("MMSPARSE_GIT_COMMIT"):
+        return os.environ["MMSPARSE_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)

@@ -52,3 +52,13 @@ def test_timers_count_their_calls():
     assert common.lower_median([4, 1, 3, 2]) == 2 and common.lower_median([{"t": 5}], key=lambda r: r["t"]) == {"t": 5}
     with pytest.raises(ValueError, match="steps"):
         common.mean_step_ms(lambda: None, steps=0, warmup=0, device="cpu")
+
+
+def test_git_commit_of_a_copied_tree_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MMSPARSE_GIT_COMMIT", "0123abc")
+    assert common.git_commit() == "0123abc" and common.environment("cpu")["git_commit"] == "0123abc"
+    from mmsparse.eval.longdriver import _git_commit
+
+    assert _git_commit() == "0123abc"
+    monkeypatch.delenv("MMSPARSE_GIT_COMMIT")
+    assert common.git_commit() != "0123abc"

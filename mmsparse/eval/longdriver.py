@@ -225,7 +225,10 @@ def _slug(text: str) -> str:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout the package runs from, "+dirty" when its tracked files differ."""
+    """HEAD of the checkout the package runs from, "+dirty" when its tracked files differ;
+    ``MMSPARSE_GIT_COMMIT`` when set (a copied tree whose git history is not the code's)."""
+    if os.environ.get("MMSPARSE_GIT_COMMIT"):
+        return os.environ["MMSPARSE_GIT_COMMIT"]
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
