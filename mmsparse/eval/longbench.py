@@ -75,6 +75,9 @@ class BenchSpec:
     # train_lengths. Short clips teach what an event is, long ones where to find it
     curriculum: tuple = ((0.25, (64,)), (0.5, (64, 256)))
     eval_lengths: tuple[int, ...] = (256, 1024, 4096)
+    # lengths the sparse arms also train on in the last phase (dense, whose step there costs
+    # 8-10x theirs, keeps train_lengths): what the 4,096-frame column asks of them
+    sparse_lengths: tuple[int, ...] = ()
     clips: int = 128                 # eval clips per task and length
     val_clips: int = 16              # per task, at the longest train length, for the curve
     probe_clips: int = 64            # probe training clips per task (at each eval length <= probe_max)
@@ -99,25 +102,40 @@ class BenchSpec:
     def from_dict(cls, d: dict) -> "BenchSpec":
         d = dict(d)
         d["task"] = lt.TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("task", {}).items()})
-        for k in ("train_lengths", "eval_lengths"):
+        for k in ("train_lengths", "eval_lengths", "sparse_lengths"):
             if k in d:
                 d[k] = tuple(d[k])
         if "curriculum" in d:
             d["curriculum"] = tuple((float(f), tuple(int(n) for n in ls)) for f, ls in d["curriculum"])
         return cls(**d)
 
-    def lengths_at(self, step: int, total: int) -> int:
-        """The clip length of training step `step` of `total`."""
+    def lengths_at(self, step: int, total: int, arm: str = "dense") -> int:
+        """The clip length of training step `step` of `total` for `arm`."""
         for until, lengths in self.curriculum:
             if step < until * total:
                 return lengths[step % len(lengths)]
-        return self.train_lengths[step % len(self.train_lengths)]
+        last = self.last_lengths(arm)
+        return last[step % len(last)]
 
-    def all_train_lengths(self) -> tuple[int, ...]:
-        return tuple(sorted({n for _, ls in self.curriculum for n in ls} | set(self.train_lengths)))
+    def last_lengths(self, arm: str = "dense") -> tuple[int, ...]:
+        """The lengths of the last phase: train_lengths, and sparse_lengths for a sparse arm."""
+        return self.train_lengths + (self.sparse_lengths if arm != "dense" else ())
+
+    def all_train_lengths(self, arm: str | None = None) -> tuple[int, ...]:
+        """Every length `arm` trains on (None: any arm)."""
+        last = self.train_lengths + self.sparse_lengths if arm is None else self.last_lengths(arm)
+        return tuple(sorted({n for _, ls in self.curriculum for n in ls} | set(last)))
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=list).encode()).hexdigest()[:12]
+        d = self.to_dict()
+        for name, unset in _ADDED_FIELDS.items():  # hashed only when set: earlier runs keep their key
+            if tuple(d.get(name, ())) == unset:
+                d.pop(name, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+# fields added to BenchSpec after runs were made with it, and their unset value
+_ADDED_FIELDS = {"sparse_lengths": ()}
 
 
 SMOKE = dict(train_lengths=(48, 64), eval_lengths=(48, 96), curriculum=((0.5, (48,)),), clips=6, val_clips=3,
@@ -365,19 +383,19 @@ def flops_per_step(spec: BenchSpec, arm: str, device="cpu") -> dict[str, Any]:
     model = build_model(spec, arm, 0, device)
     rng = np.random.default_rng(0)
     per_len = {}
-    for frames in sorted(set(spec.all_train_lengths()) | set(spec.eval_lengths)):
+    for frames in sorted(set(spec.all_train_lengths(arm)) | set(spec.eval_lengths)):
         plans = [lt.plan("needle", frames, rng, spec.task)]
         per_len[frames] = clip_flops(model, lt.render(plans, spec.task, device, seed=0))
     # the mean over the steps of the equal-steps budget, curriculum included
-    train = float(np.mean([3 * spec.batch * per_len[spec.lengths_at(i, spec.steps)]["forward"]
+    train = float(np.mean([3 * spec.batch * per_len[spec.lengths_at(i, spec.steps, arm)]["forward"]
                            for i in range(spec.steps)]))
     return {"train_flops_per_step": train, "per_length": {str(k): v for k, v in per_len.items()}}
 
 
-def schedule_flops(spec: BenchSpec, cost: dict, steps: int) -> float:
-    """Training FLOPs of `steps` steps of the curriculum (``cost``: one arm's ``flops_per_step``)."""
+def schedule_flops(spec: BenchSpec, cost: dict, steps: int, arm: str = "dense") -> float:
+    """Training FLOPs of `steps` steps of `arm`'s curriculum (``cost``: its ``flops_per_step``)."""
     per = {int(n): 3 * spec.batch * c["forward"] for n, c in cost["per_length"].items()}
-    return float(sum(per[spec.lengths_at(i, steps)] for i in range(steps)))
+    return float(sum(per[spec.lengths_at(i, steps, arm)] for i in range(steps)))
 
 
 def steps_for(spec: BenchSpec, arm: str, budget: str, costs: dict[str, dict]) -> tuple[int, bool]:
@@ -391,11 +409,11 @@ def steps_for(spec: BenchSpec, arm: str, budget: str, costs: dict[str, dict]) ->
     target = schedule_flops(spec, costs["dense"], spec.steps)
     cap = max(1, int(spec.max_flops_factor * spec.steps))
     lo, hi = 1, cap
-    if schedule_flops(spec, costs[arm], cap) < target:
+    if schedule_flops(spec, costs[arm], cap, arm) < target:
         return cap, True
     while lo < hi:  # FLOPs grow with the step count: bisect for the fewest steps that reach dense's
         mid = (lo + hi) // 2
-        if schedule_flops(spec, costs[arm], mid) >= target:
+        if schedule_flops(spec, costs[arm], mid, arm) >= target:
             hi = mid
         else:
             lo = mid + 1
@@ -489,7 +507,7 @@ def _train(spec: BenchSpec, arm: str, model, opt, steps: int, costs: dict, devic
     pending: list[torch.Tensor] = []  # losses not read yet: no sync per step
     t0 = time.perf_counter()
     for step in range(state["step"], steps):
-        frames = spec.lengths_at(step, steps)
+        frames = spec.lengths_at(step, steps, arm)
         state["train_flops"] += 3 * spec.batch * costs[arm]["per_length"][str(frames)]["forward"]
         batch = train_batch(spec, rng, frames, device)
         for g in opt.param_groups:

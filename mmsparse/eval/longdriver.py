@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clips", type=int, default=None, help="eval clips per task and length")
     p.add_argument("--eval-lengths", default=None, help="comma list of frames (default: the spec's)")
     p.add_argument("--train-lengths", default=None, help="comma list of frames (default: the spec's)")
+    p.add_argument("--sparse-lengths", default=None,
+                   help="comma list of frames the sparse arms also train on in the last phase (dense does not)")
     p.add_argument("--spec", default=None, help="a JSON file of BenchSpec fields overriding the defaults")
     p.add_argument("--smoke", action="store_true", help="the CPU-sized spec (harness check, not accuracy)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (separate processes)")
@@ -75,7 +77,8 @@ def make_spec(args) -> lb.BenchSpec:
             if val < 1:
                 raise SystemExit(f"--{key} must be >= 1, got {val}")
             d[key] = val
-    for key, val in (("eval_lengths", args.eval_lengths), ("train_lengths", args.train_lengths)):
+    for key, val in (("eval_lengths", args.eval_lengths), ("train_lengths", args.train_lengths),
+                     ("sparse_lengths", args.sparse_lengths)):
         if val:
             try:
                 d[key] = [int(x) for x in _csv(val)]
@@ -87,7 +90,7 @@ def make_spec(args) -> lb.BenchSpec:
         raise SystemExit(f"--spec: {err} (fields: {sorted(lb.BenchSpec().to_dict())})")
     import numpy as np
 
-    for n in (*spec.train_lengths, *spec.eval_lengths):
+    for n in (*spec.all_train_lengths(), *spec.eval_lengths):
         for task in lb.lt.TASKS:
             try:
                 lb.lt.plan(task, n, np.random.default_rng(0), spec.task)
@@ -168,7 +171,8 @@ def _run_all(jobs, args, spec, costs, device, runs: Path) -> None:
     if args.smoke:
         base.append("--smoke")
     for flag, val in (("--spec", args.spec), ("--steps", args.steps), ("--clips", args.clips),
-                      ("--eval-lengths", args.eval_lengths), ("--train-lengths", args.train_lengths)):
+                      ("--eval-lengths", args.eval_lengths), ("--train-lengths", args.train_lengths),
+                      ("--sparse-lengths", args.sparse_lengths)):
         if val is not None:
             base += [flag, str(val)]
     logs = runs / "logs"

@@ -163,7 +163,8 @@ def markdown(report: dict[str, Any], title: str, meta: dict | None = None) -> st
     lines = [f"# {title}", ""]
     if meta:
         lines += ["; ".join(f"{k}: {v}" for k, v in meta.items()), ""]
-    lines += [f"Device: {report.get('device')}; spec {report['spec_key']}: train lengths {spec['train_lengths']}, "
+    also = f" (sparse arms also {list(spec['sparse_lengths'])})" if spec.get("sparse_lengths") else ""
+    lines += [f"Device: {report.get('device')}; spec {report['spec_key']}: train lengths {spec['train_lengths']}{also}, "
               f"{spec['clips']} eval clips per task and length (held-out seed {spec['eval_seed']}), batch "
               f"{spec['batch']}, {spec['steps']} steps (equal-steps budget; equal-FLOPs arms get dense's training "
               f"FLOPs, capped at {spec['max_flops_factor']}x the steps). Accuracy: pooled over seeds, 95 % Wilson "

@@ -192,3 +192,24 @@ def test_plateau_is_read_from_the_curve():
     assert longreport.plateau(curve([2.0, 1.0, 0.8, 0.6, 0.5])) is False
     assert longreport.plateau(curve([2.0, 1.0, 0.5, 0.5, 0.499])) is True
     assert longreport.plateau(curve([1.0, 0.9])) is None
+
+
+def test_sparse_lengths_train_only_the_sparse_arms_and_count_in_their_flops():
+    spec = lb.BenchSpec(**{**TINY, "steps": 8, "sparse_lengths": (96,)})
+    assert lb.BenchSpec(**TINY).key() != spec.key()
+    # unset, the field leaves the key of specs written before it existed
+    d = lb.BenchSpec(**TINY).to_dict()
+    del d["sparse_lengths"]
+    assert lb.BenchSpec.from_dict(d).key() == lb.BenchSpec(**TINY).key()
+    assert lb.BenchSpec.from_dict(spec.to_dict()).key() == spec.key()
+    last = range(4, 8)  # TINY's curriculum ends at half the steps
+    assert {spec.lengths_at(i, 8, "dense") for i in last} == {48, 64}
+    assert {spec.lengths_at(i, 8, "tiled_compress") for i in last} == {48, 64, 96}
+    assert spec.all_train_lengths("dense") == (48, 64) and spec.all_train_lengths() == (48, 64, 96)
+    cost = lb.flops_per_step(spec, "tiled_compress")
+    assert "96" in cost["per_length"]
+    plain = lb.schedule_flops(spec, cost, 8, "dense")  # the same model on dense's lengths
+    assert lb.schedule_flops(spec, cost, 8, "tiled_compress") > plain
+    args = longdriver.parse_args(["--out", "x", "--smoke", "--sparse-lengths", "96,128"])
+    assert longdriver.make_spec(args).sparse_lengths == (96, 128)
+
