@@ -131,18 +131,22 @@ def main(argv=None) -> int:
         jobs = [(a, s, b) for s in seeds for a in arms for b in budgets if not (a == "dense" and b == "flops")]
         _run_all(jobs, args, spec, costs, device, runs)
     timing_file = out / "timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    saved = _beside(out, args.extra, "timing.json")
+    timing = json.loads(saved.read_text()) if saved else {}
     if not args.report_only and not args.no_timing:
         for arm in arms:  # after the runs, one arm at a time: nothing else on the device
             if arm not in timing:
                 timing[arm] = lb.time_steps(spec, arm, device)
                 timing_file.write_text(json.dumps(timing))
                 print(f"timed {arm}: {timing[arm]} ms a step", flush=True)
-    report = lr.merge([runs, *args.extra], spec.key(), timing)
+    folders = ([runs] if runs.is_dir() else []) + list(args.extra)  # --report-only may merge --from alone
+    if not folders:
+        raise SystemExit(f"no runs to report: {runs} does not exist and no --from was given")
+    report = lr.merge(folders, spec.key(), timing)
     if args.check_backends:
         report["backend_checks"] = _check_backends(args, spec, runs, device, out)
-    elif (out / "backends.json").is_file():  # checks of an earlier invocation on these runs
-        report["backend_checks"] = json.loads((out / "backends.json").read_text())
+    elif _beside(out, args.extra, "backends.json"):  # checks of an earlier invocation on these runs
+        report["backend_checks"] = json.loads(_beside(out, args.extra, "backends.json").read_text())
     stem = f"longclip-{_slug(report.get('device') or device)}-{dt.date.today().isoformat()}-{args.label}"
     meta = {"torch": torch.__version__, "commit": _git_commit()}
     try:  # the installed version, without importing triton outside the kernels
@@ -213,6 +217,14 @@ def _check_backends(args, spec: lb.BenchSpec, runs: Path, device, out: Path) -> 
                   flush=True)
     (out / "backends.json").write_text(json.dumps(checks, indent=1))
     return checks
+
+
+def _beside(out: Path, extra: list[str], name: str) -> Path | None:
+    """``out/name``, else the first ``name`` beside a --from run folder (its benchmark folder)."""
+    for folder in (out, *(Path(x).parent for x in extra)):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def _done(path: Path, spec: lb.BenchSpec) -> bool:

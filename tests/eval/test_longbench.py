@@ -170,6 +170,16 @@ def test_driver_end_to_end_and_report(tmp_path, capsys):
         longdriver.main(argv)
     assert "6 runs, 6 already finished" in capsys.readouterr().out
     assert longdriver.main([a if a != "t" else "t2" for a in argv] + ["--report-only"]) == 0
+    # the runs merged elsewhere from their folder alone (--from): the same cells, and the timing
+    # and backend checks saved beside them
+    elsewhere = tmp_path / "elsewhere"
+    assert longdriver.main(["--out", str(elsewhere), "--spec", str(spec_file), "--smoke", "--device", "cpu",
+                            "--label", "t3", "--report-only", "--from", str(out / "runs")]) == 0
+    again = json.loads(next(elsewhere.glob("longclip-cpu-*-t3.json")).read_text())
+    assert [a["cells"] for a in again["arms"]] == [a["cells"] for a in report["arms"]]
+    assert again["arms"][0]["step_ms"] == report["arms"][0]["step_ms"] and again["backend_checks"] == checks
+    with pytest.raises(SystemExit, match="no runs to report"):
+        longdriver.main(["--out", str(tmp_path / "empty"), "--smoke", "--report-only"])
 
 
 def test_driver_rejects_bad_arguments(tmp_path):
