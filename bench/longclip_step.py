@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="dense,tiled,tiled_compress")
     p.add_argument("--lengths", default="256,1024,4096", help="clip lengths in frames")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=None, help="clips a step (default: the benchmark's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--label", default="")
     p.add_argument("--out", default=None, help="result folder (default bench/results)")
@@ -44,7 +45,11 @@ def main(argv=None) -> int:
     if "dense" not in arms:
         arms.insert(0, "dense")  # the anchor
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.repeats < 1 or (args.batch is not None and args.batch < 1):
+        raise SystemExit(f"--repeats and --batch must be >= 1, got {args.repeats}, {args.batch}")
     spec = lb.BenchSpec(eval_lengths=lengths)
+    if args.batch:
+        spec.batch = args.batch
     ms = {}
     for arm in arms:
         ms[arm] = lb.time_steps(spec, arm, device, repeats=args.repeats)
