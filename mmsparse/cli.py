@@ -26,6 +26,7 @@ BENCHMARKS = {
     "model": "E1: training steps of the base captioner, sparse against dense",
     "data": "E3: data loading, decord against PyAV, clips/s and memory",
     "longclip": "E5: long-clip quality v2, sparse schedules against dense (trains and scores; in the package)",
+    "longclip_step": "E5 speed: each long-clip arm's training step alone on the device, against dense",
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
