@@ -345,8 +345,10 @@ def with_full_keys(layout: BlockLayout, n_keys: int) -> tuple[BlockLayout, int]:
     ``n_keys`` more keys fully: they sit in key blocks from K0 = N rounded up to ``block_k``, after
     the stream. Returns (wide layout, K0). The wide layout's rows past the stream's query blocks
     attend nothing; its positions in [N, K0) and past K0 + n_keys hold no key (mask them as key
-    padding). Its mask program is read only inside the stream's partial blocks: the new positions
-    repeat the last token's attributes, so every index stays inside the program's tables."""
+    padding). Its mask program says the same at token level (backends that evaluate it on every
+    pair, flex, read the blocks from it): the new positions repeat the last token's attributes
+    (every index stays inside the program's tables), and one more clause lets a query of the
+    stream attend every added key."""
     if n_keys < 1:
         raise ValueError(f"n_keys must be >= 1, got {n_keys}")
     n, bq, bk = layout.n, layout.block_q, layout.block_k
@@ -365,8 +367,12 @@ def with_full_keys(layout: BlockLayout, n_keys: int) -> tuple[BlockLayout, int]:
     k_full_ptr, k_full_idx = _csr(fc, fr, mk, mq)
     k_part_ptr, k_part_idx = _csr(pc, pr, mk, mq)
     prog = layout.program
-    attrs = torch.cat([prog.attrs, prog.attrs[:, -1:].expand(-1, n_wide - n)], 1)
+    pos = torch.arange(n_wide, device=prog.attrs.device)
+    a = prog.attrs.shape[0]
+    attrs = torch.cat([torch.cat([prog.attrs, prog.attrs[:, -1:].expand(-1, n_wide - n)], 1),
+                       (pos < n).to(prog.attrs.dtype)[None], (pos >= k0).to(prog.attrs.dtype)[None]])
+    clauses = prog.clauses + ((("qflag", a), ("kflag", a + 1)),)
     wide = BlockLayout(n_wide, bq, bk, q_full_ptr, q_full_idx, q_part_ptr, q_part_idx,
                        k_full_ptr, k_full_idx, k_part_ptr, k_part_idx,
-                       program=MaskProgram(attrs, prog.clauses, prog.names, prog.tables))
+                       program=MaskProgram(attrs, clauses, prog.names + ("in_stream", "added_key"), prog.tables))
     return wide, k0

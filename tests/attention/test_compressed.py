@@ -165,16 +165,23 @@ def _inputs(grid, b, h, hk, d, seed):
     return layout, q, k, v, valid, g
 
 
-@pytest.mark.parametrize("grid,block,hk", [((3, 5, 7), 16, 2), ((4, 6, 9), 64, 1), ((3, 4, 11), 5, 2)])
-def test_pooled_keys_in_the_kernel_equal_the_merged_branches(grid, block, hk):
+@pytest.mark.parametrize("grid,block,hk,backend", [((3, 5, 7), 16, 2, "reference"), ((4, 6, 9), 64, 1, "reference"),
+                                                   ((3, 4, 11), 5, 2, "reference"), ((3, 5, 7), 16, 2, "sdpa"),
+                                                   ((3, 4, 11), 5, 1, "flex")])
+def test_pooled_keys_in_the_kernel_equal_the_merged_branches(grid, block, hk, backend):
     """One softmax over the wide layout (sparse keys + pooled key blocks) is merge_lse of the
-    sparse and compressed branches: forward and backward, odd N, padding, GQA."""
+    sparse and compressed branches: forward and backward, odd N, padding, GQA; the backends that
+    read the layout's blocks (reference, sdpa) and the one that reads its mask program (flex)."""
     from mmsparse.attention.compressed import sparse_with_pooled_keys
 
     layout, q, k, v, valid, g = _inputs(grid, 2, 2, hk, 16, sum(grid) + block)
     want = _branches_merged(q, k, v, layout, block, valid, ~valid)
-    got = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=~valid, backend="reference")
+    flex_on_cpu = backend == "flex" and not torch.cuda.is_available()  # torch's flex has no CPU backward
+    with torch.set_grad_enabled(not flex_on_cpu):
+        got = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=~valid, backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if flex_on_cpu:
+        return
     gout = torch.randn(want.shape, generator=g)
     for a, w in zip(torch.autograd.grad((got * gout).sum(), (q, k, v)),
                     torch.autograd.grad((want * gout).sum(), (q, k, v))):
@@ -193,6 +200,10 @@ def test_pooled_keys_layout_lists_every_pooled_block_for_the_stream_rows_only():
     # the blocks past the stream attend nothing
     assert bool(mask[:105, 128:160].all()) and not bool(mask[128:].any())
     assert torch.equal(mask[:105, :105], layout.dense_mask())
+    # the mask program says the same at token level (flex reads it on every pair)
+    qi, ki = torch.arange(160)[:, None], torch.arange(160)[None, :]
+    prog = wide.program.evaluate(qi, ki)
+    assert bool(prog[:105, 128:].all()) and torch.equal(prog[:105, :105], layout.dense_mask())
     assert pooled_keys_layout(layout, 7)[0] is wide  # cached
     with pytest.raises(ValueError, match="n_keys"):
         pooled_keys_layout(layout, 0)
