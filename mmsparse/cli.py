@@ -40,6 +40,13 @@ def run_bench(name: str, argv: list[str], root: Path = REPO_ROOT) -> int:
         from mmsparse.eval.longdriver import main as longclip
 
         return int(longclip(argv) or 0)
+    return int(bench_module(name, root).main(argv) or 0)
+
+
+def bench_module(name: str, root: Path = REPO_ROOT):
+    """``bench/<name>.py`` of the checkout at ``root``, imported as ``bench.<name>``."""
+    if name not in BENCHMARKS or name == "longclip":
+        raise ValueError(f"benchmark script must be one of {sorted(set(BENCHMARKS) - {'longclip'})}, got {name!r}")
     script = Path(root) / "bench" / f"{name}.py"
     if not script.is_file():
         raise FileNotFoundError(
@@ -52,7 +59,7 @@ def run_bench(name: str, argv: list[str], root: Path = REPO_ROOT) -> int:
     if Path(module.__file__).resolve() != script.resolve():
         raise ImportError(f"bench.{name} imported from {module.__file__}, not {script}: another `bench` "
                           f"package shadows the checkout's")
-    return int(module.main(argv) or 0)
+    return module
 
 
 def _register_bench(sub) -> None:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from mmsparse import cli
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "bench" / "data.py"
-    spec = importlib.util.spec_from_file_location("bench_data", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return cli.bench_module("data")
 
 
 def test_bench_data_smoke(tmp_path, capsys):

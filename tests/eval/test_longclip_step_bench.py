@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from mmsparse import cli
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "bench" / "longclip_step.py"
-    spec = importlib.util.spec_from_file_location("bench_longclip_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return cli.bench_module("longclip_step")
 
 
 def test_longclip_step_bench_times_arms_against_dense(tmp_path, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmsparse import cli
+
 
 def _bench_model():
-    path = Path(__file__).resolve().parents[2] / "bench" / "model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return cli.bench_module("model")
 
 
 def _result(folder: Path) -> dict:
