@@ -111,8 +111,8 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse
 # -- the pooled keys inside the sparse kernel -----------------------------------------------------
 def pooled_keys_layout(layout, n_pooled: int):
     """`layout` widened so that every query block of its N positions also attends ``n_pooled``
-    more keys fully, after the stream (``blocklayout.with_full_keys``): (wide layout, K0, the
-    first pooled position). Cached on `layout` per ``n_pooled``."""
+    more keys fully, after the stream (``blocklayout.with_full_keys``): (wide layout, K0), K0
+    the first pooled position. Cached on `layout` per ``n_pooled``."""
     from .blocklayout import with_full_keys
 
     cache = layout.__dict__.setdefault("_pooled_keys", {})

@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     report = lr.merge(folders, spec.key(), timing)
     if args.check_backends:
         report["backend_checks"] = _check_backends(args, spec, runs, device, out)
-    elif _beside(out, args.extra, "backends.json"):  # checks of an earlier invocation on these runs
-        report["backend_checks"] = json.loads(_beside(out, args.extra, "backends.json").read_text())
+    elif saved := _beside(out, args.extra, "backends.json"):  # checks of an earlier invocation on these runs
+        report["backend_checks"] = json.loads(saved.read_text())
     stem = f"longclip-{_slug(report.get('device') or device)}-{dt.date.today().isoformat()}-{args.label}"
     meta = {"torch": torch.__version__, "commit": _git_commit()}
     try:  # the installed version, without importing triton outside the kernels

@@ -248,8 +248,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
             ys = [a["cells"][f"{task}@{n}"]["choice"]["acc"] for n in lengths]
             lo = [a["cells"][f"{task}@{n}"]["choice"]["ci95"][0] for n in lengths]
             hi = [a["cells"][f"{task}@{n}"]["choice"]["ci95"][1] for n in lengths]
-            ax.errorbar(lengths, ys, yerr=[[max(0.0, y - l) for y, l in zip(ys, lo)],
-                                           [max(0.0, h - y) for y, h in zip(ys, hi)]],
+            ax.errorbar(lengths, ys, yerr=[[y - l for y, l in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]],
                         fmt=style, marker="o", color=colour, capsize=2, label=label)
         for seed, curve in a["curves"].items():
             axes[-1].plot([c["step"] for c in curve], [c["val_choice"] for c in curve], style, color=colour,
