@@ -13,12 +13,30 @@ anchors of docs/benchmarks.md measured in the same run (dense SDPA, its flash ba
 the permuted batch for axial attention). Writes bench/results/attention-<device>-<date>[-<label>].json
 (``--label``; a name taken already gets ``-2``, ``-3``: see bench/common.py), a markdown table
 beside it, and a PNG of speedup over dense SDPA against density.
+
+FlexAttention anchors beside mmsparse's `flex` backend (whose BlockMask comes from the layout
+and whose mask_mod reads the layout's attribute tensors):
+
+- `flex_closed`: FlexAttention's Triton backend on a BlockMask from `create_block_mask` with the
+  pattern's closed-form mask_mod (bench/flex_closed.py: integer arithmetic on q_idx / kv_idx, no
+  captured tensors), the fastest form of Flex a user writes; on every workload whose pattern has
+  one (windows, tiles, axial, strided, global tokens, dense; not BigBird's random blocks). Its
+  attended pairs are checked against the layout's before timing. The CPU runs it forward only
+  (FlexAttention has no CPU backward). The `x flex_closed` column is its time over each row's
+  (fwd+bwd; fwd where there is no backward): above 1, the row is faster than this anchor.
+- `flex_flash`: the same BlockMask on FlexAttention's FLASH backend (FlashAttention-4, CuTe DSL;
+  `kernel_options={"BACKEND": "FLASH"}`), CUDA only. Where it raises (FA4 not installed, a mask
+  its template cannot compile) the row carries the error.
+- `fa4_dense`: FlashAttention-4's own dense kernel (`flash_attn.cute.flash_attn_func`) on the
+  dense workloads, CUDA only; "not installed" where `flash_attn.cute` does not import. The
+  result's `fa4` field names the FA4 version.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import logging
 import math
@@ -29,10 +47,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, environment, median_ms, out_folder, result_stem, slug  # noqa: E402
+from bench.flex_closed import block_mask_pairs, closed_block_mask, closed_form  # noqa: E402
 from mmsparse.attention import (  # noqa: E402
     Axial, Dense, Local, StreamLayout, Tiled, bigbird, build_layout, longformer, sparse_attention,
     sparse_transformer,
@@ -102,8 +122,9 @@ def gpu_workloads() -> list[Workload]:
     for label, pattern in A5_PRESETS.values():
         w.append(Workload("A5", f"{label}, 16x64", pattern, (A5_N,), 16, 64, triton_block=64,
                           anchors=("sdpa_dense", "sdpa_flash")))
-    # issue 3's dense target is SDPA's flash backend; the default dispatch (cuDNN on Hopper) beside it
-    dense_anchors = ("sdpa_dense", "sdpa_flash")
+    # issue 3's dense target is SDPA's flash backend; the default dispatch (cuDNN on Hopper) and
+    # FlashAttention-4 beside it
+    dense_anchors = ("sdpa_dense", "sdpa_flash", "fa4_dense")
     w.append(Workload("dense", "dense N=16,384, 16x64", Dense(), a1, 16, 64, anchors=dense_anchors))
     w.append(Workload("dense", "dense N=73,728, 8x128", Dense(), a2, 8, 128, anchors=dense_anchors))
     w.append(Workload("A6", "3D window (3,9,9), N=1,048,576, 8x128", Local((3, 9, 9)), (256, 64, 64), 8, 128, anchors=()))
@@ -123,20 +144,33 @@ def cpu_workloads() -> list[Workload]:
 
 def measure(make_fn, q, k, v, device, reps, backward=True):
     """(fwd ms, fwd+bwd ms) of out = make_fn(q, k, v)."""
+    fwd = measure_forward(make_fn, q, k, v, device, reps)
+    return fwd, measure_backward(make_fn, q, k, v, device, reps) if backward else None
+
+
+def measure_forward(make_fn, q, k, v, device, reps) -> float:
+    """fwd ms of make_fn(q, k, v) under no_grad."""
     with torch.no_grad():
-        fwd = median_ms(lambda: make_fn(q, k, v), device, reps)
-    both = None
-    if backward:
-        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        dout = torch.randn_like(q)
+        return median_ms(lambda: make_fn(q, k, v), device, reps)
 
-        def step():
-            for t in (qg, kg, vg):
-                t.grad = None
-            make_fn(qg, kg, vg).backward(dout)
 
-        both = median_ms(step, device, reps)
-    return fwd, both
+def measure_backward(make_fn, q, k, v, device, reps) -> float:
+    """fwd+bwd ms of make_fn(q, k, v).backward(dout)."""
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    dout = torch.randn_like(q)
+
+    def step():
+        for t in (qg, kg, vg):
+            t.grad = None
+        make_fn(qg, kg, vg).backward(dout)
+
+    return median_ms(step, device, reps)
+
+
+def describe(err: Exception) -> str:
+    """The exception's type and first non-empty line, for a row's error field."""
+    line = next((x.strip() for x in str(err).splitlines() if x.strip()), "")
+    return f"{type(err).__name__}: {line[:200]}"
 
 
 def axial_sdpa(axis: int, grid):
@@ -173,6 +207,59 @@ def flash_sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+def fa4() -> tuple[object, str]:
+    """(FlashAttention-4's dense attention on (B, H, N, D) tensors, its version), or (None, why
+    not). FA4 takes (B, N, H, D): the transposes are views, no copy."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as err:  # absent, or installed without its CUDA / CuTe DSL libraries
+        missing = isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "flash_attn"
+        return None, "not installed" if missing else f"import failed: {describe(err)}"
+    try:
+        version = importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+
+    def fn(q, k, v):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out  # (out, lse) in 4.0 betas
+        return out.transpose(1, 2)
+
+    return fn, version
+
+
+_flex_compiled: dict = {}
+
+
+def flex_closed_fn(block_mask, device: str, backend: str = "TRITON"):
+    """FlexAttention on `block_mask` with kernel backend `backend` ("TRITON" or "FLASH"):
+    compiled on CUDA, one compiled function per backend (each with its own recompile budget,
+    apart from the flex backend's); eager on the CPU (forward only there)."""
+    if device != "cuda":
+        return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
+    if backend not in _flex_compiled:
+        options = {"BACKEND": backend}
+
+        def run(q, k, v, block_mask):
+            return flex_attention(q, k, v, block_mask=block_mask, kernel_options=options)
+
+        _flex_compiled[backend] = torch.compile(run, dynamic=False)
+    compiled = _flex_compiled[backend]
+    return lambda q, k, v: compiled(q, k, v, block_mask)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """x_flex_closed_fwd / _fwd_bwd on every timed row of one workload: the flex_closed time over
+    the row's (above 1: the row is faster than Flex with a closed-form mask_mod)."""
+    anchor = next((r for r in rows if r["backend"] == "flex_closed" and "error" not in r), None)
+    if anchor is None:
+        return
+    for r in rows:
+        for key in ("fwd", "fwd_bwd"):
+            if anchor.get(f"{key}_ms") and r.get(f"{key}_ms"):
+                r[f"x_flex_closed_{key}"] = anchor[f"{key}_ms"] / r[f"{key}_ms"]
+
+
 def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -204,34 +291,91 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
     if "triton" in own and wl.triton_block != layout.block_q:
         own["triton"] = build_layout(wl.pattern, stream, wl.triton_block, wl.triton_block, device=device)
     rows = []
-    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b)) for b in backends]
+    # (name, fn, its own row fields or None, fwd+bwd too, why it cannot run or None)
+    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b), None, wl.backward, None)
+                  for b in backends]
+    candidates += closed_flex_candidates(wl, stream, layout, attended, device)
     for a in wl.anchors:
         if a == "sdpa_dense":
-            candidates.append((a, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)))
+            candidates.append((a, lambda q, k, v: F.scaled_dot_product_attention(q, k, v), None, wl.backward, None))
         elif a == "sdpa_flash":
-            candidates.append((a, flash_sdpa))
+            candidates.append((a, flash_sdpa, None, wl.backward, None))
         elif a == "sdpa_axial":
-            candidates.append((a, axial_sdpa(wl.axial_axis, wl.grid)))
-    for name, fn in candidates:
-        row = dict(base, backend=name, **blocks(own.get(name, layout)))
-        flops = 4 * n * n * wl.head_dim * wl.heads if name in ("sdpa_dense", "sdpa_flash") else fwd_flops
+            candidates.append((a, axial_sdpa(wl.axial_axis, wl.grid), None, wl.backward, None))
+        elif a == "fa4_dense" and device == "cuda":
+            fn, why = fa4()
+            candidates.append((a, fn, None, wl.backward, None if fn else why))
+    for name, fn, fields, backward, error in candidates:
+        row = dict(base, backend=name, **(fields or blocks(own.get(name, layout))))
+        flops = 4 * n * n * wl.head_dim * wl.heads if name in DENSE_ANCHORS else fwd_flops
+        # a backend that cannot run a workload is reported, not fatal: a forward that fails makes
+        # the row an error; a backward that fails keeps the forward time beside `bwd_error`
         try:
+            if error:
+                raise RuntimeError(error)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            fwd, both = measure(fn, q, k, v, device, reps, wl.backward)
+            fwd = measure_forward(fn, q, k, v, device, reps)
+            both = None
+            if backward:
+                try:
+                    both = measure_backward(fn, q, k, v, device, reps)
+                except Exception as err:
+                    row["bwd_error"] = describe(err)
             row.update(fwd_ms=fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
                        fwd_bwd_tflops=(3.5 * flops / both / 1e9) if both else None,
                        effective_fwd_bwd_tflops=(3.5 * fwd_flops / both / 1e9) if both else None)
             if device == "cuda":
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        except Exception as err:  # a backend that cannot run a workload is reported, not fatal
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        except Exception as err:
+            row["error"] = error or describe(err)
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(f"# {wl.id} {wl.name}: {name} measured", file=sys.stderr, flush=True)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    add_ratios(rows)  # needs the workload's flex_closed time: the rows print once all ran
+    for row in rows:
+        print(format_row(row), flush=True)
     return rows
+
+
+DENSE_ANCHORS = ("sdpa_dense", "sdpa_flash", "fa4_dense")  # rows that compute all N^2 pairs
+
+
+def closed_flex_candidates(wl: Workload, stream, layout, attended: int, device: str) -> list[tuple]:
+    """The flex_closed (and, on CUDA, flex_flash) candidates of a workload whose pattern has a
+    closed-form mask_mod; none where it has not. Their row fields carry the BlockMask's own
+    block statistics and build time; a BlockMask that does not attend the layout's pairs, or
+    fails to build, makes both rows errors."""
+    mask_mod = closed_form(wl.pattern, stream)
+    if mask_mod is None:
+        return []
+    names = ["flex_closed"] + (["flex_flash"] if device == "cuda" else [])
+    fields, error, block_mask = {}, None, None
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        block_mask = closed_block_mask(wl.pattern, stream, block=128, device=device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        build_ms = (time.perf_counter() - t0) * 1e3
+        got, computed = block_mask_pairs(block_mask, mask_mod, layout.n)
+        if got != attended:
+            error = f"closed-form mask_mod attends {got} pairs, the layout {attended}"
+        partial = int(block_mask.kv_num_blocks[0, 0].sum())
+        full = int(block_mask.full_kv_num_blocks[0, 0].sum()) if block_mask.full_kv_num_blocks is not None else 0
+        mq, mk = block_mask.kv_indices.shape[-2:]
+        fields = dict(blocks="128x128", block_density=(partial + full) / (mq * mk), utilization=attended / computed,
+                      full_blocks=full, partial_blocks=partial, block_mask_build_ms=build_ms)
+    except Exception as err:
+        error = f"closed-form BlockMask: {describe(err)}"
+    if error:
+        fields = dict(blocks="128x128", block_density=None, utilization=None, full_blocks=None, partial_blocks=None)
+    backward = wl.backward and device == "cuda"  # FlexAttention has no CPU backward
+    return [(name, None if error else flex_closed_fn(block_mask, device, "FLASH" if name == "flex_flash" else "TRITON"),
+             fields, backward, error) for name in names]
 
 
 def _prewarm_one(index: int) -> str:
@@ -267,21 +411,27 @@ def prewarm(workloads: list[Workload], jobs: int):
 
 def format_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['id']} | {r['workload']} | {r['backend']} | error: {r['error']} |"
-    fb = f"{r['fwd_bwd_ms']:.2f}" if r.get("fwd_bwd_ms") else "-"
+        return f"| {r['id']} | {r['workload']} | {r['order']} | {r['backend']} | error: {r['error']} |"
+    fb = f"{r['fwd_bwd_ms']:.2f}" if r.get("fwd_bwd_ms") else f"error: {r['bwd_error']}" if "bwd_error" in r else "-"
     fbt = f"{r['fwd_bwd_tflops']:.1f}" if r.get("fwd_bwd_tflops") else "-"
+    if "x_flex_closed_fwd_bwd" in r:
+        ratio = f"{r['x_flex_closed_fwd_bwd']:.2f}"
+    elif "x_flex_closed_fwd" in r:
+        ratio = f"{r['x_flex_closed_fwd']:.2f} (fwd)"
+    else:
+        ratio = "-"
     return (
         f"| {r['id']} | {r['workload']} | {r['order']} | {r['backend']} | {r['fwd_ms']:.3f} | {fb} | "
-        f"{r['fwd_tflops']:.1f} | {fbt} | {100 * r['density']:.3f} | {r.get('blocks', '128x128')} | "
+        f"{r['fwd_tflops']:.1f} | {fbt} | {ratio} | {100 * r['density']:.3f} | {r.get('blocks', '128x128')} | "
         f"{100 * r['block_density']:.2f} | "
         f"{100 * r['utilization']:.1f} | {r['layout_build_ms']:.1f} |"
     )
 
 
 HEADER = (
-    "| id | workload | order | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | "
+    "| id | workload | order | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | x flex_closed | "
     "density % | blocks | block density % | utilization % | layout build ms |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -294,7 +444,8 @@ def plot(rows: list[dict], path: Path, device_name: str):
     dense = {(r["n"], r["heads"], r["head_dim"]): r["fwd_bwd_ms"] for r in rows
              if r["backend"] == "sdpa_dense" and r.get("fwd_bwd_ms")}
     fig, ax = plt.subplots(figsize=(7, 5))
-    for backend, marker in (("triton", "o"), ("flex", "s"), ("reference", "^")):
+    for backend, marker in (("triton", "o"), ("flex", "s"), ("flex_closed", "D"), ("flex_flash", "v"),
+                            ("reference", "^")):
         pts = [(r["density"], dense[(r["n"], r["heads"], r["head_dim"])] / r["fwd_bwd_ms"]) for r in rows
                if r["backend"] == backend and r.get("fwd_bwd_ms") and (r["n"], r["heads"], r["head_dim"]) in dense]
         if pts:
@@ -328,7 +479,8 @@ def main(argv=None) -> int:
         p.error(str(err))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # flex is compiled once per workload and grad mode: more graphs than dynamo's default 8,
-    # past which it silently falls back to an eager flex that materialises N x N scores
+    # past which it silently falls back to an eager flex that materialises N x N scores (the
+    # flex_closed / flex_flash rows compile their own functions, each with this budget)
     torch._dynamo.config.recompile_limit = 64
     logging.basicConfig(level=logging.WARNING, format="# %(name)s: %(message)s")
     logging.getLogger("mmsparse.kernels").setLevel(logging.INFO)  # autotune choices
@@ -339,6 +491,7 @@ def main(argv=None) -> int:
         backends = ["reference"]
         workloads = cpu_workloads()
     env = environment(device)
+    env["fa4"] = fa4()[1] if device == "cuda" else "not on the CPU"
     device_name = env["device"]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if only:
@@ -347,7 +500,7 @@ def main(argv=None) -> int:
     if args.prewarm and "triton" in backends:
         prewarm(workloads, args.prewarm)
     print(f"# mmsparse attention benchmark on {device_name}, torch {env['torch']}, "
-          f"triton {env['triton']}, backends {backends}\n\n{HEADER}", flush=True)
+          f"triton {env['triton']}, FA4 {env['fa4']}, backends {backends}\n\n{HEADER}", flush=True)
     rows = []
     for wl in workloads:
         rows += run_workload(wl, device, backends, reps)
@@ -370,7 +523,8 @@ def main(argv=None) -> int:
     )
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
     Path(f"{stem}.md").write_text(
-        f"# Attention benchmark: {device_name}\n\ntorch {env['torch']}, triton {env['triton']}, {date}, "
+        f"# Attention benchmark: {device_name}\n\ntorch {env['torch']}, triton {env['triton']}, "
+        f"FA4 {env['fa4']}, {date}, "
         f"commit {env['git_commit']}\n\n"
         + HEADER + "\n" + "\n".join(format_row(r) for r in rows)
         + "\n\nA2 layout build, cold: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in build.items()) + "\n"

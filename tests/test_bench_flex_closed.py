@@ -69,6 +69,9 @@ def test_flex_on_the_closed_block_mask_matches_the_reference(name, pattern, stre
         ref, ref_lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
         out, aux = flex_attention(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
     assert (out - ref).abs().max() < 1e-5 and (aux.lse - ref_lse).abs().max() < 1e-5
+    # the pair count the benchmark checks before timing: exact, in no more blocks than the layout's
+    attended, computed = fc.block_mask_pairs(block_mask, fc.closed_form(pattern, stream), stream.length, chunk=3)
+    assert attended == layout.attended_pairs() and attended <= computed <= layout.computed_pairs()
 
 
 def test_a_window_without_the_border_clamp_is_caught(monkeypatch):
