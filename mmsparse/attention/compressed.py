@@ -156,3 +156,22 @@ def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
 
     qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)
     return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :q.shape[2]]
+
+
+def attention_with_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
+                              valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                              backend: str = "auto") -> torch.Tensor:
+    """A sparse layer's attention with its compressed branch: the pooled keys inside the sparse
+    layout's softmax (``sparse_with_pooled_keys``), or, for LSH layouts (buckets sorted per clip,
+    no fixed block lists to widen), the two branches merged by log-sum-exp. Shapes as
+    ``sparse_with_pooled_keys``."""
+    from .backends import sparse_attention
+    from .patterns import LSH
+
+    if isinstance(layout.pattern, LSH):
+        out, lse = sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask,
+                                    return_lse=True)
+        out_c, lse_c = compressed_attention(q, k, v, block, valid=valid)
+        return merge_lse(out, lse, out_c, lse_c)[0]
+    return sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=key_padding_mask,
+                                   backend=backend)

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
-from mmsparse.attention import LSH, BlockLayout, sparse_attention
-from mmsparse.attention.compressed import compressed_attention, merge_lse, sparse_with_pooled_keys
+from mmsparse.attention import BlockLayout, sparse_attention
+from mmsparse.attention.compressed import attention_with_compressed
 from mmsparse.encoders import apply_rope
 from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope
 
@@ -134,14 +134,9 @@ class SparseSelfAttention(nn.Module):
             valid = None if packed is None else (packed.rows >= 0).expand(b, n)
             if pad_mask is not None:
                 valid = ~pad_mask if valid is None else valid & ~pad_mask
-            if isinstance(layout.pattern, LSH):  # buckets sorted per clip: the branches merged by LSE
-                out, lse = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask,
-                                            return_lse=True)
-                out_c, lse_c = compressed_attention(q, k, v, self.compress, valid=valid)
-                out, _ = merge_lse(out, lse, out_c, lse_c)
-            else:  # the pooled keys as key blocks of the sparse kernel: one softmax, no N x C scores
-                out = sparse_with_pooled_keys(q, k, v, layout, self.compress, valid=valid,
-                                              key_padding_mask=pad_mask, backend=self.backend)
+            # the pooled keys inside the sparse layout's softmax (LSH layouts: merged by LSE)
+            out = attention_with_compressed(q, k, v, layout, self.compress, valid=valid, key_padding_mask=pad_mask,
+                                            backend=self.backend)
         else:
             out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
         if packed is None:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmsparse.attention import sparse_attention
+from mmsparse.attention.compressed import attention_with_compressed
 from mmsparse.encoders import apply_rope
 
 
@@ -91,17 +92,24 @@ class _GatherTokens(torch.autograd.Function):
 
 class _LocalSparseAttention(nn.Module):
     """DistributedAttention's local attention: (B, N', H/P, D) in and out, sparse_attention of the
-    N real tokens inside (padding rows come out as zeros)."""
+    N real tokens inside (padding rows come out as zeros). ``compress``: the layer's compressed
+    branch (``SparseSelfAttention.compress``), which after the all-to-all sees the whole stream of
+    its heads, so it runs as on one GPU."""
 
-    def __init__(self, backend: str, state: dict):
+    def __init__(self, backend: str, state: dict, compress: int = 0):
         super().__init__()
-        self.backend, self.state = backend, state
+        self.backend, self.state, self.compress = backend, state, compress
 
     def forward(self, q, k, v, layout, pad_mask=None):
         n_pad, n = q.shape[1], self.state["n"]
         q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
         # layout None (a dense layer): SDPA inside sparse_attention, padding keys masked
-        out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
+        if layout is not None and self.compress:
+            valid = None if pad_mask is None else ~pad_mask
+            out = attention_with_compressed(q, k, v, layout, self.compress, valid=valid, key_padding_mask=pad_mask,
+                                            backend=self.backend)
+        else:
+            out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
         out = out.transpose(1, 2)  # (B, N, H/P, D)
         return F.pad(out, (0, 0, 0, 0, 0, n_pad - n)) if n_pad > n else out
 
@@ -117,7 +125,7 @@ class UlyssesSelfAttention(nn.Module):
         self.qkv, self.q_norm, self.k_norm, self.proj = attn.qkv, attn.q_norm, attn.k_norm, attn.proj
         self.num_heads, self.head_dim, self.backend = attn.num_heads, attn.head_dim, attn.backend
         self.sp_rank, self.sp = sp_rank, sp
-        self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state), group, scatter_idx=2,
+        self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state, attn.compress), group, scatter_idx=2,
                                               gather_idx=1)
 
     def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None) -> torch.Tensor:
