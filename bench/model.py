@@ -139,15 +139,18 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
     """(real tokens, stream positions, attended pairs summed over layers, train FLOPs of the
     encoder). Real tokens are the global tokens and the segments' tokens: the stream's alignment
     gaps and tile padding (`segment_align`, `*_tile_align`) are computed but not counted, so
-    tokens/s and MFU compare models of different padding on the same media."""
+    tokens/s and MFU compare models of different padding on the same media. A compressed branch
+    (`compress_block`) adds N x ceil(N / compress_block) pairs a sparse layer (every position
+    attends every pooled key)."""
     with torch.no_grad():
         stream = model.embed(batch)
     layout = stream.layout
     n, e, depth = layout.length, model.cfg.embed_dim, model.cfg.depth
     real = layout.n_global + sum(s.numel for s in layout.segments)
     pairs = 0
+    pooled = -(-n // model.cfg.compress_block) if model.cfg.compress_block else 0
     for lay in model.layer_layouts(layout):
-        pairs += n * n if lay is None else lay.attended_pairs()
+        pairs += n * n if lay is None else lay.attended_pairs() + n * pooled
     flops = 6.0 * real * 12 * e * e * depth + 3.5 * 4.0 * pairs * e
     return real, n, pairs, flops
 
