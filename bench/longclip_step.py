@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         print(f"| {r['arm']} | " + " | ".join(cells) + " |")
     stem = result_stem(out_folder(args.out), "longclipstep", slug(device_name(device)), args.label)
     result = {"env": environment(device), "batch": spec.batch, "lengths": list(lengths), "repeats": args.repeats,
-              "anchor": "dense (SDPA) in the same run", "rows": rows}
+              "anchor": "dense (SDPA) in the same run", "model": spec.model, "rows": rows}
     path = stem.with_name(stem.name + ".json")
     path.write_text(json.dumps(result, indent=1))
     print(path)

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="merge the finished runs and write the report")
     p.add_argument("--no-timing", action="store_true",
                    help="skip timing each arm's training step alone on the device (timing.json)")
+    p.add_argument("--timing", default=None, metavar="JSON",
+                   help="step times from bench/longclip_step.py (its JSON) instead of timing each arm here; "
+                        "its batch must be the spec's, and it must cover the eval lengths")
     p.add_argument("--label", default="v2", help="report name label")
     p.add_argument("--results", default=None, help="where the report goes (default --out)")
     p.add_argument("--check-backends", default=None, metavar="B1,B2",
@@ -133,6 +136,10 @@ def main(argv=None) -> int:
     timing_file = out / "timing.json"
     saved = _beside(out, args.extra, "timing.json")
     timing = json.loads(saved.read_text()) if saved else {}
+    if args.timing:  # kept beside the runs, where a later --from merge finds it
+        timing.update(step_timing(args.timing, spec))
+        out.mkdir(parents=True, exist_ok=True)
+        timing_file.write_text(json.dumps(timing))
     if not args.report_only and not args.no_timing:
         for arm in arms:  # after the runs, one arm at a time: nothing else on the device
             if arm not in timing:
@@ -217,6 +224,29 @@ def _check_backends(args, spec: lb.BenchSpec, runs: Path, device, out: Path) -> 
                   flush=True)
     (out / "backends.json").write_text(json.dumps(checks, indent=1))
     return checks
+
+
+def step_timing(path: str | Path, spec: lb.BenchSpec) -> dict[str, dict[str, float | None]]:
+    """{arm: {length: ms}} from a ``bench/longclip_step.py`` result (the same model and step as
+    ``longbench.time_steps``, each arm alone on the card); SystemExit naming the file when it is
+    not one, or when its batch or lengths do not match `spec`."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows, batch, lengths = data["rows"], data["batch"], set(data["lengths"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(f"--timing {path}: not a bench/longclip_step.py result ({err!r})")
+    if batch != spec.batch:
+        raise SystemExit(f"--timing {path}: timed at batch {batch}, the spec trains at batch {spec.batch}")
+    # results without the field timed longbench.BASE_MODEL, the only model the bench then built
+    if data.get("model", json.loads(json.dumps(lb.BASE_MODEL))) != json.loads(json.dumps(spec.model)):
+        raise SystemExit(f"--timing {path}: timed another model than the spec's (its 'model' field)")
+    missing = sorted(set(spec.eval_lengths) - lengths)
+    if missing:
+        raise SystemExit(f"--timing {path}: no times at eval lengths {missing} (it has {sorted(lengths)})")
+    stale = [r["arm"] for r in rows if lb.ARMS.get(r["arm"]) != r.get("config")]
+    if stale:
+        raise SystemExit(f"--timing {path}: arms {stale} were timed with other configs than longbench.ARMS has now")
+    return {r["arm"]: {str(n): r["step_ms"][str(n)] for n in spec.eval_lengths} for r in rows}
 
 
 def _beside(out: Path, extra: list[str], name: str) -> Path | None:

@@ -32,3 +32,26 @@ def test_longclip_step_bench_times_arms_against_dense(tmp_path, capsys):
     assert "| tiled_compress |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown arm"):
         mod.main(["--arms", "sparse", "--out", str(tmp_path)])
+
+
+def test_driver_takes_its_step_times(tmp_path):
+    """The long-clip report can take the step times from this bench (--timing): the arms' times at
+    the spec's eval lengths, and a clear error for another batch, length or model."""
+    from mmsparse.eval import longbench as lb
+    from mmsparse.eval.longdriver import step_timing
+
+    argv = ["--arms", "tiled", "--lengths", "48,64", "--repeats", "1", "--batch", "2", "--device", "cpu",
+            "--label", "t", "--out", str(tmp_path)]
+    assert _bench().main(argv) == 0
+    (path,) = tmp_path.glob("longclipstep-cpu-*-t.json")
+    rows = {r["arm"]: r["step_ms"] for r in json.loads(path.read_text())["rows"]}
+    spec = lb.BenchSpec(batch=2, eval_lengths=(64,))
+    assert step_timing(path, spec) == {arm: {"64": ms["64"]} for arm, ms in rows.items()}
+    with pytest.raises(SystemExit, match="timed at batch 2, the spec trains at batch 32"):
+        step_timing(path, lb.BenchSpec(eval_lengths=(64,)))
+    with pytest.raises(SystemExit, match=r"no times at eval lengths \[256\]"):
+        step_timing(path, lb.BenchSpec(batch=2, eval_lengths=(64, 256)))
+    with pytest.raises(SystemExit, match="another model"):
+        step_timing(path, lb.BenchSpec(batch=2, eval_lengths=(64,), model=dict(lb.BASE_MODEL, depth=2)))
+    with pytest.raises(SystemExit, match="not a bench/longclip_step.py result"):
+        step_timing(tmp_path / "missing.json", spec)
