@@ -24,6 +24,8 @@ import math
 import torch
 import torch.utils.checkpoint
 
+from mmsparse.kernels.common import merge_lse  # noqa: F401  (re-exported: the merge of the two branches)
+
 
 def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, Hk, N, D) -> (mean over each block of `block` positions (B, Hk, C, D), block has a
@@ -92,20 +94,6 @@ def _dense_part(q, kc, vc, bias, scale: float):
     lse = torch.logsumexp(s, dim=-1)  # (B, H, rows)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     return torch.matmul(p.to(vc.dtype), vc).to(q.dtype), lse
-
-
-def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention over the union of two disjoint key sets from each set's output (B, H, N, D)
-    and log-sum-exp (B, H, N): out = (out_a e^lse_a + out_b e^lse_b) / (e^lse_a + e^lse_b).
-    A row that attends nothing in either (-inf) gets zeros and lse -inf."""
-    m = torch.maximum(lse_a, lse_b)
-    m_safe = torch.where(torch.isfinite(m), m, 0.0)
-    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)  # (B, H, N), 0 where -inf
-    total = wa + wb
-    norm = torch.where(total > 0, total, 1.0)
-    out = (out_a.float() * (wa / norm)[..., None] + out_b.float() * (wb / norm)[..., None]).to(out_a.dtype)
-    return out, torch.where(total > 0, m_safe + torch.log(norm), -math.inf)
 
 
 # -- the pooled keys inside the sparse kernel -----------------------------------------------------

@@ -1,5 +1,6 @@
 """What every kernel op shares on the host: dtype and head-dim limits, input checks, small
-tensor helpers, and the one autograd shell the attention ops (and the PyTorch reference) run in.
+tensor helpers, the log-sum-exp merge of two attention results over disjoint keys, and the one
+autograd shell the attention ops (and the PyTorch reference) run in.
 
 Legend: B batch, H query heads, Hk key/value heads (GQA: H = Hk * G), N tokens, D head dim,
 Dp = D padded to a power of two (>= 16).
@@ -7,6 +8,7 @@ Dp = D padded to a power of two (>= 16).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -106,6 +108,20 @@ def check_kernel_inputs(q, k, v, op: str, key_padding_mask=None) -> None:
     if reason:
         raise ValueError(f"{op}: {reason}")
     check_key_padding_mask(key_padding_mask, q)
+
+
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of two disjoint key sets from each set's output (B, H, N, D)
+    and log-sum-exp (B, H, N): out = (out_a e^lse_a + out_b e^lse_b) / (e^lse_a + e^lse_b).
+    A row that attends nothing in either (-inf) gets zeros and lse -inf."""
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)  # (B, H, N), 0 where -inf
+    total = wa + wb
+    norm = torch.where(total > 0, total, 1.0)
+    out = (out_a.float() * (wa / norm)[..., None] + out_b.float() * (wb / norm)[..., None]).to(out_a.dtype)
+    return out, torch.where(total > 0, m_safe + torch.log(norm), -math.inf)
 
 
 # ---------------------------------------------------------------------------------------------
