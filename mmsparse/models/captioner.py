@@ -86,8 +86,10 @@ class ModelConfig:
     av_window: float = 0.5
     # sparse layers also attend the mean-pooled keys of every `compress_block` stream positions
     # (a compressed branch, NSA-style; mmsparse/attention/compressed.py): every token sees a
-    # coarse view of the whole clip at 1 / compress_block of dense attention's cost. 0: off
-    compress_block: int = 0
+    # coarse view of the whole clip at 1 / compress_block of dense attention's cost. 0: off.
+    # On by default: without it the tiled schedule loses the long-clip tasks that need two far
+    # times at once (docs/benchmarks.md, E5); one pooled key per video tile (4 x 4 x 8 = 128)
+    compress_block: int = 128
     attn_block: int = 128
     segment_align: int = 128
     # every tile of a segment starts on a multiple of this (Segment.tile_align; 1: tiles packed).
@@ -274,8 +276,10 @@ class VideoCaptioner(nn.Module):
         # zeros at the gaps
         packed = _packed_on(layout, x.device) if self.cfg.pack_gaps and None not in layouts else None
         if packed is None:
+            # the compressed branch's block means must skip the gaps, which no mask marks here
+            real = ~_gaps_on(layout, x.device) if self.cfg.compress_block and pad is None else None
             for blk, lay in zip(self.blocks, layouts):
-                x = blk(x, lay, rope, pad)
+                x = blk(x, lay, rope, pad, real=real)
             return x
         h = take_rows(x, packed)
         for blk, lay in zip(self.blocks, layouts):
@@ -419,7 +423,8 @@ class VideoCaptioner(nn.Module):
             raise ValueError(f"{d / CONFIG}: not an mmsparse captioner config (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{d / CONFIG}: format_version {meta.get('format_version')} is not the supported {FORMAT_VERSION}")
-        cfg = ModelConfig.from_dict({**meta["config"], **overrides})
+        # a config saved before the compressed branch existed ran without it (it has no weights)
+        cfg = ModelConfig.from_dict({"compress_block": 0, **meta["config"], **overrides})
         digest = sha256_file(d / WEIGHTS)
         if meta.get("weights_sha256") and digest != meta["weights_sha256"]:
             raise ValueError(

@@ -110,10 +110,14 @@ class SparseSelfAttention(nn.Module):
         self.fused_rope = not qk_norm
 
     def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None,
-                pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None,
+                real: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2);
         pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended.
-        packed: x holds only the real rows (B, R, C) of the N-position stream (module doc)."""
+        packed: x holds only the real rows (B, R, C) of the N-position stream (module doc).
+        real (N,) bool: the positions that are tokens, not alignment gaps, where no pad_mask or
+        packing says so; the compressed branch pools only those (the sparse patterns keep the
+        gaps apart, the block means would not)."""
         b, r, c = x.shape
         n = r if packed is None else packed.n
         qkv = self.qkv(x).view(b, r, 3, self.num_heads, self.head_dim)
@@ -132,6 +136,8 @@ class SparseSelfAttention(nn.Module):
             out = sparse_attention(q, k, v, None, key_padding_mask=pad_mask)
         elif self.compress:
             valid = None if packed is None else (packed.rows >= 0).expand(b, n)
+            if valid is None and real is not None:
+                valid = real.expand(b, n)
             if pad_mask is not None:
                 valid = ~pad_mask if valid is None else valid & ~pad_mask
             # the pooled keys inside the sparse layout's softmax (LSH layouts: merged by LSE)
@@ -163,6 +169,7 @@ class SparseBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, layout: BlockLayout | None = None, rope=None,
-                pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask, packed))
+                pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None,
+                real: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask, packed, real))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -100,12 +100,14 @@ class _LocalSparseAttention(nn.Module):
         super().__init__()
         self.backend, self.state, self.compress = backend, state, compress
 
-    def forward(self, q, k, v, layout, pad_mask=None):
+    def forward(self, q, k, v, layout, pad_mask=None, real=None):
         n_pad, n = q.shape[1], self.state["n"]
         q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
         # layout None (a dense layer): SDPA inside sparse_attention, padding keys masked
         if layout is not None and self.compress:
-            valid = None if pad_mask is None else ~pad_mask
+            valid = None if real is None else real.expand(q.shape[0], -1)
+            if pad_mask is not None:
+                valid = ~pad_mask if valid is None else valid & ~pad_mask
             out = attention_with_compressed(q, k, v, layout, self.compress, valid=valid, key_padding_mask=pad_mask,
                                             backend=self.backend)
         else:
@@ -128,7 +130,7 @@ class UlyssesSelfAttention(nn.Module):
         self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state, attn.compress), group, scatter_idx=2,
                                               gather_idx=1)
 
-    def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None, real=None) -> torch.Tensor:
         """x (B, N/P, C) local tokens; layout of the whole stream; rope (cos, sin) and pad_mask
         (B, N) of all N tokens (attention sees the whole stream after the all-to-all)."""
         if packed is not None:
@@ -148,7 +150,7 @@ class UlyssesSelfAttention(nn.Module):
                 sin = torch.cat([sin, sin.new_zeros(extra, *sin.shape[1:])])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, N/P, H, D)
-        out = self.dist_attn(q, k, v, 0, None, layout, pad_mask)  # (B, N/P, H, D)
+        out = self.dist_attn(q, k, v, 0, None, layout, pad_mask, real)  # (B, N/P, H, D)
         return self.proj(out.reshape(b, n, c))
 
 

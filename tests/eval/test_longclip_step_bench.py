@@ -53,5 +53,9 @@ def test_driver_takes_its_step_times(tmp_path):
         step_timing(path, lb.BenchSpec(batch=2, eval_lengths=(64, 256)))
     with pytest.raises(SystemExit, match="another model"):
         step_timing(path, lb.BenchSpec(batch=2, eval_lengths=(64,), model=dict(lb.BASE_MODEL, depth=2)))
+    data = json.loads(path.read_text())  # an arm whose config changed since it was timed: left out
+    data["rows"][1]["config"] = {"schedule": "tiled", "compress_block": 64}
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert step_timing(tmp_path / "old.json", spec) == {"dense": {"64": rows["dense"]["64"]}}
     with pytest.raises(SystemExit, match="not a bench/longclip_step.py result"):
         step_timing(tmp_path / "missing.json", spec)
