@@ -20,6 +20,8 @@ How it is built, with no N x N mask and no N^2 loop:
 4. A pair is full when every piece pair is all-true, partial when some may attend.
 
 Layouts are cached by (pattern, stream layout, block sizes, device).
+Layouts derived from a built one (`split_full`: its full and its partial blocks apart;
+`with_full_keys`: more keys attended fully) are cached on it.
 """
 
 from __future__ import annotations
@@ -376,3 +378,28 @@ def with_full_keys(layout: BlockLayout, n_keys: int) -> tuple[BlockLayout, int]:
                        k_full_ptr, k_full_idx, k_part_ptr, k_part_idx,
                        program=MaskProgram(attrs, clauses, prog.names + ("in_stream", "added_key"), prog.tables))
     return wide, k0
+
+
+def split_full(layout: BlockLayout) -> tuple[BlockLayout, BlockLayout]:
+    """`layout` as two layouts of the same N, block sizes and mask program: (the full blocks
+    alone, the partial blocks alone). A block pair is either full or partial, so each query's
+    keys are the disjoint union of its keys in the two, and attention over `layout` is the
+    log-sum-exp merge of attention over each (``mmsparse.kernels.common.merge_lse``); a row with
+    no block in one of them has LSE -inf and zero output there, and takes nothing from it. The
+    two carry no pattern (a backend sees plain block lists). Cached on `layout`."""
+    cached = layout.__dict__.get("_split_full")
+    if cached is not None:
+        return cached
+
+    def empty(m: int):  # CSR lists of m rows with no entry
+        return torch.zeros(m + 1, dtype=torch.int32, device=layout.device), layout.q_full_idx.new_zeros(0)
+
+    mq, mk = layout.num_q_blocks, layout.num_k_blocks
+    full = BlockLayout(layout.n, layout.block_q, layout.block_k,
+                       layout.q_full_ptr, layout.q_full_idx, *empty(mq),
+                       layout.k_full_ptr, layout.k_full_idx, *empty(mk), program=layout.program)
+    partial = BlockLayout(layout.n, layout.block_q, layout.block_k,
+                          *empty(mq), layout.q_part_ptr, layout.q_part_idx,
+                          *empty(mk), layout.k_part_ptr, layout.k_part_idx, program=layout.program)
+    layout.__dict__["_split_full"] = (full, partial)
+    return full, partial
