@@ -10,8 +10,9 @@ monkeypatch.setenv):
 
 | field | environment variable | values |
 |-------|----------------------|--------|
-| attention_backend | MMSPARSE_ATTENTION_BACKEND | None (auto), reference, sdpa, flex, triton |
+| attention_backend | MMSPARSE_ATTENTION_BACKEND | None (auto), reference, sdpa, flex, triton, flash |
 | sdpa_max_tokens | MMSPARSE_SDPA_MAX_TOKENS | N up to which the sdpa backend builds an N x N mask |
+| flash_min_full_share | MMSPARSE_FLASH_MIN_FULL_SHARE | 0..1: least full-block share of the pairs for auto -> flash |
 | mask_tiles | MMSPARSE_MASK_TILES | auto, 0 (mask program in registers), 1 (precomputed tiles) |
 | mask_tile_mb | MMSPARSE_MASK_TILE_MB | device memory (MiB) shared by every layout's mask tiles |
 | skip_empty_tiles | MMSPARSE_SKIP_EMPTY_TILES | 1 / 0: partial-block loops skip tiles that attend nothing |
@@ -29,7 +30,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-BACKENDS = ("reference", "sdpa", "flex", "triton")
+BACKENDS = ("reference", "sdpa", "flex", "triton", "flash")
 _MODES = ("auto", "0", "1")
 
 
@@ -37,6 +38,11 @@ _MODES = ("auto", "0", "1")
 class KernelOptions:
     attention_backend: str | None = None
     sdpa_max_tokens: int = 16384
+    # auto runs a layout on the flash backend (full blocks on FlashAttention-4, partial blocks on
+    # Triton, merged by LSE) only where its full blocks hold at least this share of the computed
+    # pairs: FA4's faster full blocks must pay for a second launch and the merge. A first guess,
+    # to be set from same-run timings on the GPU.
+    flash_min_full_share: float = 0.5
     mask_tiles: str = "auto"
     mask_tile_mb: float = 2048.0
     skip_empty_tiles: bool = True
@@ -52,6 +58,8 @@ class KernelOptions:
         for name in ("mask_tiles", "tma", "fused_rope"):
             if getattr(self, name) not in _MODES:
                 raise ValueError(f"{name} must be auto, 0 or 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.flash_min_full_share <= 1.0:  # NaN too
+            raise ValueError(f"flash_min_full_share must be in [0, 1], got {self.flash_min_full_share}")
         if self.sdpa_max_tokens < 1:
             raise ValueError(f"sdpa_max_tokens must be >= 1, got {self.sdpa_max_tokens}")
         if not self.mask_tile_mb >= 0:  # NaN too
@@ -69,6 +77,7 @@ def _flag(value: str) -> bool:
 ENVIRONMENT = {
     "attention_backend": ("MMSPARSE_ATTENTION_BACKEND", str),
     "sdpa_max_tokens": ("MMSPARSE_SDPA_MAX_TOKENS", int),
+    "flash_min_full_share": ("MMSPARSE_FLASH_MIN_FULL_SHARE", float),
     "mask_tiles": ("MMSPARSE_MASK_TILES", str),
     "mask_tile_mb": ("MMSPARSE_MASK_TILE_MB", float),
     "skip_empty_tiles": ("MMSPARSE_SKIP_EMPTY_TILES", _flag),

@@ -11,9 +11,13 @@ module each with `can_run(q, k, v, layout) -> reason or None` and `run(...)`:
   program as mask_mod; compiled on CUDA, unfused eager mode on the CPU (small N).
 - `triton_kernels`: the Triton kernels (mmsparse.kernels), CUDA only: block-sparse, with
   exactly-axial layouts on the axial kernels and `rest | Strided(s)` layouts split into both.
+- `flash`: the layout's full blocks on FlashAttention-4's block-sparse kernels, its partial
+  blocks on the Triton kernels, merged by log-sum-exp; CUDA only, an optional install.
 
-`auto` picks triton on CUDA when it can run the inputs, else flex (logging why, once), and the
-reference on the CPU; `KernelOptions.attention_backend` (MMSPARSE_ATTENTION_BACKEND) overrides it.
+`auto` picks, on CUDA, flash where it can run the inputs and the layout's full blocks hold at
+least `KernelOptions.flash_min_full_share` of its computed pairs, else triton when it can run
+the inputs, else flex (logging why, once); on the CPU the reference. Every choice is logged
+with its reason; `KernelOptions.attention_backend` (MMSPARSE_ATTENTION_BACKEND) overrides it.
 """
 
 from __future__ import annotations
@@ -28,14 +32,14 @@ from mmsparse.kernels.options import kernel_options
 from ..blocklayout import BlockLayout
 from ..lsh import lsh_attention
 from ..patterns import LSH
-from . import flex, reference, sdpa, triton_kernels
+from . import flash, flex, reference, sdpa, triton_kernels
 from .flex import flex_block_mask
 from .sdpa import dense_attention
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "sdpa", "flex", "triton")
-_MODULES = {"reference": reference, "sdpa": sdpa, "flex": flex, "triton": triton_kernels}
+BACKENDS = ("auto", "reference", "sdpa", "flex", "triton", "flash")
+_MODULES = {"reference": reference, "sdpa": sdpa, "flex": flex, "triton": triton_kernels, "flash": flash}
 
 
 def check_inputs(q, k, v, layout) -> None:
@@ -48,20 +52,27 @@ def check_inputs(q, k, v, layout) -> None:
 
 
 def choose_backend(q, k, v, layout) -> str:
-    """The `auto` choice: forced by the options, else triton on CUDA where it can run the
-    inputs, else flex (the reason logged once), and the reference off CUDA."""
+    """The `auto` choice: forced by the options; else on CUDA flash where it can run the inputs
+    and the layout is mostly full blocks (`flash.auto_reason`), else triton where it can run
+    them, else flex (the reason logged once); the reference off CUDA."""
     forced = kernel_options().attention_backend
     if forced:
         log.debug("sparse_attention: backend %s forced by the kernel options", forced)
         return forced
     if q.device.type == "cuda":
+        not_flash = flash.auto_reason(q, k, v, layout)
+        if not_flash is None:
+            log.debug("sparse_attention: auto -> flash (full blocks hold %.1f %% of the computed pairs)",
+                      100 * flash.full_share(layout))
+            return "flash"
         reason = triton_kernels.can_run(q, k, v, layout)
         if reason is None:
-            log.debug("sparse_attention: auto -> triton (CUDA tensors)")
+            log.debug("sparse_attention: auto -> triton (CUDA tensors; not flash: %s)", not_flash)
             return "triton"
         _log_once(f"sparse_attention: auto -> flex because {reason}")
         return "flex"
-    log.debug("sparse_attention: auto -> reference (%s tensors)", q.device.type)
+    log.debug("sparse_attention: auto -> reference (%s tensors; the triton and flash backends need CUDA)",
+              q.device.type)
     return "reference"
 
 
@@ -87,7 +98,7 @@ def sparse_attention(q, k, v, block_layout: BlockLayout | None, backend: str = "
         q: (B, H, N, D) queries; k, v: (B, Hk, N, D) keys and values, H a multiple of Hk.
         block_layout: from `build_layout(pattern, layout)`, built for these N tokens; None runs
             dense attention (SDPA; `backend` and `return_lse` do not apply).
-        backend: "auto", "reference", "sdpa", "flex" or "triton".
+        backend: "auto", "reference", "sdpa", "flex", "triton" or "flash".
         scale: softmax scale, default 1 / sqrt(D).
         return_lse: also return the log-sum-exp (B, H, N) float32 (natural log).
         key_padding_mask: (B, N) bool, True where a token is padding (clips of different

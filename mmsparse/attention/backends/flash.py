@@ -1,0 +1,212 @@
+"""The flash backend: a layout's full blocks on FlashAttention-4, its partial blocks on the
+Triton kernels, the two merged by log-sum-exp.
+
+Legend: B batch, H query heads, Hk key/value heads (GQA: H = Hk * R), N tokens, D head dim,
+Mq / Mk query / key blocks of the layout, W the longest block list of a row.
+
+A full block is one where every query attends every key: no mask to evaluate, the work
+FlashAttention-4 (FA4, CuTe DSL) does fastest. The backend splits the BlockLayout into its full
+blocks and its partial blocks (`blocklayout.split_full`). The full blocks run on FA4's
+block-sparse kernels (`flash_attn.cute.flash_attn_func` with block-sparse tensors: per query
+block its full key blocks for the forward pass, per key block its full query blocks for the
+backward pass); the partial blocks run on the Triton kernels with the mask program; the two
+results are merged by their log-sum-exp in PyTorch, so gradients of the output and of the LSE
+flow through both parts. It runs on CUDA (Hopper, sm90; Blackwell, sm100) with float16 or
+bfloat16, head dims 8 to 128 in multiples of 8, GQA included, on layouts whose blocks FA4's
+tiles divide (Hopper: block_q a multiple of 128 and block_k = 128; Blackwell: block_q a
+multiple of 256 and block_k a multiple of 128). With a key padding mask the whole layout runs
+on the Triton kernels (FA4 evaluates no mask in full blocks). `auto` picks it where it can run
+and the full blocks hold at least `KernelOptions.flash_min_full_share`
+(MMSPARSE_FLASH_MIN_FULL_SHARE, default 0.5) of the layout's computed pairs, and logs why it
+did or did not; elsewhere auto keeps its choice (triton, else flex). Install FA4 with
+`pip install -e ".[flash]"` (flash-attn-4 4.0.0b36).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+
+from mmsparse.kernels.block_sparse.lists import rows_of
+from mmsparse.kernels.common import merge_lse
+from mmsparse.kernels.options import kernel_options
+
+from ..blocklayout import BlockLayout, split_full
+from . import triton_kernels
+
+log = logging.getLogger(__name__)
+
+INSTALL = 'pip install -e ".[flash]"'
+DTYPES = (torch.float16, torch.bfloat16)
+# FA4 4.0.0b36's block-sparse tiles per compute capability major: (block_q must be a multiple
+# of this, block_k must be a multiple of this, block_k at most this). Hopper's backward walks
+# 128-key tiles that must equal the sparse key block; Blackwell's forward stages two 128-query
+# tiles per sparse query block and takes several 128-key tiles per key block.
+BLOCKS = {9: (128, 128, 128), 10: (256, 128, None), 11: (256, 128, None)}
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 128
+
+
+@functools.lru_cache(maxsize=1)
+def _fa4():
+    """(flash_attn_func, BlockSparseTensorsTorch) of FlashAttention-4, or why they do not import."""
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    except Exception as err:  # absent, or installed without its CUDA / CuTe DSL libraries
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "flash_attn":
+            return f"FlashAttention-4 is not installed ({INSTALL})"
+        return f"FlashAttention-4 does not import ({type(err).__name__}: {err}; {INSTALL})"
+    return flash_attn_func, BlockSparseTensorsTorch
+
+
+def _fa4_missing() -> str | None:
+    """Why FA4 cannot be used, without importing it (no CUDA here to run it anyway)."""
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"FlashAttention-4 is not installed ({INSTALL})"
+
+
+def input_reason(dtype: torch.dtype, head_dim: int, head_dim_v: int, capability: tuple[int, int],
+                 block_q: int, block_k: int) -> str | None:
+    """Why FA4's block-sparse kernels cannot run inputs of this dtype and head dims on a GPU of
+    this compute capability over blocks of block_q x block_k tokens, or None when they can."""
+    if dtype not in DTYPES:
+        return f"FlashAttention-4 takes float16 or bfloat16, got {dtype}"
+    if head_dim != head_dim_v:
+        return f"q / k head dim {head_dim} and v head dim {head_dim_v} differ"
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM or head_dim % 8:
+        return f"head_dim {head_dim} is not a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    blocks = BLOCKS.get(capability[0])
+    if blocks is None:
+        return (f"FlashAttention-4's block-sparse forward and backward run on sm90 / sm100, "
+                f"got sm{capability[0]}{capability[1]}")
+    mult_q, mult_k, max_k = blocks
+    if block_q % mult_q or block_k % mult_k or (max_k is not None and block_k > max_k):
+        want_k = f"block_k = {max_k}" if max_k is not None else f"block_k a multiple of {mult_k}"
+        return (f"layout blocks {block_q}x{block_k} do not fit FlashAttention-4's tiles on "
+                f"sm{capability[0]}{capability[1]} (block_q a multiple of {mult_q}, {want_k})")
+    return None
+
+
+def can_run(q, k, v, layout: BlockLayout) -> str | None:
+    """Why the flash backend cannot run these inputs (no CUDA, FA4 missing, dtype, head dim,
+    GPU, block sizes, or the Triton kernels refusing the partial blocks), or None when it can."""
+    if q.device.type != "cuda":
+        reasons = [f"it needs CUDA tensors (got {q.device})", _fa4_missing()]
+        return "backend='flash' cannot run: " + "; ".join(r for r in reasons if r)
+    fa4 = _fa4()
+    reason = fa4 if isinstance(fa4, str) else input_reason(
+        q.dtype, q.shape[-1], v.shape[-1], torch.cuda.get_device_capability(q.device), layout.block_q, layout.block_k)
+    if reason is None and layout.num_partial:
+        reason = triton_kernels.can_run(q, k, v, layout)
+    return None if reason is None else f"backend='flash' cannot run: {reason}"
+
+
+def full_share(layout: BlockLayout) -> float:
+    """The share of `layout`'s computed (query, key) pairs that lie in full blocks. Cached."""
+    share = layout.__dict__.get("_full_share")
+    if share is None:
+        total = layout.computed_pairs()
+        share = split_full(layout)[0].computed_pairs() / total if total else 0.0
+        layout.__dict__["_full_share"] = share
+    return share
+
+
+def auto_reason(q, k, v, layout: BlockLayout) -> str | None:
+    """Why `auto` does not pick flash for these inputs, or None when it does: it can run them
+    and the layout's full blocks hold at least `KernelOptions.flash_min_full_share` of its
+    computed pairs (FA4's faster full blocks must pay for the second kernel and the merge)."""
+    reason = can_run(q, k, v, layout)
+    if reason is not None:
+        return reason
+    share, least = full_share(layout), kernel_options().flash_min_full_share
+    if share < least:
+        return (f"full blocks hold {100 * share:.1f} % of the computed pairs, below flash_min_full_share="
+                f"{least:g} (MMSPARSE_FLASH_MIN_FULL_SHARE)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The split and the merge
+# ---------------------------------------------------------------------------------------------
+
+
+def split_attention(q, k, v, layout: BlockLayout, scale: float, run_full, run_partial, key_padding_mask=None):
+    """Attention over `layout` as the log-sum-exp merge of its full blocks, run by `run_full`,
+    and its partial blocks, run by `run_partial` (each a backend's `run(q, k, v, layout, scale,
+    key_padding_mask) -> (out, lse)`, differentiable). A part with no block is not run.
+    Returns out (B, H, N, D) in q's dtype and lse (B, H, N) float32."""
+    full, partial = split_full(layout)
+    parts = []
+    if full.num_full:
+        parts.append(run_full(q, k, v, full, scale, key_padding_mask))
+    if partial.num_partial or not parts:
+        parts.append(run_partial(q, k, v, partial, scale, key_padding_mask))
+    if len(parts) == 1:
+        return parts[0]
+    (out_f, lse_f), (out_p, lse_p) = parts
+    return merge_lse(out_f, lse_f, out_p, lse_p)
+
+
+def _block_table(ptr: torch.Tensor, idx: torch.Tensor):
+    """CSR lists (ptr (M + 1,), idx) -> (counts (1, 1, M), table (1, 1, M, W)) int32, each row's
+    entries first and ascending (FA4 walks a row from its last entry and masks the sequence end
+    there: the ragged last block, when listed, is the last entry), padded with zeros."""
+    counts = (ptr[1:] - ptr[:-1]).to(torch.int32)
+    m = counts.numel()
+    width = max(int(counts.max()) if m else 0, 1)
+    rows = rows_of(ptr).long()
+    slot = torch.arange(idx.numel(), device=idx.device) - ptr[:-1].long()[rows]
+    table = torch.zeros(m, width, dtype=torch.int32, device=idx.device)
+    table[rows, slot] = idx.to(torch.int32)
+    return counts[None, None].contiguous(), table[None, None].contiguous()
+
+
+def fa4_block_tensors(layout: BlockLayout, tensors_type):
+    """FA4's block-sparse tensors of a full-blocks-only layout, (forward: per query block its
+    key blocks, backward: per key block its query blocks), no partial ("mask") block in either;
+    batch and head dims of size 1 (broadcast). Cached on the layout."""
+    cached = layout.__dict__.get("_fa4_blocks")
+    if cached is None:
+        size = (layout.block_q, layout.block_k)
+
+        def tensors(ptr, idx):
+            count, table = _block_table(ptr, idx)
+            return tensors_type(mask_block_cnt=torch.zeros_like(count), mask_block_idx=torch.zeros_like(table[..., :1]),
+                                full_block_cnt=count, full_block_idx=table, block_size=size)
+
+        cached = layout.__dict__["_fa4_blocks"] = (tensors(layout.q_full_ptr, layout.q_full_idx),
+                                                   tensors(layout.k_full_ptr, layout.k_full_idx))
+    return cached
+
+
+def run_full(q, k, v, layout: BlockLayout, scale: float, key_padding_mask=None):
+    """(out (B, H, N, D), lse (B, H, N) float32) of a full-blocks-only layout on FA4,
+    differentiable in q, k, v through both (FA4's backward takes the LSE's gradient)."""
+    if key_padding_mask is not None:
+        raise ValueError("FlashAttention-4's full blocks evaluate no mask: run key padding on the Triton kernels")
+    if layout.num_partial:
+        raise ValueError(f"run_full takes a layout of full blocks only, got {layout.num_partial} partial blocks")
+    flash_attn_func, tensors_type = _fa4()
+    fwd, bwd = fa4_block_tensors(layout, tensors_type)
+    # FA4 takes (B, N, H, D): the transposes are views
+    out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                               block_sparse_tensors=fwd, block_sparse_tensors_bwd=bwd, return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+def run(q, k, v, layout: BlockLayout, scale, key_padding_mask=None):
+    """(out, lse): the full blocks on FA4, the partial blocks on the Triton kernels, merged by
+    LSE; with a key padding mask, the whole layout on the Triton kernels (module doc)."""
+    reason = can_run(q, k, v, layout)
+    if reason:
+        raise ValueError(reason)
+    if key_padding_mask is not None:
+        log.debug("backend='flash': a key padding mask runs the whole layout on the Triton kernels")
+        return triton_kernels.run(q, k, v, layout, scale, key_padding_mask)
+    return split_attention(q, k, v, layout, scale, run_full, triton_kernels.run)
