@@ -189,7 +189,7 @@ class Captioner:
     Args:
         model_dir: the saved model (or a run folder holding ``export/``).
         device: where the model runs.
-        backend: attention backend of the encoder ("auto", "reference", "sdpa", "flex", "triton").
+        backend: attention backend of the encoder ("auto", "reference", "sdpa", "flex", "triton", "flash").
         preprocess: override the data settings read from the run (``load_preprocess``).
         max_frames: lift the model's frame limit (the weights do not depend on it).
     """
