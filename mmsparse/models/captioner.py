@@ -220,7 +220,7 @@ class VideoCaptioner(nn.Module):
         self.tokenizer = tokenizer
 
     def set_backend(self, backend: str) -> None:
-        """Attention backend of every encoder block ("auto", "reference", "sdpa", "flex", "triton")."""
+        """Attention backend of every encoder block ("auto", "reference", "sdpa", "flex", "triton", "flash")."""
         self.cfg.backend = backend
         for blk in self.blocks:
             blk.attn.backend = backend
