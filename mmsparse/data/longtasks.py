@@ -221,8 +221,11 @@ def render_frames(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device
     for i, p in enumerate(plans):
         for e in p.events:
             region = video[i, e.frame:e.frame + ef, e.y:e.y + spec.shape_px, e.x:e.x + spec.shape_px]
+            inside = tmpl[e.shape][None, :region.shape[1], :region.shape[2], None]
             colour = _colour(tuple(e.colour), str(torch.device(device)))
-            region[:, tmpl[e.shape]] = colour
+            # a select, not ``region[:, mask] = colour``: boolean indexing waits for the device
+            # (it counts the mask first), once per event, and training draws a batch a step
+            region.copy_(torch.where(inside, colour, region))
     return video.round_().to(torch.uint8)
 
 
@@ -249,13 +252,20 @@ def render_wave(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device="
     return wave
 
 
+@lru_cache(maxsize=8)
+def _normalisation(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std (1, 1, 3, 1, 1) on `device`, kept (a host-to-device copy every
+    batch waits for the device)."""
+    shape = (1, 1, 3, 1, 1)
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(shape), torch.tensor(IMAGENET_STD, device=device).view(shape))
+
+
 def to_batch(frames: torch.Tensor, wave: torch.Tensor, spec: TaskSpec = TaskSpec()) -> dict:
     """The model's batch from uint8 frames (B, T, H, W, 3) and waves (B, S): pixels normalised
     as the data loader does (ImageNet mean / std), log-mel audio, frame times."""
     b, t = frames.shape[:2]
     dev = frames.device
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 1, 3, 1, 1)
+    mean, std = _normalisation(str(dev))
     video = (frames.permute(0, 1, 4, 2, 3).float() / 255.0 - mean) / std  # (B, T, 3, H, W)
     mel = log_mel(wave, spec.sample_rate, spec.n_mels, hop_seconds=spec.hop_seconds)  # (B, M, Tm)
     times = (torch.arange(t, dtype=torch.float64) / spec.fps).expand(b, t).clone()

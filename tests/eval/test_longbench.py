@@ -61,6 +61,27 @@ def test_shapes_sit_on_the_alignment_grid_and_cover_its_cells():
         lt.TaskSpec(shape_px=40)
 
 
+def test_frames_are_the_noise_with_each_shape_painted_in_its_colour():
+    """render_frames paints with a select (no boolean indexing, which waits for the device):
+    the frames equal background + noise with every event's template pixels set to its colour,
+    and nothing else, for shapes of every kind, odd frame sizes and clips of several lengths."""
+    for spec, frames in ((lt.TaskSpec(), 64), (lt.TaskSpec(size=24, shape_px=10, align=1, distractors=(1, 3)), 72)):
+        plans = [lt.plan(t, frames, np.random.default_rng(i), spec) for i, t in enumerate(lt.TASKS * 2)]
+        got = lt.render_frames(plans, spec, generator=torch.Generator().manual_seed(7))
+        noise = torch.randn(len(plans), frames, spec.size, spec.size, 1, generator=torch.Generator().manual_seed(7))
+        want = (torch.tensor(lt.BACKGROUND, dtype=torch.float32) + noise * spec.noise).clamp(0, 255)
+        painted = torch.zeros(want.shape[:4], dtype=torch.bool)
+        for i, p in enumerate(plans):
+            for e in p.events:
+                mask = lt._template_masks(spec)[e.shape]
+                sl = (i, slice(e.frame, e.frame + spec.event_frames), slice(e.y, e.y + spec.shape_px),
+                      slice(e.x, e.x + spec.shape_px))
+                want[sl][:, mask] = torch.tensor(e.colour, dtype=torch.float32)
+                painted[sl][:, mask] = True
+        assert torch.equal(got, want.round().to(torch.uint8))
+        assert painted.any() and not painted.all()  # the comparison covers painted and unpainted pixels
+
+
 def test_tone_is_heard_only_during_its_event():
     spec = lt.TaskSpec()
     p = lt.plan("needle", 128, np.random.default_rng(0), spec)
