@@ -277,9 +277,12 @@ class VideoCaptioner(nn.Module):
         packed = _packed_on(layout, x.device) if self.cfg.pack_gaps and None not in layouts else None
         if packed is None:
             # the compressed branch's block means must skip the gaps, which no mask marks here
-            real = ~_gaps_on(layout, x.device) if self.cfg.compress_block and pad is None else None
+            # (passed by position, and only then: wrappers of the blocks may take *args alone)
+            real = None
+            if self.cfg.compress_block and pad is None and bool(_gaps_on(layout, torch.device("cpu")).any()):
+                real = ~_gaps_on(layout, x.device)
             for blk, lay in zip(self.blocks, layouts):
-                x = blk(x, lay, rope, pad, real=real)
+                x = blk(x, lay, rope, pad) if real is None else blk(x, lay, rope, pad, None, real)
             return x
         h = take_rows(x, packed)
         for blk, lay in zip(self.blocks, layouts):

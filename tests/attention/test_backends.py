@@ -8,6 +8,7 @@ absolute floor for float32 round-off.
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -58,7 +59,9 @@ def max_err(a, b):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,pattern,layout", CASES, ids=[c[0] for c in CASES])
 def test_backend_matches_dense_truth(name, pattern, layout, backend, dtype):
-    torch.manual_seed(hash((name, backend)) % 2**31)
+    # a seed per case that every process agrees on (hash() of a str changes with PYTHONHASHSEED:
+    # a failure could not be reproduced)
+    torch.manual_seed(zlib.crc32(f"{name}/{backend}/{dtype}".encode()))
     bl = build_layout(pattern, layout, block_q=16, block_k=32)
     n, b, h, hk, d = bl.n, 2, 4, 2, 24
     mask = oracle_mask(pattern, layout)
