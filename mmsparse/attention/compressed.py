@@ -163,3 +163,22 @@ def attention_with_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return merge_lse(out, lse, out_c, lse_c)[0]
     return sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=key_padding_mask,
                                    backend=backend)
+
+
+def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, compress: int = 0,
+                    backend: str = "auto", key_padding_mask: torch.Tensor | None = None,
+                    real: torch.Tensor | None = None) -> torch.Tensor:
+    """An encoder layer's attention: dense (layout None), the sparse layout, or, with `compress`
+    > 0, the sparse layout and its compressed branch (``attention_with_compressed``). real (N,)
+    or (B, N) bool: the positions that are tokens (not alignment gaps), which the block means
+    pool together with the keys `key_padding_mask` (B, N) does not mask; None: all."""
+    from .backends import sparse_attention
+
+    if layout is None or not compress:
+        return sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask)
+    b, n = q.shape[0], q.shape[2]
+    valid = None if real is None else real.expand(b, n)
+    if key_padding_mask is not None:
+        valid = ~key_padding_mask if valid is None else valid & ~key_padding_mask
+    return attention_with_compressed(q, k, v, layout, compress, valid=valid, key_padding_mask=key_padding_mask,
+                                     backend=backend)

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
-from mmsparse.attention import BlockLayout, sparse_attention
-from mmsparse.attention.compressed import attention_with_compressed
+from mmsparse.attention import BlockLayout
+from mmsparse.attention.compressed import layer_attention
 from mmsparse.encoders import apply_rope
 from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope
 
@@ -119,7 +119,6 @@ class SparseSelfAttention(nn.Module):
         packing says so; the compressed branch pools only those (the sparse patterns keep the
         gaps apart, the block means would not)."""
         b, r, c = x.shape
-        n = r if packed is None else packed.n
         qkv = self.qkv(x).view(b, r, 3, self.num_heads, self.head_dim)
         if rope is not None and self.fused_rope and fused_rope_available(qkv):
             # one Triton pass: split into heads and rotate q, k (and its transpose backward),
@@ -132,19 +131,10 @@ class SparseSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if layout is None:  # a dense layer: SDPA, padding keys masked
-            out = sparse_attention(q, k, v, None, key_padding_mask=pad_mask)
-        elif self.compress:
-            valid = None if packed is None else (packed.rows >= 0).expand(b, n)
-            if valid is None and real is not None:
-                valid = real.expand(b, n)
-            if pad_mask is not None:
-                valid = ~pad_mask if valid is None else valid & ~pad_mask
-            # the pooled keys inside the sparse layout's softmax (LSH layouts: merged by LSE)
-            out = attention_with_compressed(q, k, v, layout, self.compress, valid=valid, key_padding_mask=pad_mask,
-                                            backend=self.backend)
-        else:
-            out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
+        # dense (layout None, padding keys masked), sparse, or sparse with the compressed branch,
+        # whose block means skip the gaps (packed rows know them; else `real`)
+        out = layer_attention(q, k, v, layout, self.compress, self.backend, key_padding_mask=pad_mask,
+                              real=real if packed is None else packed.rows >= 0)
         if packed is None:
             out = out.transpose(1, 2)  # (B, N, H, D)
         elif fused_rope_available(out):

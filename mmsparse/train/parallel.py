@@ -36,8 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mmsparse.attention import sparse_attention
-from mmsparse.attention.compressed import attention_with_compressed
+from mmsparse.attention.compressed import layer_attention
 from mmsparse.encoders import apply_rope
 
 
@@ -103,15 +102,8 @@ class _LocalSparseAttention(nn.Module):
     def forward(self, q, k, v, layout, pad_mask=None, real=None):
         n_pad, n = q.shape[1], self.state["n"]
         q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
-        # layout None (a dense layer): SDPA inside sparse_attention, padding keys masked
-        if layout is not None and self.compress:
-            valid = None if real is None else real.expand(q.shape[0], -1)
-            if pad_mask is not None:
-                valid = ~pad_mask if valid is None else valid & ~pad_mask
-            out = attention_with_compressed(q, k, v, layout, self.compress, valid=valid, key_padding_mask=pad_mask,
-                                            backend=self.backend)
-        else:
-            out = sparse_attention(q, k, v, layout, backend=self.backend, key_padding_mask=pad_mask)
+        # layout None (a dense layer): SDPA, padding keys masked; the compressed branch as on one GPU
+        out = layer_attention(q, k, v, layout, self.compress, self.backend, key_padding_mask=pad_mask, real=real)
         out = out.transpose(1, 2)  # (B, N, H/P, D)
         return F.pad(out, (0, 0, 0, 0, 0, n_pad - n)) if n_pad > n else out
 
