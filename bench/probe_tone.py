@@ -2,7 +2,7 @@
 by default) that scores the needle's tone and its colour and shape separately as it trains.
 
     python bench/probe_tone.py --steps 400 --modalities audio             # audio alone
-    python bench/probe_tone.py --steps 400 --modalities audio --audio-shift -8
+    python bench/probe_tone.py --steps 400 --modalities audio --audio-shift -13.8155
     python bench/probe_tone.py --steps 600 --tasks needle                 # video and audio
     python bench/probe_tone.py --steps 20 --eval-every 10 --out /tmp/p    # a quick check
 
@@ -11,8 +11,8 @@ cores as a probe needs), trained on clips of ``--frames`` frames of the chosen t
 fly, with the benchmark's loss and learning-rate schedule; every ``--eval-every`` steps it is
 scored by multiple choice on a held-out set of needle clips, and the tone of the chosen answer
 and its colour and shape are counted apart. ``--audio-shift`` replaces the log-mel shift of the
-model's audio normalisation (``AUDIO_NORM``: log 1e-6, the log-mel of digital silence; the task
-clips' noise floor sits at about -7.7). Writes ``probe-<device>-<date>-tone[-<label>].json``
+model's audio normalisation (the benchmark's, ``longtasks.AUDIO_NORM``: -8, the task clips' noise
+floor; ``encoders.patch.AUDIO_NORM``'s log 1e-6 = -13.8155 is digital silence). Writes ``probe-<device>-<date>-tone[-<label>].json``
 (every evaluation, the arguments, the seed) and prints one JSON line per evaluation.
 """
 
@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-clips", type=int, default=48, help="held-out needle clips")
     p.add_argument("--modalities", default="video,audio")
     p.add_argument("--audio-shift", type=float, default=None,
-                   help="log-mel shift of the audio normalisation (default: AUDIO_NORM's, log 1e-6)")
+                   help="log-mel shift of the audio normalisation (default: the benchmark's, "
+                        "longtasks.AUDIO_NORM, the clips' noise floor; -13.8155 = log 1e-6, digital silence)")
     p.add_argument("--full", action="store_true", help="the benchmark's model (default: --small's)")
     p.add_argument("--arm", default="dense")
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +54,6 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    import mmsparse.encoders.patch as patch
     from mmsparse.data import longtasks as lt
     from mmsparse.eval import longbench as lb
 
@@ -73,12 +73,9 @@ def main(argv=None) -> int:
     model_cfg = dict(lb.BASE_MODEL, **({} if args.full else SMALL), modalities=modalities,
                      required_modalities=modalities[:1])
     spec = lb.BenchSpec(batch=args.batch, steps=args.steps, warmup=min(30, args.steps), model=model_cfg)
-    norm = patch.AUDIO_NORM if args.audio_shift is None else (args.audio_shift, patch.AUDIO_NORM[1])
-    saved, patch.AUDIO_NORM = patch.AUDIO_NORM, norm  # what build_model gives the model
-    try:
-        model = lb.build_model(spec, args.arm, args.seed, device)
-    finally:
-        patch.AUDIO_NORM = saved
+    norm = lt.AUDIO_NORM if args.audio_shift is None else (args.audio_shift, lt.AUDIO_NORM[1])
+    spec.model["audio_norm"] = norm
+    model = lb.build_model(spec, args.arm, args.seed, device)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = np.random.default_rng(args.seed)
     held_out = lt.balanced_plans("needle", args.frames, args.eval_clips, spec.eval_seed, spec.task)

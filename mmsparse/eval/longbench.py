@@ -50,7 +50,7 @@ BASE_MODEL = dict(
     audio_stride=16, modalities=("video", "audio"), video_tile=(4, 4, 4), video_radius=(1, 0, 0),
     audio_tile=(2, 8), audio_radius=(0, 1), n_global=4, av_window=1.0, attn_block=64, segment_align=64,
     max_frames=None, max_audio_frames=None, dec_dim=128, dec_depth=2, dec_heads=4, cross="all",
-    vocab_size=384, max_text_len=12, proj_dim=32,
+    vocab_size=384, max_text_len=12, proj_dim=32, audio_norm=lt.AUDIO_NORM,
 )
 
 # The schedules compared: name -> ModelConfig overrides on BASE_MODEL (compress_block named in
@@ -163,8 +163,9 @@ def build_model(spec: BenchSpec, arm: str, seed: int, device, backend: str = "au
 
     check_arms([arm])
     torch.manual_seed(seed)
-    model = create_model("captioner_tiny", tokenizer=tokenizer(), audio_norm=AUDIO_NORM,
-                         **{**spec.model, **ARMS[arm], "backend": backend})
+    # specs without the field (before 2026-12-07's v5) ran with the shift of digital silence
+    cfg = {"audio_norm": AUDIO_NORM, **spec.model, **ARMS[arm], "backend": backend}
+    model = create_model("captioner_tiny", tokenizer=tokenizer(), **cfg)
     return model.to(device)
 
 

@@ -93,6 +93,25 @@ def test_tone_is_heard_only_during_its_event():
     assert loud > 20 * quiet
 
 
+def test_audio_normalisation_puts_the_hiss_near_zero_and_the_tone_well_above():
+    """lt.AUDIO_NORM (the benchmark model's) shifts the log-mel by the clips' noise floor: silent
+    bands embed near 0 (with the shift of digital silence they sat at ~1.5 in every patch, and a
+    model of the audio alone never learnt the tone), the tone's band near 2.5."""
+    from mmsparse.encoders.patch import AUDIO_NORM as DIGITAL_SILENCE
+
+    spec = lt.TaskSpec()
+    p = lt.plan("needle", 64, np.random.default_rng(1), spec)
+    mel = lt.render([p], spec, seed=0)["audio"][0]  # (M, Tm) log-mel
+    e = next(e for e in p.events if e.tone)
+    at = int(e.frame / spec.fps / spec.hop_seconds)
+    shift, scale = lt.AUDIO_NORM
+    quiet = torch.cat([mel[:, :max(1, at - 4)], mel[:, at + 24:]], 1)
+    assert ((quiet - shift) / scale).median().abs() < 0.3
+    assert ((mel[:, at + 2:at + 14] - shift) / scale).amax() > 2.0
+    assert ((quiet - DIGITAL_SILENCE[0]) / DIGITAL_SILENCE[1]).median() > 1.0
+    assert lb.BASE_MODEL["audio_norm"] == lt.AUDIO_NORM
+
+
 def test_bad_task_inputs_are_named():
     with pytest.raises(ValueError, match="unknown task 'story'.*needle"):
         lt.candidates("story")
