@@ -146,33 +146,17 @@ def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :q.shape[2]]
 
 
-def attention_with_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
-                              valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
-                              backend: str = "auto") -> torch.Tensor:
-    """A sparse layer's attention with its compressed branch: the pooled keys inside the sparse
-    layout's softmax (``sparse_with_pooled_keys``), or, for LSH layouts (buckets sorted per clip,
-    no fixed block lists to widen), the two branches merged by log-sum-exp. Shapes as
-    ``sparse_with_pooled_keys``."""
-    from .backends import sparse_attention
-    from .patterns import LSH
-
-    if isinstance(layout.pattern, LSH):
-        out, lse = sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask,
-                                    return_lse=True)
-        out_c, lse_c = compressed_attention(q, k, v, block, valid=valid)
-        return merge_lse(out, lse, out_c, lse_c)[0]
-    return sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=key_padding_mask,
-                                   backend=backend)
-
-
 def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, compress: int = 0,
                     backend: str = "auto", key_padding_mask: torch.Tensor | None = None,
                     real: torch.Tensor | None = None) -> torch.Tensor:
     """An encoder layer's attention: dense (layout None), the sparse layout, or, with `compress`
-    > 0, the sparse layout and its compressed branch (``attention_with_compressed``). real (N,)
-    or (B, N) bool: the positions that are tokens (not alignment gaps), which the block means
-    pool together with the keys `key_padding_mask` (B, N) does not mask; None: all."""
+    > 0, the sparse layout and its compressed branch: the pooled keys inside the layout's softmax
+    (``sparse_with_pooled_keys``), or, for LSH layouts (buckets sorted per clip, no fixed block
+    lists to widen), the two branches merged by log-sum-exp. real (N,) or (B, N) bool: the
+    positions that are tokens (not alignment gaps), which the block means pool together with the
+    keys `key_padding_mask` (B, N) does not mask; None: all."""
     from .backends import sparse_attention
+    from .patterns import LSH
 
     if layout is None or not compress:
         return sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask)
@@ -180,5 +164,10 @@ def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, c
     valid = None if real is None else real.expand(b, n)
     if key_padding_mask is not None:
         valid = ~key_padding_mask if valid is None else valid & ~key_padding_mask
-    return attention_with_compressed(q, k, v, layout, compress, valid=valid, key_padding_mask=key_padding_mask,
-                                     backend=backend)
+    if isinstance(layout.pattern, LSH):
+        out, lse = sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask,
+                                    return_lse=True)
+        out_c, lse_c = compressed_attention(q, k, v, compress, valid=valid)
+        return merge_lse(out, lse, out_c, lse_c)[0]
+    return sparse_with_pooled_keys(q, k, v, layout, compress, valid=valid, key_padding_mask=key_padding_mask,
+                                   backend=backend)
