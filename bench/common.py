@@ -21,13 +21,13 @@ on ``sys.path``).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+
+from mmsparse import fileio
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -118,20 +118,9 @@ def device_name(device: str = "auto") -> str:
 
 def git_commit(root: Path = ROOT) -> str | None:
     """The checkout's HEAD commit, with ``+dirty`` when tracked files have uncommitted changes;
-    None outside a git checkout (an installed copy of the scripts). ``MMSPARSE_GIT_COMMIT``, when
-    set, is taken instead: a run from a copied tree whose git history is not the code's."""
-    if os.environ.get("MMSPARSE_GIT_COMMIT"):
-        return os.environ["MMSPARSE_GIT_COMMIT"]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30)
-        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+    None outside a git checkout (an installed copy of the scripts); ``MMSPARSE_GIT_COMMIT`` when
+    set (``mmsparse.fileio.git_commit``)."""
+    return fileio.git_commit(root)
 
 
 def environment(device: str = "auto") -> dict:

@@ -99,3 +99,24 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def git_commit(root: str | os.PathLike, short: bool = False) -> str | None:
+    """The HEAD commit of the git checkout holding `root` (``short``: abbreviated), with
+    ``+dirty`` when tracked files have uncommitted changes; None outside a checkout (an installed
+    copy). ``MMSPARSE_GIT_COMMIT``, when set, is taken instead: a run from a copied tree whose
+    git history is not the code's."""
+    import subprocess
+
+    if os.environ.get("MMSPARSE_GIT_COMMIT"):
+        return os.environ["MMSPARSE_GIT_COMMIT"]
+    rev = ["rev-parse", "--short", "HEAD"] if short else ["rev-parse", "HEAD"]
+    try:
+        head = subprocess.run(["git", "-C", str(root), *rev], capture_output=True, text=True, timeout=10)
+        if head.returncode or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmsparse.fileio import git_commit
+
 from . import longbench as lb
 from . import longreport as lr
 
@@ -274,19 +276,9 @@ def _slug(text: str) -> str:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout the package runs from, "+dirty" when its tracked files differ;
-    ``MMSPARSE_GIT_COMMIT`` when set (a copied tree whose git history is not the code's)."""
-    if os.environ.get("MMSPARSE_GIT_COMMIT"):
-        return os.environ["MMSPARSE_GIT_COMMIT"]
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=here, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=here, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
+    """HEAD (abbreviated) of the checkout the package runs from, "+dirty" when its tracked files
+    differ; ``MMSPARSE_GIT_COMMIT`` when set (``mmsparse.fileio.git_commit``)."""
+    return git_commit(Path(__file__).parent, short=True)
 
 
 if __name__ == "__main__":
