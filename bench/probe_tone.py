@@ -83,17 +83,10 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         plans = [lt.plan(tasks[i % len(tasks)], args.frames, rng, spec.task) for i in range(spec.batch)]
         batch = lt.render(plans, spec.task, device, seed=int(rng.integers(2 ** 31)))
-        for g in opt.param_groups:
-            g["lr"] = lb._lr(step, spec, args.steps)
-        with lb._autocast(device):
-            loss = lb.caption_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = lb.train_step(spec, model, opt, batch, step, args.steps)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             rows = lb.score(model, held_out, spec, device, spec.eval_seed, greedy=False)
-            point = {"step": step + 1, "loss": round(float(loss.detach()), 4),
+            point = {"step": step + 1, "loss": round(float(loss), 4),
                      "needle": float(np.mean([r["choice_correct"] for r in rows])),
                      "tone": float(np.mean([r["choice"].split()[3] == r["truth"].split()[3] for r in rows])),
                      "colour_shape": float(np.mean([r["choice"].split()[1:3] == r["truth"].split()[1:3]

@@ -246,6 +246,20 @@ def _lr(step: int, spec: BenchSpec, total: int) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def train_step(spec: BenchSpec, model, opt, batch: dict, step: int, total: int) -> torch.Tensor:
+    """One optimiser step of the benchmark's training on `batch` (step `step` of `total`: the
+    learning-rate schedule); returns the loss, detached (reading it would wait for the device)."""
+    for g in opt.param_groups:
+        g["lr"] = _lr(step, spec, total)
+    with _autocast(next(model.parameters()).device):
+        loss = caption_loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
 def _autocast(device):
     dev = torch.device(device)
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -511,16 +525,7 @@ def _train(spec: BenchSpec, arm: str, model, opt, steps: int, costs: dict, devic
     for step in range(state["step"], steps):
         frames = spec.lengths_at(step, steps, arm)
         state["train_flops"] += 3 * spec.batch * costs[arm]["per_length"][str(frames)]["forward"]
-        batch = train_batch(spec, rng, frames, device)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, spec, steps)
-        with _autocast(device):
-            loss = caption_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        pending.append(loss.detach())
+        pending.append(train_step(spec, model, opt, train_batch(spec, rng, frames, device), step, steps))
         if bar is not None:
             bar.update(1)
         if (step + 1) % spec.eval_every == 0 or step + 1 == steps:
