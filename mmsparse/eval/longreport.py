@@ -116,13 +116,17 @@ def _summarize(arm: str, budget: str, rs: list[dict], lengths: list[int], step_m
             "plateau": [plateau(r["curve"]) for r in rs]}
 
 
-# a run is on its loss plateau when the last fifth of its steps took off less than this share
+# A run is on its loss plateau when the last fifth of its steps took off less than PLATEAU_DROP
+# of the loss, or less than PLATEAU_NATS nats per token: near zero loss a relative test reads the
+# noise of a 250-step mean as progress (0.0024 -> 0.0012 is "half" and nothing a task can show).
 PLATEAU_DROP = 0.02
+PLATEAU_NATS = 0.005
 
 
 def plateau(curve: list[dict]) -> bool | None:
     """Whether the training loss stopped falling: the mean loss of the curve points in the last
-    fifth of the steps is within PLATEAU_DROP of the point before them (None: too few points)."""
+    fifth of the steps is within PLATEAU_DROP (relative) or PLATEAU_NATS (absolute) of the point
+    before them (None: too few points)."""
     if len(curve) < 3:
         return None
     last = curve[-1]["step"]
@@ -130,7 +134,8 @@ def plateau(curve: list[dict]) -> bool | None:
     head = [c["loss"] for c in curve if c["step"] <= 0.8 * last]
     if not tail or not head:
         return None
-    return (head[-1] - sum(tail) / len(tail)) / head[-1] < PLATEAU_DROP
+    drop = head[-1] - sum(tail) / len(tail)
+    return drop < PLATEAU_NATS or drop / head[-1] < PLATEAU_DROP
 
 
 def write(report: dict[str, Any], out_dir: str | Path, stem: str, title: str = "Long-clip benchmark v2",

@@ -242,6 +242,9 @@ def test_plateau_is_read_from_the_curve():
     assert longreport.plateau(curve([2.0, 1.0, 0.8, 0.6, 0.5])) is False
     assert longreport.plateau(curve([2.0, 1.0, 0.5, 0.5, 0.499])) is True
     assert longreport.plateau(curve([1.0, 0.9])) is None
+    # near zero loss the absolute floor decides: halving 0.0024 is noise, halving 0.03 is not
+    assert longreport.plateau(curve([0.9, 0.1, 0.01, 0.0024, 0.0012])) is True
+    assert longreport.plateau(curve([0.9, 0.2, 0.1, 0.03, 0.015])) is False
 
 
 def test_sparse_lengths_train_only_the_sparse_arms_and_count_in_their_flops():
