@@ -5,6 +5,7 @@ by default) that scores the needle's tone and its colour and shape separately as
     python bench/probe_tone.py --steps 400 --modalities audio --audio-shift -13.8155
     python bench/probe_tone.py --steps 600 --tasks needle                 # video and audio
     python bench/probe_tone.py --steps 20 --eval-every 10 --out /tmp/p    # a quick check
+    python bench/probe_tone.py --steps 300 --modalities audio --audio-noise 0.03 --audio-floor 0.1
 
 The model is `mmsparse.eval.longbench`'s (``--small``: width 64, 2 + 2 layers, as fast on 2 CPU
 cores as a probe needs), trained on clips of ``--frames`` frames of the chosen tasks drawn on the
@@ -12,7 +13,9 @@ fly, with the benchmark's loss and learning-rate schedule; every ``--eval-every`
 scored by multiple choice on a held-out set of needle clips, and the tone of the chosen answer
 and its colour and shape are counted apart. ``--audio-shift`` replaces the log-mel shift of the
 model's audio normalisation (the benchmark's, ``longtasks.AUDIO_NORM``: -8, the task clips' noise
-floor; ``encoders.patch.AUDIO_NORM``'s log 1e-6 = -13.8155 is digital silence). Writes ``probe-<device>-<date>-tone[-<label>].json``
+floor; ``encoders.patch.AUDIO_NORM``'s log 1e-6 = -13.8155 is digital silence); ``--audio-floor Q``
+shifts it by each clip's own floor per band instead (``ModelConfig.audio_floor``), and
+``--audio-noise`` sets the hiss's amplitude (``TaskSpec.audio_noise``, 0.003). Writes ``probe-<device>-<date>-tone[-<label>].json``
 (every evaluation, the arguments, the seed) and prints one JSON line per evaluation.
 """
 
@@ -43,6 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--audio-shift", type=float, default=None,
                    help="log-mel shift of the audio normalisation (default: the benchmark's, "
                         "longtasks.AUDIO_NORM, the clips' noise floor; -13.8155 = log 1e-6, digital silence)")
+    p.add_argument("--audio-floor", type=float, default=None,
+                   help="shift by each clip's noise floor per band, this quantile over time (e.g. 0.1)")
+    p.add_argument("--audio-noise", type=float, default=None,
+                   help="amplitude of the clips' background hiss (default: TaskSpec's, 0.003)")
     p.add_argument("--full", action="store_true", help="the benchmark's model (default: --small's)")
     p.add_argument("--arm", default="dense")
     p.add_argument("--seed", type=int, default=0)
@@ -72,9 +79,17 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model_cfg = dict(lb.BASE_MODEL, **({} if args.full else SMALL), modalities=modalities,
                      required_modalities=modalities[:1])
-    spec = lb.BenchSpec(batch=args.batch, steps=args.steps, warmup=min(30, args.steps), model=model_cfg)
     norm = lt.AUDIO_NORM if args.audio_shift is None else (args.audio_shift, lt.AUDIO_NORM[1])
-    spec.model["audio_norm"] = norm
+    model_cfg["audio_norm"] = norm
+    if args.audio_floor is not None:
+        if not 0 < args.audio_floor < 1:
+            raise SystemExit(f"--audio-floor must be a quantile in (0, 1), got {args.audio_floor}")
+        model_cfg["audio_floor"] = args.audio_floor
+    try:
+        task = lt.TaskSpec() if args.audio_noise is None else lt.TaskSpec(audio_noise=args.audio_noise)
+    except ValueError as err:
+        raise SystemExit(f"--audio-noise: {err}")
+    spec = lb.BenchSpec(batch=args.batch, steps=args.steps, warmup=min(30, args.steps), model=model_cfg, task=task)
     model = lb.build_model(spec, args.arm, args.seed, device)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = np.random.default_rng(args.seed)
@@ -98,6 +113,7 @@ def main(argv=None) -> int:
                        "tone" + (f"-{args.label}" if args.label else ""))
     path = stem.with_name(stem.name + ".json")
     path.write_text(json.dumps({"env": environment(device), "args": vars(args), "audio_norm": list(norm),
+                                "audio_floor": args.audio_floor, "audio_noise": task.audio_noise,
                                 "model": model_cfg, "points": points}, indent=1))
     print(path)
     return 0

@@ -65,6 +65,7 @@ class TaskSpec:
     n_mels: int = 32
     hop_seconds: float = 0.0625
     noise: float = 4.0        # pixel noise std (0..255)
+    audio_noise: float = AUDIO_NOISE   # amplitude (std) of the background hiss
     # shapes' corners on multiples of this many pixels: 8 puts a 16-px shape on exactly 2 x 2 of
     # the encoder's 8-px patches, so telling shapes apart is not the hard part (at 12 px anywhere,
     # a 128-wide model needed ~4x the steps to learn shapes; bench/NOTES.md 2026-12-07)
@@ -76,6 +77,8 @@ class TaskSpec:
         if not 1 <= self.align <= max(1, self.size - self.shape_px):
             raise ValueError(f"TaskSpec.align must be in 1..size - shape_px={self.size - self.shape_px} (or 1), "
                              f"got {self.align}")
+        if not self.audio_noise >= 0:  # NaN too
+            raise ValueError(f"TaskSpec.audio_noise must be >= 0, got {self.audio_noise}")
 
     @property
     def event_frames(self) -> int:
@@ -242,7 +245,7 @@ def render_wave(plans: Sequence[ClipPlan], spec: TaskSpec = TaskSpec(), device="
     t = plans[0].frames
     sr = spec.sample_rate
     n = int(round(t / spec.fps * sr))
-    wave = torch.randn(len(plans), n, device=device, generator=generator) * AUDIO_NOISE
+    wave = torch.randn(len(plans), n, device=device, generator=generator) * spec.audio_noise
     dur = int(round(spec.event_seconds * sr))
     ts = torch.arange(dur, device=device, dtype=torch.float32) / sr
     fade = int(0.01 * sr)

@@ -96,6 +96,8 @@ class MultimodalTokenizer(nn.Module):
         max_frames, max_audio_frames: longest input accepted (ValueError past it; None: any).
         audio_norm: (shift, scale) of the log-mel before its patch embedding (e.g. `AUDIO_NORM`:
             silence -> 0); None: raw.
+        audio_floor: a quantile q in (0, 1): the log-mel's shift is each clip's own noise floor
+            per mel band (its q-quantile over the real frames) instead of audio_norm's constant.
         default_fps: frame rate assumed when the batch has no usable `video_times`.
         pre_norm: a LayerNorm (eps ``norm_eps``) on every token before the stream is laid out, the
             global tokens' too: CLIP's ``norm_pre``, for its pretrained weights.
@@ -106,7 +108,7 @@ class MultimodalTokenizer(nn.Module):
                  audio_order=(4, 32), image_order=(8, 8), n_global: int = 0, align: int = 1,
                  in_chans: int = 3, max_frames: int | None = None, max_audio_frames: int | None = None,
                  default_fps: float = 8.0, audio_norm: tuple[float, float] | None = None,
-                 tile_align: int | Mapping[str, int] = 1, pre_norm: bool = False, norm_eps: float = 1e-5):
+                 audio_floor: float | None = None, tile_align: int | Mapping[str, int] = 1, pre_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
@@ -126,7 +128,8 @@ class MultimodalTokenizer(nn.Module):
         if "video" in self.modalities:
             self.embeds["video"] = TubeletEmbed(tubelet, in_chans, embed_dim)
         if "audio" in self.modalities:
-            self.embeds["audio"] = SpectrogramEmbed(audio_patch, audio_stride, n_mels, embed_dim, audio_norm)
+            self.embeds["audio"] = SpectrogramEmbed(audio_patch, audio_stride, n_mels, embed_dim, audio_norm,
+                                                    audio_floor)
         if "image" in self.modalities:
             self.embeds["image"] = ImageEmbed(image_patch, in_chans, embed_dim)
         self.modality_embed = ModalityEmbedding(self.modalities, embed_dim)
@@ -205,8 +208,9 @@ class MultimodalTokenizer(nn.Module):
                 mask = batch.get(f"{m}_mask")
                 tokens, grid = self.embeds[m](x, norm=batch.get("pixel_norm"),
                                               mask=None if mask is None else mask.to(device, non_blocking=True))
-            else:
-                tokens, grid = self.embeds[m](x)  # (B, n, D) raster
+            else:  # the real frames matter to a per-clip noise floor only
+                mask = batch.get("audio_mask") if self.embeds[m].floor is not None else None
+                tokens, grid = self.embeds[m](x, None if mask is None else mask.to(device, non_blocking=True))
             pad, padded = self._pad_mask(m, batch, grid, bsz, device)
             has_padding = None if None in (has_padding, padded) else (has_padding or padded)
             seconds, start = None, 0.0

@@ -9,7 +9,8 @@ in tile order (`Segment.to_order`).
 Video and image embeds take float frames (already normalised) or uint8 pixels, which they
 normalise on the pixels' device with `normalize_pixels` and the data's (mean, std) (the batch's
 `pixel_norm`, see `mmsparse.data`), giving the float path's numbers. The audio embed can shift
-and scale the log-mel (``AUDIO_NORM``: silence -> 0, as the video background is ~0).
+and scale the log-mel (``AUDIO_NORM``: silence -> 0, as the video background is ~0), or
+subtract each clip's own noise floor per mel band (``floor``, a low quantile over time).
 """
 
 from __future__ import annotations
@@ -123,18 +124,42 @@ class TubeletEmbed(nn.Module):
         return x.flatten(1, 3), (t, h, w)  # (B, t*h*w, D)
 
 
+def band_floor(audio: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The q-quantile over time of each mel band of each clip, over its real frames:
+    audio (B, M, Tm), mask (B, Tm) True on real frames (None: all) -> (B, M, 1) float32 (0 for a
+    clip without a real frame). The lower order statistic, no interpolation."""
+    x = audio.float()
+    b, _, tm = x.shape
+    if mask is None:
+        real = torch.full((b,), tm, device=x.device)
+    else:
+        mask = mask.to(x.device)
+        x = x.masked_fill(~mask[:, None, :], math.inf)  # padded frames sort last
+        real = mask.sum(1)
+    k = (q * (real - 1).clamp(min=0)).floor().long()  # (B,)
+    low = x.sort(dim=-1).values.gather(-1, k.view(b, 1, 1).expand(b, x.shape[1], 1))
+    return torch.where((real > 0).view(b, 1, 1), low, torch.zeros_like(low))
+
+
 class SpectrogramEmbed(nn.Module):
     """Log-mel (B, M, Tm) -> tokens (B, f * u, D) raster, grid (f, u) (AST: 16 x 16 patches,
     stride 10 by default, so patches overlap). ``norm`` = (shift, scale): the log-mel is embedded
-    as ``(x - shift) / scale`` (``AUDIO_NORM``: silence -> 0); None (default) embeds it raw."""
+    as ``(x - shift) / scale`` (``AUDIO_NORM``: silence -> 0); None (default) embeds it raw.
+    ``floor`` = q in (0, 1): the shift is instead each clip's own noise floor per mel band, the
+    q-quantile over its real frames (``band_floor``), so the background embeds near 0 whatever
+    its level (a constant shift is right for one noise level only), divided by norm's scale
+    (``AUDIO_NORM``'s when norm is None)."""
 
     def __init__(self, patch=16, stride=10, n_mels: int = 128, embed_dim: int = 768,
-                 norm: tuple[float, float] | None = None):
+                 norm: tuple[float, float] | None = None, floor: float | None = None):
         super().__init__()
         self.patch, self.stride, self.n_mels = _pair(patch), _pair(stride), n_mels
         if norm is not None and (len(norm) != 2 or not float(norm[1])):
             raise ValueError(f"norm must be (shift, scale) with scale non-zero, got {norm!r}")
+        if floor is not None and not 0.0 < float(floor) < 1.0:
+            raise ValueError(f"floor must be a quantile in (0, 1) (e.g. 0.1), got {floor!r}")
         self.norm = None if norm is None else (float(norm[0]), float(norm[1]))
+        self.floor = None if floor is None else float(floor)
         if n_mels < self.patch[0]:
             raise ValueError(f"n_mels={n_mels} is smaller than the audio patch {self.patch}")
         self.proj = nn.Conv2d(1, embed_dim, kernel_size=self.patch, stride=self.stride)
@@ -151,10 +176,14 @@ class SpectrogramEmbed(nn.Module):
                 f"audio has Tm={audio.shape[2]} frames, fewer than one {self.patch[1]}-frame patch"
             )
 
-    def forward(self, audio: torch.Tensor):
+    def forward(self, audio: torch.Tensor, mask: torch.Tensor | None = None):
+        """audio (B, M, Tm); mask (B, Tm) True on real frames (read by ``floor`` only)."""
         self.check(audio)
         x = audio[:, None]
-        if self.norm is not None:  # in float32, also for bf16 / fp16 features, then cast
+        if self.floor is not None:  # in float32, also for bf16 / fp16 features, then cast
+            scale = (self.norm or AUDIO_NORM)[1]
+            x = (x.float() - band_floor(audio, self.floor, mask)[:, None]) * (1.0 / scale)
+        elif self.norm is not None:
             x = (x.float() - self.norm[0]) * (1.0 / self.norm[1])
         x = self.proj(x.to(self.proj.weight.dtype))  # (B, D, f, u)
         grid = tuple(x.shape[2:])

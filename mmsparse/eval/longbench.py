@@ -24,6 +24,7 @@ a finished one is skipped, so an interrupted benchmark resumes without mixing pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -129,14 +130,17 @@ class BenchSpec:
 
     def key(self) -> str:
         d = self.to_dict()
-        for name, unset in _ADDED_FIELDS.items():  # hashed only when set: earlier runs keep their key
-            if tuple(d.get(name, ())) == unset:
-                d.pop(name, None)
+        for path, unset in _ADDED_FIELDS.items():  # hashed only when set: earlier runs keep their key
+            *outer, name = path
+            holder = functools.reduce(dict.get, outer, d)
+            value = holder.get(name)
+            if (tuple(value) if isinstance(value, (list, tuple)) else value) == unset:
+                holder.pop(name, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
-# fields added to BenchSpec after runs were made with it, and their unset value
-_ADDED_FIELDS = {"sparse_lengths": ()}
+# fields added to BenchSpec (and its TaskSpec) after runs were made with it, and their unset value
+_ADDED_FIELDS = {("sparse_lengths",): (), ("task", "audio_noise"): lt.AUDIO_NOISE}
 
 
 SMOKE = dict(train_lengths=(48, 64), eval_lengths=(48, 96), curriculum=((0.5, (48,)),), clips=6, val_clips=3,

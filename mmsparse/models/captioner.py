@@ -60,6 +60,12 @@ class ModelConfig:
     # on the raw log-mel. None (default): raw, as every model before it (tiny_cpu's harness bounds
     # were measured raw; on AUDIO_NORM its 200-step run scored CIDEr-D 2.02, not 4.12).
     audio_norm: tuple[float, float] | None = None
+    # a quantile q in (0, 1): the log-mel is shifted by each clip's own noise floor per mel band
+    # (its q-quantile over time) instead of audio_norm's constant shift, and divided by
+    # audio_norm's scale (5 when None). A constant shift is right for one noise level: the
+    # long-clip tasks' hiss put every silent band at ~1.5 under the digital-silence shift and
+    # the needle's tone was never learnt (bench/probe_tone.py, --audio-floor).
+    audio_floor: float | None = None
     # encoder
     embed_dim: int = 768
     depth: int = 12
@@ -185,6 +191,7 @@ class VideoCaptioner(nn.Module):
             # padding mask keeps SDPA off its flash kernel
             1 if cfg.schedule == "dense" else cfg.segment_align,
             max_frames=cfg.max_frames, max_audio_frames=cfg.max_audio_frames, audio_norm=cfg.audio_norm,
+            audio_floor=cfg.audio_floor,
             tile_align=1 if cfg.schedule == "dense" else
             {"video": cfg.video_tile_align, "audio": cfg.audio_tile_align, "image": cfg.image_tile_align},
             pre_norm=cfg.pre_norm, norm_eps=cfg.norm_eps,

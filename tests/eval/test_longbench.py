@@ -112,6 +112,22 @@ def test_audio_normalisation_puts_the_hiss_near_zero_and_the_tone_well_above():
     assert lb.BASE_MODEL["audio_norm"] == lt.AUDIO_NORM
 
 
+def test_audio_noise_is_a_task_field_that_keeps_earlier_keys():
+    """TaskSpec.audio_noise sets the hiss's amplitude; at its default the spec's key is the one
+    runs made before the field existed were filed under (v5: e895aa2dd25a)."""
+    v5 = lb.BenchSpec(steps=3000, eval_lengths=(256, 1024, 4096, 8192))
+    assert v5.task.audio_noise == lt.AUDIO_NOISE and v5.key() == "e895aa2dd25a"
+    loud = lb.BenchSpec(steps=3000, eval_lengths=(256, 1024, 4096, 8192), task=lt.TaskSpec(audio_noise=0.03))
+    assert loud.key() != v5.key() and lb.BenchSpec.from_dict(loud.to_dict()).key() == loud.key()
+    p = lt.plan("needle", 64, np.random.default_rng(0))
+    quiet_wave, loud_wave = (lt.render_wave([p], s.task, generator=torch.Generator().manual_seed(0))
+                             for s in (v5, loud))
+    # the same draws at 10x the amplitude: the waves differ by the hiss alone, 0.027 std
+    assert abs(float((loud_wave - quiet_wave).std()) / (0.03 - lt.AUDIO_NOISE) - 1) < 0.05
+    with pytest.raises(ValueError, match="TaskSpec.audio_noise must be >= 0"):
+        lt.TaskSpec(audio_noise=-0.1)
+
+
 def test_bad_task_inputs_are_named():
     with pytest.raises(ValueError, match="unknown task 'story'.*needle"):
         lt.candidates("story")

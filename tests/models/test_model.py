@@ -251,6 +251,24 @@ def test_audio_norm_is_saved_and_reaches_the_output(tiny, batch, tmp_path):
     assert not torch.equal(_logits(normed, batch), _logits(tiny, batch))
 
 
+def test_audio_floor_is_saved_reaches_the_output_and_older_configs_load_without_it(tiny, batch, tmp_path):
+    """audio_floor (off by default) round-trips through config.json, changes the audio tokens,
+    and a config saved before the field existed loads with it off."""
+    assert tiny.cfg.audio_floor is None and tiny.embed.embeds["audio"].floor is None
+    floored = create_model("captioner_tiny", tokenizer=tiny.tokenizer, audio_floor=0.1).eval()
+    floored.load_state_dict(tiny.state_dict())
+    d = tmp_path / "m"
+    floored.save_pretrained(d)
+    loaded = VideoCaptioner.from_pretrained(d).eval()
+    assert loaded.cfg.audio_floor == 0.1 and loaded.embed.embeds["audio"].floor == 0.1
+    assert torch.equal(_logits(loaded, batch), _logits(floored, batch))
+    assert not torch.equal(_logits(floored, batch), _logits(tiny, batch))
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["config"]["audio_floor"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert VideoCaptioner.from_pretrained(d).cfg.audio_floor is None
+
+
 def test_tiled_shifted_moves_the_odd_layers_windows(tiny, batch):
     """tiled_shifted: even layers are the tiled schedule's; odd layers shift each tile window by
     half a tile where the grid has more than one tile, and so pair tokens of neighbouring tiles."""
