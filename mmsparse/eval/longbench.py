@@ -473,7 +473,7 @@ def run_one(spec: BenchSpec, arm: str, seed: int, budget: str, out_dir: str | Pa
               "budget": budget, "steps": steps, "capped": capped, "train_seconds": round(state["train_seconds"], 1),
               "eval_seconds": round(time.perf_counter() - t0, 1), "train_flops": state["train_flops"],
               "cost": costs[arm], "curve": state["curve"], "final_loss": float(np.mean(state["losses"][-50:])),
-              "rows": rows, "probe": probes, "device": _device_name(device)}
+              "rows": rows, "probe": probes, "device": _device_name(device), "software": software()}
     model.save_pretrained(model_dir(out))  # for rescoring (check_backends) and inspection
     atomic_write_text(out, json.dumps(result))
     ckpt.unlink(missing_ok=True)
@@ -591,6 +591,21 @@ def _time_step(model, spec: BenchSpec, frames: int, device, rng, repeats: int = 
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return float(np.median(times[1:]))
+
+
+def software() -> dict[str, str | None]:
+    """The versions a run was made with: torch, triton (None where not installed) and the code's
+    commit (``mmsparse.fileio.git_commit``, abbreviated); kept in each run's JSON, so a report
+    merged elsewhere (``longdriver --report-only``) names the runs' versions, not its own."""
+    import importlib.metadata
+
+    from mmsparse.fileio import git_commit
+
+    try:  # the installed version, without importing triton outside the kernels
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"torch": torch.__version__, "triton": triton, "commit": git_commit(Path(__file__).parent, short=True)}
 
 
 def _device_name(device) -> str:

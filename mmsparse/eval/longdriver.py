@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -25,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-from mmsparse.fileio import git_commit
 
 from . import longbench as lb
 from . import longreport as lr
@@ -157,11 +155,7 @@ def main(argv=None) -> int:
     elif saved := _beside(out, args.extra, "backends.json"):  # checks of an earlier invocation on these runs
         report["backend_checks"] = json.loads(saved.read_text())
     stem = f"longclip-{_slug(report.get('device') or device)}-{dt.date.today().isoformat()}-{args.label}"
-    meta = {"torch": torch.__version__, "commit": _git_commit()}
-    try:  # the installed version, without importing triton outside the kernels
-        meta["triton"] = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    meta = _versions(report, lb.software())
     try:
         paths = lr.write(report, args.results or out, stem, meta=meta)
     except FileExistsError as err:
@@ -275,10 +269,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _git_commit() -> str | None:
-    """HEAD (abbreviated) of the checkout the package runs from, "+dirty" when its tracked files
-    differ; ``MMSPARSE_GIT_COMMIT`` when set (``mmsparse.fileio.git_commit``)."""
-    return git_commit(Path(__file__).parent, short=True)
+def _versions(report: dict, here: dict) -> dict:
+    """The report's version line: the runs' versions when they recorded one set (``here``'s
+    commit added where the report was merged by other code), else ``here``'s, the merging
+    process's, said to be so."""
+    runs = report.get("software") or []
+    if len(runs) == 1:
+        meta = {k: v for k, v in runs[0].items() if v is not None}
+        if here.get("commit") != runs[0].get("commit"):
+            meta["report merged at commit"] = here.get("commit")
+        return meta
+    if len(runs) > 1:
+        return {"runs made with": " | ".join(", ".join(f"{k} {v}" for k, v in r.items() if v is not None)
+                                             for r in runs)}
+    return {**{k: v for k, v in here.items() if v is not None},
+            "versions": "of the process that merged the report (the runs do not record theirs)"}
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ def merge(folders: Sequence[str | Path], spec_key: str | None = None,
         truths = Counter(row["truth"] for row in mine[0]["rows"] if row["task"] == task)
         baselines[task] = max(truths.values()) / sum(truths.values()) if truths else None
     return {"spec_key": key, "spec": spec, "lengths": lengths, "arms": arms, "majority": baselines,
-            "other_specs": others, "device": mine[0].get("device")}
+            "other_specs": others, "device": mine[0].get("device"),
+            # the distinct versions the runs were made with (runs made before runs recorded them: none)
+            "software": [dict(t) for t in sorted({tuple(sorted(r["software"].items())) for r in mine
+                                                  if r.get("software")})]}
 
 
 def _cell(rows: list[dict], key: str, per_seed: dict[int, list[dict]]) -> dict[str, Any]:

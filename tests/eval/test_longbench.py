@@ -234,8 +234,22 @@ def test_driver_end_to_end_and_report(tmp_path, capsys):
     again = json.loads(next(elsewhere.glob("longclip-cpu-*-t3.json")).read_text())
     assert [a["cells"] for a in again["arms"]] == [a["cells"] for a in report["arms"]]
     assert again["arms"][0]["step_ms"] == report["arms"][0]["step_ms"] and again["backend_checks"] == checks
+    # the versions are the runs', whoever merges them
+    assert again["software"] == report["software"] == [lb.software()] and again["meta"]["torch"] == torch.__version__
     with pytest.raises(SystemExit, match="no runs to report"):
         longdriver.main(["--out", str(tmp_path / "empty"), "--smoke", "--report-only"])
+
+
+def test_report_names_the_runs_versions_not_the_merging_process():
+    here = {"torch": "2.9.1+cpu", "triton": None, "commit": "aaaaaaa"}
+    gpu = {"torch": "2.11.0+cu130", "triton": "3.6.0", "commit": "bbbbbbb"}
+    meta = longdriver._versions({"software": [gpu]}, here)
+    assert meta == {**gpu, "report merged at commit": "aaaaaaa"}
+    assert longdriver._versions({"software": [gpu]}, {**here, "commit": "bbbbbbb"}) == gpu
+    two = longdriver._versions({"software": [gpu, {**gpu, "torch": "2.10.0"}]}, here)
+    assert "2.11.0+cu130" in two["runs made with"] and "2.10.0" in two["runs made with"]
+    legacy = longdriver._versions({"software": []}, here)
+    assert legacy["torch"] == "2.9.1+cpu" and "triton" not in legacy and "do not record" in legacy["versions"]
 
 
 def test_driver_rejects_bad_arguments(tmp_path):
