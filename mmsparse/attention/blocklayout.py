@@ -345,19 +345,21 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int):
 def with_full_keys(layout: BlockLayout, n_keys: int) -> tuple[BlockLayout, int]:
     """`layout` (N positions) widened so that every query block of the N positions also attends
     ``n_keys`` more keys fully: they sit in key blocks from K0 = N rounded up to ``block_k``, after
-    the stream. Returns (wide layout, K0). The wide layout's rows past the stream's query blocks
-    attend nothing; its positions in [N, K0) and past K0 + n_keys hold no key (mask them as key
-    padding). Its mask program says the same at token level (backends that evaluate it on every
-    pair, flex, read the blocks from it): the new positions repeat the last token's attributes
-    (every index stays inside the program's tables), and one more clause lets a query of the
-    stream attend every added key."""
+    the stream, and the wide layout ends with them (N' = K0 + n_keys: its last block is ragged
+    where ``block_k`` does not divide n_keys, as any layout's last block may be). Returns (wide
+    layout, K0). The wide layout's rows past the stream's query blocks attend nothing; its
+    positions in [N, K0) hold no key (mask them as key padding; there are none when ``block_k``
+    divides N). Its mask program says the same at token level (backends that evaluate it on
+    every pair, flex, read the blocks from it): the new positions repeat the last token's
+    attributes (every index stays inside the program's tables), and one more clause lets a query
+    of the stream attend every added key."""
     if n_keys < 1:
         raise ValueError(f"n_keys must be >= 1, got {n_keys}")
     n, bq, bk = layout.n, layout.block_q, layout.block_k
     k0 = math.ceil(n / bk) * bk
     extra = math.ceil(n_keys / bk)
-    n_wide = k0 + extra * bk
-    mq, mk = math.ceil(n_wide / bq), n_wide // bk
+    n_wide = k0 + n_keys
+    mq, mk = math.ceil(n_wide / bq), math.ceil(n_wide / bk)
     dev = layout.device
     rows = torch.arange(layout.num_q_blocks, device=dev).repeat_interleave(extra)
     cols = (k0 // bk + torch.arange(extra, device=dev)).repeat(layout.num_q_blocks)

@@ -113,7 +113,14 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
                       valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None):
     """The inputs of one sparse attention call over `layout` and the block means of k, v:
     (q, k, v widened to the wide layout's positions, the wide layout, its key padding mask
-    (B, N')). Shapes as in ``sparse_with_pooled_keys``."""
+    (B, N') or None). Shapes as in ``sparse_with_pooled_keys``.
+
+    The mask is None, so that backends which evaluate no mask in full blocks (flash) can run the
+    call, where nothing needs it: no key_padding_mask, a stream that ends on a key block, and no
+    pooled block without a real token, which the host knows when `valid` is None or is the
+    positions of ``layout.stream`` that are not alignment gaps (``all_blocks_real``; the models'
+    ``real``). Otherwise it masks the padding keys, the positions between the stream and K0 and
+    the pooled blocks with no real token."""
     b, h, n, d = q.shape
     hk = k.shape[1]
     kc, live = pool_blocks(k, block, valid)
@@ -126,10 +133,33 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
         return torch.cat([x, x.new_zeros(b, hk, k0 - n, d), pooled.to(x.dtype), x.new_zeros(b, hk, nw - k0 - c, d)], 2)
 
     qw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2)
+    if key_padding_mask is None and k0 == n and (valid is None or all_blocks_real(layout, block)):
+        return qw, widen(k, kc), widen(v, vc), wide, None
     pad = torch.ones(b, nw, dtype=torch.bool, device=q.device)
     pad[:, :n] = False if key_padding_mask is None else key_padding_mask.to(q.device)
     pad[:, k0:k0 + c] = ~live
     return qw, widen(k, kc), widen(v, vc), wide, pad
+
+
+def all_blocks_real(layout, block: int) -> bool:
+    """Whether every block of ``block`` positions of `layout`'s stream holds a position that is
+    not an alignment gap of ``layout.stream`` (False when the layout has no stream): computed on
+    the host once per layout and block, so the pooled keys need no mask of dead blocks and no
+    device sync to find out. Callers pass as `valid` exactly those positions (the models'
+    ``real``); a `valid` with fewer real positions needs a key_padding_mask."""
+    from .stream import gap_positions
+
+    cache = layout.__dict__.setdefault("_all_blocks_real", {})
+    if block not in cache:
+        stream = getattr(layout, "stream", None)
+        if stream is None or stream.length != layout.n:
+            cache[block] = False
+        else:
+            real = ~gap_positions(stream)
+            c = math.ceil(layout.n / block)
+            real = torch.nn.functional.pad(real, (0, c * block - layout.n))
+            cache[block] = bool(real.view(c, block).any(1).all())
+    return cache[block]
 
 
 def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
@@ -142,7 +172,7 @@ def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     sparse branch must not attend. Returns (B, H, N, D)."""
     from .backends import sparse_attention
 
-    qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)
+    qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)  # pad may be None
     return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :q.shape[2]]
 
 

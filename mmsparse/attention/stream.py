@@ -321,6 +321,14 @@ def token_table(layout: StreamLayout) -> TokenTable:
     return TokenTable(segment, coords)
 
 
+def gap_positions(stream: StreamLayout) -> torch.Tensor:
+    """(N,) bool on the host: the stream's alignment gaps (positions of no segment past the
+    global tokens: between segments, at the end, and the padding of aligned tile slots)."""
+    gap = token_table(stream).segment < 0
+    gap[: stream.n_global] = False
+    return gap
+
+
 @dataclass
 class TokenStream:
     """tokens (B, N, C) laid out as `layout`; pad_mask (B, N) True where a token is padding.

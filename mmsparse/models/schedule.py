@@ -41,7 +41,7 @@ import torch
 from mmsparse.attention import AVSync, Axial, Global, Local, Pattern, StreamLayout, Tiled
 from mmsparse.attention.patterns import global_flag
 from mmsparse.attention.program import POS
-from mmsparse.attention.stream import token_table
+from mmsparse.attention.stream import gap_positions, token_table  # noqa: F401 (gap_positions: re-exported)
 
 SCHEDULES = ("tiled", "tiled_shifted", "tiled_axial", "tiled_dilated", "local", "local_axial", "dense")
 DILATED_WINDOW = 9  # keys in time of a "tiled_dilated" odd layer's window (itself and 4 each side)
@@ -74,14 +74,6 @@ class StreamGlobal(Pattern):
         first = global_flag(ctx, self.n, "StreamGlobal")
         real = ctx.attr("real", lambda: ~gap_positions(ctx.stream))
         return [(("qflag", first), ("kflag", real)), (("kflag", first),)]
-
-
-def gap_positions(stream: StreamLayout) -> torch.Tensor:
-    """(N,) bool: the stream's alignment gaps (positions of no segment past the global tokens:
-    between segments, at the end, and the padding of aligned tile slots)."""
-    gap = token_table(stream).segment < 0
-    gap[: stream.n_global] = False
-    return gap
 
 
 def _has_gaps(stream: StreamLayout) -> bool:

@@ -188,23 +188,30 @@ def test_pooled_keys_in_the_kernel_equal_the_merged_branches(grid, block, hk, ba
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
 
 
-def test_pooled_keys_layout_lists_every_pooled_block_for_the_stream_rows_only():
+@pytest.mark.parametrize("n_keys", [7, 64, 70])
+def test_pooled_keys_layout_lists_every_pooled_block_for_the_stream_rows_only(n_keys):
+    """Every stream query block lists the added key blocks as full blocks; the wide layout ends
+    at K0 + n_keys (a ragged last block where 32 does not divide n_keys), so no key follows them."""
     from mmsparse.attention import Local
     from mmsparse.attention.compressed import pooled_keys_layout
 
     layout = build_layout(Local((3, 3, 3)), (3, 5, 7), block_q=32, block_k=32)  # N = 105
-    wide, k0 = pooled_keys_layout(layout, 7)
-    assert k0 == 128 and wide.n == 160 and wide.num_q_blocks == 5 and wide.num_k_blocks == 5
+    wide, k0 = pooled_keys_layout(layout, n_keys)
+    nw = k0 + n_keys
+    assert k0 == 128 and wide.n == nw and wide.num_q_blocks == wide.num_k_blocks == math.ceil(nw / 32)
+    assert wide.num_full - layout.num_full == math.ceil(n_keys / 32) * layout.num_q_blocks
+    assert wide.num_partial == layout.num_partial
     mask = wide.dense_mask()
     # rows 105-127 share the stream's last query block (their outputs are dropped); the rows of
     # the blocks past the stream attend nothing
-    assert bool(mask[:105, 128:160].all()) and not bool(mask[128:].any())
+    assert bool(mask[:105, 128:].all()) and not bool(mask[128:].any())
     assert torch.equal(mask[:105, :105], layout.dense_mask())
     # the mask program says the same at token level (flex reads it on every pair)
-    qi, ki = torch.arange(160)[:, None], torch.arange(160)[None, :]
+    qi, ki = torch.arange(nw)[:, None], torch.arange(nw)[None, :]
     prog = wide.program.evaluate(qi, ki)
-    assert bool(prog[:105, 128:].all()) and torch.equal(prog[:105, :105], layout.dense_mask())
-    assert pooled_keys_layout(layout, 7)[0] is wide  # cached
+    assert bool(prog[:105, 128:].all())
+    assert torch.equal(prog[:105, :105], layout.dense_mask())
+    assert pooled_keys_layout(layout, n_keys)[0] is wide  # cached
     with pytest.raises(ValueError, match="n_keys"):
         pooled_keys_layout(layout, 0)
 
@@ -251,3 +258,66 @@ def test_sparse_layer_with_compress_is_the_merged_branches():
     params = (x, attn.qkv.weight, attn.proj.weight)
     for a, w in zip(torch.autograd.grad((got * gout).sum(), params), torch.autograd.grad((want * gout).sum(), params)):
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
+
+
+def _gapped_stream():
+    """A model-like stream of N = 96: 2 global tokens, a video segment in tile slots padded to 8
+    (2 x 6 tile padding), a gap to the audio segment at 64, 10 audio tokens, a gap to the end."""
+    from mmsparse.attention import Segment, StreamLayout
+
+    video = Segment("video", (4, 3, 3), offset=2, order=(2, 3, 3), tile_align=8)
+    audio = Segment("audio", (2, 5), offset=64, order=(2, 5), seconds=0.1)
+    return StreamLayout((video, audio), n_global=2, length=96)
+
+
+@pytest.mark.parametrize("block,masked", [(32, False), (24, False), (16, True)])
+def test_pooled_keys_of_a_gapped_stream_need_a_mask_only_for_blocks_of_gaps(block, masked):
+    """On a stream that ends on a key block, with its gaps as `valid` and no padding of shorter
+    clips, the pooled keys' call needs no key padding mask (so the flash backend can run its full
+    blocks) unless a pooled block holds gaps alone ([80, 96) at block 16), which the host knows
+    from the stream; either way it is the merged branches, forward and backward, and the Triton
+    kernels (interpreted on CPU) agree."""
+    from mmsparse.attention import Tiled
+    from mmsparse.attention.compressed import all_blocks_real, pooled_key_inputs, sparse_with_pooled_keys
+    from mmsparse.attention.stream import gap_positions
+    from mmsparse.models.schedule import Gaps
+
+    stream = _gapped_stream()
+    layout = build_layout(Tiled((2, 3, 3)) | Gaps(), stream, 16, 16)
+    real = ~gap_positions(stream)
+    assert all_blocks_real(layout, block) is not masked
+    g = torch.Generator().manual_seed(block)
+    b, h, n, d = 2, 2, stream.length, 16
+    q = torch.randn(b, h, n, d, generator=g).requires_grad_()
+    k, v = (torch.randn(b, 1, n, d, generator=g).requires_grad_() for _ in range(2))
+    valid = real.expand(b, n)
+    *_, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid)
+    assert (pad is None) is not masked and wide.n == 96 + math.ceil(96 / block)
+    want = _branches_merged(q, k, v, layout, block, valid, None)
+    got = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    gout = torch.randn(want.shape, generator=g)
+    grads = torch.autograd.grad((want * gout).sum(), (q, k, v))
+    for a, w in zip(torch.autograd.grad((got * gout).sum(), (q, k, v)), grads):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        return
+    from mmsparse.attention.backends.triton_kernels import block_lists
+    from mmsparse.kernels.block_sparse import block_sparse_attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    qd, kd, vd = (x.detach().to(dev).requires_grad_() for x in (q, k, v))
+    qw, kw, vw, wide, pad = pooled_key_inputs(qd, kd, vd, layout.to(dev), block, valid.to(dev))
+    out = block_sparse_attention(qw, kw, vw, block_lists(wide), None, pad)
+    out = (out[0] if isinstance(out, tuple) else out)[:, :, :n]
+    torch.testing.assert_close(out.cpu(), want, rtol=2e-4, atol=2e-5)
+    for a, w in zip(torch.autograd.grad((out * gout.to(dev)).sum(), (qd, kd, vd)), grads):
+        torch.testing.assert_close(a.cpu(), w, rtol=1e-3, atol=1e-4)
+
+
+def test_all_blocks_real_needs_the_layouts_stream():
+    from mmsparse.attention.compressed import all_blocks_real
+
+    plain = build_layout(Local((3, 3, 3)), (3, 5, 7), block_q=32, block_k=32)  # a grid: no gaps
+    assert all_blocks_real(plain, 16) is (plain.stream is not None)
+    assert all_blocks_real(plain, 16) is all_blocks_real(plain, 16)  # cached per block

@@ -15,7 +15,9 @@ flow through both parts. It runs on CUDA (Hopper, sm90; Blackwell, sm100) with f
 bfloat16, head dims 8 to 128 in multiples of 8, GQA included, on layouts whose blocks FA4's
 tiles divide (Hopper: block_q a multiple of 128 and block_k = 128; Blackwell: block_q a
 multiple of 256 and block_k a multiple of 128). With a key padding mask the whole layout runs
-on the Triton kernels (FA4 evaluates no mask in full blocks). `auto` picks it where it can run
+on the Triton kernels (FA4 evaluates no mask in full blocks); the compressed branch passes none
+on a model's stream without padded clips (``compressed.pooled_key_inputs``), so its pooled key
+blocks, full blocks every query block attends, go to FA4 with the rest. `auto` picks it where it can run
 and the full blocks hold at least `KernelOptions.flash_min_full_share`
 (MMSPARSE_FLASH_MIN_FULL_SHARE, default 0.5) of the layout's computed pairs, and logs why it
 did or did not; elsewhere auto keeps its choice (triton, else flex). Install FA4 with
