@@ -36,12 +36,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from mmsparse.attention import AVSync, Axial, Global, Local, Pattern, StreamLayout, Tiled
 from mmsparse.attention.patterns import global_flag
 from mmsparse.attention.program import POS
-from mmsparse.attention.stream import gap_positions, token_table  # noqa: F401 (gap_positions: re-exported)
+from mmsparse.attention.stream import gap_positions  # noqa: F401 (re-exported: the models' gaps)
 
 SCHEDULES = ("tiled", "tiled_shifted", "tiled_axial", "tiled_dilated", "local", "local_axial", "dense")
 DILATED_WINDOW = 9  # keys in time of a "tiled_dilated" odd layer's window (itself and 4 each side)
