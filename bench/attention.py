@@ -3,6 +3,7 @@
     python bench/attention.py                 # GPU: all workloads; CPU: reduced, reference only
     python bench/attention.py --only A1,A3    # a subset
     python bench/attention.py --quick         # fewer repetitions
+    python bench/attention.py --ab warp_specialize=0,1 --only A3,dense   # a kernel option's A/B
 
 For each workload row: forward and forward+backward time, effective TFLOP/s (4 x attended
 pairs x head_dim x heads per forward; forward+backward counts 3.5x; the dense SDPA anchor
@@ -30,16 +31,27 @@ and whose mask_mod reads the layout's attribute tensors):
 - `fa4_dense`: FlashAttention-4's own dense kernel (`flash_attn.cute.flash_attn_func`) on the
   dense workloads, CUDA only; "not installed" where `flash_attn.cute` does not import. The
   result's `fa4` field names the FA4 version.
+
+`--ab FIELD=A,B` times the triton backend alone with one kernel option (a `KernelOptions` field,
+set through its environment variable) at each value instead: the values take turns for
+`--rounds` rounds (their order alternating), on the same inputs, and each workload gets one row
+naming both, with every round's times, B over A, the largest relative difference of B's out and
+gradients from A's, and which block-sparse kernels were compiled (warps after Triton's warp
+specialisation). Writes attention-<device>-<date>-ab-<field>.json and .md (or `--label`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import importlib.metadata
 import json
 import logging
 import math
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,6 +71,9 @@ from mmsparse.attention import (  # noqa: E402
 )
 from mmsparse.attention import blocklayout as _bl  # noqa: E402
 from mmsparse.attention.backends import triton_available  # noqa: E402
+from mmsparse.attention.backends.triton_kernels import block_lists  # noqa: E402
+from mmsparse.kernels.block_sparse import block_sparse_attention  # noqa: E402
+from mmsparse.kernels.options import ENVIRONMENT, KernelOptions  # noqa: E402
 
 
 @dataclass
@@ -260,36 +275,51 @@ def add_ratios(rows: list[dict]) -> None:
                 r[f"x_flex_closed_{key}"] = anchor[f"{key}_ms"] / r[f"{key}_ms"]
 
 
-def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> list[dict]:
+def prepare(wl: Workload, device: str):
+    """(layout of 128 x 128 blocks, built cold and timed; its attended pairs; q, k, v; the fields
+    every row of the workload shares). Inputs from seed 0, bf16 on CUDA, float32 on the CPU."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    stream = wl.stream
     _bl._build_cached.cache_clear()
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    layout = build_layout(wl.pattern, stream, device=device)
+    layout = build_layout(wl.pattern, wl.stream, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
     build_ms = (time.perf_counter() - t0) * 1e3
     attended = layout.attended_pairs()
     n = layout.n
-    q, k, v = (torch.randn(1, wl.heads, n, wl.head_dim, device=device, dtype=dtype) for _ in range(3))
-    fwd_flops = 4 * attended * wl.head_dim * wl.heads
+    qkv = tuple(torch.randn(1, wl.heads, n, wl.head_dim, device=device, dtype=dtype) for _ in range(3))
     base = dict(
         id=wl.id, workload=wl.name, n=n, heads=wl.heads, head_dim=wl.head_dim,
         order="raster" if wl.order == "raster" else "tile" + "x".join(map(str, wl.order)),
         density=attended / n / n, layout_build_ms=build_ms,
     )
+    return layout, attended, qkv, base
 
-    def blocks(lay):  # the block statistics of the layout a row ran on
-        return dict(blocks=f"{lay.block_q}x{lay.block_k}", block_density=lay.block_density,
-                    utilization=attended / lay.computed_pairs(), full_blocks=lay.num_full,
-                    partial_blocks=lay.num_partial)
 
+def block_fields(lay, attended: int) -> dict:
+    """The block statistics of the layout a row ran on."""
+    return dict(blocks=f"{lay.block_q}x{lay.block_k}", block_density=lay.block_density,
+                utilization=attended / lay.computed_pairs(), full_blocks=lay.num_full, partial_blocks=lay.num_partial)
+
+
+def triton_layout(wl: Workload, layout, device: str):
+    """The triton backend's layout: `layout`, or the workload's on blocks of wl.triton_block."""
+    if wl.triton_block == layout.block_q:
+        return layout
+    return build_layout(wl.pattern, wl.stream, wl.triton_block, wl.triton_block, device=device)
+
+
+def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> list[dict]:
+    layout, attended, (q, k, v), base = prepare(wl, device)
+    n = layout.n
+    stream = wl.stream
+    fwd_flops = 4 * attended * wl.head_dim * wl.heads
     own = {b: layout for b in backends}
-    if "triton" in own and wl.triton_block != layout.block_q:
-        own["triton"] = build_layout(wl.pattern, stream, wl.triton_block, wl.triton_block, device=device)
+    if "triton" in own:
+        own["triton"] = triton_layout(wl, layout, device)
     rows = []
     # (name, fn, its own row fields or None, fwd+bwd too, why it cannot run or None)
     candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b), None, wl.backward, None)
@@ -306,7 +336,7 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
             fn, why = fa4()
             candidates.append((a, fn, None, wl.backward, None if fn else why))
     for name, fn, fields, backward, error in candidates:
-        row = dict(base, backend=name, **(fields or blocks(own.get(name, layout))))
+        row = dict(base, backend=name, **(fields or block_fields(own.get(name, layout), attended)))
         flops = 4 * n * n * wl.head_dim * wl.heads if name in DENSE_ANCHORS else fwd_flops
         # a backend that cannot run a workload is reported, not fatal: a forward that fails makes
         # the row an error; a backward that fails keeps the forward time beside `bwd_error`
@@ -376,6 +406,156 @@ def closed_flex_candidates(wl: Workload, stream, layout, attended: int, device: 
     backward = wl.backward and device == "cuda"  # FlexAttention has no CPU backward
     return [(name, None if error else flex_closed_fn(block_mask, device, "FLASH" if name == "flex_flash" else "TRITON"),
              fields, backward, error) for name in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# --ab: the triton backend under one kernel option at two or more values, in the same run
+
+
+def parse_ab(text: str) -> tuple[str, str, tuple[str, ...]]:
+    """`FIELD=A,B[,...]` -> (field, its environment variable, the values): a KernelOptions field
+    that has a variable (mmsparse.kernels.options.ENVIRONMENT), each value one the field takes."""
+    name, _, values = text.partition("=")
+    arms = tuple(v.strip() for v in values.split(",") if v.strip())
+    if name not in ENVIRONMENT:
+        raise ValueError(f"--ab {text!r}: {name!r} is not a kernel option with an environment variable "
+                         f"({', '.join(ENVIRONMENT)})")
+    if len(arms) < 2 or len(set(arms)) < len(arms):
+        raise ValueError(f"--ab {text!r}: give two or more different values, e.g. {name}=0,1")
+    var, parse = ENVIRONMENT[name]
+    for value in arms:
+        try:
+            dataclasses.replace(KernelOptions(), **{name: parse(value)})
+        except ValueError as err:
+            raise ValueError(f"--ab {text!r}: {err}") from err
+    return name, var, arms
+
+
+@contextlib.contextmanager
+def variable_set(var: str, value: str):
+    """The environment variable `var` set to `value` inside the block (it wins over the program's
+    kernel options), then as it was."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
+def gradients(fn, q, k, v, dout) -> list[torch.Tensor]:
+    """out, dq, dk, dv of fn(q, k, v) under the output gradient dout."""
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fn(qg, kg, vg)
+    out.backward(dout)
+    return [out.detach(), qg.grad, kg.grad, vg.grad]
+
+
+def rel_diff(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """The largest max |got - ref| / max |ref| over the tensors (inf where one is not finite)."""
+    worst = 0.0
+    for a, b in zip(got, ref):
+        d = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        worst = max(worst, d if math.isfinite(d) else math.inf)
+    return worst
+
+
+def compiled_kernels() -> dict[str, dict]:
+    """The block-sparse kernels compiled so far in this process, by hash (none under the
+    interpreter): name, warps after Triton's warp specialisation, whether it specialised (a
+    ttg.warp_specialize region in its TTGIR), registers and spilled bytes once launched."""
+    from mmsparse.kernels.block_sparse import backward, forward
+
+    found = {}
+    for fn in (forward._fwd_kernel, backward._bwd_dq_kernel, backward._bwd_dkdv_kernel):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for kern in caches[0].values():
+                found[kern.hash] = dict(kernel=kern.name, num_warps=kern.metadata.num_warps,
+                                        warp_specialized="ttg.warp_specialize" in kern.asm.get("ttgir", ""),
+                                        n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None))
+    return found
+
+
+def run_ab(wl: Workload, device: str, name: str, var: str, arms: tuple[str, ...], reps: int, rounds: int) -> dict:
+    """One row: the triton backend on `wl` with kernel option `name` (variable `var`) at each of
+    `arms`. First each arm's out and gradients on the same inputs and output gradient (the
+    kernels it compiled for this row kept in `kernels`; `max_rel_diff` from the first arm's),
+    then `rounds` rounds of fwd and fwd+bwd timings, the arms in turn, their order alternating.
+    Per arm: every round's ms, the medians and their ratio to the first arm's."""
+    layout, attended, (q, k, v), base = prepare(wl, device)
+    lay = triton_layout(wl, layout, device)
+    row = dict(base, backend="triton", ab=name, **block_fields(lay, attended))
+    per = {a: dict(fwd_ms=[], fwd_bwd_ms=[]) for a in arms}
+
+    def fn(q, k, v):  # on the CPU (TRITON_INTERPRET=1) the block-sparse kernels, past the backend's CUDA check
+        if device == "cuda":
+            return sparse_attention(q, k, v, lay, backend="triton")
+        return block_sparse_attention(q, k, v, block_lists(lay))[0]
+
+    try:
+        dout, ref = torch.randn_like(q), None
+        for a in arms:
+            with variable_set(var, a):
+                before = compiled_kernels()
+                got = gradients(fn, q, k, v, dout)
+                per[a]["kernels"] = [info for h, info in compiled_kernels().items() if h not in before]
+            ref = ref or got
+            per[a]["max_rel_diff"] = rel_diff(got, ref)
+        del ref, got
+        for r in range(rounds):
+            for a in arms if r % 2 == 0 else arms[::-1]:
+                with variable_set(var, a):
+                    per[a]["fwd_ms"].append(measure_forward(fn, q, k, v, device, reps))
+                    if wl.backward:
+                        per[a]["fwd_bwd_ms"].append(measure_backward(fn, q, k, v, device, reps))
+                print(f"# {wl.id} {wl.name}: {name}={a} round {r + 1}", file=sys.stderr, flush=True)
+    except Exception as err:
+        row["error"] = describe(err)
+    for key in ("fwd_ms", "fwd_bwd_ms"):
+        first = statistics.median(per[arms[0]][key]) if per[arms[0]][key] else None
+        for a in arms:
+            med = statistics.median(per[a][key]) if per[a][key] else None
+            per[a][f"{key}_median"] = med
+            per[a][f"{key}_ratio"] = med / first if med and first else None
+    row["arms"] = per
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def ab_header(name: str, arms: tuple[str, ...]) -> str:
+    values = " / ".join(arms)
+    ratios = " / ".join(f"{a} over {arms[0]}" for a in arms[1:])
+    return (f"| id | workload | order | blocks | fwd ms, {name} = {values} | fwd {ratios} | fwd+bwd ms, {name} = "
+            f"{values} | fwd+bwd {ratios} | max rel diff | compiled (warps; ws: warp-specialised) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_ab_row(r: dict, arms: tuple[str, ...]) -> str:
+    """A row of the A/B table: medians with each arm's range over the rounds, the ratios to the
+    first arm, the largest relative difference from it, the kernels each arm compiled."""
+    lead = f"| {r['id']} | {r['workload']} | {r['order']} | {r['blocks']} |"
+    if "error" in r:
+        return f"{lead} error: {r['error']} |"
+    per = r["arms"]
+
+    def times(key):
+        return " / ".join(f"{statistics.median(per[a][key]):.3f} ({min(per[a][key]):.3f}-{max(per[a][key]):.3f})"
+                          if per[a][key] else "-" for a in arms)
+
+    def ratios(key):
+        return " / ".join(f"{per[a][f'{key}_ratio']:.3f}" if per[a][f"{key}_ratio"] else "-" for a in arms[1:])
+
+    diff = " / ".join(f"{per[a]['max_rel_diff']:.1e}" for a in arms[1:])
+    compiled = "; ".join(f"{a}: " + ", ".join(
+        f"{kern['kernel'].strip('_').removesuffix('_kernel')} {kern['num_warps']}"
+        + (" ws" if kern["warp_specialized"] else "") for kern in per[a]["kernels"]) for a in arms if per[a]["kernels"])
+    return (f"{lead} {times('fwd_ms')} | {ratios('fwd_ms')} | {times('fwd_bwd_ms')} | {ratios('fwd_bwd_ms')} | "
+            f"{diff} | {compiled or '-'} |")
 
 
 def _prewarm_one(index: int) -> str:
@@ -472,11 +652,18 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="", help="the result name's label: attention-<device>-<date>-<label>")
     p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
                    help="compile the triton kernels of the selected workloads in JOBS processes first")
+    p.add_argument("--ab", default="", metavar="FIELD=A,B",
+                   help="instead: the triton backend alone under a kernel option at each value, e.g. "
+                        "warp_specialize=0,1 (a KernelOptions field with an environment variable)")
+    p.add_argument("--rounds", type=int, default=3, help="--ab: rounds of the values in turn (default 3)")
     args = p.parse_args(argv)
     try:
         out = out_folder(args.out)
+        ab = parse_ab(args.ab) if args.ab else None
     except ValueError as err:
         p.error(str(err))
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # flex is compiled once per workload and grad mode: more graphs than dynamo's default 8,
     # past which it silently falls back to an eager flex that materialises N x N scores (the
@@ -497,6 +684,8 @@ def main(argv=None) -> int:
     if only:
         workloads = [w for w in workloads if w.id in only or w.id.split("-")[0] in only]
     reps = 10 if args.quick else 40
+    if ab:
+        return main_ab(ab, workloads, device, env, reps, args.rounds, out, args.label)
     if args.prewarm and "triton" in backends:
         prewarm(workloads, args.prewarm)
     print(f"# mmsparse attention benchmark on {device_name}, torch {env['torch']}, "
@@ -531,6 +720,29 @@ def main(argv=None) -> int:
     )
     plot(rows, Path(f"{stem}.png"), device_name)
     print(f"\nwrote {stem}.json, .md, .png")
+    return 0
+
+
+def main_ab(ab: tuple, workloads: list[Workload], device: str, env: dict, reps: int, rounds: int, out: Path,
+            label: str) -> int:
+    """--ab: one row a workload (run_ab), the table printed last, JSON and markdown beside it."""
+    name, var, arms = ab
+    print(f"# mmsparse attention A/B of {name} ({var} = {', '.join(arms)}) on {env['device']}, torch "
+          f"{env['torch']}, triton {env['triton']}, {rounds} rounds", flush=True)
+    rows = [run_ab(wl, device, name, var, arms, reps, rounds) for wl in workloads]
+    compiled = list(compiled_kernels().values())
+    table = ab_header(name, arms) + "\n" + "\n".join(format_ab_row(r, arms) for r in rows)
+    print("\n" + table, flush=True)
+    stem = result_stem(out, "attention", slug(env["device"]), label or f"ab-{name}", env["date"],
+                       suffixes=(".json", ".md"))
+    Path(f"{stem}.json").write_text(json.dumps(dict(env, ab=name, variable=var, arms=arms, rounds=rounds,
+                                                    dtype="bfloat16" if device == "cuda" else "float32",
+                                                    rows=rows, compiled=compiled), indent=1))
+    Path(f"{stem}.md").write_text(
+        f"# Attention A/B of {name}: {env['device']}\n\ntorch {env['torch']}, triton {env['triton']}, {env['date']}, "
+        f"commit {env['git_commit']}; {var} = {', '.join(arms)}, {rounds} rounds in turn (order alternating); "
+        f"the triton backend alone\n\n{table}\n")
+    print(f"\nwrote {stem}.json, .md")
     return 0
 
 

@@ -1,17 +1,19 @@
 """bench/attention.py on the CPU: the closed-form Flex anchor runs beside the reference backend,
 its ratio column is filled, and a closed form that disagrees with the layout becomes an error
-row instead of a timing."""
+row instead of a timing; `--ab` times the triton kernels under each value of a kernel option in
+turn."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from bench import attention as bench
 from bench import flex_closed
-from mmsparse.attention import Local, longformer
+from mmsparse.attention import Local, Tiled, longformer
 
 
 def test_cpu_run_times_flex_closed_beside_the_reference(tmp_path, capsys):
@@ -110,3 +112,57 @@ def test_closed_forms_agree_with_the_program_at_benchmark_sizes(wl):
     k = torch.arange(n)[None, :]
     zero = torch.zeros((), dtype=torch.int64)
     assert torch.equal(mask_mod(zero, zero, q, k).expand(q.shape[0], n), program.evaluate(q, k))
+
+
+TINY = bench.Workload("t-cpu", "tile window r=1 on (2,4,8), 2x16", Tiled((2, 2, 4), 1), (2, 4, 8), 2, 16,
+                      order=(2, 2, 4), triton_block=16)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # the interpreter
+def test_ab_runs_each_value_on_the_triton_kernels(tmp_path, monkeypatch):
+    """--ab on the CPU (the block-sparse kernels under the interpreter): one row naming both
+    values, each with every round's times, medians and the ratio to the first, its outputs
+    compared with the first value's; the result files named after the option, the variable
+    restored afterwards."""
+    monkeypatch.setattr(bench, "cpu_workloads", lambda: [TINY])
+    monkeypatch.setenv("MMSPARSE_WARP_SPECIALIZE", "auto")
+    assert bench.main(["--ab", "warp_specialize=0,1", "--quick", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("attention-*-ab-warp_specialize.json")
+    res = json.loads(path.read_text())
+    assert (res["ab"], res["variable"], res["arms"], res["rounds"]) == ("warp_specialize", "MMSPARSE_WARP_SPECIALIZE",
+                                                                       ["0", "1"], 2)
+    (row,) = res["rows"]
+    assert "error" not in row and row["backend"] == "triton" and row["blocks"] == "16x16"
+    for value, arm in row["arms"].items():
+        assert len(arm["fwd_ms"]) == len(arm["fwd_bwd_ms"]) == 2 and arm["fwd_bwd_ms_median"] > 0
+        assert arm["max_rel_diff"] == 0.0  # float32: no descriptors, so the same kernels
+    assert row["arms"]["0"]["fwd_ms_ratio"] == 1.0 and row["arms"]["1"]["fwd_bwd_ms_ratio"] > 0
+    md = path.with_suffix(".md").read_text()
+    assert "| fwd ms, warp_specialize = 0 / 1 | fwd 1 over 0 |" in md and "| t-cpu |" in md
+    assert os.environ["MMSPARSE_WARP_SPECIALIZE"] == "auto"
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_ab_takes_the_values_in_turn(monkeypatch):
+    """Round 1 times A then B, round 2 B then A, each under its own variable value."""
+    monkeypatch.delenv("MMSPARSE_TRITON_TMA", raising=False)
+    seen = []
+    for name in ("measure_forward", "measure_backward"):
+        monkeypatch.setattr(bench, name, lambda *a, name=name: seen.append(
+            (name[8:], os.environ["MMSPARSE_TRITON_TMA"])) or 1.0)
+    row = bench.run_ab(TINY, "cpu", "tma", "MMSPARSE_TRITON_TMA", ("0", "1"), reps=1, rounds=2)
+    assert seen == [("forward", "0"), ("backward", "0"), ("forward", "1"), ("backward", "1"),
+                    ("forward", "1"), ("backward", "1"), ("forward", "0"), ("backward", "0")]
+    assert row["arms"]["1"]["fwd_ms"] == [1.0, 1.0] and "MMSPARSE_TRITON_TMA" not in os.environ
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("warp_specialize=0", "two or more different values"),
+    ("warp_specialize=1,1", "two or more different values"),
+    ("no_such_option=0,1", "not a kernel option"),
+    ("warp_specialize=0,on", "warp_specialize must be auto, 0 or 1, got 'on'"),
+])
+def test_ab_rejects_bad_arguments(arg, match, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--ab", arg])
+    assert match in capsys.readouterr().err

@@ -20,6 +20,7 @@ monkeypatch.setenv):
 | tma | MMSPARSE_TRITON_TMA | auto, 0, 1 (1 also under the CPU interpreter) |
 | tma_backward | MMSPARSE_TRITON_TMA_BWD | 1 / 0: the backward passes use tensor descriptors too |
 | fused_rope | MMSPARSE_FUSED_ROPE | auto, 0, 1 (1 also under the CPU interpreter) |
+| warp_specialize | MMSPARSE_WARP_SPECIALIZE | 0, auto, 1 (1 also under the CPU interpreter) |
 
 `split_chunk` (no variable) forces the chunk length of split rows, for tests.
 """
@@ -50,12 +51,20 @@ class KernelOptions:
     tma: str = "auto"
     tma_backward: bool = True
     fused_rope: str = "auto"
+    # Triton's automatic warp specialisation (`tl.range(..., warp_specialize=True)`) of the
+    # block-sparse kernels' full-block loops (forward and dQ over key tiles, dK / dV over query
+    # tiles), in 4-warp launches, where Triton 3.6's Hopper pass compiles them: loops that load
+    # through tensor descriptors (`tma`), in launches without partial blocks or key padding
+    # (`launch.warp_specialize`). auto: on wherever that holds, which is a Hopper or newer GPU;
+    # 1: the CPU interpreter too, where it runs as plain code (tests); 0: never. Off until a
+    # same-run A/B on the GPU (`bench/attention.py --ab warp_specialize=0,1`) times it faster.
+    warp_specialize: str = "0"
     split_chunk: int | None = None
 
     def __post_init__(self):
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be None or one of {BACKENDS}, got {self.attention_backend!r}")
-        for name in ("mask_tiles", "tma", "fused_rope"):
+        for name in ("mask_tiles", "tma", "fused_rope", "warp_specialize"):
             if getattr(self, name) not in _MODES:
                 raise ValueError(f"{name} must be auto, 0 or 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.flash_min_full_share <= 1.0:  # NaN too
@@ -85,6 +94,7 @@ ENVIRONMENT = {
     "tma": ("MMSPARSE_TRITON_TMA", str),
     "tma_backward": ("MMSPARSE_TRITON_TMA_BWD", _flag),
     "fused_rope": ("MMSPARSE_FUSED_ROPE", str),
+    "warp_specialize": ("MMSPARSE_WARP_SPECIALIZE", str),
 }
 
 _current = KernelOptions()

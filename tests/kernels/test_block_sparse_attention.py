@@ -23,9 +23,12 @@ from mmsparse.attention import (
 )
 from mmsparse.attention.backends.triton_kernels import block_lists
 from mmsparse.kernels.block_sparse import block_sparse_attention, block_sparse_attention_ref, launch, worklist
+from mmsparse.kernels.block_sparse import backward as backward_module
+from mmsparse.kernels.block_sparse import forward as forward_module
 from mmsparse.kernels.block_sparse import tiles as tile_configs
 from mmsparse.kernels.block_sparse.backward import attention_backward
 from mmsparse.kernels.block_sparse.forward import attention_forward
+from mmsparse.kernels.options import KernelOptions, kernel_options
 
 # the Triton 3.6 interpreter converts 1-element arrays to scalars (numpy warns on every loop)
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -174,6 +177,95 @@ def test_tensor_descriptor_loads_match_truth(name, dtype, d, mask_mode, monkeypa
     monkeypatch.setenv("MMSPARSE_TRITON_TMA", "yes")
     with pytest.raises(ValueError, match="MMSPARSE_TRITON_TMA"):
         launch.use_tma(k, v, 64, 64)
+
+
+def _record_launches(monkeypatch) -> list:
+    """(kernel name, WARP_SPECIALIZE, num_warps) of every launch of the forward and backward."""
+    seen = []
+    for module in (forward_module, backward_module):
+        def record(kernel, *args, _launch=module.launch_items, **kw):
+            seen.append((kernel.fn.__name__, kw["WARP_SPECIALIZE"], kw["num_warps"]))
+            return _launch(kernel, *args, **kw)
+
+        monkeypatch.setattr(module, "launch_items", record)
+    return seen
+
+
+# name, pattern, tokens, layout block, D, split chunk: CPU sizes, or GPU sizes whose tiles (64 and
+# 128 rows) Triton's Hopper pass specialises
+WS_RUNS = ([("tiled", Tiled((2, 4, 8), 1), StreamLayout.from_grid((8, 16, 24), order=(2, 4, 8)), 64, 64, None),
+            ("dense", Dense(), (1000,), 128, 72, 2)] if CUDA else
+           [("tiled", Tiled((2, 2, 4), 1), StreamLayout.from_grid((3, 5, 7), order=(2, 2, 4)), 16, 40, None),
+            ("dense", Dense(), (97,), 32, 24, 2)])
+
+
+@pytest.mark.parametrize("name,pattern,tokens,block,d,chunk", WS_RUNS, ids=[r[0] for r in WS_RUNS])
+def test_warp_specialized_kernels_match_truth(name, pattern, tokens, block, d, chunk, set_options, monkeypatch):
+    """MMSPARSE_WARP_SPECIALIZE=1 with descriptor loads (MMSPARSE_TRITON_TMA=1 takes them under
+    the interpreter) on a layout of full blocks only: all three kernels launch marked, on 4
+    warps, their own tiles by descriptor, and give the results of the unmarked launches (bit
+    for bit under the interpreter, which runs the mark as plain code) and the float64 truth
+    within the budget. CPU: N = 105 and 97 (ragged last blocks), D = 40 and 24 (padded); GPU: D
+    = 64 and 72 (padded), N = 1000 (ragged); GQA, split rows (chunk 2); "auto" marks them on the
+    GPU only."""
+    set_options(split_chunk=chunk)
+    monkeypatch.setenv("MMSPARSE_TRITON_TMA", "1")
+    layout = build_layout(pattern, tokens, block, block, device=DEV)
+    assert layout.num_partial == 0
+    assert bool(chunk) == bool(worklist.kernel_program(block_lists(layout), torch.device(DEV)).rows.n_split)
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    q, k, v, dout, dlse = _inputs(layout.n, dtype, d, seed=29 + d)
+    scale = d**-0.5
+    launches = _record_launches(monkeypatch)
+    got = {}
+    for mode in ("0", "auto", "1"):
+        monkeypatch.setenv("MMSPARSE_WARP_SPECIALIZE", mode)
+        launches.clear()
+        got[mode] = _kernel_grads(q, k, v, dout, dlse, layout, scale, dtype)
+        marked = mode == "1" or (mode == "auto" and CUDA)
+        assert {n for n, _, _ in launches} == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+        assert all(ws == marked and (warps == tile_configs.WS_NUM_WARPS or not ws) for _, ws, warps in launches)
+    truth = _ref_grads(q, k, v, dout, dlse, layout, scale, torch.float64, True)
+    low = _ref_grads(q, k, v, dout, dlse, layout, scale, dtype, False)
+    _check_budget(got["1"], low, truth, dtype)
+    if not CUDA:
+        assert all(torch.equal(a, b) for a, b in zip(got["0"], got["1"]))
+
+
+def test_warp_specialize_only_where_the_pass_compiles():
+    """launch.warp_specialize: "0" (the default) marks nothing, "1" a launch whose loop loads
+    through descriptors, "auto" that launch on the GPU only; never a launch without descriptors
+    (the CPU without MMSPARSE_TRITON_TMA=1, a GPU before Hopper), a masked one (partial blocks,
+    key padding) or one whose own tiles a descriptor cannot read."""
+    x = torch.zeros(1, 2, 64, 32, dtype=torch.float16, device=DEV)
+    unaligned = torch.zeros(1, 2, 64, 36, dtype=torch.float16, device=DEV)[..., :32]  # row stride 72 bytes
+    assert KernelOptions().warp_specialize == "0"
+    for mode, want in (("0", False), ("auto", CUDA), ("1", True)):
+        opts = KernelOptions(warp_specialize=mode)
+        assert launch.warp_specialize(True, False, (x,), opts) == want
+        assert not launch.warp_specialize(False, False, (x,), opts)
+        assert not launch.warp_specialize(True, True, (x,), opts)
+        assert not launch.warp_specialize(True, False, (x, unaligned), opts)
+
+
+def test_warp_specialize_option_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match=r"warp_specialize must be auto, 0 or 1, got 'on'"):
+        KernelOptions(warp_specialize="on")
+    monkeypatch.setenv("MMSPARSE_WARP_SPECIALIZE", "yes")
+    with pytest.raises(ValueError, match=r"got 'yes' \(from the environment: MMSPARSE_WARP_SPECIALIZE\)"):
+        kernel_options()
+
+
+def test_warp_specialized_configs_and_tuning_keys():
+    """A marked launch runs 4 warps and at most 2 stages in the D_PAD 128 forward (3 overflow
+    shared memory); tuned entries are kept apart for the option on and off."""
+    assert tile_configs.ws_config("fwd", 128, (128, 128, 8, 3)) == (128, 128, 4, 2)
+    assert tile_configs.ws_config("fwd", 64, (128, 64, 8, 3)) == (128, 64, 4, 3)
+    assert tile_configs.ws_config("dq", 128, (64, 64, 4, 3)) == (64, 64, 4, 3)
+    q = torch.zeros(1, 1, 32, 64, dtype=torch.float16, device=DEV)
+    lists = block_lists(build_layout(Dense(), (32,), 16, 16, device=DEV))
+    keys = {tile_configs.autotune_key("fwd", 64, q, lists, KernelOptions(warp_specialize=m)) for m in ("0", "1")}
+    assert len(keys) == 2
 
 
 @pytest.mark.parametrize("chunk", [None, 2])

@@ -1,6 +1,9 @@
 """The block-sparse backward: delta = rowsum(dO * O), then dQ per query tile over the same key
 lists and dK / dV per key tile over the transposed lists and the G query heads of its key head,
-P recomputed from the LSE. No atomics: the gradients are deterministic.
+P recomputed from the LSE. No atomics: the gradients are deterministic. WARP_SPECIALIZE
+(launches without partial blocks or key padding, `launch.warp_specialize`) marks the full-block
+loops (dQ over key tiles, dK / dV over query tiles) for Triton's automatic warp specialisation
+and loads the program's own tiles (q and dO, k and v) by descriptor.
 """
 
 from __future__ import annotations
@@ -11,17 +14,17 @@ import triton.language as tl
 
 from ..common import LOG2E, dims, dot_prec, last_contiguous, padding_flags
 from ..options import kernel_options
-from .launch import descriptor, launch_items, scratch, tma_backward, use_tma
+from .launch import descriptor, launch_items, scratch, tma_backward, use_tma, warp_specialize
 from .steps import (
-    bwd_preprocess, dkdv_inner, dq_inner, is_padding, load_kv_tile, load_lse2, partial_range, partial_step,
-    work_item,
+    bwd_preprocess, dkdv_inner, dq_inner, is_padding, load_kv_desc, load_kv_tile, load_lse2, partial_range,
+    partial_step, tile_start, work_item,
 )
-from .tiles import maybe_tune, tile_config
+from .tiles import maybe_tune, tile_config, ws_config
 from .worklist import kernel_program, skip_empty, tile_args
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, KD, VD, DO, DQ, LSE, DELTA, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
+    Q, K, V, KD, VD, DO, QD, DOD, DQ, LSE, DELTA, ATTR, TAB, MT, KPM, ITEMS, q_full_idx, q_part_idx, SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -33,7 +36,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -45,10 +48,13 @@ def _bwd_dq_kernel(
         ITEMS, pid_m, LAYOUT_BQ, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
+    if WARP_SPECIALIZE:  # Triton's Hopper pass fails unless every dot operand comes by descriptor
+        q, do = load_kv_desc(QD, DOD, b, h, tile_start(qb, pid_m, LAYOUT_BQ, BLOCK_M), BLOCK_M, D_PAD)
+    else:
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                    + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                     + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
     lse2 = load_lse2(LSE + pid_bh.to(tl.int64) * N, offs_m, N)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -56,7 +62,7 @@ def _bwd_dq_kernel(
     KPM_base = KPM + b.to(tl.int64) * stride_kpm
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    for i in range(full_lo * SUB_N, full_hi * SUB_N):
+    for i in tl.range(full_lo * SUB_N, full_hi * SUB_N, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(q_full_idx + i // SUB_N)
         start_n = kb * LAYOUT_BK + (i % SUB_N) * BLOCK_N
         dq = dq_inner(dq, q, do, lse2, delta, K_base, V_base, KPM_base, 1, offs_m, start_n, N, qk_scale,
@@ -83,7 +89,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
+    Q, K, V, DO, QD, DOD, KD, VD, DK, DV, LSE, DELTA, ATTR, TAB, MT, k_part_ord, KPM, ITEMS, k_full_idx, k_part_idx,
     SUB_ENTRIES, SUB_RANGES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -97,7 +103,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAM: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KPM: tl.constexpr, MASK_TILES: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -108,9 +114,12 @@ def _bwd_dkdv_kernel(
         ITEMS, pid_n, LAYOUT_BK, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     col_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    k, v = load_kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
-                         V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
-                         offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, False)
+    if WARP_SPECIALIZE:  # as in dQ: the key tile by descriptor too
+        k, v = load_kv_desc(KD, VD, b, hk, tile_start(kb, pid_n, LAYOUT_BK, BLOCK_N), BLOCK_N, D_PAD)
+    else:
+        k, v = load_kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
+                             V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
+                             offs_n, N, stride_kn, stride_vn, HEAD_DIM, D_PAD, False)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
 
@@ -122,7 +131,7 @@ def _bwd_dkdv_kernel(
         DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         LSE_base = LSE + bh.to(tl.int64) * N
         DELTA_base = DELTA + bh.to(tl.int64) * N
-        for i in range(full_lo * SUB_M, full_hi * SUB_M):
+        for i in tl.range(full_lo * SUB_M, full_hi * SUB_M, warp_specialize=WARP_SPECIALIZE):
             qb = tl.load(k_full_idx + i // SUB_M)
             start_m = qb * LAYOUT_BQ + (i % SUB_M) * BLOCK_M
             dk, dv = dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, offs_n, start_m,
@@ -185,6 +194,7 @@ def attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None,
         delta -= torch.where(torch.isfinite(lse), dlse.float(), 0.0)
     kpm, stride_kpm, has_kpm = padding_flags(key_padding, q)
     mt, k_part_ord, mask_tiles = tile_args(kp, opts)
+    masked = kp.has_partial or has_kpm  # no warp specialisation (launch.warp_specialize)
     skip = skip_empty(mask_tiles, opts)
     common = dict(GROUP=h // hk, HEAD_DIM=d, D_PAD=d_pad, LAYOUT_BQ=layout.block_q,
                   LAYOUT_BK=layout.block_k, PROGRAM=kp.program, HAS_PARTIAL=kp.has_partial,
@@ -195,7 +205,7 @@ def attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None,
     desc = {}
 
     def dq_args(items, g, sub):
-        return (q, k, v, desc.get("k", k), desc.get("v", v), dout, g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
+        return (q, k, v, desc.get("k", k), desc.get("v", v), dout, desc.get("q", q), desc.get("do", dout), g, lse, delta, kp.attrs, kp.tab, mt, kpm, items, kp.lists["q_full_idx"],
                 kp.lists["q_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -206,7 +216,8 @@ def attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None,
 
     def dkdv_args(items, g, sub):
         gk, gv = g
-        return (q, k, v, dout, desc.get("q", q), desc.get("do", dout), gk, gv, lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
+        return (q, k, v, dout, desc.get("q", q), desc.get("do", dout), desc.get("k", k), desc.get("v", v), gk, gv,
+                lse, delta, kp.attrs, kp.tab, mt, k_part_ord, kpm, items,
                 kp.lists["k_full_idx"], kp.lists["k_part_idx"], *sub,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -219,28 +230,39 @@ def attention_backward(q, k, v, out, lse, dout, layout, scale, dq=None, dk=None,
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
         tma = use_tma(k, v, bn, d_pad, opts) and tma_backward(opts)
+        ws = warp_specialize(tma, masked, (q, dout), opts)
+        if ws:
+            bm, bn, warps, stages = ws_config("dq", d_pad, cfg)
         desc.clear()
         if tma:
             desc["k"], desc["v"] = descriptor(k, bn, d_pad), descriptor(v, bn, d_pad)
+        if ws:
+            desc["q"], desc["do"] = descriptor(q, bm, d_pad), descriptor(dout, bm, d_pad)
         launch_items(_bwd_dq_kernel, rows, bm, layout.block_q, b * h, dq_args, dq, dq_split,
                       kp.sub_lists("q", bm, bn) if skip else None,
-                      BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, TMA=tma, num_warps=warps,
-                      num_stages=stages, **common)
+                      BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % layout.block_k == 0, TMA=tma, WARP_SPECIALIZE=ws,
+                      num_warps=warps, num_stages=stages, **common)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         tma = use_tma(q, dout, bm, d_pad, opts) and tma_backward(opts)
+        ws = warp_specialize(tma, masked, (k, v), opts)
+        if ws:
+            bm, bn, warps, stages = ws_config("dkdv", d_pad, cfg)
         desc.clear()
         if tma:
             desc["q"], desc["do"] = descriptor(q, bm, d_pad), descriptor(dout, bm, d_pad)
+        if ws:
+            desc["k"], desc["v"] = descriptor(k, bn, d_pad), descriptor(v, bn, d_pad)
         launch_items(_bwd_dkdv_kernel, cols, bn, layout.block_k, b * hk, dkdv_args, (dk, dv), dkdv_split,
                       kp.sub_lists("k", bm, bn) if skip else None,
-                      BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages, **common)
+                      BLOCK_M=bm, BLOCK_N=bn, TMA=tma, WARP_SPECIALIZE=ws, num_warps=warps, num_stages=stages,
+                      **common)
 
     maybe_tune("dq", d_pad, q, layout, launch_dq, opts)
-    launch_dq(tile_config("dq", d_pad, q, layout))
+    launch_dq(tile_config("dq", d_pad, q, layout, opts))
     maybe_tune("dkdv", d_pad, q, layout, launch_dkdv, opts)
-    launch_dkdv(tile_config("dkdv", d_pad, q, layout))
+    launch_dkdv(tile_config("dkdv", d_pad, q, layout, opts))
     if dq_split is not None:  # the chunks' partial gradients, summed in a fixed order
         rows.combine(dq_split, layout.block_q, dq)
     if dkdv_split is not None:

@@ -1,5 +1,6 @@
 """Launch helpers shared by the forward and backward launchers: scratch buffers of split rows,
-launches over a work list, and the tensor descriptors (TMA) of K / V or Q / dO tiles.
+launches over a work list, the tensor descriptors (TMA) of K / V or Q / dO tiles, and the
+warp-specialisation switch of the loops that load through them.
 """
 
 from __future__ import annotations
@@ -46,14 +47,36 @@ def use_tma(k, v, block_n: int, d_pad: int, opts: KernelOptions | None = None) -
         return False
     if not k.is_cuda and not (interpreting() and mode == "1"):
         return False
-    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) and t.stride(3) == 1
-               and t.shape[3] * t.element_size() >= 16 for t in (k, v))
+    return descriptor_ready(k) and descriptor_ready(v)
+
+
+def descriptor_ready(t: torch.Tensor) -> bool:
+    """Whether a 16-bit (B, H, N, D) tensor can be read through a descriptor: its base and every
+    stride but the head dim's 16-byte aligned, the head dim contiguous and at least 16 bytes."""
+    return (t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) and t.stride(3) == 1
+            and t.shape[3] * t.element_size() >= 16)
 
 
 def tma_backward(opts: KernelOptions | None = None) -> bool:
     """The backward passes take descriptors too unless KernelOptions.tma_backward is off
     (MMSPARSE_TRITON_TMA_BWD=0: an A/B switch, bench/NOTES.md, 2026-12)."""
     return (opts or kernel_options()).tma_backward
+
+
+def warp_specialize(tma: bool, masked: bool, resident, opts: KernelOptions | None = None) -> bool:
+    """Whether a launch marks its loop for Triton's automatic warp specialisation: only where
+    Triton 3.6's Hopper pass compiles the kernel, which it does (compiled for sm_90 on the CPU)
+    for one loop with dots whose operands all come by descriptor: the loop's tiles (`tma`), and
+    the program's own tiles (`resident`: q for the forward, q and dO for dQ, k and v for dK / dV),
+    which a marked kernel loads by descriptor too. It fails on a dot operand from a pointer load,
+    on a second loop (the partial blocks'), on a partial block's mask tile and on dQ's key
+    padding flags, so a `masked` launch (partial blocks or key padding) stays plain.
+    KernelOptions.warp_specialize (MMSPARSE_WARP_SPECIALIZE) "1" marks the others wherever they
+    run, "auto" only on the GPU (where descriptors mean a Hopper or newer card), "0" none. The
+    interpreter runs a marked kernel as a plain one."""
+    mode = (opts or kernel_options()).warp_specialize
+    return (tma and not masked and (mode == "1" or (mode == "auto" and not interpreting()))
+            and all(descriptor_ready(t) for t in resident))
 
 
 def descriptor(t: torch.Tensor, block_n: int, d_pad: int):

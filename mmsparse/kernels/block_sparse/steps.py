@@ -30,12 +30,16 @@ def load_kv_tile(K_base, V_base, offs_n, N, stride_kn, stride_vn,
 
 
 @triton.jit
+def load_desc(XD, b, h, start, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows [start, start + BLOCK) of head (b, h) of a (B, H, N, D) tensor through its tensor
+    descriptor (the copy engine; rows past N and columns past the head dim come back zero)."""
+    return XD.load([b, h, start, 0]).reshape(BLOCK, D_PAD)
+
+
+@triton.jit
 def load_kv_desc(KD, VD, b, hk, start_n, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
-    """K and V rows [start_n, start_n + BLOCK_N) of (b, hk) through their tensor descriptors
-    (the copy engine; rows past N and columns past the head dim come back zero)."""
-    k = KD.load([b, hk, start_n, 0]).reshape(BLOCK_N, D_PAD)
-    v = VD.load([b, hk, start_n, 0]).reshape(BLOCK_N, D_PAD)
-    return k, v
+    """K and V rows [start_n, start_n + BLOCK_N) of (b, hk) through their descriptors."""
+    return load_desc(KD, b, hk, start_n, BLOCK_N, D_PAD), load_desc(VD, b, hk, start_n, BLOCK_N, D_PAD)
 
 
 @triton.jit
@@ -81,6 +85,12 @@ def work_item(ITEMS, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
     out_blk = tl.load(W + 5)
     local = (pid % SUB) * BLOCK + tl.arange(0, BLOCK)
     return blk, full_lo, full_hi, part_lo, part_hi, blk * LAYOUT_B + local, out_blk * LAYOUT_B + local
+
+
+@triton.jit
+def tile_start(blk, pid, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
+    """The first token of this program's tile of layout block `blk` (`work_item`'s first offset)."""
+    return blk * LAYOUT_B + (pid % (LAYOUT_B // BLOCK)) * BLOCK
 
 
 @triton.jit

@@ -72,6 +72,14 @@ CANDIDATES = {
     "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2),
              (32, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2)],
 }
+# Warp-specialised launches (`launch.warp_specialize`) run 4 warps: Triton 3.6's Hopper pass
+# (NVGPUWarpSpecialization) leaves a kernel of any other count unspecialised; it adds a producer
+# warpgroup and, where it splits the tile's rows, a second consumer group (12 warps in all). Its
+# buffers are num_stages deep; where the table's stages overflow the 227 KB of shared memory,
+# fewer: the forward at D_PAD 128 (128 x 128 tiles) took 246 KB at 3 stages and 180 KB at 2
+# (compiled for sm_90 on the CPU). Untimed: the same-run A/B (bench/attention.py --ab) decides.
+WS_NUM_WARPS = 4
+WS_MAX_STAGES = {"fwd": {128: 2}}
 TUNED: dict = {}
 FORCED: dict = {}  # tests: kernel name -> config
 
@@ -103,23 +111,32 @@ def default_config(kernel: str, d_pad: int, dtype, layout=None):
     return CONFIGS[kernel][d_pad]
 
 
-def tile_config(kernel: str, d_pad: int, q, layout):
+def tile_config(kernel: str, d_pad: int, q, layout, opts: KernelOptions | None = None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): a test override, a tuned entry, or the table."""
-    cfg = FORCED.get(kernel) or TUNED.get(autotune_key(kernel, d_pad, q, layout))
+    cfg = FORCED.get(kernel) or TUNED.get(autotune_key(kernel, d_pad, q, layout, opts))
     bm, bn, warps, stages = cfg or default_config(kernel, d_pad, q.dtype, layout)
     return fit_tile(bm, layout.block_q), fit_tile(bn, layout.block_k), warps, stages
 
 
 
-def autotune_key(kernel, d_pad, q, layout):
-    return (kernel, d_pad, q.dtype, layout.block_q, layout.block_k, partial_heavy(layout), str(q.device))
+def ws_config(kernel: str, d_pad: int, cfg):
+    """A config for a warp-specialised launch: WS_NUM_WARPS warps, stages cut to WS_MAX_STAGES."""
+    bm, bn, _, stages = cfg
+    return bm, bn, WS_NUM_WARPS, min(stages, WS_MAX_STAGES.get(kernel, {}).get(d_pad, stages))
+
+
+def autotune_key(kernel, d_pad, q, layout, opts: KernelOptions | None = None):
+    """What a tuned entry is kept under; warp specialisation on and off tune apart."""
+    return (kernel, d_pad, q.dtype, layout.block_q, layout.block_k, partial_heavy(layout), str(q.device),
+            (opts or kernel_options()).warp_specialize)
 
 
 def maybe_tune(kernel, d_pad, q, layout, launch, opts: KernelOptions | None = None):
     """Time the candidate configs once per key when MMSPARSE_TRITON_AUTOTUNE=1."""
-    if not (opts or kernel_options()).autotune or q.device.type != "cuda" or FORCED.get(kernel):
+    opts = opts or kernel_options()
+    if not opts.autotune or q.device.type != "cuda" or FORCED.get(kernel):
         return
-    key = autotune_key(kernel, d_pad, q, layout)
+    key = autotune_key(kernel, d_pad, q, layout, opts)
     if key in TUNED or q.dtype == torch.float32:
         return
     best, best_ms = None, float("inf")
