@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, environment, lower_median, mean_step_ms, out_folder, result_stem, slug  # noqa: E402
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
+from mmsparse.attention.compressed import pooled_block  # noqa: E402
 from mmsparse.attention.backends import triton_available  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
@@ -140,15 +141,16 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
     encoder). Real tokens are the global tokens and the segments' tokens: the stream's alignment
     gaps and tile padding (`segment_align`, `*_tile_align`) are computed but not counted, so
     tokens/s and MFU compare models of different padding on the same media. A compressed branch
-    (`compress_block`) adds N x ceil(N / compress_block) pairs a sparse layer (every position
-    attends every pooled key)."""
+    (`compress_block`) adds N x (its pooled keys: ceil(N / compress_block), at most
+    `compress_keys`) pairs a sparse layer (every position attends every pooled key)."""
     with torch.no_grad():
         stream = model.embed(batch)
     layout = stream.layout
     n, e, depth = layout.length, model.cfg.embed_dim, model.cfg.depth
     real = layout.n_global + sum(s.numel for s in layout.segments)
     pairs = 0
-    pooled = -(-n // model.cfg.compress_block) if model.cfg.compress_block else 0
+    cb = model.cfg.compress_block
+    pooled = -(-n // pooled_block(n, cb, model.cfg.compress_keys)) if cb else 0
     for lay in model.layer_layouts(layout):
         pairs += n * n if lay is None else lay.attended_pairs() + n * pooled
     flops = 6.0 * real * 12 * e * e * depth + 3.5 * 4.0 * pairs * e
@@ -175,12 +177,14 @@ def run_case(name, frames, variant, args, tok, device):
     if args.checkpointing:
         for i, blk in enumerate(model.blocks):
             model.blocks[i] = _Checkpointed(blk)
-    task = CaptionTask(model)
     batch = make_batch(frames, args.size, args.audio_frames, device, args.batch)
-    step = TrainStep(task, model, batch, args.precision, device)
     n, positions, pairs, flops = encoder_flops(model, batch)  # per clip
     row = {"frames": frames, "variant": variant, "batch": args.batch, "tokens": n, "positions": positions,
            "attended_pairs": pairs, "density": pairs / (model.cfg.depth * n * n), "train_flops": flops * args.batch}
+    if args.count_only:  # the layouts' pairs alone: what attention costs against dense, untimed
+        return row
+    task = CaptionTask(model)
+    step = TrainStep(task, model, batch, args.precision, device)
 
     try:
         ms, loss = mean_step_ms(step, args.steps, args.warmup, device.type,
@@ -234,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", action="append", default=[],
                    help="a named sparse variant, 'NAME:field=value;field=value' (added to --variants)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, tiny clips, on the CPU")
+    p.add_argument("--count-only", action="store_true",
+                   help="no timing: count each variant's attended pairs (density against dense), any device")
     p.add_argument("--out", default=None, help="results folder (default bench/results; the name is chosen here)")
     p.add_argument("--label", default="", help="the result name's label: model-<device>-<date>-<label>")
     args = p.parse_args(argv)
@@ -258,8 +264,10 @@ def main(argv=None) -> int:
             args.frames = "4,8"
     elif torch.cuda.is_available():
         device = torch.device("cuda")
+    elif args.count_only:
+        device = torch.device("cpu")
     else:
-        p.error("no GPU: run with --cpu-smoke for the reduced CPU check")
+        p.error("no GPU: run with --cpu-smoke for the reduced CPU check, or --count-only")
     tok = CaptionTokenizer.train([CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
     runs: dict[tuple, list] = {}  # (frames, variant) -> its rows, one a repeat
     for rep in range(args.repeats):
@@ -284,7 +292,8 @@ def main(argv=None) -> int:
               "checkpointing": args.checkpointing, "repeats": args.repeats,
               "overrides": {k: v for k, v in args.override.items()},
               "configs": args.configs, "rows": rows}
-    label = "-".join(x for x in ("cpu-smoke" if args.cpu_smoke else "", args.label) if x)
+    label = "-".join(x for x in ("cpu-smoke" if args.cpu_smoke else "", "count" if args.count_only else "", args.label)
+                     if x)
     out = Path(f"{result_stem(out_dir, 'model', slug(gpu), label, env['date'])}.json")
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\n{args.model} on {gpu} (torch {env['torch']}, triton {triton_version}, sparse backend {backend})\n")
@@ -293,6 +302,11 @@ def main(argv=None) -> int:
     print("| frames | variant | tokens | density | step ms | tokens/s | MFU | peak GB | speedup |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "step_ms" not in r and "error" not in r:  # --count-only
+            dense = by.get((r["frames"], "dense"))
+            ratio = f"{dense['attended_pairs'] / r['attended_pairs']:.1f}x fewer pairs" if dense else "-"
+            print(f"| {r['frames']} | {r['variant']} | {r['tokens']:,} | {r['density']:.4f} | - | - | - | - | {ratio} |")
+            continue
         if "error" in r:
             print(f"| {r['frames']} | {r['variant']} | {r['tokens']} | {r['density']:.3f} | {r['error']} |||||")
             continue

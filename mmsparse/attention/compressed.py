@@ -176,21 +176,35 @@ def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :q.shape[2]]
 
 
+def pooled_block(n: int, block: int, max_keys: int = 0) -> int:
+    """The pooled block of an `n`-position stream: `block`, or, where more than `max_keys` blocks
+    would cover the stream, the least whole multiple of `block` with at most `max_keys` of them
+    (0: no bound). Bounded, the branch costs N x max_keys pairs a layer, linear in N like the
+    sparse layout, not N^2 / block; a multiple of `block` keeps whole video tiles together."""
+    if block < 1 or max_keys < 0:
+        raise ValueError(f"block must be >= 1 and max_keys >= 0 (0: no bound), got {block}, {max_keys}")
+    if not max_keys:
+        return block
+    return block * max(1, math.ceil(math.ceil(n / block) / max_keys))
+
+
 def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, compress: int = 0,
                     backend: str = "auto", key_padding_mask: torch.Tensor | None = None,
-                    real: torch.Tensor | None = None) -> torch.Tensor:
+                    real: torch.Tensor | None = None, compress_keys: int = 0) -> torch.Tensor:
     """An encoder layer's attention: dense (layout None), the sparse layout, or, with `compress`
     > 0, the sparse layout and its compressed branch: the pooled keys inside the layout's softmax
     (``sparse_with_pooled_keys``), or, for LSH layouts (buckets sorted per clip, no fixed block
     lists to widen), the two branches merged by log-sum-exp. real (N,) or (B, N) bool: the
     positions that are tokens (not alignment gaps), which the block means pool together with the
-    keys `key_padding_mask` (B, N) does not mask; None: all."""
+    keys `key_padding_mask` (B, N) does not mask; None: all. compress_keys > 0 bounds the pooled
+    keys (``pooled_block``)."""
     from .backends import sparse_attention
     from .patterns import LSH
 
     if layout is None or not compress:
         return sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask)
     b, n = q.shape[0], q.shape[2]
+    compress = pooled_block(n, compress, compress_keys)
     valid = None if real is None else real.expand(b, n)
     if key_padding_mask is not None:
         valid = ~key_padding_mask if valid is None else valid & ~key_padding_mask

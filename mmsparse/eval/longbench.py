@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmsparse.attention.compressed import pooled_block
 from mmsparse.data import longtasks as lt
 from mmsparse.fileio import atomic_write_text
 
@@ -168,7 +169,8 @@ def build_model(spec: BenchSpec, arm: str, seed: int, device, backend: str = "au
     check_arms([arm])
     torch.manual_seed(seed)
     # specs without the field (before 2026-12-07's v5) ran with the shift of digital silence
-    cfg = {"audio_norm": AUDIO_NORM, **spec.model, **ARMS[arm], "backend": backend}
+    # the arms' pooled keys are unbounded (compress_keys 0), as when they were first run
+    cfg = {"audio_norm": AUDIO_NORM, "compress_keys": 0, **spec.model, **ARMS[arm], "backend": backend}
     model = create_model("captioner_tiny", tokenizer=tokenizer(), **cfg)
     return model.to(device)
 
@@ -185,7 +187,7 @@ def attention_pairs(model, layout) -> tuple[float, float]:
         else:
             pairs += float(lay.computed_pairs())
             if model.cfg.compress_block:
-                pairs += n * math.ceil(n / model.cfg.compress_block)
+                pairs += n * math.ceil(n / pooled_block(n, model.cfg.compress_block, model.cfg.compress_keys))
     return pairs
 
 

@@ -96,6 +96,13 @@ class ModelConfig:
     # On by default: without it the tiled schedule loses the long-clip tasks that need two far
     # times at once (docs/benchmarks.md, E5); one pooled key per video tile (4 x 4 x 8 = 128)
     compress_block: int = 128
+    # at most this many pooled keys per clip: past compress_keys x compress_block positions the
+    # pooled block grows by whole compress_blocks (attention.compressed.pooled_block), so the
+    # branch costs N x compress_keys pairs a layer, linear in N like the sparse layout, instead of
+    # N^2 / compress_block (at 1,024 frames on 224 x 224, 843 pooled keys doubled the aligned
+    # model's attention pairs). 256 bounds it from ~270 frames of 224 x 224 video on; 0: no bound.
+    # The long-clip benchmark's arms run unbounded (at most 133 pooled keys in training).
+    compress_keys: int = 256
     attn_block: int = 128
     segment_align: int = 128
     # every tile of a segment starts on a multiple of this (Segment.tile_align; 1: tiles packed).
@@ -200,7 +207,7 @@ class VideoCaptioner(nn.Module):
         dpr = [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(
             SparseBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, dpr[i], cfg.backend,
-                        compress=cfg.compress_block, norm_layer=norm_layer)
+                        compress=cfg.compress_block, compress_keys=cfg.compress_keys, norm_layer=norm_layer)
             for i in range(cfg.depth)
         )
         self.norm = norm_layer(cfg.embed_dim)
@@ -434,7 +441,8 @@ class VideoCaptioner(nn.Module):
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{d / CONFIG}: format_version {meta.get('format_version')} is not the supported {FORMAT_VERSION}")
         # a config saved before the compressed branch existed ran without it (it has no weights)
-        cfg = ModelConfig.from_dict({"compress_block": 0, **meta["config"], **overrides})
+        # (and one saved before the bound existed pooled without one)
+        cfg = ModelConfig.from_dict({"compress_block": 0, "compress_keys": 0, **meta["config"], **overrides})
         digest = sha256_file(d / WEIGHTS)
         if meta.get("weights_sha256") and digest != meta["weights_sha256"]:
             raise ValueError(

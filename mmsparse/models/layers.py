@@ -91,16 +91,17 @@ class SparseSelfAttention(nn.Module):
     """Multi-head self-attention whose mask is a BlockLayout; optional QK-norm and rotary."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 norm_layer=nn.LayerNorm, backend: str = "auto", compress: int = 0):
+                 norm_layer=nn.LayerNorm, backend: str = "auto", compress: int = 0, compress_keys: int = 0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be a multiple of num_heads {num_heads}")
-        if compress < 0:
-            raise ValueError(f"compress must be >= 0 (0: off), got {compress}")
+        if compress < 0 or compress_keys < 0:
+            raise ValueError(f"compress and compress_keys must be >= 0 (0: off / no bound), got {compress}, {compress_keys}")
         self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
         # sparse layers also attend the means of every `compress` stream positions
-        # (mmsparse/attention/compressed.py) in the same softmax; 0: off
-        self.compress = compress
+        # (mmsparse/attention/compressed.py) in the same softmax; 0: off; at most compress_keys
+        # pooled keys (the block grows by whole multiples past that; 0: no bound)
+        self.compress, self.compress_keys = compress, compress_keys
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -134,7 +135,7 @@ class SparseSelfAttention(nn.Module):
         # dense (layout None, padding keys masked), sparse, or sparse with the compressed branch,
         # whose block means skip the gaps (packed rows know them; else `real`)
         out = layer_attention(q, k, v, layout, self.compress, self.backend, key_padding_mask=pad_mask,
-                              real=real if packed is None else packed.rows >= 0)
+                              real=real if packed is None else packed.rows >= 0, compress_keys=self.compress_keys)
         if packed is None:
             out = out.transpose(1, 2)  # (B, N, H, D)
         elif fused_rope_available(out):
@@ -149,10 +150,12 @@ class SparseBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_norm: bool = False, drop_path: float = 0.0, backend: str = "auto",
-                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, mlp_layer=Mlp, compress: int = 0):
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, mlp_layer=Mlp, compress: int = 0,
+                 compress_keys: int = 0):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = SparseSelfAttention(dim, num_heads, qkv_bias, qk_norm, norm_layer, backend, compress)
+        self.attn = SparseSelfAttention(dim, num_heads, qkv_bias, qk_norm, norm_layer, backend, compress,
+                                        compress_keys)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)

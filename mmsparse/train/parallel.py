@@ -93,17 +93,18 @@ class _LocalSparseAttention(nn.Module):
     """DistributedAttention's local attention: (B, N', H/P, D) in and out, sparse_attention of the
     N real tokens inside (padding rows come out as zeros). ``compress``: the layer's compressed
     branch (``SparseSelfAttention.compress``), which after the all-to-all sees the whole stream of
-    its heads, so it runs as on one GPU."""
+    its heads, so it runs as on one GPU (``compress_keys``: its bound on the pooled keys)."""
 
-    def __init__(self, backend: str, state: dict, compress: int = 0):
+    def __init__(self, backend: str, state: dict, compress: int = 0, compress_keys: int = 0):
         super().__init__()
-        self.backend, self.state, self.compress = backend, state, compress
+        self.backend, self.state, self.compress, self.compress_keys = backend, state, compress, compress_keys
 
     def forward(self, q, k, v, layout, pad_mask=None, real=None):
         n_pad, n = q.shape[1], self.state["n"]
         q, k, v = (t[:, :n].transpose(1, 2) for t in (q, k, v))  # (B, H/P, N, D)
         # layout None (a dense layer): SDPA, padding keys masked; the compressed branch as on one GPU
-        out = layer_attention(q, k, v, layout, self.compress, self.backend, key_padding_mask=pad_mask, real=real)
+        out = layer_attention(q, k, v, layout, self.compress, self.backend, key_padding_mask=pad_mask, real=real,
+                              compress_keys=self.compress_keys)
         out = out.transpose(1, 2)  # (B, N, H/P, D)
         return F.pad(out, (0, 0, 0, 0, 0, n_pad - n)) if n_pad > n else out
 
@@ -119,7 +120,8 @@ class UlyssesSelfAttention(nn.Module):
         self.qkv, self.q_norm, self.k_norm, self.proj = attn.qkv, attn.q_norm, attn.k_norm, attn.proj
         self.num_heads, self.head_dim, self.backend = attn.num_heads, attn.head_dim, attn.backend
         self.sp_rank, self.sp = sp_rank, sp
-        self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state, attn.compress), group, scatter_idx=2,
+        self.dist_attn = DistributedAttention(_LocalSparseAttention(attn.backend, state, attn.compress,
+                                                                    attn.compress_keys), group, scatter_idx=2,
                                               gather_idx=1)
 
     def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None, real=None) -> torch.Tensor:

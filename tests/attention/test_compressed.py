@@ -321,3 +321,40 @@ def test_all_blocks_real_needs_the_layouts_stream():
     plain = build_layout(Local((3, 3, 3)), (3, 5, 7), block_q=32, block_k=32)  # a grid: no gaps
     assert all_blocks_real(plain, 16) is (plain.stream is not None)
     assert all_blocks_real(plain, 16) is all_blocks_real(plain, 16)  # cached per block
+
+
+def test_pooled_block_bounds_the_pooled_keys_by_whole_blocks():
+    from mmsparse.attention.compressed import pooled_block
+
+    assert pooled_block(105, 16) == pooled_block(105, 16, 0) == 16  # no bound: 7 keys
+    assert pooled_block(105, 16, 7) == 16 and pooled_block(105, 16, 6) == 32  # 4 keys of 32
+    assert pooled_block(105, 16, 2) == 64 and pooled_block(105, 16, 1) == 112
+    for n in (1, 127, 128, 129, 107_904):
+        for keys in (1, 3, 256):
+            blk = pooled_block(n, 128, keys)
+            assert blk % 128 == 0 and math.ceil(n / blk) <= keys
+            assert blk == 128 or math.ceil(n / (blk - 128)) > keys  # the least such multiple
+    with pytest.raises(ValueError, match="max_keys"):
+        pooled_block(10, 4, -1)
+
+
+def test_bounded_pooled_keys_are_the_branch_of_the_grown_block():
+    """SparseSelfAttention(compress=16, compress_keys=2) on N = 105 pools blocks of 64 (2 keys):
+    the layer of compress=64, forward and backward; unbounded it is compress=16's."""
+    from mmsparse.models.layers import SparseSelfAttention
+
+    layout, _, _, _, valid, g = _inputs((3, 5, 7), 2, 2, 2, 16, 9)
+    b, n = valid.shape
+    x = torch.randn(b, n, 32, generator=g, requires_grad=True)
+    outs = {}
+    for key, (block, keys) in {"bounded": (16, 2), "grown": (64, 0), "plain": (16, 0), "loose": (16, 7)}.items():
+        torch.manual_seed(3)
+        attn = SparseSelfAttention(32, 2, backend="reference", compress=block, compress_keys=keys)
+        outs[key] = attn(x, layout, None, ~valid)
+    torch.testing.assert_close(outs["bounded"], outs["grown"], rtol=0, atol=0)
+    torch.testing.assert_close(outs["loose"], outs["plain"], rtol=0, atol=0)
+    assert not torch.allclose(outs["bounded"], outs["plain"])
+    gb, gg = (torch.autograd.grad(outs[k].square().sum(), x) for k in ("bounded", "grown"))
+    torch.testing.assert_close(gb, gg, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="compress_keys"):
+        SparseSelfAttention(32, 2, compress=16, compress_keys=-1)

@@ -38,6 +38,26 @@ def test_bench_model_cpu_smoke(tmp_path):
     assert aligned["tokens"] == sparse["tokens"] and aligned["positions"] >= sparse["positions"]
 
 
+def test_bench_model_count_only_counts_the_pooled_keys_bound(tmp_path, capsys):
+    """--count-only: each variant's attended pairs, untimed; a bound on the pooled keys
+    (compress_keys) takes pairs off as ceil(N / pooled_block) keys a position and layer."""
+    from mmsparse.attention.compressed import pooled_block
+
+    mod = _bench_model()
+    argv = ["--count-only", "--model", "captioner_tiny", "--size", "32", "--audio-frames", "200",
+            "--frames", "64", "--variants", "sparse,dense", "--config", "bounded:compress_block=8;compress_keys=4",
+            "--config", "free:compress_block=8;compress_keys=0", "--out", str(tmp_path)]
+    assert mod.main(argv) == 0
+    res = _result(tmp_path)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert all("step_ms" not in r for r in rows.values()) and rows["dense"]["density"] == 1.0
+    n = rows["free"]["positions"]
+    per_layer = n * (-(-n // 8) - -(-n // pooled_block(n, 8, 4)))  # pooled keys taken off, a position each
+    extra = rows["free"]["attended_pairs"] - rows["bounded"]["attended_pairs"]
+    assert per_layer > 0 and extra > 0 and extra % per_layer == 0 and extra // per_layer <= 2  # 2 sparse layers at most
+    assert "fewer pairs" in capsys.readouterr().out
+
+
 def test_bench_model_rejects_unknown_variant(tmp_path):
     with pytest.raises(SystemExit):
         _bench_model().main(["--cpu-smoke", "--variants", "sparse,fast", "--out", str(tmp_path)])

@@ -269,6 +269,25 @@ def test_audio_floor_is_saved_reaches_the_output_and_older_configs_load_without_
     assert VideoCaptioner.from_pretrained(d).cfg.audio_floor is None
 
 
+def test_compressed_branch_defaults_and_configs_saved_before_it(tiny, tmp_path):
+    """The captioners pool one key per 128 positions, at most 256 keys; a config saved before
+    the branch (or its bound) existed loads without it (or unbounded), as it ran."""
+    from mmsparse.models import ModelConfig
+
+    assert (ModelConfig().compress_block, ModelConfig().compress_keys) == (128, 256)
+    assert {(b.attn.compress, b.attn.compress_keys) for b in tiny.blocks} == {(tiny.cfg.compress_block, 256)}
+    d = tmp_path / "m"
+    tiny.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["config"]["compress_keys"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert VideoCaptioner.from_pretrained(d).cfg.compress_keys == 0
+    del cfg["config"]["compress_block"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    old = VideoCaptioner.from_pretrained(d)
+    assert (old.cfg.compress_block, old.cfg.compress_keys) == (0, 0)
+
+
 def test_tiled_shifted_moves_the_odd_layers_windows(tiny, batch):
     """tiled_shifted: even layers are the tiled schedule's; odd layers shift each tile window by
     half a tile where the grid has more than one tile, and so pair tokens of neighbouring tiles."""
