@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     for r in rows:
         if "step_ms" not in r and "error" not in r:  # --count-only
             dense = by.get((r["frames"], "dense"))
-            ratio = f"{dense['attended_pairs'] / r['attended_pairs']:.1f}x fewer pairs" if dense else "-"
+            ratio = f"{dense['attended_pairs'] / r['attended_pairs']:.1f}x fewer pairs" if dense and r is not dense else "-"
             print(f"| {r['frames']} | {r['variant']} | {r['tokens']:,} | {r['density']:.4f} | - | - | - | - | {ratio} |")
             continue
         if "error" in r:
