@@ -66,6 +66,11 @@ ARMS: dict[str, dict] = {
     "tiled_dilated": dict(schedule="tiled_dilated", compress_block=0),
     "tiled_dilated_compress": dict(schedule="tiled_dilated", compress_block=64),
     "tiled_compress_dec8": dict(schedule="tiled", compress_block=64, dec_heads=8, dec_depth=3),
+    # tiled_compress with at most 136 pooled keys (ModelConfig.compress_keys), the most it meets
+    # in training (133 at 1,024 frames): trained the same, it sees as many pooled keys at every
+    # eval length (133 at 8,192 frames, blocks of 512, where tiled_compress has 1,057). Does a
+    # fixed number of pooled keys carry count and the needle past the training lengths?
+    "tiled_compress_bounded": dict(schedule="tiled", compress_block=64, compress_keys=136),
 }
 
 

@@ -277,6 +277,31 @@ def test_plateau_is_read_from_the_curve():
     assert longreport.plateau(curve([0.9, 0.2, 0.1, 0.03, 0.015])) is False
 
 
+def test_the_bounded_arm_trains_as_tiled_compress_and_keeps_its_pooled_keys_at_any_length():
+    """tiled_compress_bounded is tiled_compress with compress_keys: at every training length its
+    pooled block is tiled_compress's (the same model, step for step), and at 8,192 frames it
+    pools no more keys than training saw."""
+    from mmsparse.attention.compressed import pooled_block
+
+    bounded, plain = lb.ARMS["tiled_compress_bounded"], lb.ARMS["tiled_compress"]
+    assert {k: v for k, v in bounded.items() if k != "compress_keys"} == plain
+    spec = lb.BenchSpec()
+    model = lb.build_model(spec, "tiled_compress_bounded", 0, "cpu")
+    assert {b.attn.compress_keys for b in model.blocks} == {bounded["compress_keys"]}
+    assert lb.build_model(spec, "tiled_compress", 0, "cpu").blocks[0].attn.compress_keys == 0
+
+    def positions(frames):
+        plan = lt.plan("needle", frames, np.random.default_rng(0), spec.task)
+        return model.embed(lt.render([plan], spec.task, seed=0)).layout.length
+
+    block, keys = plain["compress_block"], bounded["compress_keys"]
+    most = max(math.ceil(positions(n) / block) for n in spec.all_train_lengths())
+    assert most <= keys
+    assert all(pooled_block(positions(n), block, keys) == block for n in spec.all_train_lengths())
+    n = positions(8192)
+    assert math.ceil(n / block) > 7 * keys and math.ceil(n / pooled_block(n, block, keys)) <= keys
+
+
 def test_sparse_lengths_train_only_the_sparse_arms_and_count_in_their_flops():
     spec = lb.BenchSpec(**{**TINY, "steps": 8, "sparse_lengths": (96,)})
     assert lb.BenchSpec(**TINY).key() != spec.key()
