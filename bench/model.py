@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, environment, lower_median, mean_step_ms, out_folder, result_stem, slug  # noqa: E402
+from bench.common import environment, lower_median, mean_step_ms, out_folder, result_stem, slug  # noqa: E402
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.compressed import pooled_block  # noqa: E402
