@@ -21,17 +21,17 @@ def _batch(tmp: str):
     return manifest, next(iter(loader))
 
 
-def _model(manifest, n_global, compress=0):
+def _model(manifest, n_global, compress=0, keys=0):
     from mmsparse.data import manifest_captions
     from mmsparse.models import CaptionTask, CaptionTokenizer, create_model
 
     torch.manual_seed(0)
-    model = create_model("captioner_tiny", n_global=n_global, compress_block=compress)
+    model = create_model("captioner_tiny", n_global=n_global, compress_block=compress, compress_keys=keys)
     model.set_tokenizer(CaptionTokenizer.train(manifest_captions(manifest), vocab_size=model.cfg.vocab_size))
     return model, CaptionTask(model)
 
 
-def _worker(rank: int, port: int, tmp: str, n_global: int, compress: int, out: dict):
+def _worker(rank: int, port: int, tmp: str, n_global: int, compress: int, keys: int, out: dict):
     import torch.distributed as dist
 
     from mmsparse.train.parallel import apply_sequence_parallel
@@ -44,7 +44,7 @@ def _worker(rank: int, port: int, tmp: str, n_global: int, compress: int, out: d
     deepspeed.init_distributed(dist_backend="gloo")  # DistributedAttention talks through deepspeed.comm
     torch.set_num_threads(1)
     manifest, batch = _batch(os.path.join(tmp, "data"))
-    model, task = _model(manifest, n_global, compress)
+    model, task = _model(manifest, n_global, compress, keys)
     seen = []
     apply_sequence_parallel(model, dist.new_group([0, 1]), rank, 2)
     model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
@@ -60,12 +60,18 @@ def _worker(rank: int, port: int, tmp: str, n_global: int, compress: int, out: d
 
 @pytest.mark.timeout(600)
 # an even and an odd stream length (padded to 2 N/2); with the compressed branch (pooled keys of
-# every 8 positions), which must see the whole stream after the all-to-all, not a rank's slice
-@pytest.mark.parametrize("n_global,compress", [(2, 0), (3, 0), (3, 8)])
-def test_ulysses_matches_the_plain_model(tmp_path, n_global, compress):
+# every 8 positions, at most 4 of them: the block grows with the stream), which must see the
+# whole stream after the all-to-all, not a rank's slice, and keep the layer's bound there
+@pytest.mark.parametrize("n_global,compress,keys", [(2, 0, 0), (3, 0, 0), (3, 8, 4)])
+def test_ulysses_matches_the_plain_model(tmp_path, n_global, compress, keys):
     _, batch = _batch(str(tmp_path / "data"))  # written once, before the workers read it
     manifest = tmp_path / "data" / "manifest.jsonl"
-    model, task = _model(manifest, n_global, compress)
+    model, task = _model(manifest, n_global, compress, keys)
+    if keys:  # the bound binds: fewer, larger pooled blocks than compress alone would give
+        from mmsparse.attention.compressed import pooled_block
+
+        n = model.encode(batch)[0].shape[1]
+        assert pooled_block(n, compress, keys) > compress
     loss, _ = task.training_forward(batch)
     loss.backward()
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -73,7 +79,7 @@ def test_ulysses_matches_the_plain_model(tmp_path, n_global, compress):
     assert n_stream % 2 == n_global % 2
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), n_global, compress, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), n_global, compress, keys, out), nprocs=2, join=True)
     for rank in (0, 1):
         sp_loss, grads, seen = out[rank]
         assert seen == [-(-n_stream // 2)]                  # each rank's blocks hold half the tokens
