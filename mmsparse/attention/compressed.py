@@ -133,11 +133,11 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
         return torch.cat([x, x.new_zeros(b, hk, k0 - n, d), pooled.to(x.dtype), x.new_zeros(b, hk, nw - k0 - c, d)], 2)
 
     qw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2)
-    if key_padding_mask is None and k0 == n and (valid is None or all_blocks_real(layout, block)):
-        return qw, widen(k, kc), widen(v, vc), wide, None
-    pad = torch.ones(b, nw, dtype=torch.bool, device=q.device)
-    pad[:, :n] = False if key_padding_mask is None else key_padding_mask.to(q.device)
-    pad[:, k0:k0 + c] = ~live
+    pad = None
+    if key_padding_mask is not None or k0 != n or not (valid is None or all_blocks_real(layout, block)):
+        pad = torch.ones(b, nw, dtype=torch.bool, device=q.device)
+        pad[:, :n] = False if key_padding_mask is None else key_padding_mask.to(q.device)
+        pad[:, k0:k0 + c] = ~live
     return qw, widen(k, kc), widen(v, vc), wide, pad
 
 
@@ -151,7 +151,7 @@ def all_blocks_real(layout, block: int) -> bool:
 
     cache = layout.__dict__.setdefault("_all_blocks_real", {})
     if block not in cache:
-        stream = getattr(layout, "stream", None)
+        stream = layout.stream
         if stream is None or stream.length != layout.n:
             cache[block] = False
         else:
@@ -172,7 +172,7 @@ def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     sparse branch must not attend. Returns (B, H, N, D)."""
     from .backends import sparse_attention
 
-    qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)  # pad may be None
+    qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)
     return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :q.shape[2]]
 
 

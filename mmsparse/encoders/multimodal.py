@@ -108,7 +108,8 @@ class MultimodalTokenizer(nn.Module):
                  audio_order=(4, 32), image_order=(8, 8), n_global: int = 0, align: int = 1,
                  in_chans: int = 3, max_frames: int | None = None, max_audio_frames: int | None = None,
                  default_fps: float = 8.0, audio_norm: tuple[float, float] | None = None,
-                 audio_floor: float | None = None, tile_align: int | Mapping[str, int] = 1, pre_norm: bool = False, norm_eps: float = 1e-5):
+                 audio_floor: float | None = None, tile_align: int | Mapping[str, int] = 1, pre_norm: bool = False,
+                 norm_eps: float = 1e-5):
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
@@ -204,13 +205,13 @@ class MultimodalTokenizer(nn.Module):
         video_t0 = None
         for m in present:
             x = batch[m].to(device, non_blocking=True)  # uint8 pixels move as uint8: 4x fewer bytes
+            # which frames (or images) are real; audio reads them for a per-clip noise floor only
+            mask = None if m == "audio" and self.embeds[m].floor is None else batch.get(f"{m}_mask")
+            mask = None if mask is None else mask.to(device, non_blocking=True)
             if m in ("video", "image"):
-                mask = batch.get(f"{m}_mask")
-                tokens, grid = self.embeds[m](x, norm=batch.get("pixel_norm"),
-                                              mask=None if mask is None else mask.to(device, non_blocking=True))
-            else:  # the real frames matter to a per-clip noise floor only
-                mask = batch.get("audio_mask") if self.embeds[m].floor is not None else None
-                tokens, grid = self.embeds[m](x, None if mask is None else mask.to(device, non_blocking=True))
+                tokens, grid = self.embeds[m](x, norm=batch.get("pixel_norm"), mask=mask)
+            else:
+                tokens, grid = self.embeds[m](x, mask)
             pad, padded = self._pad_mask(m, batch, grid, bsz, device)
             has_padding = None if None in (has_padding, padded) else (has_padding or padded)
             seconds, start = None, 0.0

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from . import longbench as lb
 from . import longreport as lr
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from mmsparse.attention import AVSync, Axial, Global, Local, Pattern, StreamLayout, Tiled
 from mmsparse.attention.patterns import global_flag
 from mmsparse.attention.program import POS
