@@ -29,20 +29,37 @@ from mmsparse.kernels.common import merge_lse  # noqa: F401  (re-exported: the m
 
 def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, Hk, N, D) -> (mean over each block of `block` positions (B, Hk, C, D), block has a
-    real token (B, C) bool). valid (B, N) bool marks the real positions (None: all)."""
+    real token (B, C) bool). valid (B, N) bool marks the real positions (None: all).
+
+    One read of x and no temporary of its size: the whole blocks are a view of x, summed (no
+    `valid`) or weighted by `valid` as a batched (1 x block) @ (block x D) product, and a ragged
+    last block is pooled apart (no padded copy of x); the backward pass writes x's gradient once.
+    """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     b, hk, n, d = x.shape
-    c = math.ceil(n / block)
-    pad = c * block - n
-    w = torch.ones(b, n, dtype=x.dtype, device=x.device) if valid is None else valid.to(x.dtype)
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        w = torch.nn.functional.pad(w, (0, pad))
-    w = w.view(b, 1, c, block, 1)
-    total = (x.view(b, hk, c, block, d) * w).sum(3)  # (B, Hk, C, D)
-    count = w.sum(3)  # (B, 1, C, 1)
-    return total / count.clamp(min=1), count[:, 0, :, 0] > 0
+    whole, rest = divmod(n, block)
+    w = None if valid is None else valid.to(x.dtype)
+
+    def pooled_sum(part, weights, blocks, size):  # (B, Hk, blocks x size, D) -> (B, Hk, blocks, D)
+        part = part.reshape(b, hk, blocks, size, d)
+        if weights is None:
+            return part.sum(3)
+        return torch.matmul(weights.reshape(b, 1, blocks, 1, size), part)[:, :, :, 0]
+
+    sums = []
+    if whole:
+        sums.append(pooled_sum(x[:, :, :whole * block], None if w is None else w[:, :whole * block], whole, block))
+    if rest:
+        sums.append(pooled_sum(x[:, :, whole * block:], None if w is None else w[:, whole * block:], 1, rest))
+    total = sums[0] if len(sums) == 1 else torch.cat(sums, 2)  # (B, Hk, C, D)
+    if w is None:
+        count = torch.full((b, whole + bool(rest)), float(block), dtype=torch.float32, device=x.device)
+        if rest:
+            count[:, -1] = rest
+    else:
+        count = torch.nn.functional.pad(valid.float(), (0, (-n) % block)).view(b, -1, block).sum(2)  # (B, C)
+    return total / count.clamp(min=1)[:, None, :, None].to(total.dtype), count > 0
 
 
 def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float | None = None,

@@ -49,6 +49,24 @@ def test_pool_blocks_matches_loop(n, block):
                                want[want_live[:, None, :, None].expand_as(want)], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,block,masked", [(97, 8, False), (97, 8, True), (40, 40, True), (7, 16, False)])
+def test_pool_blocks_gradient(n, block, masked):
+    """Whole blocks and a ragged last one, with and without `valid`: the means' gradient in x is
+    the loop's (float64)."""
+    g = torch.Generator().manual_seed(7 * n + block)
+    x = torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(2, n, generator=g) > 0.3 if masked else None
+    got, live = pool_blocks(x, block, valid)
+    want, want_live = _pool_loop(x, block, torch.ones(2, n, dtype=torch.bool) if valid is None else valid)
+    assert torch.equal(live, want_live)
+    sel = want_live[:, None, :, None].expand_as(want)
+    torch.testing.assert_close(got[sel], want[sel])
+    gout = torch.randn_like(got)
+    (dx,) = torch.autograd.grad(got[sel].mul(gout[sel]).sum(), x)
+    (dx_want,) = torch.autograd.grad(want[sel].mul(gout[sel]).sum(), x)
+    torch.testing.assert_close(dx, dx_want)
+
+
 def test_compressed_attention_fwd_bwd_gqa():
     g = torch.Generator().manual_seed(1)
     b, h, hk, n, d, block = 2, 4, 2, 45, 8, 7
