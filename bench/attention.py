@@ -28,6 +28,10 @@ and whose mask_mod reads the layout's attribute tensors):
 - `flex_flash`: the same BlockMask on FlexAttention's FLASH backend (FlashAttention-4, CuTe DSL;
   `kernel_options={"BACKEND": "FLASH"}`), CUDA only. Where it raises (FA4 not installed, a mask
   its template cannot compile) the row carries the error.
+- `flash`: mmsparse's flash backend on the same 128 x 128 layout (`mmsparse.attention.backends.flash`:
+  the full blocks on FA4's block-sparse kernels, the partial ones on the Triton kernels, merged
+  by log-sum-exp), CUDA only; where it cannot run (FA4 absent, blocks its tiles do not divide)
+  the row carries the reason.
 - `fa4_dense`: FlashAttention-4's own dense kernel (`flash_attn.cute.flash_attn_func`) on the
   dense workloads, CUDA only; "not installed" where `flash_attn.cute` does not import. The
   result's `fa4` field names the FA4 version.
@@ -71,6 +75,7 @@ from mmsparse.attention import (  # noqa: E402
 )
 from mmsparse.attention import blocklayout as _bl  # noqa: E402
 from mmsparse.attention.backends import triton_available  # noqa: E402
+from mmsparse.attention.backends import flash as flash_backend  # noqa: E402
 from mmsparse.attention.backends.triton_kernels import block_lists  # noqa: E402
 from mmsparse.kernels.block_sparse import block_sparse_attention  # noqa: E402
 from mmsparse.kernels.options import ENVIRONMENT, KernelOptions  # noqa: E402
@@ -322,7 +327,8 @@ def run_workload(wl: Workload, device: str, backends: list[str], reps: int) -> l
         own["triton"] = triton_layout(wl, layout, device)
     rows = []
     # (name, fn, its own row fields or None, fwd+bwd too, why it cannot run or None)
-    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b), None, wl.backward, None)
+    candidates = [(b, lambda q, k, v, b=b: sparse_attention(q, k, v, own[b], backend=b), None, wl.backward,
+                   flash_backend.can_run(q, k, v, own[b]) if b == "flash" else None)
                   for b in backends]
     candidates += closed_flex_candidates(wl, stream, layout, attended, device)
     for a in wl.anchors:
@@ -672,7 +678,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="# %(name)s: %(message)s")
     logging.getLogger("mmsparse.kernels").setLevel(logging.INFO)  # autotune choices
     if device == "cuda":
-        backends = (["triton"] if triton_available() else []) + ["flex"]
+        # flash: the full blocks on FA4, the partial ones on triton (a row with its reason where
+        # FA4 is absent or the layout's blocks do not fit its tiles)
+        backends = (["triton", "flash"] if triton_available() else []) + ["flex"]
         workloads = gpu_workloads()
     else:
         backends = ["reference"]
