@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, lower_median, mean_step_ms, out_folder, result_stem, slug  # noqa: E402
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
-from mmsparse.attention.compressed import pooled_block  # noqa: E402
+from mmsparse.attention.compressed import pooled_keys  # noqa: E402
 from mmsparse.attention.backends import triton_available  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
@@ -150,7 +150,7 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
     real = layout.n_global + sum(s.numel for s in layout.segments)
     pairs = 0
     cb = model.cfg.compress_block
-    pooled = -(-n // pooled_block(n, cb, model.cfg.compress_keys)) if cb else 0
+    pooled = pooled_keys(n, cb, model.cfg.compress_keys) if cb else 0
     for lay in model.layer_layouts(layout):
         pairs += n * n if lay is None else lay.attended_pairs() + n * pooled
     flops = 6.0 * real * 12 * e * e * depth + 3.5 * 4.0 * pairs * e

@@ -205,6 +205,11 @@ def pooled_block(n: int, block: int, max_keys: int = 0) -> int:
     return block * max(1, math.ceil(math.ceil(n / block) / max_keys))
 
 
+def pooled_keys(n: int, block: int, max_keys: int = 0) -> int:
+    """How many pooled keys an `n`-position stream has: ceil(n / ``pooled_block(n, block, max_keys)``)."""
+    return math.ceil(n / pooled_block(n, block, max_keys))
+
+
 def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, compress: int = 0,
                     backend: str = "auto", key_padding_mask: torch.Tensor | None = None,
                     real: torch.Tensor | None = None, compress_keys: int = 0) -> torch.Tensor:

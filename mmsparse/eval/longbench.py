@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmsparse.attention.compressed import pooled_block
+from mmsparse.attention.compressed import pooled_keys
 from mmsparse.data import longtasks as lt
 from mmsparse.fileio import atomic_write_text
 
@@ -192,7 +192,7 @@ def attention_pairs(model, layout) -> tuple[float, float]:
         else:
             pairs += float(lay.computed_pairs())
             if model.cfg.compress_block:
-                pairs += n * math.ceil(n / pooled_block(n, model.cfg.compress_block, model.cfg.compress_keys))
+                pairs += n * pooled_keys(n, model.cfg.compress_block, model.cfg.compress_keys)
     return pairs
 
 
