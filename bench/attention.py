@@ -710,7 +710,7 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.synchronize()
         build[dev] = (time.perf_counter() - t0) * 1e3
-    print(f"\nA2 layout build, cold: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in build.items()))
+    print("\nA2 layout build, cold: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in build.items()))
 
     date = env["date"]
     stem = result_stem(out, "attention", slug(device_name), args.label, date, suffixes=(".json", ".md", ".png"))
