@@ -382,6 +382,52 @@ def with_full_keys(layout: BlockLayout, n_keys: int) -> tuple[BlockLayout, int]:
     return wide, k0
 
 
+def split_full_coarse(layout: BlockLayout, block_q: int, block_k: int) -> tuple[BlockLayout, BlockLayout]:
+    """`layout` as (full blocks of block_q x block_k, the rest on `layout`'s own blocks): a coarse
+    block pair goes to the first layout when every one of `layout`'s blocks inside it is full
+    (an edge pair holds fewer of them where N ends inside it: those must be full); every other
+    full block and every partial block stay in the second. The two cover each attended pair
+    once, so attention over `layout` is their log-sum-exp merge, as for ``split_full``; with
+    block_q x block_k equal to `layout`'s blocks this is ``split_full``. Lets a backend whose
+    full-block kernel needs larger tiles (FlashAttention-4 on Hopper: 128 x 128) take the full
+    blocks of a layout of smaller ones. Both carry `layout`'s mask program. Cached on `layout`."""
+    bq, bk = layout.block_q, layout.block_k
+    if block_q % bq or block_k % bk:
+        raise ValueError(f"coarse blocks {block_q}x{block_k} must be multiples of the layout's {bq}x{bk}")
+    if (block_q, block_k) == (bq, bk):
+        return split_full(layout)
+    cache = layout.__dict__.setdefault("_split_full_coarse", {})
+    if (block_q, block_k) in cache:
+        return cache[block_q, block_k]
+    fq, fk = block_q // bq, block_k // bk
+    mq, mk = layout.num_q_blocks, layout.num_k_blocks
+    cq, ck = math.ceil(layout.n / block_q), math.ceil(layout.n / block_k)
+    rows = rows_of(layout.q_full_ptr)
+    cols = layout.q_full_idx.long()
+    # full fine blocks per coarse pair against the fine blocks it holds (fewer at the ends)
+    count = torch.bincount((rows // fq) * ck + cols // fk, minlength=cq * ck).view(cq, ck)
+    per_q = torch.bincount(torch.arange(mq, device=rows.device) // fq, minlength=cq)
+    per_k = torch.bincount(torch.arange(mk, device=rows.device) // fk, minlength=ck)
+    whole = count == per_q[:, None] * per_k[None, :]
+    covered = whole[rows // fq, cols // fk]
+    wr, wc = whole.nonzero(as_tuple=True)
+    q_ptr, q_idx = _csr(wr, wc, cq, ck)
+    k_ptr, k_idx = _csr(wc, wr, ck, cq)
+
+    def empty(m: int):  # CSR lists of m rows with no entry
+        return torch.zeros(m + 1, dtype=torch.int32, device=layout.device), layout.q_full_idx.new_zeros(0)
+
+    coarse = BlockLayout(layout.n, block_q, block_k, q_ptr, q_idx, *empty(cq), k_ptr, k_idx, *empty(ck),
+                         program=layout.program)
+    fr, fc = rows[~covered], cols[~covered]
+    rq_ptr, rq_idx = _csr(fr, fc, mq, mk)
+    rk_ptr, rk_idx = _csr(fc, fr, mk, mq)
+    rest = BlockLayout(layout.n, bq, bk, rq_ptr, rq_idx, layout.q_part_ptr, layout.q_part_idx,
+                       rk_ptr, rk_idx, layout.k_part_ptr, layout.k_part_idx, program=layout.program)
+    cache[block_q, block_k] = (coarse, rest)
+    return coarse, rest
+
+
 def split_full(layout: BlockLayout) -> tuple[BlockLayout, BlockLayout]:
     """`layout` as two layouts of the same N, block sizes and mask program: (the full blocks
     alone, the partial blocks alone). A block pair is either full or partial, so each query's

@@ -23,7 +23,7 @@ from mmsparse.attention import (
     Causal, Dense, Local, Segment, StreamLayout, Tiled, build_layout, sliding_window_with_sinks, sparse_attention,
 )
 from mmsparse.attention.backends import choose_backend, flash, reference
-from mmsparse.attention.blocklayout import split_full
+from mmsparse.attention.blocklayout import split_full, split_full_coarse
 from mmsparse.kernels.block_sparse import block_sparse_attention_ref
 from mmsparse.kernels.block_sparse.lists import rows_of
 from mmsparse.kernels.options import KernelOptions, kernel_options
@@ -124,6 +124,60 @@ def test_split_merge_equals_the_whole_layout(name, padded):
         assert only_partial.any() and whole[0][only_partial].abs().amax() > 0
 
 
+@pytest.mark.parametrize("coarse", [(16, 16), (24, 8), (8, 32)], ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("name", list(CASES))
+def test_coarse_split_partitions_the_pairs(name, coarse):
+    """split_full_coarse: whole coarse blocks of full layout blocks, and the layout's other
+    blocks; together every attended pair once; the coarse half attends all of its pairs."""
+    layout = _layout(name)
+    if coarse[0] % layout.block_q or coarse[1] % layout.block_k:
+        coarse = (coarse[0] * layout.block_q // 8, coarse[1] * layout.block_k // 8)
+    full, rest = split_full_coarse(layout, *coarse)
+    assert (full.block_q, full.block_k) == coarse and (rest.block_q, rest.block_k) == (layout.block_q, layout.block_k)
+    assert full.num_partial == 0 and rest.num_partial == layout.num_partial
+    for part in (full, rest):
+        assert _counts(part.k_full_ptr).sum() == part.num_full and _counts(part.k_part_ptr).sum() == part.num_partial
+    a, b = full.dense_mask(), rest.dense_mask()
+    assert torch.equal(a | b, layout.dense_mask()) and not (a & b).any()
+    assert full.attended_pairs() == full.computed_pairs()  # no pair of a coarse block is masked
+    # each layout block is in one half: the coarse half's pairs are whole full layout blocks
+    assert full.computed_pairs() + _full_pairs(rest) == _full_pairs(layout)
+    assert split_full_coarse(layout, *coarse)[0] is full  # cached
+    assert split_full_coarse(layout, layout.block_q, layout.block_k) == split_full(layout)
+
+
+def _full_pairs(layout):
+    full, _ = split_full(layout)
+    return full.computed_pairs()
+
+
+def test_coarse_split_takes_the_whole_tiles_of_a_tiled_layout():
+    """Tiles of 4 blocks of 8 on a (4, 8, 8) grid: every 16 x 16 block inside a tile is whole;
+    a coarse block that crosses a tile's edge into an unattended tile stays on the layout's blocks."""
+    layout = build_layout(Tiled((1, 4, 8), 0), StreamLayout.from_grid((4, 8, 8), order=(1, 4, 8)), 8, 8)
+    assert layout.num_partial == 0
+    full, rest = split_full_coarse(layout, 16, 16)
+    assert rest.num_full == 0 and full.computed_pairs() == layout.computed_pairs()
+    full, rest = split_full_coarse(layout, 24, 8)  # 3 query blocks: some straddle two tiles
+    assert full.num_full > 0 and rest.num_full > 0
+
+
+@pytest.mark.parametrize("name", ["window_3d_tiles", "video_tiles_audio_windows", "causal", "dense"])
+def test_coarse_split_merge_equals_the_whole_layout(name):
+    layout = _layout(name)
+    n, d = layout.n, 16
+    gen = torch.Generator().manual_seed(zlib.crc32(f"coarse{name}".encode()))
+    q = torch.randn(2, 4, n, d, generator=gen)
+    k, v = (torch.randn(2, 2, n, d, generator=gen) for _ in range(2))
+    dout, dlse = torch.randn(2, 4, n, d, generator=gen), torch.randn(2, 4, n, generator=gen)
+    blocks = (2 * layout.block_q, 2 * layout.block_k)
+    whole = _grads(lambda q, k, v: reference.run(q, k, v, layout, 0.3), q, k, v, dout, dlse)
+    split = _grads(lambda q, k, v: flash.split_attention(q, k, v, layout, 0.3, reference.run, reference.run,
+                                                         blocks=blocks), q, k, v, dout, dlse)
+    for what, got, want in zip(("out", "lse", "dq", "dk", "dv"), split, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=lambda m: f"{what}: {m}")
+
+
 def test_split_of_a_layout_with_only_partial_blocks_runs_one_half():
     layout = build_layout(Local(5), (40,), 8, 8)
     assert layout.num_full == 0
@@ -218,9 +272,10 @@ def test_min_full_share_option(monkeypatch):
     ((torch.bfloat16, 64, 32, (9, 0), 128, 128), "differ"),
     ((torch.bfloat16, 64, 64, (8, 0), 128, 128), "got sm80"),
     ((torch.bfloat16, 64, 64, (12, 0), 128, 128), "got sm120"),
-    ((torch.bfloat16, 64, 64, (9, 0), 64, 128), r"64x128 do not fit .* sm90 \(block_q a multiple of 128, block_k = 128"),
+    ((torch.bfloat16, 64, 64, (9, 0), 96, 96), r"96x96 do not fit .* sm90, nor .* \(block_q a multiple of 128, block_k = 128"),
     ((torch.bfloat16, 64, 64, (9, 0), 128, 256), "block_k = 128"),
-    ((torch.float16, 64, 64, (10, 0), 128, 128), "block_q a multiple of 256"),
+    ((torch.bfloat16, 64, 64, (9, 0), 64, 64), None),  # FA4 takes 128 x 128 blocks of four full ones
+    ((torch.float16, 64, 64, (10, 0), 128, 128), None),
     ((torch.bfloat16, 128, 128, (9, 0), 256, 128), None),
     ((torch.float16, 8, 8, (9, 0), 128, 128), None),
     ((torch.bfloat16, 72, 72, (10, 0), 256, 256), None),
@@ -277,11 +332,12 @@ GPU_CASES = {
 
 
 @gpu
+@pytest.mark.parametrize("block", [128, 64])  # 64: FA4 takes the 128 x 128 blocks of four full ones
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_flash_matches_truth_bf16(name, d, monkeypatch):
+def test_gpu_flash_matches_truth_bf16(name, d, block, monkeypatch):
     pattern, tokens = GPU_CASES[name]
-    layout = build_layout(pattern, tokens, 128, 128, device="cuda")
+    layout = build_layout(pattern, tokens, block, block, device="cuda")
     mask = layout.dense_mask()
     q, k, v, dout, dlse = budget.inputs((2, 4, 2), layout.n, d, seed=zlib.crc32(name.encode()) + d)
     reason = flash.can_run(q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(), layout)

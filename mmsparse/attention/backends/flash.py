@@ -6,15 +6,18 @@ Mq / Mk query / key blocks of the layout, W the longest block list of a row.
 
 A full block is one where every query attends every key: no mask to evaluate, the work
 FlashAttention-4 (FA4, CuTe DSL) does fastest. The backend splits the BlockLayout into its full
-blocks and its partial blocks (`blocklayout.split_full`). The full blocks run on FA4's
+blocks and its partial blocks (`blocklayout.split_full_coarse`). The full blocks run on FA4's
 block-sparse kernels (`flash_attn.cute.flash_attn_func` with block-sparse tensors: per query
 block its full key blocks for the forward pass, per key block its full query blocks for the
 backward pass); the partial blocks run on the Triton kernels with the mask program; the two
 results are merged by their log-sum-exp in PyTorch, so gradients of the output and of the LSE
 flow through both parts. It runs on CUDA (Hopper, sm90; Blackwell, sm100) with float16 or
-bfloat16, head dims 8 to 128 in multiples of 8, GQA included, on layouts whose blocks FA4's
-tiles divide (Hopper: block_q a multiple of 128 and block_k = 128; Blackwell: block_q a
-multiple of 256 and block_k a multiple of 128). With a key padding mask the whole layout runs
+bfloat16, head dims 8 to 128 in multiples of 8, GQA included, on layouts whose blocks, or whole
+multiples of them, fit FA4's tiles (Hopper: block_q a multiple of 128 and block_k = 128;
+Blackwell: block_q a multiple of 256 and block_k a multiple of 128; `fa4_blocks`). Where the
+layout's blocks are smaller (64 x 64, the block-aligned captioners'), FA4 takes the coarse
+blocks whose layout blocks are all full, and the Triton kernels the layout's other blocks, full
+ones included (`blocklayout.split_full_coarse`). With a key padding mask the whole layout runs
 on the Triton kernels (FA4 evaluates no mask in full blocks); the compressed branch passes none
 on a model's stream without padded clips (``compressed.pooled_key_inputs``), so its pooled key
 blocks, full blocks every query block attends, go to FA4 with the rest. `auto` picks it where it can run
@@ -29,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 
 import torch
 
@@ -36,7 +40,7 @@ from mmsparse.kernels.block_sparse.lists import rows_of
 from mmsparse.kernels.common import merge_lse
 from mmsparse.kernels.options import kernel_options
 
-from ..blocklayout import BlockLayout, split_full
+from ..blocklayout import BlockLayout, split_full_coarse
 from . import triton_kernels
 
 log = logging.getLogger(__name__)
@@ -87,12 +91,30 @@ def input_reason(dtype: torch.dtype, head_dim: int, head_dim_v: int, capability:
     if blocks is None:
         return (f"FlashAttention-4's block-sparse forward and backward run on sm90 / sm100, "
                 f"got sm{capability[0]}{capability[1]}")
-    mult_q, mult_k, max_k = blocks
-    if block_q % mult_q or block_k % mult_k or (max_k is not None and block_k > max_k):
+    if fa4_blocks(capability, block_q, block_k) is None:
+        mult_q, mult_k, max_k = blocks
         want_k = f"block_k = {max_k}" if max_k is not None else f"block_k a multiple of {mult_k}"
         return (f"layout blocks {block_q}x{block_k} do not fit FlashAttention-4's tiles on "
-                f"sm{capability[0]}{capability[1]} (block_q a multiple of {mult_q}, {want_k})")
+                f"sm{capability[0]}{capability[1]}, nor do any whole multiples of them "
+                f"(block_q a multiple of {mult_q}, {want_k})")
     return None
+
+
+def _capability(x: torch.Tensor) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+
+
+def fa4_blocks(capability: tuple[int, int] | None, block_q: int, block_k: int) -> tuple[int, int] | None:
+    """The blocks FA4 takes the full blocks of a block_q x block_k layout in on this GPU: the
+    least whole multiples of the layout's blocks that fit its tiles (on Hopper 128 x 128 for
+    layouts of 64 x 64 or 128 x 128), or None where none does. A coarse block goes to FA4 when
+    every layout block inside it is full (``blocklayout.split_full_coarse``)."""
+    blocks = BLOCKS.get(capability[0]) if capability else None
+    if blocks is None:
+        return None
+    mult_q, mult_k, max_k = blocks
+    tq, tk = math.lcm(block_q, mult_q), math.lcm(block_k, mult_k)
+    return None if max_k is not None and tk > max_k else (tq, tk)
 
 
 def can_run(q, k, v, layout: BlockLayout) -> str | None:
@@ -109,14 +131,16 @@ def can_run(q, k, v, layout: BlockLayout) -> str | None:
     return None if reason is None else f"backend='flash' cannot run: {reason}"
 
 
-def full_share(layout: BlockLayout) -> float:
-    """The share of `layout`'s computed (query, key) pairs that lie in full blocks. Cached."""
-    share = layout.__dict__.get("_full_share")
-    if share is None:
+def full_share(layout: BlockLayout, blocks: tuple[int, int] | None = None) -> float:
+    """The share of `layout`'s computed (query, key) pairs that FA4 would take: those in full
+    blocks of `blocks` (block_q, block_k; None: the layout's own), every layout block inside
+    one full. Cached per `blocks`."""
+    blocks = blocks or (layout.block_q, layout.block_k)
+    cache = layout.__dict__.setdefault("_full_share", {})
+    if blocks not in cache:
         total = layout.computed_pairs()
-        share = split_full(layout)[0].computed_pairs() / total if total else 0.0
-        layout.__dict__["_full_share"] = share
-    return share
+        cache[blocks] = split_full_coarse(layout, *blocks)[0].computed_pairs() / total if total else 0.0
+    return cache[blocks]
 
 
 def auto_reason(q, k, v, layout: BlockLayout) -> str | None:
@@ -126,7 +150,8 @@ def auto_reason(q, k, v, layout: BlockLayout) -> str | None:
     reason = can_run(q, k, v, layout)
     if reason is not None:
         return reason
-    share, least = full_share(layout), kernel_options().flash_min_full_share
+    blocks = fa4_blocks(_capability(q), layout.block_q, layout.block_k)
+    share, least = full_share(layout, blocks), kernel_options().flash_min_full_share
     if share < least:
         return (f"full blocks hold {100 * share:.1f} % of the computed pairs, below flash_min_full_share="
                 f"{least:g} (MMSPARSE_FLASH_MIN_FULL_SHARE)")
@@ -138,16 +163,20 @@ def auto_reason(q, k, v, layout: BlockLayout) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_attention(q, k, v, layout: BlockLayout, scale: float, run_full, run_partial, key_padding_mask=None):
+def split_attention(q, k, v, layout: BlockLayout, scale: float, run_full, run_partial, key_padding_mask=None,
+                    blocks: tuple[int, int] | None = None):
     """Attention over `layout` as the log-sum-exp merge of its full blocks, run by `run_full`,
-    and its partial blocks, run by `run_partial` (each a backend's `run(q, k, v, layout, scale,
-    key_padding_mask) -> (out, lse)`, differentiable). A part with no block is not run.
-    Returns out (B, H, N, D) in q's dtype and lse (B, H, N) float32."""
-    full, partial = split_full(layout)
+    and the rest, its partial blocks, run by `run_partial` (each a backend's `run(q, k, v, layout,
+    scale, key_padding_mask) -> (out, lse)`, differentiable). With `blocks` (block_q, block_k),
+    whole multiples of the layout's, `run_full` gets the full blocks of that size whose layout
+    blocks are all full, and `run_partial` the layout's other blocks, full ones included
+    (``blocklayout.split_full_coarse``). A part with no block is not run. Returns out
+    (B, H, N, D) in q's dtype and lse (B, H, N) float32."""
+    full, partial = split_full_coarse(layout, *(blocks or (layout.block_q, layout.block_k)))
     parts = []
     if full.num_full:
         parts.append(run_full(q, k, v, full, scale, key_padding_mask))
-    if partial.num_partial or not parts:
+    if partial.num_partial or partial.num_full or not parts:
         parts.append(run_partial(q, k, v, partial, scale, key_padding_mask))
     if len(parts) == 1:
         return parts[0]
@@ -211,4 +240,5 @@ def run(q, k, v, layout: BlockLayout, scale, key_padding_mask=None):
     if key_padding_mask is not None:
         log.debug("backend='flash': a key padding mask runs the whole layout on the Triton kernels")
         return triton_kernels.run(q, k, v, layout, scale, key_padding_mask)
-    return split_attention(q, k, v, layout, scale, run_full, triton_kernels.run)
+    blocks = fa4_blocks(_capability(q), layout.block_q, layout.block_k)
+    return split_attention(q, k, v, layout, scale, run_full, triton_kernels.run, blocks=blocks)
