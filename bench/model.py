@@ -31,7 +31,9 @@ alike; each row is then the run of median step time, with every run's step time
 (``step_ms_runs``) and the speedup of each repeat over that repeat's dense run
 (``speedup_vs_dense_runs``) beside it.
 Writes bench/results/model-<gpu>-<date>[-<label>].json (``--label``; a name taken already gets
-``-2``, ``-3``: bench/common.py; ``--out`` names another folder) and prints a markdown table.
+``-2``, ``-3``: bench/common.py; ``--out`` names another folder), rewritten after every case
+(``"complete": false`` until the last), so a run cut short keeps the cases it measured, and
+prints a markdown table.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa:
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.compressed import pooled_keys  # noqa: E402
 from mmsparse.attention.backends import triton_available  # noqa: E402
+from mmsparse.fileio import atomic_write_text  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
 CAPTION = "a red circle moves left then a high tone plays"
@@ -215,6 +218,21 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
+def summarise(runs: dict[tuple, list], repeats: int) -> list[dict]:
+    """The rows of the cases run so far: each case's median run, with its speedup over the dense
+    case of the same frames (and, over repeats, each repeat's over that repeat's dense run)."""
+    rows = [median_row(r) for r in runs.values()]
+    by = {(r["frames"], r["variant"]): r for r in rows}
+    for r in rows:
+        d = by.get((r["frames"], "dense"))
+        if r["variant"] != "dense" and d and "step_ms" in r and "step_ms" in d:
+            r["speedup_vs_dense"] = d["step_ms"] / r["step_ms"]
+            if repeats > 1:  # each repeat against the dense run of the same repeat
+                r["speedup_vs_dense_runs"] = [a["step_ms"] / b["step_ms"] for a, b in
+                                              zip(runs[r["frames"], "dense"], runs[r["frames"], r["variant"]])]
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", default="64,512,1024")
@@ -269,33 +287,27 @@ def main(argv=None) -> int:
     else:
         p.error("no GPU: run with --cpu-smoke for the reduced CPU check, or --count-only")
     tok = CaptionTokenizer.train([CAPTION, "a low tone plays then a blue square moves up"], vocab_size=512)
-    runs: dict[tuple, list] = {}  # (frames, variant) -> its rows, one a repeat
-    for rep in range(args.repeats):
-        for frames in (int(f) for f in args.frames.split(",")):
-            for variant in variants:
-                row = run_case(args.model, frames, variant, args, tok, device)
-                runs.setdefault((frames, variant), []).append(row)
-                print(json.dumps(dict(row, repeat=rep) if args.repeats > 1 else row), flush=True)
-    rows = [median_row(r) for r in runs.values()]
-    by = {(r["frames"], r["variant"]): r for r in rows}
-    for r in rows:
-        d = by.get((r["frames"], "dense"))
-        if r["variant"] != "dense" and d and "step_ms" in r and "step_ms" in d:
-            r["speedup_vs_dense"] = d["step_ms"] / r["step_ms"]
-            if args.repeats > 1:  # each repeat against the dense run of the same repeat
-                r["speedup_vs_dense_runs"] = [a["step_ms"] / b["step_ms"] for a, b in
-                                              zip(runs[r["frames"], "dense"], runs[r["frames"], r["variant"]])]
     env = environment(device.type)
-    gpu, triton_version = env["device"], env["triton"]
+    gpu = env["device"]
     backend = "reference" if device.type == "cpu" else ("triton" if triton_available() else "flex")
-    result = {"workload": "E1", "model": args.model, **env, "sparse_backend": backend, "precision": args.precision,
-              "checkpointing": args.checkpointing, "repeats": args.repeats,
-              "overrides": {k: v for k, v in args.override.items()},
-              "configs": args.configs, "rows": rows}
     label = "-".join(x for x in ("cpu-smoke" if args.cpu_smoke else "", "count" if args.count_only else "", args.label)
                      if x)
     out = Path(f"{result_stem(out_dir, 'model', slug(gpu), label, env['date'])}.json")
-    out.write_text(json.dumps(result, indent=2, default=str))
+    runs: dict[tuple, list] = {}  # (frames, variant) -> its rows, one a repeat
+    cases = [(rep, int(f), v) for rep in range(args.repeats) for f in args.frames.split(",") for v in variants]
+    for i, (rep, frames, variant) in enumerate(cases):
+        row = run_case(args.model, frames, variant, args, tok, device)
+        runs.setdefault((frames, variant), []).append(row)
+        print(json.dumps(dict(row, repeat=rep) if args.repeats > 1 else row), flush=True)
+        # the result so far after every case (atomic): a run cut short keeps what it measured
+        rows = summarise(runs, args.repeats)
+        result = {"workload": "E1", "model": args.model, **env, "sparse_backend": backend, "precision": args.precision,
+                  "checkpointing": args.checkpointing, "repeats": args.repeats,
+                  "overrides": {k: v for k, v in args.override.items()},
+                  "configs": args.configs, "complete": i + 1 == len(cases), "rows": rows}
+        atomic_write_text(out, json.dumps(result, indent=2, default=str))
+    by = {(r["frames"], r["variant"]): r for r in rows}
+    triton_version = env["triton"]
     print(f"\n{args.model} on {gpu} (torch {env['torch']}, triton {triton_version}, sparse backend {backend})\n")
     runs_note = f"; median of {args.repeats} interleaved runs, speedup range over the repeats" if args.repeats > 1 else ""
     print(f"batch {args.batch} clips a step, precision {args.precision}; tokens per clip{runs_note}\n")

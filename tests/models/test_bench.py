@@ -38,6 +38,30 @@ def test_bench_model_cpu_smoke(tmp_path):
     assert aligned["tokens"] == sparse["tokens"] and aligned["positions"] >= sparse["positions"]
 
 
+def test_bench_model_keeps_the_cases_before_a_failure(tmp_path, monkeypatch):
+    """The result is written after every case: a run cut short (here: the third case raises)
+    leaves a JSON of the cases it measured, marked incomplete; a whole run is marked complete."""
+    mod = _bench_model()
+    real, calls = mod.run_case, []
+
+    def run_case(*args):
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("the call's time limit")
+        return real(*args)
+
+    monkeypatch.setattr(mod, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--cpu-smoke", "--frames", "4", "--variants", "sparse,dense,aligned", "--out", str(tmp_path)])
+    res = _result(tmp_path)
+    assert res["complete"] is False and [r["variant"] for r in res["rows"]] == ["sparse", "dense"]
+    assert res["rows"][0]["speedup_vs_dense"] > 0
+    monkeypatch.setattr(mod, "run_case", real)
+    whole = tmp_path / "whole"
+    assert mod.main(["--cpu-smoke", "--frames", "4", "--variants", "sparse,dense", "--out", str(whole)]) == 0
+    assert _result(whole)["complete"] is True
+
+
 def test_bench_model_count_only_counts_the_pooled_keys_bound(tmp_path, capsys):
     """--count-only: each variant's attended pairs, untimed; a bound on the pooled keys
     (compress_keys) takes pairs off as ceil(N / pooled_block) keys a position and layer."""
