@@ -7,6 +7,7 @@
     python bench/model.py --override video_radius=1,1,0   # any ModelConfig field
     python bench/model.py --config "tile64:video_tile=4,14,14;video_radius=0;video_tile_align=64"
                                                   # named sparse variants beside sparse and dense
+    python bench/model.py --config "tilekey:aligned;compress_block=832"   # on the aligned tiles
     python bench/model.py --frames 64 --batch 8 --repeats 3   # each case 3 times, interleaved
     python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
 
@@ -161,11 +162,21 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
 
 
 def parse_config(text: str) -> tuple[str, dict]:
-    """"NAME:field=value;field=value" -> (NAME, overrides): a named sparse variant."""
+    """"NAME:field=value;field=value" -> (NAME, overrides): a named sparse variant. An item
+    "aligned" (no value) stands for the fields of BLOCK_ALIGNED_224, which later items override:
+    "tilekey:aligned;compress_block=832"."""
     name, sep, body = text.partition(":")
     if not sep or not name or name == "dense":
         raise ValueError(f"--config must be NAME:field=value;..., NAME not 'dense', got {text!r}")
-    return name, dict(_parse_override(o) for o in body.split(";") if o.strip())
+    overrides: dict = {}
+    for item in (o.strip() for o in body.split(";")):
+        if item == "aligned":
+            overrides.update(BLOCK_ALIGNED_224)
+        elif "=" in item:
+            overrides.update([_parse_override(item)])
+        elif item:
+            raise ValueError(f"--config {name}: {item!r} is neither field=value nor 'aligned'")
+    return name, overrides
 
 
 def run_case(name, frames, variant, args, tok, device):

@@ -156,6 +156,11 @@ def test_bench_model_named_configs_count_real_tokens(tmp_path):
     assert rows["padded"]["positions"] > rows["sparse"]["positions"]
     with pytest.raises(ValueError, match="--config"):
         mod.parse_config("video_tile_align=32")
+    # "aligned" stands for BLOCK_ALIGNED_224, which the later items override
+    name, over = mod.parse_config("tilekey:aligned;compress_block=832;attn_block=128")
+    assert name == "tilekey" and over == {**mod.BLOCK_ALIGNED_224, "compress_block": 832, "attn_block": 128}
+    with pytest.raises(ValueError, match="tilekey: 'alinged' is neither field=value nor 'aligned'"):
+        mod.parse_config("tilekey:alinged;compress_block=832")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "amp"])
@@ -190,3 +195,26 @@ def test_train_step_precisions(precision):
         assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(step.params, step.master))
     with pytest.raises(ValueError, match="precision"):
         mod.TrainStep(CaptionTask(model), model, batch, "fp8", torch.device("cpu"))
+
+
+def test_device_e1_script_runs_both_parts(tmp_path):
+    """tools/device_e1.sh: the 64-frame and the long part each write their JSON (complete) and
+    log into $OUT; a time limit that is not a number is refused before any work."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    smoke = ["--cpu-smoke", "--frames", "4", "--steps", "1", "--warmup", "0", "--batch", "1"]
+    done = subprocess.run(["bash", "tools/device_e1.sh", "400", *smoke], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = sorted(tmp_path.glob("model-*.json"))
+    assert [p.name.split("cpu-smoke-")[1] for p in results] == ["e1-512f-1024f.json", "e1-64f-batch8.json"]
+    for p in results:
+        res = json.loads(p.read_text())
+        assert res["complete"] and {r["variant"] for r in res["rows"]} == {"sparse", "aligned", "tilekey", "dense"}
+    assert (tmp_path / "e1-64f.log").is_file() and "| 4 | tilekey |" in done.stdout
+    bad = subprocess.run(["bash", "tools/device_e1.sh", "soon"], cwd=root, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
