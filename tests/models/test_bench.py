@@ -218,3 +218,22 @@ def test_device_e1_script_runs_both_parts(tmp_path):
     assert (tmp_path / "e1-64f.log").is_file() and "| 4 | tilekey |" in done.stdout
     bad = subprocess.run(["bash", "tools/device_e1.sh", "soon"], cwd=root, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_device_flash_script_refuses_without_fa4(tmp_path):
+    """tools/device_flash.sh stops before any work, naming what is missing, where FlashAttention-4
+    does not import (this machine), and refuses a time limit that is not a number."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("FlashAttention is installed here")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", "tools/device_flash.sh", "60"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 3 and "flash_attn.cute does not import" in done.stderr
+    assert not list(tmp_path.glob("*.json"))
+    bad = subprocess.run(["bash", "tools/device_flash.sh", "soon"], cwd=root, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
