@@ -9,6 +9,10 @@ import functools
 
 import torch
 
+# the pixel normalisation of ImageNet-pretrained encoders, the pipeline's default (data.transforms)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @functools.lru_cache(maxsize=32)
 def _norm_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):

@@ -34,14 +34,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mmsparse.pixels import IMAGENET_MEAN, IMAGENET_STD
 from .audio import log_mel
 from .synth import BACKGROUND, COLOURS, SHAPES, TONES
 
 TASKS = ("needle", "order", "count", "pair")
 NUMBERS = ("one", "two", "three", "four")
 GREY = (200, 200, 200)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FILE_SAMPLE_RATE = 16000  # audio of written clips (AAC has no 4 kHz)
 AUDIO_NOISE = 0.003       # amplitude (std) of the clips' background hiss
 # (shift, scale) of the log-mel for models of these clips: the shift is their noise floor (the
@@ -274,8 +273,9 @@ def to_batch(frames: torch.Tensor, wave: torch.Tensor, spec: TaskSpec = TaskSpec
     """The model's batch from uint8 frames (B, T, H, W, 3) and waves (B, S): pixels normalised
     as the data loader does (ImageNet mean / std), log-mel audio, frame times."""
     b, t = frames.shape[:2]
-    dev = frames.device
-    mean, std = _normalisation(str(dev))
+    mean, std = _normalisation(str(frames.device))
+    # (x / 255 - mean) / std, not pixels.normalize_pixels' x * (1 / 255): the last bit of every
+    # pixel is part of what a benchmark spec's key names (its committed runs replay step for step)
     video = (frames.permute(0, 1, 4, 2, 3).float() / 255.0 - mean) / std  # (B, T, 3, H, W)
     mel = log_mel(wave, spec.sample_rate, spec.n_mels, hop_seconds=spec.hop_seconds)  # (B, M, Tm)
     times = (torch.arange(t, dtype=torch.float64) / spec.fps).expand(b, t).clone()

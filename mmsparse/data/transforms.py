@@ -21,10 +21,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from mmsparse.pixels import normalize_pixels
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mmsparse.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 PIXEL_DTYPES = ("float32", "uint8")
 
 
