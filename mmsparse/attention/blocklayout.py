@@ -382,6 +382,11 @@ def with_full_keys(layout: BlockLayout, n_keys: int) -> tuple[BlockLayout, int]:
     return wide, k0
 
 
+def _no_entries(layout: BlockLayout, m: int):
+    """CSR lists (ptr, idx) of m rows with no entry, on `layout`'s device and index dtype."""
+    return torch.zeros(m + 1, dtype=torch.int32, device=layout.device), layout.q_full_idx.new_zeros(0)
+
+
 def split_full_coarse(layout: BlockLayout, block_q: int, block_k: int) -> tuple[BlockLayout, BlockLayout]:
     """`layout` as (full blocks of block_q x block_k, the rest on `layout`'s own blocks): a coarse
     block pair goes to the first layout when every one of `layout`'s blocks inside it is full
@@ -414,11 +419,8 @@ def split_full_coarse(layout: BlockLayout, block_q: int, block_k: int) -> tuple[
     q_ptr, q_idx = _csr(wr, wc, cq, ck)
     k_ptr, k_idx = _csr(wc, wr, ck, cq)
 
-    def empty(m: int):  # CSR lists of m rows with no entry
-        return torch.zeros(m + 1, dtype=torch.int32, device=layout.device), layout.q_full_idx.new_zeros(0)
-
-    coarse = BlockLayout(layout.n, block_q, block_k, q_ptr, q_idx, *empty(cq), k_ptr, k_idx, *empty(ck),
-                         program=layout.program)
+    coarse = BlockLayout(layout.n, block_q, block_k, q_ptr, q_idx, *_no_entries(layout, cq),
+                         k_ptr, k_idx, *_no_entries(layout, ck), program=layout.program)
     fr, fc = rows[~covered], cols[~covered]
     rq_ptr, rq_idx = _csr(fr, fc, mq, mk)
     rk_ptr, rk_idx = _csr(fc, fr, mk, mq)
@@ -439,15 +441,12 @@ def split_full(layout: BlockLayout) -> tuple[BlockLayout, BlockLayout]:
     if cached is not None:
         return cached
 
-    def empty(m: int):  # CSR lists of m rows with no entry
-        return torch.zeros(m + 1, dtype=torch.int32, device=layout.device), layout.q_full_idx.new_zeros(0)
-
     mq, mk = layout.num_q_blocks, layout.num_k_blocks
     full = BlockLayout(layout.n, layout.block_q, layout.block_k,
-                       layout.q_full_ptr, layout.q_full_idx, *empty(mq),
-                       layout.k_full_ptr, layout.k_full_idx, *empty(mk), program=layout.program)
+                       layout.q_full_ptr, layout.q_full_idx, *_no_entries(layout, mq),
+                       layout.k_full_ptr, layout.k_full_idx, *_no_entries(layout, mk), program=layout.program)
     partial = BlockLayout(layout.n, layout.block_q, layout.block_k,
-                          *empty(mq), layout.q_part_ptr, layout.q_part_idx,
-                          *empty(mk), layout.k_part_ptr, layout.k_part_idx, program=layout.program)
+                          *_no_entries(layout, mq), layout.q_part_ptr, layout.q_part_idx,
+                          *_no_entries(layout, mk), layout.k_part_ptr, layout.k_part_idx, program=layout.program)
     layout.__dict__["_split_full"] = (full, partial)
     return full, partial
