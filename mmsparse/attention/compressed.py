@@ -53,12 +53,8 @@ def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     if rest:
         sums.append(pooled_sum(x[:, :, whole * block:], None if w is None else w[:, whole * block:], 1, rest))
     total = sums[0] if len(sums) == 1 else torch.cat(sums, 2)  # (B, Hk, C, D)
-    if w is None:
-        count = torch.full((b, whole + bool(rest)), float(block), dtype=torch.float32, device=x.device)
-        if rest:
-            count[:, -1] = rest
-    else:
-        count = torch.nn.functional.pad(valid.float(), (0, (-n) % block)).view(b, -1, block).sum(2)  # (B, C)
+    real = torch.ones(b, n, device=x.device) if valid is None else valid.float()
+    count = torch.nn.functional.pad(real, (0, (-n) % block)).view(b, -1, block).sum(2)  # (B, C)
     return total / count.clamp(min=1)[:, None, :, None].to(total.dtype), count > 0
 
 

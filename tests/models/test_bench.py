@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,18 +201,19 @@ def test_train_step_precisions(precision):
         mod.TrainStep(CaptionTask(model), model, batch, "fp8", torch.device("cpu"))
 
 
+
+def _tool(script: str, out: Path, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    """bash tools/<script> ARGS from the repository root, $OUT = out, this interpreter as $PYTHON."""
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    return subprocess.run(["bash", f"tools/{script}", *args], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_device_e1_script_runs_both_parts(tmp_path):
     """tools/device_e1.sh: the 64-frame and the long part each write their JSON (complete) and
     log into $OUT; a time limit that is not a number is refused before any work."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
     smoke = ["--cpu-smoke", "--frames", "4", "--steps", "1", "--warmup", "0", "--batch", "1"]
-    done = subprocess.run(["bash", "tools/device_e1.sh", "400", *smoke], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = _tool("device_e1.sh", tmp_path, "400", *smoke, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     results = sorted(tmp_path.glob("model-*.json"))
     assert [p.name.split("cpu-smoke-")[1] for p in results] == ["e1-512f-1024f.json", "e1-64f-batch8.json"]
@@ -216,24 +221,17 @@ def test_device_e1_script_runs_both_parts(tmp_path):
         res = json.loads(p.read_text())
         assert res["complete"] and {r["variant"] for r in res["rows"]} == {"sparse", "aligned", "tilekey", "dense"}
     assert (tmp_path / "e1-64f.log").is_file() and "| 4 | tilekey |" in done.stdout
-    bad = subprocess.run(["bash", "tools/device_e1.sh", "soon"], cwd=root, env=env, capture_output=True, text=True)
+    bad = _tool("device_e1.sh", tmp_path, "soon")
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
 def test_device_flash_script_refuses_without_fa4(tmp_path):
     """tools/device_flash.sh stops before any work, naming what is missing, where FlashAttention-4
     does not import (this machine), and refuses a time limit that is not a number."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("FlashAttention is installed here")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
-    done = subprocess.run(["bash", "tools/device_flash.sh", "60"], cwd=root, env=env, capture_output=True, text=True)
+    done = _tool("device_flash.sh", tmp_path, "60")
     assert done.returncode == 3 and "flash_attn.cute does not import" in done.stderr
     assert not list(tmp_path.glob("*.json"))
-    bad = subprocess.run(["bash", "tools/device_flash.sh", "soon"], cwd=root, env=env, capture_output=True, text=True)
+    bad = _tool("device_flash.sh", tmp_path, "soon")
     assert bad.returncode == 2 and "usage" in bad.stderr

@@ -16,7 +16,7 @@ from ..common import LOG2E, dims, dot_prec, last_contiguous, padding_flags
 from ..options import kernel_options
 from .launch import descriptor, launch_items, scratch, tma_backward, use_tma, warp_specialize
 from .steps import (
-    bwd_preprocess, dkdv_inner, dq_inner, is_padding, load_kv_desc, load_kv_tile, load_lse2, partial_range,
+    bwd_preprocess, dkdv_inner, dq_inner, is_padding, load_desc, load_kv_desc, load_kv_tile, load_lse2, partial_range,
     partial_step, tile_start, work_item,
 )
 from .tiles import maybe_tune, tile_config, ws_config
@@ -49,7 +49,8 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, D_PAD)
     row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     if WARP_SPECIALIZE:  # Triton's Hopper pass fails unless every dot operand comes by descriptor
-        q, do = load_kv_desc(QD, DOD, b, h, tile_start(qb, pid_m, LAYOUT_BQ, BLOCK_M), BLOCK_M, D_PAD)
+        start_m = tile_start(qb, pid_m, LAYOUT_BQ, BLOCK_M)
+        q, do = load_desc(QD, b, h, start_m, BLOCK_M, D_PAD), load_desc(DOD, b, h, start_m, BLOCK_M, D_PAD)
     else:
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                     + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
