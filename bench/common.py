@@ -3,7 +3,8 @@
 - Timing: ``median_ms`` (the median of repeated calls; CUDA-event timing through
   ``triton.testing.do_bench`` on a GPU, the wall clock on the CPU), ``mean_step_ms`` (warm-up
   steps, then the mean wall-clock time of timed steps between two device synchronisations)
-  and ``lower_median`` (the middle item of repeats; the lower one for an even count).
+  and ``lower_median`` (the middle item of repeats; the lower one for an even count);
+  ``profile_breakdown`` (a profiled step's kernel time by category: attention, matmul, ...).
 - Environment: ``environment()`` names the card, the torch / triton / CUDA / Python versions,
   the git commit the code ran at (``+dirty`` when the checkout had uncommitted changes) and the
   date, so a result file says what produced it.
@@ -76,6 +77,57 @@ def mean_step_ms(step: Callable[[], object], steps: int, warmup: int, device: st
         out = step()
     sync()
     return (time.perf_counter() - t0) / steps * 1e3, out
+
+
+# The kernels (CUDA) or operators (CPU) of a profiled step, by what they do: the first pattern
+# that matches a name (lower case) names its category; the rest is "other".
+PROFILE_CATEGORIES = (
+    ("attention", r"_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel|_axial_|_merge_(fwd|bwd)_kernel|combine_chunks"
+                  r"|mask_tiles|flash|fmha|cudnn|attention|sdpa|softmax"),
+    ("qkv_rope", r"qkv_rope|rotary|rope"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|sm90_|sm80_|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("norm", r"layer_norm|rms_norm|layernorm|norm_"),
+    ("copy", r"copy|cat|memcpy|memset|fill|pad|index|gather|scatter"),
+    ("elementwise", r"elementwise|vectorized|reduce|gelu|silu|aten::(add|mul|sub|div|exp|where|sum|mean)"),
+)
+
+
+def profile_breakdown(step: Callable[[], object], steps: int, device: str, top: int = 12) -> dict:
+    """Where ``steps`` calls of ``step()`` spend their time, from ``torch.profiler``: on CUDA the
+    kernels' own device time, elsewhere the operators' own CPU time, per step in ms, summed by
+    ``PROFILE_CATEGORIES`` (``categories``, largest first), with the ``top`` kernels by time and
+    the wall-clock ms per step beside their sum (``busy`` = kernel time / wall time: below 1 the
+    device waits on the host). Run after warm-up; the profiler slows the host a little."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    cuda = str(device).startswith("cuda")
+    sync = _synchronize(device)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU], acc_events=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    kernels = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        if us > 0 and (not cuda or evt.device_type == torch.autograd.DeviceType.CUDA):
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + us / 1e3 / steps
+    cats: dict[str, float] = {}
+    named = []
+    for name, ms in kernels.items():
+        cat = next((c for c, pat in PROFILE_CATEGORIES if re.search(pat, name.lower())), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+        named.append((ms, name, cat))
+    busy = sum(kernels.values())
+    return {"steps": steps, "wall_ms": wall, "kernel_ms": busy, "busy": busy / wall if wall else 0.0,
+            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:120], "ms": ms, "category": c} for ms, n, c in sorted(named, reverse=True)[:top]]}
 
 
 def lower_median(items: Sequence, key: Callable = lambda x: x):

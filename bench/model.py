@@ -9,6 +9,7 @@
                                                   # named sparse variants beside sparse and dense
     python bench/model.py --config "tilekey:aligned;compress_block=832"   # on the aligned tiles
     python bench/model.py --frames 64 --batch 8 --repeats 3   # each case 3 times, interleaved
+    python bench/model.py --frames 64 --batch 8 --profile 2   # + kernel time by category a step
     python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
 
 Each row: clip of T frames of 224x224 plus 10.24 s of audio (1,024 log-mel frames, AST patches:
@@ -51,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, lower_median, mean_step_ms, out_folder, result_stem, slug  # noqa: E402
+from bench.common import environment, lower_median, mean_step_ms, out_folder, profile_breakdown, result_stem, slug  # noqa: E402
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.compressed import pooled_keys  # noqa: E402
@@ -207,6 +208,8 @@ def run_case(name, frames, variant, args, tok, device):
                    mfu=args.batch * flops / (ms / 1e3) / (PEAK_TFLOPS * 1e12))
         if device.type == "cuda":
             row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if args.profile:  # after the timed steps, so the profiler's overhead stays out of step_ms
+            row["profile"] = profile_breakdown(step, args.profile, device.type)
     except torch.cuda.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
     finally:
@@ -266,6 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[], help="ModelConfig field=value")
     p.add_argument("--config", action="append", default=[],
                    help="a named sparse variant, 'NAME:field=value;field=value' (added to --variants)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many steps of each case: kernel time by category "
+                        "(attention, matmul, copy, ...) in the JSON and a second table (0: off)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, tiny clips, on the CPU")
     p.add_argument("--count-only", action="store_true",
                    help="no timing: count each variant's attended pairs (density against dense), any device")
@@ -339,6 +345,18 @@ def main(argv=None) -> int:
         print(f"| {r['frames']} | {r['variant']} | {r['tokens']:,} | {r['density']:.3f} | {r['step_ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f} % | {r.get('peak_gb', float('nan')):.1f} | "
               f"{speedup} |")
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        cats = sorted({c for r in profiled for c in r["profile"]["categories"]},
+                      key=lambda c: -max(r["profile"]["categories"].get(c, 0.0) for r in profiled))
+        print(f"\nms a step by kernel category ({profiled[0]['profile']['steps']} profiled steps; busy: kernel time "
+              f"over wall time)\n")
+        print("| frames | variant | wall ms | busy | " + " | ".join(cats) + " |")
+        print("|---|---|---|---|" + "---|" * len(cats))
+        for r in profiled:
+            pr = r["profile"]
+            print(f"| {r['frames']} | {r['variant']} | {pr['wall_ms']:.1f} | {pr['busy']:.2f} | "
+                  + " | ".join(f"{pr['categories'].get(c, 0.0):.1f}" for c in cats) + " |")
     print(f"\nwrote {out}")
     return 0
 

@@ -62,3 +62,27 @@ def test_git_commit_of_a_copied_tree_comes_from_the_environment(monkeypatch):
     assert software()["commit"] == "0123abc"  # the long-clip runs record it
     monkeypatch.delenv("MMSPARSE_GIT_COMMIT")
     assert common.git_commit() != "0123abc"
+
+
+def test_profile_breakdown_sums_kernel_time_by_category():
+    """A step of matrix products and a concatenation: the products land in "matmul", the copy in
+    "copy", and the categories add up to the kernel time per step."""
+    import torch
+
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+
+    def step():
+        for _ in range(4):
+            c = a @ b
+        return torch.cat([c, c])
+
+    prof = common.profile_breakdown(step, 3, "cpu", top=5)
+    cats = prof["categories"]
+    assert prof["steps"] == 3 and 0 < prof["kernel_ms"] and prof["wall_ms"] > 0
+    assert sum(cats.values()) == pytest.approx(prof["kernel_ms"])
+    assert cats["matmul"] > 0.5 * prof["kernel_ms"], cats
+    assert cats.get("copy", 0.0) > 0, cats
+    assert len(prof["top"]) <= 5 and prof["top"][0]["category"] == "matmul"
+    assert list(cats.values()) == sorted(cats.values(), reverse=True)
+    with pytest.raises(ValueError, match="steps"):
+        common.profile_breakdown(step, 0, "cpu")

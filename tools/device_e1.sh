@@ -4,7 +4,8 @@
 # with one pooled key per 832-position video tile (`tilekey`) and the dense model, same run:
 #   OUT=/path/to/out bash tools/device_e1.sh [SECONDS]      (default 330)
 # 64 frames x 8 clips a step with 2 interleaved repeats get 40 % of SECONDS, 512 and 1,024 frames
-# (batch 1, one repeat) the rest. bench/model.py rewrites its JSON in $OUT after every case, so a
+# (batch 1, one repeat) the rest; the 64-frame cases are profiled after timing (kernel time by
+# category: --profile 2). bench/model.py rewrites its JSON in $OUT after every case, so a
 # call cut short keeps what it measured; each part's output goes to $OUT/e1-*.log. Extra
 # arguments go to both bench/model.py runs (e.g. --override backend=flash).
 set -uo pipefail
@@ -20,7 +21,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 variants=(--variants sparse,aligned,dense --config "tilekey:aligned;compress_block=832")
 timeout $(( limit * 2 / 5 )) "$py" bench/model.py --repeats 2 "${variants[@]}" --batch 8 --frames 64 \
-  --label e1-64f-batch8 --out "$OUT" "$@" > "$OUT/e1-64f.log" 2>&1
+  --profile 2 --label e1-64f-batch8 --out "$OUT" "$@" > "$OUT/e1-64f.log" 2>&1
 first=$?
 timeout $(( limit * 3 / 5 )) "$py" bench/model.py --repeats 1 "${variants[@]}" --batch 1 --frames 512,1024 \
   --label e1-512f-1024f --out "$OUT" "$@" > "$OUT/e1-long.log" 2>&1

@@ -235,3 +235,16 @@ def test_device_flash_script_refuses_without_fa4(tmp_path):
     assert not list(tmp_path.glob("*.json"))
     bad = _tool("device_flash.sh", tmp_path, "soon")
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_bench_model_profile_breaks_the_step_down(tmp_path, capsys):
+    """--profile N: each row carries the profiled step's time by category, and a second table
+    prints it; the reference backend's attention shows under "attention" (its softmax)."""
+    mod = _bench_model()
+    assert mod.main(["--cpu-smoke", "--frames", "4", "--variants", "sparse", "--steps", "1", "--profile", "1",
+                     "--out", str(tmp_path)]) == 0
+    (row,) = _result(tmp_path)["rows"]
+    prof = row["profile"]
+    assert prof["steps"] == 1 and prof["kernel_ms"] > 0
+    assert prof["categories"]["matmul"] > 0 and prof["categories"]["attention"] > 0, prof["categories"]
+    assert "ms a step by kernel category" in capsys.readouterr().out
