@@ -71,6 +71,12 @@ ARMS: dict[str, dict] = {
     # eval length (133 at 8,192 frames, blocks of 512, where tiled_compress has 1,057). Does a
     # fixed number of pooled keys carry count and the needle past the training lengths?
     "tiled_compress_bounded": dict(schedule="tiled", compress_block=64, compress_keys=136),
+    # tiled_compress without the video tiles' neighbours in time: a video token attends its own
+    # one-second tile (one whole block) and reaches the rest of the clip through the global
+    # tokens, AVSync and the pooled keys alone. The geometry of captioner_base_aligned (whole-
+    # frame tiles, radius 0), which E1 times faster than the (4, 4, 8) tiles with neighbours:
+    # does the branch make up for the narrower reach?
+    "tiled_compress_r0": dict(schedule="tiled", compress_block=64, video_radius=(0, 0, 0)),
 }
 
 

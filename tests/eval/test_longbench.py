@@ -321,3 +321,26 @@ def test_sparse_lengths_train_only_the_sparse_arms_and_count_in_their_flops():
     args = longdriver.parse_args(["--out", "x", "--smoke", "--sparse-lengths", "96,128"])
     assert longdriver.make_spec(args).sparse_lengths == (96, 128)
 
+
+
+def test_the_radius_zero_arm_attends_its_own_tile_of_video_only():
+    """tiled_compress_r0 is tiled_compress without the video tiles' neighbours: its video tiles
+    give each video token the 64 keys of its own tile (one block), and its layers attend fewer
+    pairs than tiled_compress's on the same clip."""
+    from mmsparse.attention import Tiled, build_layout
+
+    r0, plain = lb.ARMS["tiled_compress_r0"], lb.ARMS["tiled_compress"]
+    assert {k: v for k, v in r0.items() if k != "video_radius"} == plain and r0["video_radius"] == (0, 0, 0)
+    spec = lb.BenchSpec()
+    plan = lt.plan("needle", 256, np.random.default_rng(0), spec.task)
+    batch = lt.render([plan], spec.task, seed=0)
+    pairs = {}
+    for arm in ("tiled_compress_r0", "tiled_compress"):
+        model = lb.build_model(spec, arm, 0, "cpu")
+        with torch.no_grad():
+            stream = model.embed(batch).layout
+        pairs[arm] = sum(lay.attended_pairs() for lay in model.layer_layouts(stream))
+    assert pairs["tiled_compress_r0"] < 0.75 * pairs["tiled_compress"], pairs
+    video = sum(s.numel for s in stream.segments if s.modality == "video")
+    own = build_layout(Tiled(lb.BASE_MODEL["video_tile"], 0, modality="video"), stream, 64, 64)
+    assert video % 64 == 0 and own.attended_pairs() == video * 64
