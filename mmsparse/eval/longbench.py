@@ -77,6 +77,11 @@ ARMS: dict[str, dict] = {
     # frame tiles, radius 0), which E1 times faster than the (4, 4, 8) tiles with neighbours:
     # does the branch make up for the narrower reach?
     "tiled_compress_r0": dict(schedule="tiled", compress_block=64, video_radius=(0, 0, 0)),
+    # tiled_compress_r0 with Video Swin's shifted windows in odd layers (schedule
+    # "tiled_shifted": the tiles move by half a tile in time), so an event that straddles two
+    # tiles meets itself at the radius-0 cost; the aligned captioner's geometry with
+    # schedule="tiled_shifted"
+    "tiled_shifted_compress_r0": dict(schedule="tiled_shifted", compress_block=64, video_radius=(0, 0, 0)),
 }
 
 

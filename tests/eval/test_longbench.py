@@ -344,3 +344,24 @@ def test_the_radius_zero_arm_attends_its_own_tile_of_video_only():
     video = sum(s.numel for s in stream.segments if s.modality == "video")
     own = build_layout(Tiled(lb.BASE_MODEL["video_tile"], 0, modality="video"), stream, 64, 64)
     assert video % 64 == 0 and own.attended_pairs() == video * 64
+
+
+def test_the_shifted_radius_zero_arm_joins_neighbouring_tiles_in_odd_layers():
+    """tiled_shifted_compress_r0: even layers as tiled_compress_r0, odd layers with the tiles
+    shifted by half a tile in time, so some video pairs across a tile boundary are attended in
+    odd layers and none in even ones, at no more pairs than twice the unshifted layer's."""
+    arm = lb.ARMS["tiled_shifted_compress_r0"]
+    assert {**arm, "schedule": "tiled"} == lb.ARMS["tiled_compress_r0"] and arm["schedule"] == "tiled_shifted"
+    spec = lb.BenchSpec()
+    model = lb.build_model(spec, "tiled_shifted_compress_r0", 0, "cpu")
+    plan = lt.plan("needle", 256, np.random.default_rng(0), spec.task)
+    with torch.no_grad():
+        stream = model.embed(lt.render([plan], spec.task, seed=0)).layout
+    even, odd = model.layer_layouts(stream)[:2]
+    video = next(s for s in stream.segments if s.modality == "video")
+    t0 = video.offset  # the first tile's tokens and the second tile's, in stream order
+    dense = lambda lay: lay.dense_mask()[t0:t0 + 128, t0:t0 + 128]
+    cross = torch.zeros(128, 128, dtype=torch.bool)
+    cross[:64, 64:] = cross[64:, :64] = True
+    assert not (dense(even) & cross).any() and (dense(odd) & cross).any()
+    assert odd.attended_pairs() <= 2 * even.attended_pairs()
