@@ -122,11 +122,33 @@ def pooled_keys_layout(layout, n_pooled: int):
     return cache[n_pooled]
 
 
+class _IntoTail(torch.autograd.Function):
+    """x[:, :, start:start + C] = src, in place, for x at the wide length whose rows >= N come
+    from ``qkv_rope(..., n_out=N')`` (zeros whose gradient its backward never reads): x's
+    gradient passes through whole, with no copy (autograd's own in-place write, CopySlices,
+    copies the whole gradient to zero the written rows), and src gets the written rows'."""
+
+    @staticmethod
+    def forward(ctx, x, src, start):
+        x[:, :, start:start + src.shape[2]] = src
+        ctx.mark_dirty(x)
+        ctx.rows = (start, start + src.shape[2])
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.rows
+        return g, g[:, :, a:b], None
+
+
 def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
                       valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None):
     """The inputs of one sparse attention call over `layout` and the block means of k, v:
     (q, k, v widened to the wide layout's positions, the wide layout, its key padding mask
-    (B, N') or None). Shapes as in ``sparse_with_pooled_keys``.
+    (B, N') or None). Shapes as in ``sparse_with_pooled_keys``; or q, k, v already at the wide
+    layout's N' positions (``wide_length``; ``qkv_rope(..., n_out=N')`` writes them), rows >= N
+    zero: then the pooled keys are written into k's and v's rows K0.. in place (the caller's
+    buffers, no copy to widen them).
 
     The mask is None, so that backends which evaluate no mask in full blocks (flash) can run the
     call, where nothing needs it: no key_padding_mask, a stream that ends on a key block, and no
@@ -134,24 +156,41 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
     positions of ``layout.stream`` that are not alignment gaps (``all_blocks_real``; the models'
     ``real``). Otherwise it masks the padding keys, the positions between the stream and K0 and
     the pooled blocks with no real token."""
-    b, h, n, d = q.shape
-    hk = k.shape[1]
-    kc, live = pool_blocks(k, block, valid)
-    vc, _ = pool_blocks(v, block, valid)
+    b, h, nq, d = q.shape
+    hk, n = k.shape[1], layout.n
+    kc, live = pool_blocks(k[:, :, :n], block, valid)
+    vc, _ = pool_blocks(v[:, :, :n], block, valid)
     c = kc.shape[2]
     wide, k0 = pooled_keys_layout(layout, c)
     nw = wide.n
+    if nq == n:
+        def widen(x, pooled):  # [stream | gap to K0 | pooled | gap to N']
+            return torch.cat([x, x.new_zeros(b, hk, k0 - n, d), pooled.to(x.dtype), x.new_zeros(b, hk, nw - k0 - c, d)],
+                             2)
 
-    def widen(x, pooled):  # [stream | gap to K0 | pooled | gap to N']
-        return torch.cat([x, x.new_zeros(b, hk, k0 - n, d), pooled.to(x.dtype), x.new_zeros(b, hk, nw - k0 - c, d)], 2)
-
-    qw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2)
+        qw, kw, vw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2), widen(k, kc), widen(v, vc)
+    elif nq == nw:  # widened at the source: the pooled keys go into the zero rows
+        qw, kw, vw = q, _IntoTail.apply(k, kc.to(k.dtype), k0), _IntoTail.apply(v, vc.to(v.dtype), k0)
+    else:
+        raise ValueError(f"q, k, v must have the layout's N = {n} positions or the wide layout's {nw}, got {nq}")
     pad = None
     if key_padding_mask is not None or k0 != n or not (valid is None or all_blocks_real(layout, block)):
         pad = torch.ones(b, nw, dtype=torch.bool, device=q.device)
         pad[:, :n] = False if key_padding_mask is None else key_padding_mask.to(q.device)
         pad[:, k0:k0 + c] = ~live
-    return qw, widen(k, kc), widen(v, vc), wide, pad
+    return qw, kw, vw, wide, pad
+
+
+def wide_length(layout, compress: int, compress_keys: int = 0) -> int | None:
+    """N', the positions of the widened inputs that ``layer_attention`` also takes for `layout`
+    with the compressed branch of `compress` / `compress_keys` (its N stream positions, then the
+    pooled keys' rows, padded to the wide layout's blocks), or None where it takes N positions
+    only: no branch, dense (layout None), or an LSH layout (branches merged apart)."""
+    from .patterns import LSH
+
+    if layout is None or not compress or isinstance(layout.pattern, LSH):
+        return None
+    return pooled_keys_layout(layout, pooled_keys(layout.n, compress, compress_keys))[0].n
 
 
 def all_blocks_real(layout, block: int) -> bool:
@@ -180,13 +219,14 @@ def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                             backend: str = "auto", scale: float | None = None) -> torch.Tensor:
     """Sparse attention over `layout` and the block means of k, v (``compressed_attention``'s
     keys) in one softmax: the same result as ``merge_lse`` of the two branches, at the cost of
-    ceil(C / block_k) more full key blocks per query block. q (B, H, N, D), k, v (B, Hk, N, D);
-    valid (B, N) the real positions (None: all), key_padding_mask (B, N) True at keys the
-    sparse branch must not attend. Returns (B, H, N, D)."""
+    ceil(C / block_k) more full key blocks per query block. q (B, H, N, D), k, v (B, Hk, N, D),
+    or all three at the wide layout's N' positions (``pooled_key_inputs``); valid (B, N) the real
+    positions (None: all), key_padding_mask (B, N) True at keys the sparse branch must not
+    attend. Returns (B, H, N, D)."""
     from .backends import sparse_attention
 
     qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)
-    return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :q.shape[2]]
+    return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :layout.n]
 
 
 def pooled_block(n: int, block: int, max_keys: int = 0) -> int:
@@ -215,13 +255,14 @@ def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, c
     lists to widen), the two branches merged by log-sum-exp. real (N,) or (B, N) bool: the
     positions that are tokens (not alignment gaps), which the block means pool together with the
     keys `key_padding_mask` (B, N) does not mask; None: all. compress_keys > 0 bounds the pooled
-    keys (``pooled_block``)."""
+    keys (``pooled_block``). q, k, v have N positions, or, where ``wide_length`` is not None,
+    that many (k and v then take the pooled keys in place); the output has N."""
     from .backends import sparse_attention
     from .patterns import LSH
 
     if layout is None or not compress:
         return sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask)
-    b, n = q.shape[0], q.shape[2]
+    b, n = q.shape[0], layout.n
     compress = pooled_block(n, compress, compress_keys)
     valid = None if real is None else real.expand(b, n)
     if key_padding_mask is not None:

@@ -48,17 +48,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).to(x.dtype)
 
 
-def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None):
+def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None,
+                 n_out: int | None = None):
     """qkv (B, N, 3, H, D) -> q, k, v (B, H, N, D), q and k rotated by `apply_rope`; cos / sin
     (N, D / 2): the model layers' PyTorch path. rows (N,): qkv holds packed rows (B, R, 3, H, D),
-    rows[n] the one of stream position n, -1 at gaps (zeros there)."""
+    rows[n] the one of stream position n, -1 at gaps (zeros there). n_out: each output has n_out
+    >= N positions, zeros after the N-th."""
     if rows is not None:
         full = qkv.new_zeros(qkv.shape[0], rows.shape[0], *qkv.shape[2:])
         real = rows >= 0
         full[:, real] = qkv[:, rows[real].long()]
         qkv = full
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    out = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    if n_out is None:
+        return out
+    return tuple(torch.nn.functional.pad(x, (0, 0, 0, n_out - x.shape[2])) for x in out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,18 +158,28 @@ def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count
 
 class _QKVRope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin, rows):
+    def forward(ctx, qkv, cos, sin, rows, n_out):
         b, r, _, h, d = qkv.shape
         n = cos.shape[0]
-        out = _alloc((3, b, h, n, d), qkv)  # q, k, v
-        # qkv (B, R, 3, H, D) -> out (3, B, H, N, D): strides as (batch, q|k|v, head, token)
-        _launch(qkv, out, cos, sin, b, n, h, 0,
-                (qkv.stride(0), qkv.stride(2), qkv.stride(3), qkv.stride(1)),
-                (out.stride(1), out.stride(0), out.stride(2), out.stride(3)), 3, False, rows)
         ctx.save_for_backward(cos, sin, rows)
         ctx.set_materialize_grads(False)
         ctx.shape = qkv.shape
-        return out[0], out[1], out[2]
+        if n_out is None:
+            out = _alloc((3, b, h, n, d), qkv)  # q, k, v
+            # qkv (B, R, 3, H, D) -> out (3, B, H, N, D): strides as (batch, q|k|v, head, token)
+            _launch(qkv, out, cos, sin, b, n, h, 0,
+                    (qkv.stride(0), qkv.stride(2), qkv.stride(3), qkv.stride(1)),
+                    (out.stride(1), out.stride(0), out.stride(2), out.stride(3)), 3, False, rows)
+            return out[0], out[1], out[2]
+        # n_out positions each, in buffers of their own (not views of one), so that a caller may
+        # write rows >= N in place under autograd (the compressed branch's pooled keys)
+        outs = tuple(_alloc((b, h, n_out, d), qkv) for _ in range(3))
+        for which, o in enumerate(outs):
+            src = qkv[:, :, which]  # (B, R, H, D)
+            _launch(src, o, cos, sin, b, n, h, which, (src.stride(0), 0, src.stride(2), src.stride(1)),
+                    (o.stride(0), 0, o.stride(1), o.stride(2)), 1, False, rows)
+            o[:, :, n:].zero_()
+        return outs
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -179,12 +194,12 @@ class _QKVRope(torch.autograd.Function):
                 continue
             if g.stride(-1) != 1:
                 g = g.contiguous()
-            # g (B, H, N, D) -> dqkv[:, :, which] (B, R, H, D): every packed row is some
-            # position's, so each is written once (no atomics)
+            # g (B, H, N or n_out, D; rows >= N not read) -> dqkv[:, :, which] (B, R, H, D):
+            # every packed row is some position's, so each is written once (no atomics)
             _launch(g, dqkv, cos, sin, b, n, h, which,
                     (g.stride(0), 0, g.stride(1), g.stride(2)),
                     (dqkv.stride(0), dqkv.stride(2), dqkv.stride(3), dqkv.stride(1)), 1, True, rows)
-        return dqkv, None, None, None
+        return dqkv, None, None, None, None
 
 
 class _HeadsToRows(torch.autograd.Function):
@@ -249,7 +264,8 @@ def _runs_on(x: torch.Tensor) -> bool:
     return x.dtype in DTYPES and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
 
 
-def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None):
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None,
+             n_out: int | None = None):
     """Split a QKV projection into heads and rotate q and k, in one Triton pass each way.
 
     Args:
@@ -258,9 +274,12 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torc
         cos, sin: (N, D / 2) float32 rotary tables (moved to qkv's device if needed).
         rows: optional (N,) int32 on qkv's device: the packed row of each stream position, -1 at
             gaps; every one of the R rows must appear once (`mmsparse.models.layers.packed_rows`).
+        n_out: optional >= N: each output has n_out positions, zeros after the N-th, in a buffer
+            of its own, so rows >= N may be written in place (the compressed branch's wide
+            inputs, `mmsparse.attention.compressed.wide_length`, with no copy to widen them).
 
     Returns:
-        q, k, v, each (B, H, N, D) contiguous in qkv's dtype; q and k rotated; zeros at gaps.
+        q, k, v, each (B, H, N or n_out, D) contiguous in qkv's dtype; q and k rotated; zeros at gaps.
         Differentiable in qkv. Equal to `qkv_rope_ref` up to the float32 rounding of the rotation.
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -272,6 +291,8 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torc
     if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
         raise ValueError(f"cos and sin must be (N, D / 2) = ({n}, {d // 2}), got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
+    if n_out is not None and n_out < n:
+        raise ValueError(f"n_out must be >= the N = {n} stream positions, got {n_out}")
     if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int32 or rows.device != qkv.device):
         raise ValueError(f"rows must be (N,) int32 on {qkv.device}, got {tuple(rows.shape)} {rows.dtype} "
                          f"on {rows.device}")
@@ -282,4 +303,5 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torc
         qkv = qkv.contiguous()
     cos = cos.to(device=qkv.device, dtype=torch.float32).contiguous()
     sin = sin.to(device=qkv.device, dtype=torch.float32).contiguous()
-    return _QKVRope.apply(qkv, cos, sin, None if rows is None else rows.contiguous())
+    return _QKVRope.apply(qkv, cos, sin, None if rows is None else rows.contiguous(),
+                          None if n_out is None else int(n_out))

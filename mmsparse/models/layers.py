@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
 from mmsparse.attention import BlockLayout
-from mmsparse.attention.compressed import layer_attention
+from mmsparse.attention.compressed import layer_attention, wide_length
 from mmsparse.encoders import apply_rope
 from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope
 
@@ -123,8 +123,10 @@ class SparseSelfAttention(nn.Module):
         qkv = self.qkv(x).view(b, r, 3, self.num_heads, self.head_dim)
         if rope is not None and self.fused_rope and fused_rope_available(qkv):
             # one Triton pass: split into heads and rotate q, k (and its transpose backward),
-            # straight to the stream positions of packed rows
-            q, k, v = qkv_rope(qkv, *rope, rows=None if packed is None else packed.rows)
+            # straight to the stream positions of packed rows, and at the length the compressed
+            # branch widens them to (its pooled keys then go into k's and v's tails, no copy)
+            q, k, v = qkv_rope(qkv, *rope, rows=None if packed is None else packed.rows,
+                               n_out=wide_length(layout, self.compress, self.compress_keys))
         else:
             if packed is not None:
                 qkv = put_rows(qkv, packed)  # (B, N, 3, H, D), zeros at the gaps

@@ -376,3 +376,29 @@ def test_bounded_pooled_keys_are_the_branch_of_the_grown_block():
     torch.testing.assert_close(gb, gg, rtol=0, atol=0)
     with pytest.raises(ValueError, match="compress_keys"):
         SparseSelfAttention(32, 2, compress=16, compress_keys=-1)
+
+
+@pytest.mark.parametrize("grid,block,hk", [((3, 5, 7), 16, 2), ((3, 4, 11), 5, 1)])
+def test_inputs_widened_at_the_source_equal_the_widening_copies(grid, block, hk):
+    """q, k, v given at the wide layout's N' positions, zeros after the N-th (what qkv_rope's
+    n_out writes; zero-padding stands for it here): the pooled keys go into k's and v's rows in
+    place, and output and gradients are those of the N-position inputs, padding keys included;
+    any other length is refused by name."""
+    from mmsparse.attention.compressed import pooled_key_inputs, sparse_with_pooled_keys, wide_length
+
+    layout, q, k, v, valid, g = _inputs(grid, 2, 2, hk, 16, sum(grid) * block)
+    n = layout.n
+    nw = wide_length(layout, block)
+    assert nw == pooled_key_inputs(q, k, v, layout, block, valid)[3].n > n
+    want = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=~valid, backend="reference")
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, nw - n))  # noqa: E731
+    got = sparse_with_pooled_keys(pad(q), pad(k), pad(v), layout, block, valid=valid, key_padding_mask=~valid,
+                                  backend="reference")
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    gout = torch.randn(want.shape, generator=g)
+    for a, w in zip(torch.autograd.grad((got * gout).sum(), (q, k, v)),
+                    torch.autograd.grad((want * gout).sum(), (q, k, v))):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        pooled_key_inputs(pad(q)[:, :, :-1], pad(k)[:, :, :-1], pad(v)[:, :, :-1], layout, block, valid)

@@ -93,6 +93,46 @@ def test_packed_rows_match_reference(b, n, h, d, dtype):
     assert err <= TOL[dtype] * (1 + gr.float().abs().max().item()), f"dqkv: {err:.3e}"
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("b,n,h,d,extra", [(1, 64, 1, 32, 64), (2, 77, 3, 64, 51), (1, 130, 2, 80, 0)])
+def test_wide_outputs_pad_with_zeros_and_take_writes_in_place(b, n, h, d, extra, packed):
+    """n_out: q, k, v of n_out positions, the reference's after the N-th padded with zeros, each
+    its own buffer; rows >= N written in place under autograd (what the compressed branch does
+    with its pooled keys) send their gradient to the written values, and the gradient of qkv is
+    the reference's."""
+    dtype = torch.float32
+    seed = hash(("wide", b, n, h, d, extra, packed)) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    cos, sin = (t.to(DEV) for t in _tables(n, d, seed))
+    rows = _rows(n, seed).to(DEV) if packed else None
+    r = n if rows is None else int((rows >= 0).sum())
+    x = torch.randn(b, r, 3, h, d, generator=gen).to(DEV, dtype)
+    tail = torch.randn(b, h, max(extra, 1), d, generator=gen).to(DEV, dtype)
+    grads = [torch.randn(b, h, n + extra, d, generator=gen).to(DEV, dtype) for _ in range(3)]
+
+    def run(fn, inp):
+        q, k, v = fn(inp, cos, sin, rows=rows, n_out=n + extra)
+        w = tail.clone().requires_grad_(True)
+        k[:, :, n:] = w[:, :, :extra] * 2  # in place into the padding rows
+        return (q, k, v), w
+
+    a, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got, wa = run(qkv_rope, a)
+    want, wr = run(qkv_rope_ref, ref)
+    assert len({t.data_ptr() for t in got}) == 3
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == (b, h, n + extra, d) and not torch.isnan(g).any(), f"{name}: NaN (an unwritten element)"
+        if name != "k":
+            assert (g[:, :, n:] == 0).all(), f"{name}: the padding is not zero"
+        assert torch.allclose(g, w, atol=TOL[dtype], rtol=0), name
+    ga, gwa = torch.autograd.grad(got, (a, wa), grads)
+    gr, gwr = torch.autograd.grad(want, (ref, wr), grads)
+    assert torch.allclose(ga, gr, atol=TOL[dtype], rtol=0) and torch.equal(gwa, gwr)
+    assert torch.equal(gwa[:, :, :extra], 2 * grads[1][:, :, n:])
+    with pytest.raises(ValueError, match="n_out"):
+        qkv_rope(x, cos, sin, rows=rows, n_out=n - 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,n,h,d", [(1, 64, 1, 32), (2, 77, 3, 64), (1, 130, 2, 80)])
 def test_heads_to_rows_gathers_the_real_rows(b, n, h, d, dtype):

@@ -145,6 +145,45 @@ def test_packed_rows_equal_the_blocks_on_every_position(aligned, batch, schedule
     assert torch.allclose(out[True][0][:, gaps], norm_bias.expand_as(out[True][0][:, gaps]), atol=1e-6)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_branch_widened_at_the_source_equals_the_widening_copies(aligned, batch, pack, monkeypatch):
+    """With the fused rope kernel (MMSPARSE_FUSED_ROPE=1, the interpreter here) q, k, v come out
+    at the compressed branch's wide length and the pooled keys are written into k's and v's
+    tails in place; the PyTorch path widens them by concatenation. Same encoding, logits and
+    gradients of every weight, on gapped streams, packed or not."""
+    from mmsparse.attention.compressed import wide_length
+    from mmsparse.kernels.rope import qkv_rope
+
+    aligned.set_backend("reference")
+    aligned.cfg.pack_gaps = pack
+    assert aligned.cfg.compress_block and all(b.attn.compress for b in aligned.blocks)
+    with torch.no_grad():
+        layout = aligned.embed(batch).layout
+    lay = aligned.layer_layouts(layout)[0]
+    assert wide_length(lay, aligned.cfg.compress_block, aligned.cfg.compress_keys) > layout.length
+    assert wide_length(None, 128) is None and wide_length(lay, 0) is None
+    from mmsparse.models import layers
+
+    widths = []  # the n_out of every qkv_rope call: the wide path must be the one taken
+    monkeypatch.setattr(layers, "qkv_rope", lambda *a, **kw: widths.append(kw["n_out"]) or qkv_rope(*a, **kw))
+    out = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("MMSPARSE_FUSED_ROPE", fused)
+        aligned.zero_grad(set_to_none=True)
+        memory, _, _ = aligned.encode(batch)
+        logits = aligned(batch)
+        (logits.float().square().mean() + memory.float().square().mean()).backward()
+        out[fused] = memory.detach(), logits.detach(), {n: p.grad.clone() for n, p in aligned.named_parameters()
+                                                        if p.grad is not None}
+    assert len(widths) == 2 * len(aligned.blocks) and all(w and w > layout.length for w in widths), widths
+    assert (out["1"][0] - out["0"][0]).abs().max().item() < 1e-5
+    assert (out["1"][1] - out["0"][1]).abs().max().item() < 1e-5
+    assert out["1"][2].keys() == out["0"][2].keys() and len(out["1"][2]) > 20
+    for name, g in out["1"][2].items():
+        want = out["0"][2][name]
+        assert (g - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item()), name
+
+
 def test_packed_rows_round_trip():
     from mmsparse.models.layers import packed_rows, put_rows, take_rows
 
