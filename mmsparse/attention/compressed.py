@@ -122,23 +122,47 @@ def pooled_keys_layout(layout, n_pooled: int):
     return cache[n_pooled]
 
 
-class _IntoTail(torch.autograd.Function):
-    """x[:, :, start:start + C] = src, in place, for x at the wide length whose rows >= N come
-    from ``qkv_rope(..., n_out=N')`` (zeros whose gradient its backward never reads): x's
-    gradient passes through whole, with no copy (autograd's own in-place write, CopySlices,
-    copies the whole gradient to zero the written rows), and src gets the written rows'."""
+class _PooledIntoTail(torch.autograd.Function):
+    """x[:, :, start:start + C] = ``pool_blocks(x[:, :, :n], block, valid)``, in place, for x at
+    the wide length whose rows >= n come from ``qkv_rope(..., n_out=N')`` (zeros whose gradient
+    its backward never reads). Returns (x, live). Backward: x's gradient whole, plus each
+    written row's gradient spread back over its block's real rows (the mean's gradient), in one
+    copy of the gradient and one in-place pass; autograd's slices and in-place write would
+    materialise and add the gradient several times."""
 
     @staticmethod
-    def forward(ctx, x, src, start):
-        x[:, :, start:start + src.shape[2]] = src
+    def forward(ctx, x, n, block, valid, start):
+        with torch.no_grad():
+            pooled, live = pool_blocks(x[:, :, :n], block, valid)
+        c = pooled.shape[2]
+        x[:, :, start:start + c] = pooled.to(x.dtype)
         ctx.mark_dirty(x)
-        ctx.rows = (start, start + src.shape[2])
-        return x
+        ctx.mark_non_differentiable(live)
+        ctx.save_for_backward(valid)
+        ctx.args = (n, block, start, c)
+        return x, live
 
     @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.rows
-        return g, g[:, :, a:b], None
+    def backward(ctx, g, _live):
+        (valid,) = ctx.saved_tensors
+        n, block, start, c = ctx.args
+        b, hk, _, d = g.shape
+        real = torch.ones(b, n, device=g.device, dtype=g.dtype) if valid is None else valid.to(g.dtype)
+        count = torch.nn.functional.pad(real, (0, c * block - n)).view(b, c, block).sum(2).clamp(min=1)
+        gp = g[:, :, start:start + c] / count[:, None, :, None]  # (B, Hk, C, D): d(mean) / d(row)
+        dx = g.clone()
+        whole, rest = divmod(n, block)
+        for first, blocks, size in ((0, whole, block), (whole, 1 if rest else 0, rest)):
+            if not blocks:
+                continue
+            rows = slice(first * block, first * block + blocks * size)
+            part = dx[:, :, rows].view(b, hk, blocks, size, d)
+            share = gp[:, :, first:first + blocks, None]  # (B, Hk, blocks, 1, D)
+            if valid is None:
+                part.add_(share)
+            else:
+                part.addcmul_(share, real[:, None, rows].reshape(b, 1, blocks, size, 1))
+        return dx, None, None, None, None
 
 
 def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
@@ -158,19 +182,21 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
     the pooled blocks with no real token."""
     b, h, nq, d = q.shape
     hk, n = k.shape[1], layout.n
-    kc, live = pool_blocks(k[:, :, :n], block, valid)
-    vc, _ = pool_blocks(v[:, :, :n], block, valid)
-    c = kc.shape[2]
-    wide, k0 = pooled_keys_layout(layout, c)
+    wide, k0 = pooled_keys_layout(layout, math.ceil(n / block))
     nw = wide.n
     if nq == n:
+        kc, live = pool_blocks(k, block, valid)
+        vc, _ = pool_blocks(v, block, valid)
+        c = kc.shape[2]
+
         def widen(x, pooled):  # [stream | gap to K0 | pooled | gap to N']
             return torch.cat([x, x.new_zeros(b, hk, k0 - n, d), pooled.to(x.dtype), x.new_zeros(b, hk, nw - k0 - c, d)],
                              2)
 
         qw, kw, vw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2), widen(k, kc), widen(v, vc)
-    elif nq == nw:  # widened at the source: the pooled keys go into the zero rows
-        qw, kw, vw = q, _IntoTail.apply(k, kc.to(k.dtype), k0), _IntoTail.apply(v, vc.to(v.dtype), k0)
+    elif nq == nw:  # widened at the source: the pooled keys go into the zero rows, in place
+        (kw, live), (vw, _) = (_PooledIntoTail.apply(x, n, block, valid, k0) for x in (k, v))
+        qw, c = q, math.ceil(n / block)
     else:
         raise ValueError(f"q, k, v must have the layout's N = {n} positions or the wide layout's {nw}, got {nq}")
     pad = None

@@ -378,8 +378,9 @@ def test_bounded_pooled_keys_are_the_branch_of_the_grown_block():
         SparseSelfAttention(32, 2, compress=16, compress_keys=-1)
 
 
-@pytest.mark.parametrize("grid,block,hk", [((3, 5, 7), 16, 2), ((3, 4, 11), 5, 1)])
-def test_inputs_widened_at_the_source_equal_the_widening_copies(grid, block, hk):
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("grid,block,hk", [((3, 5, 7), 16, 2), ((3, 4, 11), 5, 1), ((4, 4, 8), 32, 1)])
+def test_inputs_widened_at_the_source_equal_the_widening_copies(grid, block, hk, masked):
     """q, k, v given at the wide layout's N' positions, zeros after the N-th (what qkv_rope's
     n_out writes; zero-padding stands for it here): the pooled keys go into k's and v's rows in
     place, and output and gradients are those of the N-position inputs, padding keys included;
@@ -387,12 +388,14 @@ def test_inputs_widened_at_the_source_equal_the_widening_copies(grid, block, hk)
     from mmsparse.attention.compressed import pooled_key_inputs, sparse_with_pooled_keys, wide_length
 
     layout, q, k, v, valid, g = _inputs(grid, 2, 2, hk, 16, sum(grid) * block)
+    valid = valid if masked else None  # padding keys weighted out of the means, or none
+    kpm = None if valid is None else ~valid
     n = layout.n
     nw = wide_length(layout, block)
     assert nw == pooled_key_inputs(q, k, v, layout, block, valid)[3].n > n
-    want = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=~valid, backend="reference")
+    want = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=kpm, backend="reference")
     pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, nw - n))  # noqa: E731
-    got = sparse_with_pooled_keys(pad(q), pad(k), pad(v), layout, block, valid=valid, key_padding_mask=~valid,
+    got = sparse_with_pooled_keys(pad(q), pad(k), pad(v), layout, block, valid=valid, key_padding_mask=kpm,
                                   backend="reference")
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
