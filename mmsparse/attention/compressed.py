@@ -171,8 +171,9 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
     (q, k, v widened to the wide layout's positions, the wide layout, its key padding mask
     (B, N') or None). Shapes as in ``sparse_with_pooled_keys``; or q, k, v already at the wide
     layout's N' positions (``wide_length``; ``qkv_rope(..., n_out=N')`` writes them), rows >= N
-    zero: then the pooled keys are written into k's and v's rows K0.. in place (the caller's
-    buffers, no copy to widen them).
+    zero and their gradient read by nothing upstream (qkv_rope's and zero-padding's are not):
+    then the pooled keys are written into k's and v's rows K0.. in place (the caller's buffers,
+    no copy to widen them).
 
     The mask is None, so that backends which evaluate no mask in full blocks (flash) can run the
     call, where nothing needs it: no key_padding_mask, a stream that ends on a key block, and no
