@@ -32,8 +32,8 @@ grep "^|" "$OUT/flash-attention.log" | head -40
 left=$(( limit - (SECONDS - start) ))
 if (( left > 60 )); then
   timeout "$left" "$py" bench/model.py --repeats 1 --variants aligned,dense \
-    --config "aligned_flash:aligned;backend=flash" --config "tilekey:aligned;compress_block=832" \
-    --config "tilekey_flash:aligned;compress_block=832;backend=flash" \
+    --config "aligned_flash:aligned;backend=flash" --config "shifted:aligned;schedule=tiled_shifted" \
+    --config "shifted_flash:aligned;schedule=tiled_shifted;backend=flash" \
     --batch 8 --frames 64 --label e1-flash-64f-batch8 --out "$OUT" > "$OUT/flash-e1.log" 2>&1
   grep "^|" "$OUT/flash-e1.log"
 fi
