@@ -147,9 +147,11 @@ class _PooledIntoTail(torch.autograd.Function):
         (valid,) = ctx.saved_tensors
         n, block, start, c = ctx.args
         b, hk, _, d = g.shape
-        real = torch.ones(b, n, device=g.device, dtype=g.dtype) if valid is None else valid.to(g.dtype)
+        real = torch.ones(b, n, device=g.device) if valid is None else valid.float()
+        # counted in float32 as pool_blocks does (bf16 holds integers exactly only to 256)
         count = torch.nn.functional.pad(real, (0, c * block - n)).view(b, c, block).sum(2).clamp(min=1)
-        gp = g[:, :, start:start + c] / count[:, None, :, None]  # (B, Hk, C, D): d(mean) / d(row)
+        gp = (g[:, :, start:start + c] / count[:, None, :, None]).to(g.dtype)  # (B, Hk, C, D): d(mean) / d(row)
+        real = real.to(g.dtype)  # 0 / 1: exact
         dx = g.clone()
         whole, rest = divmod(n, block)
         for first, blocks, size in ((0, whole, block), (whole, 1 if rest else 0, rest)):
