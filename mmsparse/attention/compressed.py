@@ -53,9 +53,15 @@ def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     if rest:
         sums.append(pooled_sum(x[:, :, whole * block:], None if w is None else w[:, whole * block:], 1, rest))
     total = sums[0] if len(sums) == 1 else torch.cat(sums, 2)  # (B, Hk, C, D)
-    real = torch.ones(b, n, device=x.device) if valid is None else valid.float()
-    count = torch.nn.functional.pad(real, (0, (-n) % block)).view(b, -1, block).sum(2)  # (B, C)
+    count = _block_counts(valid, b, n, block, x.device)
     return total / count.clamp(min=1)[:, None, :, None].to(total.dtype), count > 0
+
+
+def _block_counts(valid: torch.Tensor | None, b: int, n: int, block: int, device) -> torch.Tensor:
+    """(B, C) float32: the real positions (`valid`; None: all n) in each block of `block`
+    positions; float32 so that counts past 256 stay exact (bf16 holds integers only to 256)."""
+    real = torch.ones(b, n, device=device) if valid is None else valid.float()
+    return torch.nn.functional.pad(real, (0, (-n) % block)).view(b, -1, block).sum(2)
 
 
 def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float | None = None,
@@ -147,11 +153,9 @@ class _PooledIntoTail(torch.autograd.Function):
         (valid,) = ctx.saved_tensors
         n, block, start, c = ctx.args
         b, hk, _, d = g.shape
-        real = torch.ones(b, n, device=g.device) if valid is None else valid.float()
-        # counted in float32 as pool_blocks does (bf16 holds integers exactly only to 256)
-        count = torch.nn.functional.pad(real, (0, c * block - n)).view(b, c, block).sum(2).clamp(min=1)
+        count = _block_counts(valid, b, n, block, g.device).clamp(min=1)  # as pool_blocks counts
         gp = (g[:, :, start:start + c] / count[:, None, :, None]).to(g.dtype)  # (B, Hk, C, D): d(mean) / d(row)
-        real = real.to(g.dtype)  # 0 / 1: exact
+        weight = None if valid is None else valid.to(g.dtype)  # 0 / 1: exact
         dx = g.clone()
         whole, rest = divmod(n, block)
         for first, blocks, size in ((0, whole, block), (whole, 1 if rest else 0, rest)):
@@ -160,10 +164,10 @@ class _PooledIntoTail(torch.autograd.Function):
             rows = slice(first * block, first * block + blocks * size)
             part = dx[:, :, rows].view(b, hk, blocks, size, d)
             share = gp[:, :, first:first + blocks, None]  # (B, Hk, blocks, 1, D)
-            if valid is None:
+            if weight is None:
                 part.add_(share)
             else:
-                part.addcmul_(share, real[:, None, rows].reshape(b, 1, blocks, size, 1))
+                part.addcmul_(share, weight[:, None, rows].reshape(b, 1, blocks, size, 1))
         return dx, None, None, None, None
 
 
@@ -185,12 +189,12 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
     the pooled blocks with no real token."""
     b, h, nq, d = q.shape
     hk, n = k.shape[1], layout.n
-    wide, k0 = pooled_keys_layout(layout, math.ceil(n / block))
+    c = math.ceil(n / block)  # pooled keys, as pool_blocks makes them
+    wide, k0 = pooled_keys_layout(layout, c)
     nw = wide.n
     if nq == n:
         kc, live = pool_blocks(k, block, valid)
         vc, _ = pool_blocks(v, block, valid)
-        c = kc.shape[2]
 
         def widen(x, pooled):  # [stream | gap to K0 | pooled | gap to N']
             return torch.cat([x, x.new_zeros(b, hk, k0 - n, d), pooled.to(x.dtype), x.new_zeros(b, hk, nw - k0 - c, d)],
@@ -199,7 +203,7 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
         qw, kw, vw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2), widen(k, kc), widen(v, vc)
     elif nq == nw:  # widened at the source: the pooled keys go into the zero rows, in place
         (kw, live), (vw, _) = (_PooledIntoTail.apply(x, n, block, valid, k0) for x in (k, v))
-        qw, c = q, math.ceil(n / block)
+        qw = q
     else:
         raise ValueError(f"q, k, v must have the layout's N = {n} positions or the wide layout's {nw}, got {nq}")
     pad = None
