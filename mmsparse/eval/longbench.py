@@ -82,6 +82,11 @@ ARMS: dict[str, dict] = {
     # tiles meets itself at the radius-0 cost; the aligned captioner's geometry with
     # schedule="tiled_shifted"
     "tiled_shifted_compress_r0": dict(schedule="tiled_shifted", compress_block=64, video_radius=(0, 0, 0)),
+    # tiled_compress with tiles of half a second (2 tubelets, 32 tokens) and their neighbours in
+    # time: every video token sees at least one tubelet step on each side beyond its own tile,
+    # at half tiled_compress's video pairs; the captioner form is whole-frame tiles of
+    # (2, 14, 14) at radius (1, 0, 0), which keeps the blocks full (video_tile_align=64)
+    "tiled_t2_compress": dict(schedule="tiled", compress_block=64, video_tile=(2, 4, 4)),
 }
 
 

@@ -365,3 +365,26 @@ def test_the_shifted_radius_zero_arm_joins_neighbouring_tiles_in_odd_layers():
     cross[:64, 64:] = cross[64:, :64] = True
     assert not (dense(even) & cross).any() and (dense(odd) & cross).any()
     assert odd.attended_pairs() <= 2 * even.attended_pairs()
+
+
+def test_the_half_tile_arm_sees_its_neighbours_at_half_the_video_pairs():
+    """tiled_t2_compress: tiles of 32 video tokens (half a tiled_compress tile) with the tiles
+    before and after, so each video token attends 96 video keys (3 x 32) away from the clip's
+    ends, against tiled_compress's 192 (3 x 64)."""
+    from mmsparse.attention import Tiled, build_layout
+
+    arm, plain = lb.ARMS["tiled_t2_compress"], lb.ARMS["tiled_compress"]
+    assert {k: v for k, v in arm.items() if k != "video_tile"} == plain and arm["video_tile"] == (2, 4, 4)
+    spec = lb.BenchSpec()
+    model = lb.build_model(spec, "tiled_t2_compress", 0, "cpu")
+    plan = lt.plan("needle", 256, np.random.default_rng(0), spec.task)
+    with torch.no_grad():
+        stream = model.embed(lt.render([plan], spec.task, seed=0)).layout
+    video = next(s for s in stream.segments if s.modality == "video")
+    pairs = {}
+    for tile in ((2, 4, 4), lb.BASE_MODEL["video_tile"]):
+        lay = build_layout(Tiled(tile, lb.BASE_MODEL["video_radius"], modality="video"), stream, 64, 64)
+        pairs[tile] = lay.attended_pairs()
+        rows = lay.dense_mask()[video.offset:video.offset + video.numel].sum(1)
+        assert int(rows.max()) == 3 * tile[0] * tile[1] * tile[2]
+    assert pairs[(2, 4, 4)] < 0.55 * pairs[(4, 4, 4)], pairs
