@@ -20,48 +20,13 @@ a block with no real token is never attended.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
 
-from mmsparse.kernels.common import merge_lse  # noqa: F401  (re-exported: the merge of the two branches)
-
-
-def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, Hk, N, D) -> (mean over each block of `block` positions (B, Hk, C, D), block has a
-    real token (B, C) bool). valid (B, N) bool marks the real positions (None: all).
-
-    One read of x and no temporary of its size: the whole blocks are a view of x, summed (no
-    `valid`) or weighted by `valid` as a batched (1 x block) @ (block x D) product, and a ragged
-    last block is pooled apart (no padded copy of x); the backward pass writes x's gradient once.
-    """
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    b, hk, n, d = x.shape
-    whole, rest = divmod(n, block)
-    w = None if valid is None else valid.to(x.dtype)
-
-    def pooled_sum(part, weights, blocks, size):  # (B, Hk, blocks x size, D) -> (B, Hk, blocks, D)
-        part = part.reshape(b, hk, blocks, size, d)
-        if weights is None:
-            return part.sum(3)
-        return torch.matmul(weights.reshape(b, 1, blocks, 1, size), part)[:, :, :, 0]
-
-    sums = []
-    if whole:
-        sums.append(pooled_sum(x[:, :, :whole * block], None if w is None else w[:, :whole * block], whole, block))
-    if rest:
-        sums.append(pooled_sum(x[:, :, whole * block:], None if w is None else w[:, whole * block:], 1, rest))
-    total = sums[0] if len(sums) == 1 else torch.cat(sums, 2)  # (B, Hk, C, D)
-    count = _block_counts(valid, b, n, block, x.device)
-    return total / count.clamp(min=1)[:, None, :, None].to(total.dtype), count > 0
-
-
-def _block_counts(valid: torch.Tensor | None, b: int, n: int, block: int, device) -> torch.Tensor:
-    """(B, C) float32: the real positions (`valid`; None: all n) in each block of `block`
-    positions; float32 so that counts past 256 stay exact (bf16 holds integers only to 256)."""
-    real = torch.ones(b, n, device=device) if valid is None else valid.float()
-    return torch.nn.functional.pad(real, (0, (-n) % block)).view(b, -1, block).sum(2)
+from mmsparse.kernels.common import merge_lse, pool_blocks  # noqa: F401  (re-exported: the merge of the
+# two branches, the block means)
 
 
 def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float | None = None,
@@ -128,58 +93,15 @@ def pooled_keys_layout(layout, n_pooled: int):
     return cache[n_pooled]
 
 
-class _PooledIntoTail(torch.autograd.Function):
-    """x[:, :, start:start + C] = ``pool_blocks(x[:, :, :n], block, valid)``, in place, for x at
-    the wide length whose rows >= n come from ``qkv_rope(..., n_out=N')`` (zeros whose gradient
-    its backward never reads). Returns (x, live). Backward: x's gradient whole, plus each
-    written row's gradient spread back over its block's real rows (the mean's gradient), in one
-    copy of the gradient and one in-place pass; autograd's slices and in-place write would
-    materialise and add the gradient several times."""
-
-    @staticmethod
-    def forward(ctx, x, n, block, valid, start):
-        with torch.no_grad():
-            pooled, live = pool_blocks(x[:, :, :n], block, valid)
-        c = pooled.shape[2]
-        x[:, :, start:start + c] = pooled.to(x.dtype)
-        ctx.mark_dirty(x)
-        ctx.mark_non_differentiable(live)
-        ctx.save_for_backward(valid)
-        ctx.args = (n, block, start, c)
-        return x, live
-
-    @staticmethod
-    def backward(ctx, g, _live):
-        (valid,) = ctx.saved_tensors
-        n, block, start, c = ctx.args
-        b, hk, _, d = g.shape
-        count = _block_counts(valid, b, n, block, g.device).clamp(min=1)  # as pool_blocks counts
-        gp = (g[:, :, start:start + c] / count[:, None, :, None]).to(g.dtype)  # (B, Hk, C, D): d(mean) / d(row)
-        weight = None if valid is None else valid.to(g.dtype)  # 0 / 1: exact
-        dx = g.clone()
-        whole, rest = divmod(n, block)
-        for first, blocks, size in ((0, whole, block), (whole, 1 if rest else 0, rest)):
-            if not blocks:
-                continue
-            rows = slice(first * block, first * block + blocks * size)
-            part = dx[:, :, rows].view(b, hk, blocks, size, d)
-            share = gp[:, :, first:first + blocks, None]  # (B, Hk, blocks, 1, D)
-            if weight is None:
-                part.add_(share)
-            else:
-                part.addcmul_(share, weight[:, None, rows].reshape(b, 1, blocks, size, 1))
-        return dx, None, None, None, None
-
-
 def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
-                      valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None):
+                      valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                      live: torch.Tensor | None = None):
     """The inputs of one sparse attention call over `layout` and the block means of k, v:
     (q, k, v widened to the wide layout's positions, the wide layout, its key padding mask
     (B, N') or None). Shapes as in ``sparse_with_pooled_keys``; or q, k, v already at the wide
-    layout's N' positions (``wide_length``; ``qkv_rope(..., n_out=N')`` writes them), rows >= N
-    zero and their gradient read by nothing upstream (qkv_rope's and zero-padding's are not):
-    then the pooled keys are written into k's and v's rows K0.. in place (the caller's buffers,
-    no copy to widen them).
+    layout's N' positions with the pooled keys in k's and v's rows K0.. and `live` (B, C) the
+    blocks that have a real position (``qkv_rope(..., n_out, pooled_tails)`` writes them as
+    ``pooled_tails`` plans), used as they are: no copy to widen them.
 
     The mask is None, so that backends which evaluate no mask in full blocks (flash) can run the
     call, where nothing needs it: no key_padding_mask, a stream that ends on a key block, and no
@@ -201,11 +123,12 @@ def pooled_key_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
                              2)
 
         qw, kw, vw = torch.cat([q, q.new_zeros(b, h, nw - n, d)], 2), widen(k, kc), widen(v, vc)
-    elif nq == nw:  # widened at the source: the pooled keys go into the zero rows, in place
-        (kw, live), (vw, _) = (_PooledIntoTail.apply(x, n, block, valid, k0) for x in (k, v))
-        qw = q
+    elif nq == nw and live is not None:  # widened at the source, the pooled keys in place
+        qw, kw, vw = q, k, v
     else:
-        raise ValueError(f"q, k, v must have the layout's N = {n} positions or the wide layout's {nw}, got {nq}")
+        raise ValueError(f"q, k, v must have the layout's N = {n} positions, or the wide layout's {nw} with the "
+                         f"pooled keys written and `live` given (qkv_rope's pooled_tails); got {nq} positions, "
+                         f"live {'given' if live is not None else 'None'}")
     pad = None
     if key_padding_mask is not None or k0 != n or not (valid is None or all_blocks_real(layout, block)):
         pad = torch.ones(b, nw, dtype=torch.bool, device=q.device)
@@ -224,6 +147,39 @@ def wide_length(layout, compress: int, compress_keys: int = 0) -> int | None:
     if layout is None or not compress or isinstance(layout.pattern, LSH):
         return None
     return pooled_keys_layout(layout, pooled_keys(layout.n, compress, compress_keys))[0].n
+
+
+class PooledTails(NamedTuple):
+    """Where an encoder layer's compressed branch takes its pooled keys when q, k, v are made at
+    the wide length (``pooled_tails``): n_out positions, the means of blocks of `block` stream
+    positions over `valid` (B, N) (None: all) in k's and v's rows start.."""
+
+    n_out: int
+    block: int
+    start: int
+    valid: torch.Tensor | None
+
+
+def pooled_tails(layout, compress: int, batch: int, compress_keys: int = 0, real: torch.Tensor | None = None,
+                 key_padding_mask: torch.Tensor | None = None) -> PooledTails | None:
+    """The wide inputs ``layer_attention`` takes for `layout` with the compressed branch of
+    `compress` / `compress_keys` over `batch` clips (``PooledTails``; its arguments `real` and
+    `key_padding_mask` as there), or None where it takes N positions only: no branch, dense
+    (layout None), or an LSH layout (branches merged apart)."""
+    n_out = wide_length(layout, compress, compress_keys)
+    if n_out is None:
+        return None
+    block, valid = _branch_block(layout.n, batch, compress, compress_keys, real, key_padding_mask)
+    start = pooled_keys_layout(layout, math.ceil(layout.n / block))[1]
+    return PooledTails(n_out, block, start, valid)
+
+
+def _branch_block(n: int, b: int, compress: int, compress_keys: int, real, key_padding_mask):
+    """(the pooled block, the positions it pools (B, N) bool or None: all) of a layer's branch."""
+    valid = None if real is None else real.expand(b, n)
+    if key_padding_mask is not None:
+        valid = ~key_padding_mask if valid is None else valid & ~key_padding_mask
+    return pooled_block(n, compress, compress_keys), valid
 
 
 def all_blocks_real(layout, block: int) -> bool:
@@ -249,16 +205,18 @@ def all_blocks_real(layout, block: int) -> bool:
 
 def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block: int,
                             valid: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
-                            backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+                            backend: str = "auto", scale: float | None = None,
+                            live: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse attention over `layout` and the block means of k, v (``compressed_attention``'s
     keys) in one softmax: the same result as ``merge_lse`` of the two branches, at the cost of
     ceil(C / block_k) more full key blocks per query block. q (B, H, N, D), k, v (B, Hk, N, D),
-    or all three at the wide layout's N' positions (``pooled_key_inputs``); valid (B, N) the real
+    or all three at the wide layout's N' positions with the pooled keys and `live`
+    (``pooled_key_inputs``); valid (B, N) the real
     positions (None: all), key_padding_mask (B, N) True at keys the sparse branch must not
     attend. Returns (B, H, N, D)."""
     from .backends import sparse_attention
 
-    qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask)
+    qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask, live)
     return sparse_attention(qw, kw, vw, wide, backend=backend, scale=scale, key_padding_mask=pad)[:, :, :layout.n]
 
 
@@ -281,29 +239,26 @@ def pooled_keys(n: int, block: int, max_keys: int = 0) -> int:
 
 def layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, compress: int = 0,
                     backend: str = "auto", key_padding_mask: torch.Tensor | None = None,
-                    real: torch.Tensor | None = None, compress_keys: int = 0) -> torch.Tensor:
+                    real: torch.Tensor | None = None, compress_keys: int = 0,
+                    live: torch.Tensor | None = None) -> torch.Tensor:
     """An encoder layer's attention: dense (layout None), the sparse layout, or, with `compress`
     > 0, the sparse layout and its compressed branch: the pooled keys inside the layout's softmax
     (``sparse_with_pooled_keys``), or, for LSH layouts (buckets sorted per clip, no fixed block
     lists to widen), the two branches merged by log-sum-exp. real (N,) or (B, N) bool: the
     positions that are tokens (not alignment gaps), which the block means pool together with the
     keys `key_padding_mask` (B, N) does not mask; None: all. compress_keys > 0 bounds the pooled
-    keys (``pooled_block``). q, k, v have N positions, or, where ``wide_length`` is not None,
-    that many (k and v then take the pooled keys in place); the output has N."""
+    keys (``pooled_block``). q, k, v have N positions, or, where ``pooled_tails`` is not None,
+    its n_out with the pooled keys in k's and v's tails and `live` given; the output has N."""
     from .backends import sparse_attention
     from .patterns import LSH
 
     if layout is None or not compress:
         return sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask)
-    b, n = q.shape[0], layout.n
-    compress = pooled_block(n, compress, compress_keys)
-    valid = None if real is None else real.expand(b, n)
-    if key_padding_mask is not None:
-        valid = ~key_padding_mask if valid is None else valid & ~key_padding_mask
+    compress, valid = _branch_block(layout.n, q.shape[0], compress, compress_keys, real, key_padding_mask)
     if isinstance(layout.pattern, LSH):
         out, lse = sparse_attention(q, k, v, layout, backend=backend, key_padding_mask=key_padding_mask,
                                     return_lse=True)
         out_c, lse_c = compressed_attention(q, k, v, compress, valid=valid)
         return merge_lse(out, lse, out_c, lse_c)[0]
     return sparse_with_pooled_keys(q, k, v, layout, compress, valid=valid, key_padding_mask=key_padding_mask,
-                                   backend=backend)
+                                   backend=backend, live=live)

@@ -1,6 +1,7 @@
 """What every kernel op shares on the host: dtype and head-dim limits, input checks, small
-tensor helpers, the log-sum-exp merge of two attention results over disjoint keys, and the one
-autograd shell the attention ops (and the PyTorch reference) run in.
+tensor helpers, the block means of the compressed branch (`pool_blocks`; here so that the fused
+rotary kernel writes them too), the log-sum-exp merge of two attention results over disjoint
+keys, and the one autograd shell the attention ops (and the PyTorch reference) run in.
 
 Legend: B batch, H query heads, Hk key/value heads (GQA: H = Hk * G), N tokens, D head dim,
 Dp = D padded to a power of two (>= 16).
@@ -108,6 +109,43 @@ def check_kernel_inputs(q, k, v, op: str, key_padding_mask=None) -> None:
     if reason:
         raise ValueError(f"{op}: {reason}")
     check_key_padding_mask(key_padding_mask, q)
+
+
+def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, Hk, N, D) -> (mean over each block of `block` positions (B, Hk, C, D), block has a
+    real token (B, C) bool). valid (B, N) bool marks the real positions (None: all).
+
+    One read of x and no temporary of its size: the whole blocks are a view of x, summed (no
+    `valid`) or weighted by `valid` as a batched (1 x block) @ (block x D) product, and a ragged
+    last block is pooled apart (no padded copy of x); the backward pass writes x's gradient once.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    b, hk, n, d = x.shape
+    whole, rest = divmod(n, block)
+    w = None if valid is None else valid.to(x.dtype)
+
+    def pooled_sum(part, weights, blocks, size):  # (B, Hk, blocks x size, D) -> (B, Hk, blocks, D)
+        part = part.reshape(b, hk, blocks, size, d)
+        if weights is None:
+            return part.sum(3)
+        return torch.matmul(weights.reshape(b, 1, blocks, 1, size), part)[:, :, :, 0]
+
+    sums = []
+    if whole:
+        sums.append(pooled_sum(x[:, :, :whole * block], None if w is None else w[:, :whole * block], whole, block))
+    if rest:
+        sums.append(pooled_sum(x[:, :, whole * block:], None if w is None else w[:, whole * block:], 1, rest))
+    total = sums[0] if len(sums) == 1 else torch.cat(sums, 2)  # (B, Hk, C, D)
+    count = block_counts(valid, b, n, block, x.device)
+    return total / count.clamp(min=1)[:, None, :, None].to(total.dtype), count > 0
+
+
+def block_counts(valid: torch.Tensor | None, b: int, n: int, block: int, device) -> torch.Tensor:
+    """(B, C) float32: the real positions (`valid`; None: all n) in each block of `block`
+    positions; float32 so that counts past 256 stay exact (bf16 holds integers only to 256)."""
+    real = torch.ones(b, n, device=device) if valid is None else valid.float()
+    return torch.nn.functional.pad(real, (0, (-n) % block)).view(b, -1, block).sum(2)
 
 
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor

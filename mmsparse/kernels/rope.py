@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DTYPES, interpreting
+from .common import DTYPES, block_counts, interpreting, pool_blocks
 from .options import kernel_options
 
 # ---------------------------------------------------------------------------------------------
@@ -49,11 +49,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None,
-                 n_out: int | None = None):
+                 n_out: int | None = None, pooled_tails: tuple | None = None):
     """qkv (B, N, 3, H, D) -> q, k, v (B, H, N, D), q and k rotated by `apply_rope`; cos / sin
     (N, D / 2): the model layers' PyTorch path. rows (N,): qkv holds packed rows (B, R, 3, H, D),
     rows[n] the one of stream position n, -1 at gaps (zeros there). n_out: each output has n_out
-    >= N positions, zeros after the N-th."""
+    >= N positions, zeros after the N-th; pooled_tails (block, start, valid): k's and v's rows
+    start.. hold `pool_blocks` of their first N rows, and `live` is returned fourth."""
     if rows is not None:
         full = qkv.new_zeros(qkv.shape[0], rows.shape[0], *qkv.shape[2:])
         real = rows >= 0
@@ -63,7 +64,17 @@ def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: 
     out = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
     if n_out is None:
         return out
-    return tuple(torch.nn.functional.pad(x, (0, 0, 0, n_out - x.shape[2])) for x in out)
+    n = out[0].shape[2]
+    if pooled_tails is None:
+        return tuple(torch.nn.functional.pad(x, (0, 0, 0, n_out - n)) for x in out)
+    block, start, valid = pooled_tails
+    wide = [torch.nn.functional.pad(out[0], (0, 0, 0, n_out - n))]
+    for x in out[1:]:
+        pooled, live = pool_blocks(x, block, valid)
+        c = pooled.shape[2]
+        wide.append(torch.cat([x, x.new_zeros(*x.shape[:2], start - n, x.shape[3]), pooled.to(x.dtype),
+                               x.new_zeros(*x.shape[:2], n_out - start - c, x.shape[3])], 2))
+    return (*wide, live)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,14 +88,16 @@ def _qkv_rope_kernel(
     s_b, s_w, s_h, s_n,  # SRC strides: batch, q|k|v, head, token (D contiguous)
     d_b, d_w, d_h, d_n,  # DST strides, same order
     stride_cn,  # COS / SIN token stride (P contiguous)
+    SCALE, stride_sb, TAIL0, POOL,  # pooled tails (TAIL_ON): (B, N) float32 weights, first tail row, block
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr, INVERSE: tl.constexpr,
-    ROWS_ON: tl.constexpr,
+    ROWS_ON: tl.constexpr, TAIL_ON: tl.constexpr,
 ):
     """Program (token tile, batch x head, w): copies SRC[b, w, h, tile, :] to
     DST[b, WHICH0 + w, h, tile, :], rotated when WHICH0 + w is q (0) or k (1); INVERSE rotates
     by the negative angle (the backward). The tile is of stream positions n (the rotation's);
     ROWS_ON 1 / 2: SRC / DST holds packed rows instead, ROWS[n] (-1: a gap, which reads zeros /
-    is not written)."""
+    is not written). TAIL_ON (the backward of k and v with pooled tails): position n's gradient
+    also takes SCALE[b, n] times the gradient of row TAIL0 + n // POOL of SRC, its block's mean."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     w = tl.program_id(2)
@@ -106,21 +119,25 @@ def _qkv_rope_kernel(
     mask = in_n[:, None] & (offs_p < HALF)[None, :]
     src = SRC + b * s_b + w.to(tl.int64) * s_w + h * s_h + tok_src[:, None] * s_n + offs_p[None, :]
     dst = DST + b * d_b + which.to(tl.int64) * d_w + h * d_h + tok_dst[:, None] * d_n + offs_p[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    f1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    f2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    if TAIL_ON:
+        if which > 0:  # k, v: plus the share of the block mean's gradient (a linear map: before the rotation)
+            sc = tl.load(SCALE + b * stride_sb + offs_n, mask=in_n, other=0.0)[:, None]
+            tail = SRC + b * s_b + w.to(tl.int64) * s_w + h * s_h + (TAIL0 + offs_n // POOL).to(tl.int64)[:, None] * s_n
+            f1 += sc * tl.load(tail + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+            f2 += sc * tl.load(tail + offs_p[None, :] + HALF, mask=mask, other=0.0).to(tl.float32)
     if which < 2:
         trig = offs_n[:, None] * stride_cn + offs_p[None, :]
         c = tl.load(COS + trig, mask=mask, other=0.0)
         s = tl.load(SIN + trig, mask=mask, other=0.0)
         if INVERSE:
             s = -s
-        f1 = x1.to(tl.float32)
-        f2 = x2.to(tl.float32)
         y1 = (f1 * c - f2 * s).to(DST.dtype.element_ty)
         y2 = (f1 * s + f2 * c).to(DST.dtype.element_ty)
     else:
-        y1 = x1.to(DST.dtype.element_ty)
-        y2 = x2.to(DST.dtype.element_ty)
+        y1 = f1.to(DST.dtype.element_ty)
+        y2 = f2.to(DST.dtype.element_ty)
     # a gap's row (ROWS_ON 1) is written too, with zeros; with ROWS_ON 2 it is not written
     keep = mask if ROWS_ON == 2 else (offs_n < N)[:, None] & (offs_p < HALF)[None, :]
     tl.store(dst, y1, mask=keep)
@@ -136,18 +153,20 @@ def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count, inverse, rows=None,
-            rows_on=None):
+            rows_on=None, tails=None):
     """src / dst strides (batch, q|k|v, head, token); `count` of q|k|v from src starting at
     which0 in dst; n stream positions; rows (n,) int32: src (forward) or dst (inverse), or the
-    side `rows_on` names (1 src, 2 dst), holds packed rows, rows[i] the one of position i (-1: none)."""
+    side `rows_on` names (1 src, 2 dst), holds packed rows, rows[i] the one of position i (-1: none).
+    tails (scale (B, n) float32, first tail row, block): the pooled tails' gradient (kernel doc)."""
     half = cos.shape[-1]
     grid = (triton.cdiv(n, _BLOCK_N), b * h, count)
     if rows_on is None:
         rows_on = 0 if rows is None else (2 if inverse else 1)
+    scale, tail0, pool = (cos, 0, 1) if tails is None else tails
     _qkv_rope_kernel[grid](
         src, dst, cos, sin, cos if rows is None else rows, n, h, which0, *src_strides, *dst_strides,
-        cos.stride(0), HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_N=_BLOCK_N,
-        INVERSE=inverse, ROWS_ON=rows_on, num_warps=4,
+        cos.stride(0), scale, scale.stride(0), tail0, pool, HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        BLOCK_N=_BLOCK_N, INVERSE=inverse, ROWS_ON=rows_on, TAIL_ON=tails is not None, num_warps=4,
     )
 
 
@@ -158,13 +177,13 @@ def _launch(src, dst, cos, sin, b, n, h, which0, src_strides, dst_strides, count
 
 class _QKVRope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin, rows, n_out):
+    def forward(ctx, qkv, cos, sin, rows, n_out, tails):
         b, r, _, h, d = qkv.shape
         n = cos.shape[0]
-        ctx.save_for_backward(cos, sin, rows)
         ctx.set_materialize_grads(False)
         ctx.shape = qkv.shape
         if n_out is None:
+            ctx.save_for_backward(cos, sin, rows)
             out = _alloc((3, b, h, n, d), qkv)  # q, k, v
             # qkv (B, R, 3, H, D) -> out (3, B, H, N, D): strides as (batch, q|k|v, head, token)
             _launch(qkv, out, cos, sin, b, n, h, 0,
@@ -172,18 +191,34 @@ class _QKVRope(torch.autograd.Function):
                     (out.stride(1), out.stride(0), out.stride(2), out.stride(3)), 3, False, rows)
             return out[0], out[1], out[2]
         # n_out positions each, in buffers of their own (not views of one), so that a caller may
-        # write rows >= N in place under autograd (the compressed branch's pooled keys)
+        # write rows >= N in place under autograd
         outs = tuple(_alloc((b, h, n_out, d), qkv) for _ in range(3))
         for which, o in enumerate(outs):
             src = qkv[:, :, which]  # (B, R, H, D)
             _launch(src, o, cos, sin, b, n, h, which, (src.stride(0), 0, src.stride(2), src.stride(1)),
                     (o.stride(0), 0, o.stride(1), o.stride(2)), 1, False, rows)
             o[:, :, n:].zero_()
-        return outs
+        if tails is None:
+            ctx.save_for_backward(cos, sin, rows)
+            ctx.tails = None
+            return outs
+        block, start, valid = tails
+        for o in outs[1:]:  # the block means of k and v into their tails
+            pooled, live = pool_blocks(o[:, :, :n], block, valid)
+            o[:, :, start:start + pooled.shape[2]] = pooled.to(o.dtype)
+        # d(mean of block j) / d(position n of it): valid[b, n] / count[b, j] (count >= 1)
+        count = block_counts(valid, b, n, block, qkv.device).clamp(min=1)
+        scale = count.reciprocal().repeat_interleave(block, 1)[:, :n]
+        if valid is not None:
+            scale = scale * valid
+        ctx.save_for_backward(cos, sin, rows, scale.contiguous())
+        ctx.tails = (start, block)
+        ctx.mark_non_differentiable(live)
+        return (*outs, live)
 
     @staticmethod
-    def backward(ctx, dq, dk, dv):
-        cos, sin, rows = ctx.saved_tensors
+    def backward(ctx, dq, dk, dv, *_live):
+        cos, sin, rows, *scale = ctx.saved_tensors
         b, r, _, h, d = ctx.shape
         n = cos.shape[0]
         like = next(g for g in (dq, dk, dv) if g is not None)
@@ -194,12 +229,13 @@ class _QKVRope(torch.autograd.Function):
                 continue
             if g.stride(-1) != 1:
                 g = g.contiguous()
-            # g (B, H, N or n_out, D; rows >= N not read) -> dqkv[:, :, which] (B, R, H, D):
-            # every packed row is some position's, so each is written once (no atomics)
+            # g (B, H, N or n_out, D; rows >= N read only as pooled tails) -> dqkv[:, :, which]
+            # (B, R, H, D): every packed row is some position's, so each is written once (no atomics)
+            tails = (scale[0], *ctx.tails) if scale and which else None
             _launch(g, dqkv, cos, sin, b, n, h, which,
                     (g.stride(0), 0, g.stride(1), g.stride(2)),
-                    (dqkv.stride(0), dqkv.stride(2), dqkv.stride(3), dqkv.stride(1)), 1, True, rows)
-        return dqkv, None, None, None, None
+                    (dqkv.stride(0), dqkv.stride(2), dqkv.stride(3), dqkv.stride(1)), 1, True, rows, tails=tails)
+        return dqkv, None, None, None, None, None
 
 
 class _HeadsToRows(torch.autograd.Function):
@@ -265,7 +301,7 @@ def _runs_on(x: torch.Tensor) -> bool:
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor | None = None,
-             n_out: int | None = None):
+             n_out: int | None = None, pooled_tails: tuple | None = None):
     """Split a QKV projection into heads and rotate q and k, in one Triton pass each way.
 
     Args:
@@ -277,9 +313,15 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torc
         n_out: optional >= N: each output has n_out positions, zeros after the N-th, in a buffer
             of its own, so rows >= N may be written in place (the compressed branch's wide
             inputs, `mmsparse.attention.compressed.wide_length`, with no copy to widen them).
+        pooled_tails: optional (block, start, valid), with n_out: k's and v's rows start.. hold
+            the means of their blocks of `block` positions (`pool_blocks(x[:, :, :N], block,
+            valid)`, valid (B, N) bool or None; the compressed branch's pooled keys, written
+            here so that the backward adds each mean's gradient to its block in the same pass
+            as the rotation, with no copy of the gradient).
 
     Returns:
-        q, k, v, each (B, H, N or n_out, D) contiguous in qkv's dtype; q and k rotated; zeros at gaps.
+        q, k, v, each (B, H, N or n_out, D) contiguous in qkv's dtype; q and k rotated; zeros at
+        gaps; with pooled_tails also live (B, C) bool, the blocks that hold a valid position.
         Differentiable in qkv. Equal to `qkv_rope_ref` up to the float32 rounding of the rotation.
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -293,6 +335,15 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torc
                          f"and {tuple(sin.shape)}")
     if n_out is not None and n_out < n:
         raise ValueError(f"n_out must be >= the N = {n} stream positions, got {n_out}")
+    if pooled_tails is not None:
+        block, start, valid = pooled_tails
+        c = -(-n // block) if block >= 1 else 0
+        if n_out is None or block < 1 or start < n or start + c > n_out:
+            raise ValueError(f"pooled_tails (block, start, valid) needs n_out, block >= 1 and its {c} rows at "
+                             f"start >= N = {n} inside n_out = {n_out}; got block {block}, start {start}")
+        if valid is not None and (tuple(valid.shape) != (b, n) or valid.dtype != torch.bool):
+            raise ValueError(f"pooled_tails' valid must be (B, N) = ({b}, {n}) bool, got {tuple(valid.shape)} "
+                             f"{valid.dtype}")
     if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int32 or rows.device != qkv.device):
         raise ValueError(f"rows must be (N,) int32 on {qkv.device}, got {tuple(rows.shape)} {rows.dtype} "
                          f"on {rows.device}")
@@ -303,5 +354,8 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torc
         qkv = qkv.contiguous()
     cos = cos.to(device=qkv.device, dtype=torch.float32).contiguous()
     sin = sin.to(device=qkv.device, dtype=torch.float32).contiguous()
+    if pooled_tails is not None:
+        block, start, valid = pooled_tails
+        pooled_tails = (int(block), int(start), None if valid is None else valid.to(qkv.device))
     return _QKVRope.apply(qkv, cos, sin, None if rows is None else rows.contiguous(),
-                          None if n_out is None else int(n_out))
+                          None if n_out is None else int(n_out), pooled_tails)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
 from mmsparse.attention import BlockLayout
-from mmsparse.attention.compressed import layer_attention, wide_length
+from mmsparse.attention.compressed import layer_attention, pooled_tails
 from mmsparse.encoders import apply_rope
 from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope
 
@@ -121,12 +121,19 @@ class SparseSelfAttention(nn.Module):
         gaps apart, the block means would not)."""
         b, r, c = x.shape
         qkv = self.qkv(x).view(b, r, 3, self.num_heads, self.head_dim)
+        # the positions the compressed branch pools: packed rows know the gaps; else `real`
+        real = real if packed is None else packed.rows >= 0
+        live = None
         if rope is not None and self.fused_rope and fused_rope_available(qkv):
             # one Triton pass: split into heads and rotate q, k (and its transpose backward),
             # straight to the stream positions of packed rows, and at the length the compressed
-            # branch widens them to (its pooled keys then go into k's and v's tails, no copy)
-            q, k, v = qkv_rope(qkv, *rope, rows=None if packed is None else packed.rows,
-                               n_out=wide_length(layout, self.compress, self.compress_keys))
+            # branch widens them to, with its pooled keys in k's and v's tails (no copy)
+            rows = None if packed is None else packed.rows
+            tails = pooled_tails(layout, self.compress, b, self.compress_keys, real, pad_mask)
+            if tails is None:
+                q, k, v = qkv_rope(qkv, *rope, rows=rows)
+            else:
+                q, k, v, live = qkv_rope(qkv, *rope, rows=rows, n_out=tails.n_out, pooled_tails=tails[1:])
         else:
             if packed is not None:
                 qkv = put_rows(qkv, packed)  # (B, N, 3, H, D), zeros at the gaps
@@ -135,9 +142,9 @@ class SparseSelfAttention(nn.Module):
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # dense (layout None, padding keys masked), sparse, or sparse with the compressed branch,
-        # whose block means skip the gaps (packed rows know them; else `real`)
+        # whose block means skip the gaps
         out = layer_attention(q, k, v, layout, self.compress, self.backend, key_padding_mask=pad_mask,
-                              real=real if packed is None else packed.rows >= 0, compress_keys=self.compress_keys)
+                              real=real, compress_keys=self.compress_keys, live=live)
         if packed is None:
             out = out.transpose(1, 2)  # (B, N, H, D)
         elif fused_rope_available(out):

@@ -381,22 +381,33 @@ def test_bounded_pooled_keys_are_the_branch_of_the_grown_block():
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("grid,block,hk", [((3, 5, 7), 16, 2), ((3, 4, 11), 5, 1), ((4, 4, 8), 32, 1)])
 def test_inputs_widened_at_the_source_equal_the_widening_copies(grid, block, hk, masked):
-    """q, k, v given at the wide layout's N' positions, zeros after the N-th (what qkv_rope's
-    n_out writes; zero-padding stands for it here): the pooled keys go into k's and v's rows in
-    place, and output and gradients are those of the N-position inputs, padding keys included;
-    any other length is refused by name."""
-    from mmsparse.attention.compressed import pooled_key_inputs, sparse_with_pooled_keys, wide_length
+    """q, k, v given at the wide layout's N' positions with the pooled keys in k's and v's rows
+    K0.. (what qkv_rope's pooled_tails writes, as `pooled_tails` plans it; zero-padding and
+    pool_blocks stand for it here) are used as they are: output and gradients are those of the
+    N-position inputs, padding keys included; any other length, or wide inputs without `live`,
+    is refused by name."""
+    from mmsparse.attention.compressed import pool_blocks, pooled_key_inputs, pooled_tails, sparse_with_pooled_keys
 
     layout, q, k, v, valid, g = _inputs(grid, 2, 2, hk, 16, sum(grid) * block)
     valid = valid if masked else None  # padding keys weighted out of the means, or none
     kpm = None if valid is None else ~valid
     n = layout.n
-    nw = wide_length(layout, block)
-    assert nw == pooled_key_inputs(q, k, v, layout, block, valid)[3].n > n
+    plan = pooled_tails(layout, block, q.shape[0], key_padding_mask=kpm)
+    nw = plan.n_out
+    assert plan.block == block and plan.start >= n and nw == pooled_key_inputs(q, k, v, layout, block, valid)[3].n > n
+    assert (plan.valid is None) == (valid is None) and (valid is None or torch.equal(plan.valid, valid))
     want = sparse_with_pooled_keys(q, k, v, layout, block, valid=valid, key_padding_mask=kpm, backend="reference")
-    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, nw - n))  # noqa: E731
-    got = sparse_with_pooled_keys(pad(q), pad(k), pad(v), layout, block, valid=valid, key_padding_mask=kpm,
-                                  backend="reference")
+
+    def widen(x):  # [stream | zeros | block means | zeros]
+        pooled, live = pool_blocks(x, block, valid)
+        c = pooled.shape[2]
+        zeros = lambda m: x.new_zeros(*x.shape[:2], m, x.shape[3])  # noqa: E731
+        return torch.cat([x, zeros(plan.start - n), pooled, zeros(nw - plan.start - c)], 2), live
+
+    (kw, live), (vw, _) = widen(k), widen(v)
+    qw = torch.nn.functional.pad(q, (0, 0, 0, nw - n))
+    got = sparse_with_pooled_keys(qw, kw, vw, layout, block, valid=valid, key_padding_mask=kpm, backend="reference",
+                                  live=live)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     gout = torch.randn(want.shape, generator=g)
@@ -404,4 +415,6 @@ def test_inputs_widened_at_the_source_equal_the_widening_copies(grid, block, hk,
                     torch.autograd.grad((want * gout).sum(), (q, k, v))):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="positions"):
-        pooled_key_inputs(pad(q)[:, :, :-1], pad(k)[:, :, :-1], pad(v)[:, :, :-1], layout, block, valid)
+        pooled_key_inputs(qw[:, :, :-1], kw[:, :, :-1], vw[:, :, :-1], layout, block, valid, live=live)
+    with pytest.raises(ValueError, match="live"):
+        pooled_key_inputs(qw, kw, vw, layout, block, valid)

@@ -134,6 +134,56 @@ def test_wide_outputs_pad_with_zeros_and_take_writes_in_place(b, n, h, d, extra,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,n,h,d,block,masked,packed", [(2, 77, 3, 64, 16, True, False),
+                                                         (1, 130, 2, 32, 32, False, False),
+                                                         (2, 100, 1, 80, 7, True, True),
+                                                         (2, 64, 2, 32, 64, False, True)])
+def test_pooled_tails_hold_the_block_means_and_send_their_gradient_back(b, n, h, d, block, masked, packed, dtype):
+    """pooled_tails (block, start, valid): k's and v's rows start.. hold the means of their
+    blocks (ragged last block, weighted by `valid`, packed rows' gaps left out), `live` says
+    which blocks have a valid position, and the gradient of qkv, the means' included, is the
+    reference's (which concatenates pool_blocks' output); bad plans are refused by name."""
+    seed = hash(("tails", b, n, h, d, block, masked, packed)) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    cos, sin = (t.to(DEV) for t in _tables(n, d, seed))
+    rows = _rows(n, seed).to(DEV) if packed else None
+    r = n if rows is None else int((rows >= 0).sum())
+    x = torch.randn(b, r, 3, h, d, generator=gen).to(DEV, dtype)
+    c = -(-n // block)
+    start = n + 3
+    n_out = start + c + 5
+    valid = torch.rand(b, n, generator=gen) > 0.3 if masked else None
+    if packed:
+        valid = (rows >= 0).expand(b, n).clone() if valid is None else valid & (rows >= 0)
+    if valid is not None:
+        valid[0, :block] = False  # a block with no valid position: not live
+        valid = valid.to(DEV)
+    a, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = qkv_rope(a, cos, sin, rows=rows, n_out=n_out, pooled_tails=(block, start, valid))
+    want = qkv_rope_ref(ref, cos, sin, rows=rows, n_out=n_out, pooled_tails=(block, start, valid))
+    assert len(got) == 4 and torch.equal(got[3], want[3]) and got[3].shape == (b, c)
+    assert valid is None or not got[3][0, 0]
+    for name, g, w in zip("qkv", got[:3], want[:3]):
+        assert g.shape == (b, h, n_out, d) and not torch.isnan(g).any(), f"{name}: NaN (an unwritten element)"
+        err = (g.float() - w.float()).abs().max().item()
+        assert err <= TOL[dtype] * (1 + w.float().abs().max().item()), f"{name}: {err:.3e}"
+    grads = [torch.randn(b, h, n_out, d, generator=gen).to(DEV, dtype) for _ in range(3)]
+    (ga,) = torch.autograd.grad(got[:3], a, grads)
+    (gr,) = torch.autograd.grad(want[:3], ref, grads)
+    err = (ga.float() - gr.float()).abs().max().item()
+    assert err <= TOL[dtype] * (1 + gr.float().abs().max().item()), f"dqkv: {err:.3e}"
+    if dtype == torch.float32:  # the means' share is there: without it k's and v's gradients are far off
+        (g0,) = torch.autograd.grad(qkv_rope(a, cos, sin, rows=rows, n_out=n_out)[:3], a, grads)
+        share = (g0[:, :, 1:] - gr[:, :, 1:]).abs().max().item()
+        assert share > 100 * err and share > 1e-3, (share, err)
+    for bad in ((block, n - 1, valid), (0, start, valid), (block, n_out - c + 1, valid)):
+        with pytest.raises(ValueError, match="pooled_tails"):
+            qkv_rope(x, cos, sin, rows=rows, n_out=n_out, pooled_tails=bad)
+    with pytest.raises(ValueError, match="pooled_tails"):
+        qkv_rope(x, cos, sin, rows=rows, pooled_tails=(block, start, valid))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,n,h,d", [(1, 64, 1, 32), (2, 77, 3, 64), (1, 130, 2, 80)])
 def test_heads_to_rows_gathers_the_real_rows(b, n, h, d, dtype):
     """heads_to_rows: o (B, H, N, D) -> (B, R, H, D), what o.transpose(1, 2)[:, real] gives,

@@ -148,8 +148,9 @@ def test_packed_rows_equal_the_blocks_on_every_position(aligned, batch, schedule
 @pytest.mark.parametrize("pack", [False, True])
 def test_the_branch_widened_at_the_source_equals_the_widening_copies(aligned, batch, pack, monkeypatch):
     """With the fused rope kernel (MMSPARSE_FUSED_ROPE=1, the interpreter here) q, k, v come out
-    at the compressed branch's wide length and the pooled keys are written into k's and v's
-    tails in place; the PyTorch path widens them by concatenation. Same encoding, logits and
+    at the compressed branch's wide length with the pooled keys in k's and v's tails, and the
+    backward adds the means' gradient in the rotation's pass; the PyTorch path widens them by
+    concatenation. Same encoding, logits and
     gradients of every weight, on gapped streams, packed or not."""
     from mmsparse.attention.compressed import wide_length
     from mmsparse.kernels.rope import qkv_rope
@@ -165,7 +166,7 @@ def test_the_branch_widened_at_the_source_equals_the_widening_copies(aligned, ba
     from mmsparse.models import layers
 
     widths = []  # the n_out of every qkv_rope call: the wide path must be the one taken
-    monkeypatch.setattr(layers, "qkv_rope", lambda *a, **kw: widths.append(kw["n_out"]) or qkv_rope(*a, **kw))
+    monkeypatch.setattr(layers, "qkv_rope", lambda *a, **kw: widths.append(kw.get("n_out")) or qkv_rope(*a, **kw))
     out = {}
     for fused in ("0", "1"):
         monkeypatch.setenv("MMSPARSE_FUSED_ROPE", fused)
