@@ -154,7 +154,8 @@ def test_pooled_tails_hold_the_block_means_and_send_their_gradient_back(b, n, h,
     n_out = start + c + 5
     valid = torch.rand(b, n, generator=gen) > 0.3 if masked else None
     if packed:
-        valid = (rows >= 0).expand(b, n).clone() if valid is None else valid & (rows >= 0)
+        real = rows.cpu() >= 0
+        valid = real.expand(b, n).clone() if valid is None else valid & real
     if valid is not None:
         valid[0, :block] = False  # a block with no valid position: not live
         valid = valid.to(DEV)
