@@ -56,7 +56,7 @@ from bench.common import environment, lower_median, mean_step_ms, out_folder, pr
 from mmsparse.models import CaptionTask, CaptionTokenizer, create_model  # noqa: E402
 from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.compressed import pooled_keys  # noqa: E402
-from mmsparse.attention.backends import triton_available  # noqa: E402
+from mmsparse.attention.backends import backend_counts, triton_available  # noqa: E402
 from mmsparse.fileio import atomic_write_text  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
@@ -202,8 +202,10 @@ def run_case(name, frames, variant, args, tok, device):
     step = TrainStep(task, model, batch, args.precision, device)
 
     try:
-        ms, loss = mean_step_ms(step, args.steps, args.warmup, device.type,
-                                torch.cuda.reset_peak_memory_stats if device.type == "cuda" else None)
+        with backend_counts() as used:  # what auto chose: attention calls a step, by backend
+            ms, loss = mean_step_ms(step, args.steps, args.warmup, device.type,
+                                    torch.cuda.reset_peak_memory_stats if device.type == "cuda" else None)
+        row["attention_backends"] = {k: n // (args.steps + args.warmup) for k, n in sorted(used.items())}
         row.update(step_ms=ms, tokens_per_s=args.batch * n / ms * 1e3, loss=float(loss.detach()),
                    mfu=args.batch * flops / (ms / 1e3) / (PEAK_TFLOPS * 1e12))
         if device.type == "cuda":

@@ -41,9 +41,10 @@ class KernelOptions:
     sdpa_max_tokens: int = 16384
     # auto runs a layout on the flash backend (full blocks on FlashAttention-4, partial blocks on
     # Triton, merged by LSE) only where its full blocks hold at least this share of the computed
-    # pairs: FA4's faster full blocks must pay for a second launch and the merge. A first guess,
-    # to be set from same-run timings on the GPU.
-    flash_min_full_share: float = 0.5
+    # pairs: FA4's faster full blocks must pay for a second launch and the merge. E1 (H100,
+    # 2026-12-08, bench/NOTES.md) found the split 1.2x slower over the whole training step at
+    # shares of 0.41 and 0.51, so auto takes it only for layouts of (nearly) all full blocks
+    flash_min_full_share: float = 0.95
     mask_tiles: str = "auto"
     mask_tile_mb: float = 2048.0
     skip_empty_tiles: bool = True

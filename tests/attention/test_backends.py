@@ -200,3 +200,22 @@ def test_lse_gradient(backend):
     (lse * w.float()).sum().backward()
     assert max_err(qg.grad, qt.grad) < 1e-5 and max_err(kg.grad, kt.grad) < 1e-5
     assert vg.grad is None or vg.grad.abs().max() < 1e-6
+
+
+def test_backend_counts_records_what_ran_nested():
+    """backend_counts: the backends sparse_attention ran while the block was open, auto's
+    choice resolved (the reference off CUDA), "dense" for calls without a layout; an inner block
+    counts its own calls and the outer one all of them; nothing is counted after the block."""
+    from mmsparse.attention import Local, build_layout
+    from mmsparse.attention.backends import backend_counts, sparse_attention
+
+    layout = build_layout(Local(5), (40,), 16, 16)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    with backend_counts() as outer:
+        sparse_attention(q, k, v, layout)
+        with backend_counts() as inner:
+            sparse_attention(q, k, v, layout, backend="sdpa")
+            sparse_attention(q, k, v, None)
+    sparse_attention(q, k, v, layout)
+    assert inner == {"sdpa": 1, "dense": 1}
+    assert outer == {"reference": 1, "sdpa": 1, "dense": 1}

@@ -251,7 +251,7 @@ def test_auto_rule_full_share(monkeypatch, set_options):
     monkeypatch.setattr(flash, "can_run", lambda *args: None)
     assert flash.auto_reason(*_qkv(dense), dense) is None
     reason = flash.auto_reason(*_qkv(window), window)
-    assert "26.3 % of the computed pairs" in reason and "flash_min_full_share=0.5" in reason
+    assert "26.3 % of the computed pairs" in reason and "flash_min_full_share=0.95" in reason
     set_options(flash_min_full_share=0.25)
     assert flash.auto_reason(*_qkv(window), window) is None
     monkeypatch.setattr(flash, "can_run", lambda *args: "backend='flash' cannot run: why")

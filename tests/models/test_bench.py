@@ -40,6 +40,12 @@ def test_bench_model_cpu_smoke(tmp_path):
     # "aligned": the same clips with the block-aligned tiles (tile padding adds positions only)
     aligned = next(r for r in res["rows"] if r["variant"] == "aligned")
     assert aligned["tokens"] == sparse["tokens"] and aligned["positions"] >= sparse["positions"]
+    # what ran, a step: the sparse encoder's layers on auto's choice off CUDA, the dense model's
+    # on SDPA
+    dense = next(r for r in res["rows"] if r["variant"] == "dense")
+    depth = len(sparse["attention_backends"]) and sum(sparse["attention_backends"].values())
+    assert sparse["attention_backends"] == {"reference": depth} and depth > 0
+    assert dense["attention_backends"] == {"dense": depth}
 
 
 def test_bench_model_keeps_the_cases_before_a_failure(tmp_path, monkeypatch):

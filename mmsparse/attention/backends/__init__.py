@@ -22,6 +22,8 @@ with its reason; `KernelOptions.attention_backend` (MMSPARSE_ATTENTION_BACKEND) 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 
 import torch
@@ -77,6 +79,26 @@ def choose_backend(q, k, v, layout) -> str:
 
 
 _LOGGED: set[str] = set()
+_COUNTING: list[collections.Counter] = []
+
+
+@contextlib.contextmanager
+def backend_counts():
+    """Counts the backends that `sparse_attention` runs (auto's choices resolved) while the
+    block is open: ``with backend_counts() as c: step()`` -> c == Counter({"triton": 24});
+    "dense" counts the calls without a layout (SDPA). Benchmarks record it beside their
+    timings, so a result says what ran."""
+    counts: collections.Counter = collections.Counter()
+    _COUNTING.append(counts)
+    try:
+        yield counts
+    finally:
+        _COUNTING[:] = [c for c in _COUNTING if c is not counts]
+
+
+def _count(backend: str) -> None:
+    for counts in _COUNTING:
+        counts[backend] += 1
 
 
 def _log_once(message: str) -> None:
@@ -111,6 +133,7 @@ def sparse_attention(q, k, v, block_layout: BlockLayout | None, backend: str = "
     if block_layout is None:
         if return_lse:
             raise ValueError("return_lse needs a block_layout (dense attention through SDPA gives no LSE)")
+        _count("dense")
         return dense_attention(q, k, v, key_padding_mask)
     check_inputs(q, k, v, block_layout)
     check_key_padding_mask(key_padding_mask, q)
@@ -118,6 +141,7 @@ def sparse_attention(q, k, v, block_layout: BlockLayout | None, backend: str = "
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = choose_backend(q, k, v, block_layout)
+    _count(backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = block_layout.to(q.device)
     kpm = None if key_padding_mask is None else key_padding_mask.to(q.device)
@@ -137,5 +161,5 @@ def _dispatch(q, k, v, layout, backend, scale, return_lse, kpm=None):
     return _MODULES[backend].run(q, k, v, layout, scale, kpm)
 
 
-__all__ = ["BACKENDS", "check_inputs", "check_key_padding_mask", "choose_backend", "flex_block_mask",
-           "sparse_attention", "triton_available"]
+__all__ = ["BACKENDS", "backend_counts", "check_inputs", "check_key_padding_mask", "choose_backend",
+           "flex_block_mask", "sparse_attention", "triton_available"]

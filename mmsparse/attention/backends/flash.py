@@ -22,7 +22,7 @@ on the Triton kernels (FA4 evaluates no mask in full blocks); the compressed bra
 on a model's stream without padded clips (``compressed.pooled_key_inputs``), so its pooled key
 blocks, full blocks every query block attends, go to FA4 with the rest. `auto` picks it where it can run
 and the full blocks hold at least `KernelOptions.flash_min_full_share`
-(MMSPARSE_FLASH_MIN_FULL_SHARE, default 0.5) of the layout's computed pairs, and logs why it
+(MMSPARSE_FLASH_MIN_FULL_SHARE, default 0.95) of the layout's computed pairs, and logs why it
 did or did not; elsewhere auto keeps its choice (triton, else flex). Install FA4 with
 `pip install -e ".[flash]"` (flash-attn-4 4.0.0b36).
 """
