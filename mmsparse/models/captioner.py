@@ -85,6 +85,10 @@ class ModelConfig:
     schedule: str = "tiled"
     video_tile: tuple[int, int, int] = (4, 4, 8)
     video_radius: tuple[int, int, int] = (1, 1, 1)
+    # the video tiles take video_radius in layers l with l % video_radius_every == 0 and radius 0
+    # (their own tile) in the others: the neighbours' reach in a few layers, the cost of radius 0
+    # in the rest (1: every layer)
+    video_radius_every: int = 1
     audio_tile: tuple[int, int] = (4, 32)
     audio_radius: tuple[int, int] = (1, 1)
     image_tile: tuple[int, int] = (8, 8)
@@ -138,6 +142,8 @@ class ModelConfig:
             )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.video_radius_every < 1:
+            raise ValueError(f"video_radius_every must be >= 1 (1: every layer), got {self.video_radius_every}")
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
             raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must be an even head_dim")
 

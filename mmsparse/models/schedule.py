@@ -30,6 +30,9 @@ Schedules (`ModelConfig.schedule`):
   4 ** (layer // 2): the time reach grows geometrically with depth (1 s, 4 s, 16 s ... apart at
   the long-clip benchmark's tiles) for 8 more keys a token.
 - "dense": every layer dense (the baseline of bench/model.py); `backend` is then unused.
+
+`video_radius_every` = k: the video tiles (or the "local" windows built from them) take
+`video_radius` in layers 0, k, 2k, ... only, radius 0 in the others.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def layer_pattern(cfg, layer: int, stream: StreamLayout) -> Pattern | None:
     present = {s.modality: s for s in stream.segments}
     parts: list[Pattern] = []
     odd_axial = cfg.schedule in ("tiled_axial", "local_axial") and layer % 2 == 1
-    for m, tile, radius in (("video", cfg.video_tile, cfg.video_radius),
+    video_radius = cfg.video_radius if layer % cfg.video_radius_every == 0 else 0
+    for m, tile, radius in (("video", cfg.video_tile, video_radius),
                             ("audio", cfg.audio_tile, cfg.audio_radius),
                             ("image", cfg.image_tile, cfg.image_radius)):
         seg = present.get(m)

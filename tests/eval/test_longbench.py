@@ -388,3 +388,22 @@ def test_the_half_tile_arm_sees_its_neighbours_at_half_the_video_pairs():
         rows = lay.dense_mask()[video.offset:video.offset + video.numel].sum(1)
         assert int(rows.max()) == 3 * tile[0] * tile[1] * tile[2]
     assert pairs[(2, 4, 4)] < 0.55 * pairs[(4, 4, 4)], pairs
+
+
+def test_the_every_kth_layer_arms_keep_the_neighbours_in_those_layers_only():
+    """tiled_compress_every2 / _every4: tiled_compress with video_radius_every 2 / 4; their
+    radius-1 layers attend as tiled_compress's layer, the others as tiled_compress_r0's."""
+    spec = lb.BenchSpec()
+    plan = lt.plan("needle", 256, np.random.default_rng(0), spec.task)
+    batch = lt.render([plan], spec.task, seed=0)
+    pairs = {}
+    for arm in ("tiled_compress", "tiled_compress_r0", "tiled_compress_every2", "tiled_compress_every4"):
+        model = lb.build_model(spec, arm, 0, "cpu")
+        with torch.no_grad():
+            stream = model.embed(batch).layout
+        pairs[arm] = [lay.attended_pairs() for lay in model.layer_layouts(stream)]
+    full, r0 = pairs["tiled_compress"], pairs["tiled_compress_r0"]
+    assert len(full) == 4 and all(f > z for f, z in zip(full, r0))
+    for arm, k in (("tiled_compress_every2", 2), ("tiled_compress_every4", 4)):
+        assert {key: v for key, v in lb.ARMS[arm].items() if key != "video_radius_every"} == lb.ARMS["tiled_compress"]
+        assert pairs[arm] == [f if i % k == 0 else z for i, (f, z) in enumerate(zip(full, r0))], arm

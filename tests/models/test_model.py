@@ -234,6 +234,23 @@ def test_local_axial_differs_from_local_in_the_axial_layers_only(tiny, batch):
 
 
 
+def test_video_radius_every_gives_the_neighbours_to_every_kth_layer(tiny, batch):
+    """video_radius_every = k: layers 0, k, 2k, ... keep video_radius, the others take radius 0
+    in video alone (audio keeps its own radius); 1 is every layer; below 1 is refused by name."""
+    _, _, layout = tiny.encode(batch)
+    cfg = tiny.cfg
+    assert cfg.video_radius_every == 1 and any(cfg.video_radius)
+    with_every = lambda k: type(cfg)(**{**cfg.__dict__, "video_radius_every": k})  # noqa: E731
+    at_r0 = type(cfg)(**{**cfg.__dict__, "video_radius": (0, 0, 0)})
+    for layer in range(4):
+        assert layer_pattern(with_every(1), layer, layout) == layer_pattern(cfg, layer, layout)
+        want = cfg if layer % 2 == 0 else at_r0
+        assert layer_pattern(with_every(2), layer, layout) == layer_pattern(want, layer, layout), layer
+    assert layer_pattern(cfg, 1, layout) != layer_pattern(at_r0, 1, layout)  # the test can fail
+    with pytest.raises(ValueError, match="video_radius_every"):
+        with_every(0)
+
+
 def test_audio_norm_is_saved_and_reaches_the_output(tiny, batch, tmp_path):
     """audio_norm (raw by default) round-trips through config.json and changes the audio tokens."""
     from mmsparse.encoders.patch import AUDIO_NORM
