@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # E1 (bench/model.py) for a GPU machine lent one command at a time: the default captioner
-# (`sparse`), the block-aligned tiles with the compressed branch (`aligned`) and without it
-# (`aligned0`), the aligned tiles with shifted windows in odd layers (`shifted`, the captioner
-# form of the long-clip arm tiled_shifted_compress_r0) and the dense model, same run:
+# (`sparse`), the block-aligned tiles (`aligned`), the aligned whole-frame tiles with their
+# neighbours in time in every 2nd / 4th layer (`every2`, `every4`: the captioner forms of the
+# long-clip arms tiled_compress_every2 / _every4) and the dense model, same run:
 #   OUT=/path/to/out bash tools/device_e1.sh [SECONDS]      (default 330)
 # 64 frames x 8 clips a step with 2 interleaved repeats get 40 % of SECONDS, 512 and 1,024 frames
 # (batch 1, one repeat) the rest; the 64-frame cases are profiled after timing (kernel time by
@@ -20,8 +20,9 @@ shift $(( $# > 0 ? 1 : 0 ))
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-variants=(--variants sparse,aligned,dense --config "aligned0:aligned;compress_block=0"
-          --config "shifted:aligned;schedule=tiled_shifted")
+wide="aligned;video_radius=1,0,0"
+variants=(--variants sparse,aligned,dense --config "every2:$wide;video_radius_every=2"
+          --config "every4:$wide;video_radius_every=4")
 timeout $(( limit * 2 / 5 )) "$py" bench/model.py --repeats 2 "${variants[@]}" --batch 8 --frames 64 \
   --profile 2 --label e1-64f-batch8 --out "$OUT" "$@" > "$OUT/e1-64f.log" 2>&1
 first=$?

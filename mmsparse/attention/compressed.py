@@ -211,9 +211,8 @@ def sparse_with_pooled_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     keys) in one softmax: the same result as ``merge_lse`` of the two branches, at the cost of
     ceil(C / block_k) more full key blocks per query block. q (B, H, N, D), k, v (B, Hk, N, D),
     or all three at the wide layout's N' positions with the pooled keys and `live`
-    (``pooled_key_inputs``); valid (B, N) the real
-    positions (None: all), key_padding_mask (B, N) True at keys the sparse branch must not
-    attend. Returns (B, H, N, D)."""
+    (``pooled_key_inputs``); valid (B, N) the real positions (None: all), key_padding_mask
+    (B, N) True at keys the sparse branch must not attend. Returns (B, H, N, D)."""
     from .backends import sparse_attention
 
     qw, kw, vw, wide, pad = pooled_key_inputs(q, k, v, layout, block, valid, key_padding_mask, live)
