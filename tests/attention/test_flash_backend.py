@@ -23,6 +23,7 @@ from mmsparse.attention import (
     Causal, Dense, Local, Segment, StreamLayout, Tiled, build_layout, sliding_window_with_sinks, sparse_attention,
 )
 from mmsparse.attention.backends import choose_backend, flash, reference
+from mmsparse.attention.backends.reference import ReferenceOp
 from mmsparse.attention.blocklayout import split_full, split_full_coarse
 from mmsparse.kernels.block_sparse import block_sparse_attention_ref
 from mmsparse.kernels.block_sparse.lists import rows_of
@@ -112,7 +113,7 @@ def test_split_merge_equals_the_whole_layout(name, padded):
     scale = 0.3
 
     whole = _grads(lambda q, k, v: reference.run(q, k, v, layout, scale, kpm), q, k, v, dout, dlse)
-    split = _grads(lambda q, k, v: flash.split_attention(q, k, v, layout, scale, reference.run, reference.run, kpm),
+    split = _grads(lambda q, k, v: flash.split_attention(q, k, v, layout, scale, ReferenceOp, ReferenceOp, kpm),
                    q, k, v, dout, dlse)
     for what, got, want in zip(("out", "lse", "dq", "dk", "dv"), split, whole):
         assert got.dtype == want.dtype and got.shape == want.shape, what
@@ -172,7 +173,7 @@ def test_coarse_split_merge_equals_the_whole_layout(name):
     dout, dlse = torch.randn(2, 4, n, d, generator=gen), torch.randn(2, 4, n, generator=gen)
     blocks = (2 * layout.block_q, 2 * layout.block_k)
     whole = _grads(lambda q, k, v: reference.run(q, k, v, layout, 0.3), q, k, v, dout, dlse)
-    split = _grads(lambda q, k, v: flash.split_attention(q, k, v, layout, 0.3, reference.run, reference.run,
+    split = _grads(lambda q, k, v: flash.split_attention(q, k, v, layout, 0.3, ReferenceOp, ReferenceOp,
                                                          blocks=blocks), q, k, v, dout, dlse)
     for what, got, want in zip(("out", "lse", "dq", "dk", "dv"), split, whole):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=lambda m: f"{what}: {m}")
@@ -183,12 +184,12 @@ def test_split_of_a_layout_with_only_partial_blocks_runs_one_half():
     assert layout.num_full == 0
     calls = []
 
-    def run(q, k, v, part, scale, kpm):
+    def op(part):
         calls.append(part)
-        return reference.run(q, k, v, part, scale, kpm)
+        return ReferenceOp(part)
 
     q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
-    out, lse = flash.split_attention(q, k, v, layout, 0.5, run, run)
+    out, lse = flash.split_attention(q, k, v, layout, 0.5, op, op)
     assert len(calls) == 1 and calls[0].num_partial == layout.num_partial
     ref, ref_lse = reference.run(q, k, v, layout, 0.5)
     torch.testing.assert_close(out, ref)
@@ -343,8 +344,8 @@ def test_gpu_flash_matches_truth_bf16(name, d, block, monkeypatch):
     reason = flash.can_run(q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(), layout)
     assert reason is None, reason
     used = []
-    real = flash.run_full
-    monkeypatch.setattr(flash, "run_full", lambda *a: used.append(1) or real(*a))
+    real = flash.FA4Op.forward
+    monkeypatch.setattr(flash.FA4Op, "forward", lambda *a: used.append(1) or real(*a))
 
     def got_fn(q, k, v):
         return sparse_attention(q, k, v, layout, backend="flash", return_lse=True)

@@ -7,11 +7,14 @@ Mq / Mk query / key blocks of the layout, W the longest block list of a row.
 A full block is one where every query attends every key: no mask to evaluate, the work
 FlashAttention-4 (FA4, CuTe DSL) does fastest. The backend splits the BlockLayout into its full
 blocks and its partial blocks (`blocklayout.split_full_coarse`). The full blocks run on FA4's
-block-sparse kernels (`flash_attn.cute.flash_attn_func` with block-sparse tensors: per query
-block its full key blocks for the forward pass, per key block its full query blocks for the
-backward pass); the partial blocks run on the Triton kernels with the mask program; the two
-results are merged by their log-sum-exp in PyTorch, so gradients of the output and of the LSE
-flow through both parts. It runs on CUDA (Hopper, sm90; Blackwell, sm100) with float16 or
+block-sparse kernels (FA4's forward and backward functions with block-sparse tensors: per
+query block its full key blocks for the forward pass, per key block its full query blocks for
+the backward pass; `FA4Op`); the partial blocks run on the Triton block-sparse kernels with the
+mask program. The two results are merged by their log-sum-exp, and each part's backward runs
+with the merged output and LSE (`SplitOp`): no autograd graph of the merge, nothing of it kept
+for the backward, and the parts' gradients summed (merged through autograd, the float32 merge
+kept its intermediates for the backward, and E1 on an H100 ran 1.2x slower than on the Triton
+kernels alone; bench/NOTES.md, 2026-12-08). It runs on CUDA (Hopper, sm90; Blackwell, sm100) with float16 or
 bfloat16, head dims 8 to 128 in multiples of 8, GQA included, on layouts whose blocks, or whole
 multiples of them, fit FA4's tiles (Hopper: block_q a multiple of 128 and block_k = 128;
 Blackwell: block_q a multiple of 256 and block_k a multiple of 128; `fa4_blocks`). Where the
@@ -37,7 +40,7 @@ import math
 import torch
 
 from mmsparse.kernels.block_sparse.lists import rows_of
-from mmsparse.kernels.common import merge_lse
+from mmsparse.kernels.common import merge_lse, run_attention
 from mmsparse.kernels.options import kernel_options
 
 from ..blocklayout import BlockLayout, split_full_coarse
@@ -57,15 +60,20 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 128
 
 @functools.lru_cache(maxsize=1)
 def _fa4():
-    """(flash_attn_func, BlockSparseTensorsTorch) of FlashAttention-4, or why they do not import."""
+    """(forward, backward, BlockSparseTensorsTorch) of FlashAttention-4: the functions its
+    autograd Function calls (`flash_attn.cute.interface._flash_attn_fwd` / `_flash_attn_bwd`,
+    as in 4.0.0b36, the version the extra pins), so that the backward can run with another
+    output and LSE than its own forward's (``FA4Op``); or why they do not import."""
     try:
-        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute import interface
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        fwd, bwd = interface._flash_attn_fwd, interface._flash_attn_bwd
     except Exception as err:  # absent, or installed without its CUDA / CuTe DSL libraries
         if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "flash_attn":
             return f"FlashAttention-4 is not installed ({INSTALL})"
         return f"FlashAttention-4 does not import ({type(err).__name__}: {err}; {INSTALL})"
-    return flash_attn_func, BlockSparseTensorsTorch
+    return fwd, bwd, BlockSparseTensorsTorch
 
 
 def _fa4_missing() -> str | None:
@@ -163,25 +171,46 @@ def auto_reason(q, k, v, layout: BlockLayout) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_attention(q, k, v, layout: BlockLayout, scale: float, run_full, run_partial, key_padding_mask=None,
+def split_attention(q, k, v, layout: BlockLayout, scale: float, full_op, partial_op, key_padding_mask=None,
                     blocks: tuple[int, int] | None = None):
-    """Attention over `layout` as the log-sum-exp merge of its full blocks, run by `run_full`,
-    and the rest, its partial blocks, run by `run_partial` (each a backend's `run(q, k, v, layout,
-    scale, key_padding_mask) -> (out, lse)`, differentiable). With `blocks` (block_q, block_k),
-    whole multiples of the layout's, `run_full` gets the full blocks of that size whose layout
-    blocks are all full, and `run_partial` the layout's other blocks, full ones included
+    """Attention over `layout` as the log-sum-exp merge of its full blocks, run by the op
+    `full_op(part)` makes, and the rest, its partial blocks, by `partial_op(part)`'s (ops of the
+    kernels' autograd shell, ``kernels.common.AttentionFunction``: forward -> (out, lse, saved),
+    backward(saved, dout, dlse)). With `blocks` (block_q, block_k), whole multiples of the
+    layout's, the full part is the full blocks of that size whose layout blocks are all full,
+    and the partial part the layout's other blocks, full ones included
     (``blocklayout.split_full_coarse``). A part with no block is not run. Returns out
-    (B, H, N, D) in q's dtype and lse (B, H, N) float32."""
+    (B, H, N, D) in q's dtype and lse (B, H, N) float32, differentiable in q, k, v (``SplitOp``)."""
     full, partial = split_full_coarse(layout, *(blocks or (layout.block_q, layout.block_k)))
-    parts = []
+    ops = []
     if full.num_full:
-        parts.append(run_full(q, k, v, full, scale, key_padding_mask))
-    if partial.num_partial or partial.num_full or not parts:
-        parts.append(run_partial(q, k, v, partial, scale, key_padding_mask))
-    if len(parts) == 1:
-        return parts[0]
-    (out_f, lse_f), (out_p, lse_p) = parts
-    return merge_lse(out_f, lse_f, out_p, lse_p)
+        ops.append(full_op(full))
+    if partial.num_partial or partial.num_full or not ops:
+        ops.append(partial_op(partial))
+    return run_attention(ops[0] if len(ops) == 1 else SplitOp(*ops), q, k, v, scale, key_padding_mask)
+
+
+class SplitOp:
+    """Two ops over disjoint sets of pairs as one: forward, both parts and their log-sum-exp
+    merge (no autograd graph); backward, each part's backward with the merged output and LSE in
+    place of its own, summed. With P from the final LSE and delta = rowsum(dO * out) from the
+    final output, each part's dS = P (dP - delta + dlse) is the union's gradient on its own
+    pairs, so the sum is exact (the strided split's backward, kernels/strided_attention.py,
+    works the same way), and nothing of the merge is kept for the backward or differentiated."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def forward(self, q, k, v, scale, key_padding):
+        out_a, lse_a, _ = self.a.forward(q, k, v, scale, key_padding)
+        out_b, lse_b, _ = self.b.forward(q, k, v, scale, key_padding)
+        out, lse = merge_lse(out_a, lse_a, out_b, lse_b)
+        return out, lse, (q, k, v, out, lse)
+
+    def backward(self, saved, dout, dlse, scale, key_padding):
+        grads_a = self.a.backward(saved, dout, dlse, scale, key_padding)
+        grads_b = self.b.backward(saved, dout, dlse, scale, key_padding)
+        return tuple(ga + gb for ga, gb in zip(grads_a, grads_b))
 
 
 def _block_table(ptr: torch.Tensor, idx: torch.Tensor):
@@ -216,24 +245,41 @@ def fa4_block_tensors(layout: BlockLayout, tensors_type):
     return cached
 
 
-def run_full(q, k, v, layout: BlockLayout, scale: float, key_padding_mask=None):
-    """(out (B, H, N, D), lse (B, H, N) float32) of a full-blocks-only layout on FA4,
-    differentiable in q, k, v through both (FA4's backward takes the LSE's gradient)."""
-    if key_padding_mask is not None:
-        raise ValueError("FlashAttention-4's full blocks evaluate no mask: run key padding on the Triton kernels")
-    if layout.num_partial:
-        raise ValueError(f"run_full takes a layout of full blocks only, got {layout.num_partial} partial blocks")
-    flash_attn_func, tensors_type = _fa4()
-    fwd, bwd = fa4_block_tensors(layout, tensors_type)
-    # FA4 takes (B, N, H, D): the transposes are views
-    out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                               block_sparse_tensors=fwd, block_sparse_tensors_bwd=bwd, return_lse=True)
-    return out.transpose(1, 2), lse
+class FA4Op:
+    """FlashAttention-4's block-sparse kernels over a layout of full blocks only, as an op of
+    the kernels' autograd shell: forward -> (out (B, H, N, D), lse (B, H, N) float32, saved);
+    backward from saved (q, k, v, out, lse), which may be a merge's rather than its own
+    (``SplitOp``). FA4 takes (B, N, H, D): the transposes are views."""
+
+    def __init__(self, layout: BlockLayout):
+        if layout.num_partial:
+            raise ValueError(f"FA4Op takes a layout of full blocks only, got {layout.num_partial} partial blocks")
+        self.layout = layout
+
+    def forward(self, q, k, v, scale, key_padding):
+        if key_padding is not None:
+            raise ValueError("FlashAttention-4's full blocks evaluate no mask: run key padding on the Triton kernels")
+        fa4_fwd, _, tensors_type = _fa4()
+        fwd, _ = fa4_block_tensors(self.layout, tensors_type)
+        out, lse, *_ = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                               block_sparse_tensors=fwd, return_lse=True)
+        out = out.transpose(1, 2)
+        return out, lse, (q, k, v, out, lse)
+
+    def backward(self, saved, dout, dlse, scale, key_padding):
+        q, k, v, out, lse = saved
+        _, fa4_bwd, tensors_type = _fa4()
+        _, bwd = fa4_block_tensors(self.layout, tensors_type)
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        dq, dk, dv, *_ = fa4_bwd(t(q), t(k), t(v), t(out), t(dout), lse, scale, block_sparse_tensors=bwd,
+                                 dlse=dlse)
+        return t(dq), t(dk), t(dv)
 
 
 def run(q, k, v, layout: BlockLayout, scale, key_padding_mask=None):
     """(out, lse): the full blocks on FA4, the partial blocks on the Triton kernels, merged by
-    LSE; with a key padding mask, the whole layout on the Triton kernels (module doc)."""
+    LSE (``split_attention``); with a key padding mask, the whole layout on the Triton kernels
+    (module doc)."""
     reason = can_run(q, k, v, layout)
     if reason:
         raise ValueError(reason)
@@ -241,4 +287,4 @@ def run(q, k, v, layout: BlockLayout, scale, key_padding_mask=None):
         log.debug("backend='flash': a key padding mask runs the whole layout on the Triton kernels")
         return triton_kernels.run(q, k, v, layout, scale, key_padding_mask)
     blocks = fa4_blocks(_capability(q), layout.block_q, layout.block_k)
-    return split_attention(q, k, v, layout, scale, run_full, triton_kernels.run, blocks=blocks)
+    return split_attention(q, k, v, layout, scale, FA4Op, triton_kernels.block_sparse_op, blocks=blocks)

@@ -16,7 +16,7 @@ import math
 import torch
 
 from mmsparse.kernels.axial_attention import axial_attention
-from mmsparse.kernels.block_sparse import BlockLists, block_sparse_attention, unsupported_reason
+from mmsparse.kernels.block_sparse import BlockLists, BlockSparseOp, block_sparse_attention, unsupported_reason
 from mmsparse.kernels.block_sparse.lists import BlockCSR
 from mmsparse.kernels.strided_attention import StridedSplit, strided_attention
 
@@ -105,6 +105,12 @@ def strided_split(layout) -> StridedSplit | None:
                                  layout.n)
     layout._strided_split = split
     return split
+
+
+def block_sparse_op(layout: BlockLayout) -> BlockSparseOp:
+    """The block-sparse kernels over `layout` as an op of the kernels' autograd shell (the
+    flash backend's partial part, ``flash.SplitOp``)."""
+    return BlockSparseOp(block_lists(layout))
 
 
 def run(q, k, v, layout: BlockLayout, scale, key_padding_mask=None):
