@@ -5,10 +5,10 @@
 # 1. its GPU tests against the float64 truth (layouts of 128 x 128 and 64 x 64 blocks);
 # 2. bench/attention.py --only A3,dense --quick: the flash row beside triton, flex, flex_closed,
 #    flex_flash, cuDNN and FA4's dense kernel (issue 29's full-block targets);
-# 3. E1 at 64 frames x 8 clips, with what time is left: the aligned captioner and the
-#    whole-frame (2, 14, 14) tiles at radius (1, 0, 0) (`t2`, the captioner form of the long-clip
-#    arm tiled_t2_compress), each with backend=flash forced beside auto's choice; dense; the
-#    default captioner.
+# 3. E1 at 64 frames x 8 clips, profiled, with what time is left: the aligned captioner and the
+#    aligned tiles with their neighbours in time in every 4th layer (`every4`, the captioner form
+#    of the long-clip arm tiled_compress_every4), each with backend=flash forced beside auto's
+#    choice; dense; the default captioner.
 # Each step's output goes to $OUT/flash-*.log; the results to $OUT.
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
@@ -33,9 +33,10 @@ timeout $(( limit / 2 )) "$py" bench/attention.py --only A3,dense --quick --out 
 grep "^|" "$OUT/flash-attention.log" | head -40
 left=$(( limit - (SECONDS - start) ))
 if (( left > 60 )); then
-  t2="aligned;video_tile=2,14,14;video_radius=1,0,0"
-  timeout "$left" "$py" bench/model.py --repeats 1 --variants aligned,dense,sparse \
-    --config "aligned_flash:aligned;backend=flash" --config "t2:$t2" --config "t2_flash:$t2;backend=flash" \
+  every4="aligned;video_radius=1,0,0;video_radius_every=4"
+  timeout "$left" "$py" bench/model.py --repeats 1 --variants aligned,dense,sparse --profile 1 \
+    --config "aligned_flash:aligned;backend=flash" --config "every4:$every4" \
+    --config "every4_flash:$every4;backend=flash" \
     --batch 8 --frames 64 --label e1-flash-64f-batch8 --out "$OUT" > "$OUT/flash-e1.log" 2>&1
   grep "^|" "$OUT/flash-e1.log"
 fi
