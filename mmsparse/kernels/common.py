@@ -111,9 +111,11 @@ def check_kernel_inputs(q, k, v, op: str, key_padding_mask=None) -> None:
     check_key_padding_mask(key_padding_mask, q)
 
 
-def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None,
+                count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, Hk, N, D) -> (mean over each block of `block` positions (B, Hk, C, D), block has a
-    real token (B, C) bool). valid (B, N) bool marks the real positions (None: all).
+    real token (B, C) bool). valid (B, N) bool marks the real positions (None: all); count, when
+    given, is ``block_counts`` of that `valid` (a caller pooling k and v counts once).
 
     One read of x and no temporary of its size: the whole blocks are a view of x, summed (no
     `valid`) or weighted by `valid` as a batched (1 x block) @ (block x D) product, and a ragged
@@ -137,7 +139,8 @@ def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     if rest:
         sums.append(pooled_sum(x[:, :, whole * block:], None if w is None else w[:, whole * block:], 1, rest))
     total = sums[0] if len(sums) == 1 else torch.cat(sums, 2)  # (B, Hk, C, D)
-    count = block_counts(valid, b, n, block, x.device)
+    if count is None:
+        count = block_counts(valid, b, n, block, x.device)
     return total / count.clamp(min=1)[:, None, :, None].to(total.dtype), count > 0
 
 

@@ -200,15 +200,14 @@ class _QKVRope(torch.autograd.Function):
             o[:, :, n:].zero_()
         if tails is None:
             ctx.save_for_backward(cos, sin, rows)
-            ctx.tails = None
             return outs
         block, start, valid = tails
+        count = block_counts(valid, b, n, block, qkv.device)
         for o in outs[1:]:  # the block means of k and v into their tails
-            pooled, live = pool_blocks(o[:, :, :n], block, valid)
+            pooled, live = pool_blocks(o[:, :, :n], block, valid, count)
             o[:, :, start:start + pooled.shape[2]] = pooled.to(o.dtype)
         # d(mean of block j) / d(position n of it): valid[b, n] / count[b, j] (count >= 1)
-        count = block_counts(valid, b, n, block, qkv.device).clamp(min=1)
-        scale = count.reciprocal().repeat_interleave(block, 1)[:, :n]
+        scale = count.clamp(min=1).reciprocal().repeat_interleave(block, 1)[:, :n]
         if valid is not None:
             scale = scale * valid
         ctx.save_for_backward(cos, sin, rows, scale.contiguous())

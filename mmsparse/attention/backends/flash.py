@@ -7,27 +7,27 @@ Mq / Mk query / key blocks of the layout, W the longest block list of a row.
 A full block is one where every query attends every key: no mask to evaluate, the work
 FlashAttention-4 (FA4, CuTe DSL) does fastest. The backend splits the BlockLayout into its full
 blocks and its partial blocks (`blocklayout.split_full_coarse`). The full blocks run on FA4's
-block-sparse kernels (FA4's forward and backward functions with block-sparse tensors: per
-query block its full key blocks for the forward pass, per key block its full query blocks for
-the backward pass; `FA4Op`); the partial blocks run on the Triton block-sparse kernels with the
-mask program. The two results are merged by their log-sum-exp, and each part's backward runs
-with the merged output and LSE (`SplitOp`): no autograd graph of the merge, nothing of it kept
-for the backward, and the parts' gradients summed (merged through autograd, the float32 merge
-kept its intermediates for the backward, and E1 on an H100 ran 1.2x slower than on the Triton
-kernels alone; bench/NOTES.md, 2026-12-08). It runs on CUDA (Hopper, sm90; Blackwell, sm100) with float16 or
-bfloat16, head dims 8 to 128 in multiples of 8, GQA included, on layouts whose blocks, or whole
-multiples of them, fit FA4's tiles (Hopper: block_q a multiple of 128 and block_k = 128;
-Blackwell: block_q a multiple of 256 and block_k a multiple of 128; `fa4_blocks`). Where the
-layout's blocks are smaller (64 x 64, the block-aligned captioners'), FA4 takes the coarse
-blocks whose layout blocks are all full, and the Triton kernels the layout's other blocks, full
-ones included (`blocklayout.split_full_coarse`). With a key padding mask the whole layout runs
-on the Triton kernels (FA4 evaluates no mask in full blocks); the compressed branch passes none
-on a model's stream without padded clips (``compressed.pooled_key_inputs``), so its pooled key
-blocks, full blocks every query block attends, go to FA4 with the rest. `auto` picks it where it can run
-and the full blocks hold at least `KernelOptions.flash_min_full_share`
-(MMSPARSE_FLASH_MIN_FULL_SHARE, default 0.95) of the layout's computed pairs, and logs why it
-did or did not; elsewhere auto keeps its choice (triton, else flex). Install FA4 with
-`pip install -e ".[flash]"` (flash-attn-4 4.0.0b36).
+block-sparse kernels (FA4's forward and backward functions with block-sparse tensors: per query
+block its full key blocks for the forward pass, per key block its full query blocks for the
+backward pass; `FA4Op`); the partial blocks run on the Triton block-sparse kernels with the mask
+program. The two results are merged by their log-sum-exp, and each part's backward runs with the
+merged output and LSE (`SplitOp`): no autograd graph of the merge, nothing of it kept for the
+backward, and the parts' gradients summed (merged through autograd, the float32 merge kept its
+intermediates for the backward, and E1 on an H100 ran 1.2x slower than on the Triton kernels
+alone; bench/NOTES.md, 2026-12-08). It runs on CUDA (Hopper, sm90; Blackwell, sm100) with
+float16 or bfloat16, head dims 8 to 128 in multiples of 8, GQA included, on layouts whose
+blocks, or whole multiples of them, fit FA4's tiles (Hopper: block_q a multiple of 128 and
+block_k = 128; Blackwell: block_q a multiple of 256 and block_k a multiple of 128;
+`fa4_blocks`). Where the layout's blocks are smaller (64 x 64, the block-aligned captioners'),
+FA4 takes the coarse blocks whose layout blocks are all full, and the Triton kernels the
+layout's other blocks, full ones included (`blocklayout.split_full_coarse`). With a key padding
+mask the whole layout runs on the Triton kernels (FA4 evaluates no mask in full blocks); the
+compressed branch passes none on a model's stream without padded clips
+(``compressed.pooled_key_inputs``), so its pooled key blocks, full blocks every query block
+attends, go to FA4 with the rest. `auto` picks it where it can run and the full blocks hold at
+least `KernelOptions.flash_min_full_share` (MMSPARSE_FLASH_MIN_FULL_SHARE, default 0.95) of the
+layout's computed pairs, and logs why it did or did not; elsewhere auto keeps its choice
+(triton, else flex). Install FA4 with `pip install -e ".[flash]"` (flash-attn-4 4.0.0b36).
 """
 
 from __future__ import annotations
