@@ -8,6 +8,8 @@
     python bench/model.py --config "tile64:video_tile=4,14,14;video_radius=0;video_tile_align=64"
                                                   # named sparse variants beside sparse and dense
     python bench/model.py --config "tilekey:aligned;compress_block=832"   # on the aligned tiles
+    python bench/model.py --config "densec:schedule=dense;kernels.compile_blocks=1" \
+                          --config "alignedc:aligned;kernels.compile_blocks=1"   # kernel options a case
     python bench/model.py --frames 64 --batch 8 --repeats 3   # each case 3 times, interleaved
     python bench/model.py --frames 64 --batch 8 --profile 2   # + kernel time by category a step
     python bench/model.py --cpu-smoke             # reduced CPU run (tiny model): checks it runs
@@ -26,6 +28,11 @@ matmuls (forward + backward) plus 3.5 x 4 x (attended pairs) x E per layer for a
 (docs/benchmarks.md's convention), over the measured 790 TFLOP/s bf16 peak of an H100. N and
 tokens/s count real tokens only; the positions of alignment gaps and tile padding
 (``--override video_tile_align=64``) are reported beside them ("positions").
+A ``--config`` item ``kernels.FIELD=value`` sets that field of the kernel options
+(mmsparse.kernels.options) while the variant's cases run; such a row records them
+(``kernels``) and, beside its speedup over ``dense``, its speedup over the dense-schedule variant
+run with the same kernel options (``speedup_vs_dense_same_kernels``): one process, same run,
+times a kernel option on both sides of the ratio.
 ``--repeats R`` runs every (frames, variant) case R times, the cases interleaved (all of them
 once, then again), so that a drift of the machine between processes or over minutes (dense
 steps at 64 frames x 8 move 223-228 ms from run to run on the H200) reaches sparse and dense
@@ -58,6 +65,7 @@ from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.compressed import pooled_keys  # noqa: E402
 from mmsparse.attention.backends import backend_counts, triton_available  # noqa: E402
 from mmsparse.fileio import atomic_write_text  # noqa: E402
+from mmsparse.kernels.options import KernelOptions, set_kernel_options  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
 CAPTION = "a red circle moves left then a high tone plays"
@@ -162,10 +170,14 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
     return real, n, pairs, flops
 
 
+KERNEL_FIELDS = tuple(f for f in KernelOptions.__dataclass_fields__ if f != "split_chunk")
+
+
 def parse_config(text: str) -> tuple[str, dict]:
     """"NAME:field=value;field=value" -> (NAME, overrides): a named sparse variant. An item
     "aligned" (no value) stands for the fields of BLOCK_ALIGNED_224, which later items override:
-    "tilekey:aligned;compress_block=832"."""
+    "tilekey:aligned;compress_block=832". Items "kernels.FIELD=value" go to overrides["kernels"],
+    the kernel options of the variant's cases (a KernelOptions field, checked here)."""
     name, sep, body = text.partition(":")
     if not sep or not name or name == "dense":
         raise ValueError(f"--config must be NAME:field=value;..., NAME not 'dense', got {text!r}")
@@ -173,6 +185,17 @@ def parse_config(text: str) -> tuple[str, dict]:
     for item in (o.strip() for o in body.split(";")):
         if item == "aligned":
             overrides.update(BLOCK_ALIGNED_224)
+        elif item.startswith("kernels."):
+            field, _, value = item[len("kernels."):].partition("=")
+            if field not in KERNEL_FIELDS or not value:
+                raise ValueError(f"--config {name}: {item!r}: expected kernels.FIELD=value with FIELD one of "
+                                 f"{KERNEL_FIELDS}")
+            kernels = {**overrides.get("kernels", {}), field: _parse_override(item[len("kernels."):])[1]}
+            try:
+                KernelOptions(**{k: str(v) if k in _MODE_FIELDS else v for k, v in kernels.items()})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"--config {name}: {item!r}: {err}") from err
+            overrides["kernels"] = kernels
         elif "=" in item:
             overrides.update([_parse_override(item)])
         elif item:
@@ -180,13 +203,30 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
+_MODE_FIELDS = ("mask_tiles", "tma", "fused_rope", "warp_specialize", "compile_blocks")  # "auto" / "0" / "1"
+
+
 def run_case(name, frames, variant, args, tok, device):
+    """One (frames, variant) case, under the variant's kernel options (its kernels.* items)."""
+    config = dict(args.configs.get(variant, {}))
+    kernels = {k: str(v) if k in _MODE_FIELDS else v for k, v in config.pop("kernels", {}).items()}
+    previous = set_kernel_options(**kernels)
+    try:
+        row = _run_case(name, frames, variant, config, args, tok, device)
+    finally:
+        set_kernel_options(previous)
+    if kernels:
+        row["kernels"] = kernels
+    return row
+
+
+def _run_case(name, frames, variant, config, args, tok, device):
     overrides = dict(max_frames=max(frames, 64), **args.override)
     if variant == "dense":
         overrides["schedule"] = "dense"
     elif variant == "aligned":  # the block-aligned tiles of captioner_base_aligned
         overrides.update(BLOCK_ALIGNED_224)
-    overrides.update(args.configs.get(variant, {}))
+    overrides.update(config)
     torch.manual_seed(0)
     model = create_model(name, tokenizer=tok, **overrides).to(device)
     if args.checkpointing:
@@ -194,7 +234,8 @@ def run_case(name, frames, variant, args, tok, device):
             model.blocks[i] = _Checkpointed(blk)
     batch = make_batch(frames, args.size, args.audio_frames, device, args.batch)
     n, positions, pairs, flops = encoder_flops(model, batch)  # per clip
-    row = {"frames": frames, "variant": variant, "batch": args.batch, "tokens": n, "positions": positions,
+    row = {"frames": frames, "variant": variant, "schedule": model.cfg.schedule, "batch": args.batch, "tokens": n,
+           "positions": positions,
            "attended_pairs": pairs, "density": pairs / (model.cfg.depth * n * n), "train_flops": flops * args.batch}
     if args.count_only:  # the layouts' pairs alone: what attention costs against dense, untimed
         return row
@@ -239,7 +280,14 @@ def summarise(runs: dict[tuple, list], repeats: int) -> list[dict]:
     case of the same frames (and, over repeats, each repeat's over that repeat's dense run)."""
     rows = [median_row(r) for r in runs.values()]
     by = {(r["frames"], r["variant"]): r for r in rows}
+    # the dense-schedule rows by (frames, kernel options): a variant run under kernel options is
+    # also compared with dense under the same ones
+    dense_by = {(r["frames"], json.dumps(r.get("kernels", {}), sort_keys=True)): r for r in rows
+                if r["variant"] == "dense" or r.get("schedule") == "dense"}
     for r in rows:
+        d = dense_by.get((r["frames"], json.dumps(r.get("kernels", {}), sort_keys=True)))
+        if r.get("kernels") and d and d is not r and "step_ms" in r and "step_ms" in d:
+            r["speedup_vs_dense_same_kernels"] = d["step_ms"] / r["step_ms"]
         d = by.get((r["frames"], "dense"))
         if r["variant"] != "dense" and d and "step_ms" in r and "step_ms" in d:
             r["speedup_vs_dense"] = d["step_ms"] / r["step_ms"]
@@ -344,6 +392,8 @@ def main(argv=None) -> int:
         speedup = f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else "-"
         if "speedup_vs_dense_runs" in r:
             speedup += f" ({min(r['speedup_vs_dense_runs']):.2f}-{max(r['speedup_vs_dense_runs']):.2f})"
+        if "speedup_vs_dense_same_kernels" in r:
+            speedup += f"; {r['speedup_vs_dense_same_kernels']:.2f}x dense with {r['kernels']}"
         print(f"| {r['frames']} | {r['variant']} | {r['tokens']:,} | {r['density']:.3f} | {r['step_ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f} % | {r.get('peak_gb', float('nan')):.1f} | "
               f"{speedup} |")

@@ -21,6 +21,7 @@ monkeypatch.setenv):
 | tma_backward | MMSPARSE_TRITON_TMA_BWD | 1 / 0: the backward passes use tensor descriptors too |
 | fused_rope | MMSPARSE_FUSED_ROPE | auto, 0, 1 (1 also under the CPU interpreter) |
 | warp_specialize | MMSPARSE_WARP_SPECIALIZE | 0, auto, 1 (1 also under the CPU interpreter) |
+| compile_blocks | MMSPARSE_COMPILE_BLOCKS | 0, auto (CUDA tensors), 1 (the CPU too) |
 
 `split_chunk` (no variable) forces the chunk length of split rows, for tests.
 """
@@ -60,12 +61,19 @@ class KernelOptions:
     # 1: the CPU interpreter too, where it runs as plain code (tests); 0: never. Off until a
     # same-run A/B on the GPU (`bench/attention.py --ab warp_specialize=0,1`) times it faster.
     warp_specialize: str = "0"
+    # the encoder blocks' work around attention (output projection, residual adds, norm, MLP)
+    # through torch.compile (inductor): its pointwise and reduction kernels fused, forward and
+    # backward (mmsparse/models/layers.py, `SparseBlock`). Attention itself stays eager. auto: on
+    # CUDA tensors; 1: on the CPU too (tests; needs a C++ compiler); 0: eager. Off until a
+    # same-run E1 A/B on the GPU (bench/model.py, `kernels.compile_blocks=1` in a --config) times
+    # it faster
+    compile_blocks: str = "0"
     split_chunk: int | None = None
 
     def __post_init__(self):
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be None or one of {BACKENDS}, got {self.attention_backend!r}")
-        for name in ("mask_tiles", "tma", "fused_rope", "warp_specialize"):
+        for name in ("mask_tiles", "tma", "fused_rope", "warp_specialize", "compile_blocks"):
             if getattr(self, name) not in _MODES:
                 raise ValueError(f"{name} must be auto, 0 or 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.flash_min_full_share <= 1.0:  # NaN too
@@ -96,6 +104,7 @@ ENVIRONMENT = {
     "tma_backward": ("MMSPARSE_TRITON_TMA_BWD", _flag),
     "fused_rope": ("MMSPARSE_FUSED_ROPE", str),
     "warp_specialize": ("MMSPARSE_WARP_SPECIALIZE", str),
+    "compile_blocks": ("MMSPARSE_COMPILE_BLOCKS", str),
 }
 
 _current = KernelOptions()

@@ -15,6 +15,12 @@ norms, projections and MLPs then skip the gaps; attention alone sees all N posit
 rope kernel writes q, k, v straight to their stream positions (zeros at the gaps) and reads the
 gradients back from there, and the same kernel gathers the output rows (`heads_to_rows`). Every move is a plain copy whose
 backward is another plain copy, with no atomics (deterministic).
+
+Compiled blocks: with the kernel option `compile_blocks` (mmsparse.kernels.options), the work of
+a block after its attention heads (output projection, residual add, norm, MLP, residual add)
+runs as one torch.compile graph, shared by every block (the blocks' weights are its inputs): its
+pointwise ops, the norm and the bias gradients' reductions fused by inductor, forward and
+backward. Attention and the fused rope kernel stay eager; the function is the same.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from timm.layers import DropPath, Mlp
 from mmsparse.attention import BlockLayout
 from mmsparse.attention.compressed import layer_attention, pooled_tails
 from mmsparse.encoders import apply_rope
+from mmsparse.kernels.options import kernel_options
 from mmsparse.kernels.rope import fused_rope_available, heads_to_rows, qkv_rope
 
 
@@ -113,7 +120,14 @@ class SparseSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, layout: BlockLayout | None, rope=None,
                 pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None,
                 real: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2);
+        """(B, N or R, C): the output projection of `heads` (same arguments)."""
+        return self.proj(self.heads(x, layout, rope, pad_mask, packed, real))
+
+    def heads(self, x: torch.Tensor, layout: BlockLayout | None, rope=None,
+              pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None,
+              real: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' outputs side by side, (B, N or R, C), before the output projection.
+        x (B, N, C); layout for these N tokens or None (dense); rope (cos, sin) (N, D / 2);
         pad_mask (B, N) bool, True at padding tokens (shorter clips of the batch): never attended.
         packed: x holds only the real rows (B, R, C) of the N-position stream (module doc).
         real (N,) bool: the positions that are tokens, not alignment gaps, where no pad_mask or
@@ -151,7 +165,7 @@ class SparseSelfAttention(nn.Module):
             out = heads_to_rows(out, packed.rows, r)  # (B, R, H, D), one Triton copy each way
         else:
             out = take_rows(out.transpose(1, 2), packed)
-        return self.proj(out.reshape(b, r, c))  # (B, N or R, C)
+        return out.reshape(b, r, c)  # (B, N or R, C)
 
 
 class SparseBlock(nn.Module):
@@ -173,5 +187,35 @@ class SparseBlock(nn.Module):
     def forward(self, x: torch.Tensor, layout: BlockLayout | None = None, rope=None,
                 pad_mask: torch.Tensor | None = None, packed: PackedRows | None = None,
                 real: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), layout, rope, pad_mask, packed, real))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        heads = self.attn.heads(self.norm1(x), layout, rope, pad_mask, packed, real)
+        # not over ZeRO-3's partitioned weights (their `ds_id`): its hooks make dynamo recompile
+        # for every block (the training config refuses the pair)
+        if compile_blocks(x) and not hasattr(self.norm2.weight, "ds_id"):
+            return _after_attention_compiled()(self, x, heads)
+        return _after_attention(self, x, heads)
+
+
+def _after_attention(block: SparseBlock, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """A block's work after its attention heads: x + DropPath(proj(heads)), then the MLP half."""
+    x = x + block.drop_path1(block.attn.proj(heads))
+    return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+
+_COMPILED = None
+
+
+def _after_attention_compiled():
+    """`_after_attention` through torch.compile, built on first use. One graph serves every
+    block (dynamo inlines the modules: their weights are the graph's inputs, not constants); a
+    second shape recompiles it with dynamic sizes, once."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_after_attention)
+    return _COMPILED
+
+
+def compile_blocks(x: torch.Tensor) -> bool:
+    """Whether blocks run `_after_attention` compiled on `x`: the kernel option
+    `compile_blocks` ("auto": CUDA tensors; "1": any; "0": never)."""
+    mode = kernel_options().compile_blocks
+    return mode == "1" or (mode == "auto" and x.is_cuda)

@@ -248,6 +248,11 @@ class TrainConfig:
             fail("deepspeed.offload_param", f"{ds.offload_param!r} needs zero_stage 3, got {ds.zero_stage}")
         if ds.offload_optimizer != "none" and ds.zero_stage == 0:
             fail("deepspeed.offload_optimizer", "needs zero_stage >= 1")
+        if self.kernels.compile_blocks != "0" and ds.zero_stage == 3:
+            # ZeRO-3's hooks gather each block's weights as it runs; dynamo guards on them and
+            # recompiles for every block past its limit of 8 (the blocks then run eager anyway)
+            fail("kernels.compile_blocks", f"{self.kernels.compile_blocks!r} needs zero_stage <= 2 (ZeRO-3's "
+                 "parameter hooks make torch.compile recompile for every block); set it to '0'")
         lo, hi = self.data.synth.long_frames
         if lo > hi:
             fail("data.synth.long_frames", f"needs low <= high, got {[lo, hi]}")

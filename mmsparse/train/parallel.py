@@ -125,8 +125,14 @@ class UlyssesSelfAttention(nn.Module):
                                               gather_idx=1)
 
     def forward(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None, real=None) -> torch.Tensor:
-        """x (B, N/P, C) local tokens; layout of the whole stream; rope (cos, sin) and pad_mask
-        (B, N) of all N tokens (attention sees the whole stream after the all-to-all)."""
+        """(B, N/P, C): the output projection of `heads` (same arguments)."""
+        return self.proj(self.heads(x, layout, rope, pad_mask, packed, real))
+
+    def heads(self, x: torch.Tensor, layout, rope=None, pad_mask=None, packed=None, real=None) -> torch.Tensor:
+        """The local tokens' head outputs side by side, (B, N/P, C), before the output projection
+        (`SparseSelfAttention.heads`). x (B, N/P, C) local tokens; layout of the whole stream;
+        rope (cos, sin) and pad_mask (B, N) of all N tokens (attention sees the whole stream
+        after the all-to-all)."""
         if packed is not None:
             raise ValueError("sequence parallelism runs the blocks on every stream position: "
                              "set model.cfg.pack_gaps = False (apply_sequence_parallel does)")
@@ -145,7 +151,7 @@ class UlyssesSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, N/P, H, D)
         out = self.dist_attn(q, k, v, 0, None, layout, pad_mask, real)  # (B, N/P, H, D)
-        return self.proj(out.reshape(b, n, c))
+        return out.reshape(b, n, c)
 
 
 def apply_sequence_parallel(model: nn.Module, group, sp_rank: int, sp: int) -> None:

@@ -255,3 +255,37 @@ def test_bench_model_profile_breaks_the_step_down(tmp_path, capsys):
     assert prof["steps"] == 1 and prof["kernel_ms"] > 0
     assert prof["categories"]["matmul"] > 0 and prof["categories"]["attention"] > 0, prof["categories"]
     assert "ms a step by kernel category" in capsys.readouterr().out
+
+
+def test_bench_model_kernel_options_per_variant(tmp_path):
+    """--config items kernels.FIELD=value set the kernel options while that variant's cases run
+    (here compile_blocks, the inductor-compiled blocks); the row records them and is compared
+    with the dense-schedule variant of the same options too. A field or value that does not exist
+    is refused by name before any case runs."""
+    from mmsparse.kernels.options import kernel_options
+
+    mod = _bench_model()
+    seen = {}
+    run = mod._run_case
+
+    def spy(name, frames, variant, config, args, tok, device):
+        seen[variant] = kernel_options().compile_blocks
+        return run(name, frames, variant, config, args, tok, device)
+
+    mod._run_case = spy
+    try:
+        assert mod.main(["--cpu-smoke", "--frames", "4", "--variants", "dense,sparse",
+                         "--config", "densec:schedule=dense;kernels.compile_blocks=1",
+                         "--config", "sparsec:kernels.compile_blocks=1", "--out", str(tmp_path)]) == 0
+    finally:
+        mod._run_case = run
+    assert seen == {"dense": "0", "sparse": "0", "densec": "1", "sparsec": "1"}
+    assert kernel_options().compile_blocks == "0"  # restored after each case
+    rows = {r["variant"]: r for r in _result(tmp_path)["rows"]}
+    assert rows["sparsec"]["kernels"] == {"compile_blocks": "1"} and "kernels" not in rows["sparse"]
+    assert rows["sparsec"]["speedup_vs_dense_same_kernels"] == rows["densec"]["step_ms"] / rows["sparsec"]["step_ms"]
+    assert rows["densec"]["schedule"] == "dense" and "speedup_vs_dense_same_kernels" not in rows["densec"]
+    with pytest.raises(ValueError, match="kernels.FIELD=value with FIELD one of"):
+        mod.parse_config("x:kernels.compile=1")
+    with pytest.raises(ValueError, match="compile_blocks must be auto, 0 or 1"):
+        mod.parse_config("x:kernels.compile_blocks=2")

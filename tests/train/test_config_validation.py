@@ -88,3 +88,11 @@ def test_cli_exits_2_before_the_run_folder_exists(tmp_path, capsys, item):
     assert not run.exists()
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"command line {item!r}" in err
+
+
+def test_compiled_blocks_need_zero_stage_2_or_less():
+    """kernels.compile_blocks with ZeRO-3 is refused at load: its parameter hooks make dynamo
+    recompile for every block (seen on the CPU: the recompile limit hit on the first step)."""
+    with pytest.raises(ConfigError, match=r"kernels\.compile_blocks: '1' needs zero_stage <= 2"):
+        load_config("tiny_cpu", ["kernels.compile_blocks=1", "deepspeed.zero_stage=3"])
+    assert load_config("tiny_cpu", ["kernels.compile_blocks=1"]).kernels.compile_blocks == "1"
