@@ -95,6 +95,14 @@ ARMS: dict[str, dict] = {
     # blocks, against the default's 0.255 in partial ones
     "tiled_compress_every2": dict(schedule="tiled", compress_block=64, video_radius_every=2),
     "tiled_compress_every4": dict(schedule="tiled", compress_block=64, video_radius_every=4),
+    # two-second tiles (8 tubelets, two blocks) at radius 0, odd layers shifted by one second
+    # (schedule "tiled_shifted"): a one-second event lies whole inside a window of every even or
+    # of every odd layer, wherever it starts, at 8 tubelet steps a video token (tiled_compress:
+    # 12, every layer). The captioner form is whole-frame (8, 14, 14) tiles, video_tile_align=64,
+    # shifted: 0.194 / 0.0354 / 0.0178 of dense's pairs at 64 / 512 / 1,024 frames (the
+    # default 0.255 / 0.0416 / 0.0208 in partial blocks; every2 0.206 / 0.0360 / 0.0180)
+    "tiled_shifted_t8_compress": dict(schedule="tiled_shifted", compress_block=64, video_tile=(8, 4, 4),
+                                      video_radius=(0, 0, 0)),
 }
 
 

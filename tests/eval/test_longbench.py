@@ -407,3 +407,34 @@ def test_the_every_kth_layer_arms_keep_the_neighbours_in_those_layers_only():
     for arm, k in (("tiled_compress_every2", 2), ("tiled_compress_every4", 4)):
         assert {key: v for key, v in lb.ARMS[arm].items() if key != "video_radius_every"} == lb.ARMS["tiled_compress"]
         assert pairs[arm] == [f if i % k == 0 else z for i, (f, z) in enumerate(zip(full, r0))], arm
+
+
+def test_the_shifted_two_second_tiles_hold_every_event_whole_in_some_layer():
+    """tiled_shifted_t8_compress: radius-0 tiles of 8 tubelet steps (two blocks), odd layers
+    shifted by 4 steps. A video token attends at most 8 steps' tokens, in every layer
+    (tiled_compress: 12); any 4 consecutive steps (a one-second event) lie inside the window of
+    some video token in an even or an odd layer; fewer pairs than tiled_compress."""
+    spec = lb.BenchSpec()
+    plan = lt.plan("needle", 256, np.random.default_rng(0), spec.task)
+    batch = lt.render([plan], spec.task, seed=0)
+    model = lb.build_model(spec, "tiled_shifted_t8_compress", 0, "cpu")
+    with torch.no_grad():
+        stream = model.embed(batch).layout
+    video = next(s for s in stream.segments if s.modality == "video")
+    steps, per_step = video.shape[0], video.shape[1] * video.shape[2]
+    assert steps >= 24 and per_step == 16
+    # the time step of each of the segment's stream positions (stored in tile order)
+    where = video.to_raster(torch.arange(video.numel)[None, :, None].float())[0, :, 0].long()
+    step = torch.empty(video.numel, dtype=torch.long)
+    step[where] = torch.arange(video.numel) // per_step
+    lays = model.layer_layouts(stream)
+    windows = []  # the steps a video token attends, one set a token, even and odd layers
+    for lay in lays[:2]:
+        m = lay.dense_mask()[video.offset:video.end, video.offset:video.end]
+        assert int(m.sum(1).max()) == 8 * per_step  # two seconds of video keys, no more
+        windows += [set(step[m[i]].tolist()) for i in range(video.numel)]
+    assert lays[2].attended_pairs() == lays[0].attended_pairs() and lays[1].attended_pairs() != lays[0].attended_pairs()
+    for start in range(steps - 3):  # every event of 4 consecutive steps
+        assert any(set(range(start, start + 4)) <= w for w in windows), start
+    full = lb.build_model(spec, "tiled_compress", 0, "cpu").layer_layouts(stream)
+    assert sum(lay.attended_pairs() for lay in lays) < sum(lay.attended_pairs() for lay in full)
