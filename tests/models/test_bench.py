@@ -226,7 +226,7 @@ def test_device_e1_script_runs_both_parts(tmp_path):
     for p in results:
         res = json.loads(p.read_text())
         assert res["complete"] and {r["variant"] for r in res["rows"]} == {"sparse", "aligned", "every2", "every4",
-                                                                            "t8s", "dense"}
+                                                                            "t8s", "r1", "dense"}
     assert (tmp_path / "e1-64f.log").is_file() and "| 4 | every4 |" in done.stdout
     bad = _tool("device_e1.sh", tmp_path, "soon")
     assert bad.returncode == 2 and "usage" in bad.stderr
