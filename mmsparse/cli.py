@@ -25,6 +25,7 @@ BENCHMARKS = {
     "attention": "kernel workloads A1-A6 and dense, every backend beside the SDPA anchors",
     "model": "E1: training steps of the base captioner, sparse against dense",
     "data": "E3: data loading, decord against PyAV, clips/s and memory",
+    "infer": "E4: captioning inference (batch 8, beam 4), sparse against dense: clips/s, latency, memory",
     "longclip": "E5: long-clip quality v2, sparse schedules against dense (trains and scores; in the package)",
     "longclip_step": "E5 speed: each long-clip arm's training step alone on the device, against dense",
 }

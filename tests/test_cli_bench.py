@@ -10,7 +10,7 @@ from mmsparse import cli
 
 
 @pytest.mark.parametrize("name, option", [("attention", "--only"), ("model", "--cpu-smoke"), ("data", "--workers"),
-                                          ("longclip_step", "--lengths")])
+                                          ("longclip_step", "--lengths"), ("infer", "--beam")])
 def test_bench_help_is_the_script_s_own(name, option, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", name, "--help"])
