@@ -37,11 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, out_folder, result_stem, slug  # noqa: E402
-from bench.model import CAPTION, _parse_override, make_batch, parse_config  # noqa: E402
+from bench.model import CAPTION, _parse_override, case_overrides, make_batch, parse_config, variant_names  # noqa: E402
 from mmsparse.attention.backends import triton_available  # noqa: E402
 from mmsparse.fileio import atomic_write_text  # noqa: E402
 from mmsparse.models import CaptionTokenizer, create_model  # noqa: E402
-from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -75,12 +74,7 @@ def timed_calls(fn, calls: int, warmup: int, device: torch.device) -> list[float
 
 
 def run_case(frames: int, variant: str, args, tok, device: torch.device) -> dict:
-    overrides = dict(max_frames=max(frames, 64), **args.override)
-    if variant == "dense":
-        overrides["schedule"] = "dense"
-    elif variant == "aligned":
-        overrides.update(BLOCK_ALIGNED_224)
-    overrides.update(args.configs.get(variant, {}))
+    overrides = case_overrides(frames, variant, args.override, args.configs.get(variant, {}))
     torch.manual_seed(0)
     model = create_model(args.model, tokenizer=tok, **overrides).to(device=device, dtype=PRECISIONS[args.precision])
     model.eval()
@@ -175,9 +169,7 @@ def main(argv=None) -> int:
     if any(f < 1 for f in frames):
         p.error(f"--frames must be positive integers, got {args.frames!r}")
     args.override = dict(_parse_override(o) for o in args.override)
-    variants = args.variants.split(",")
-    variants += [c for c in args.configs if c not in variants]
-    unknown = [v for v in variants if v not in ("sparse", "aligned", "dense") and v not in args.configs]
+    variants, unknown = variant_names(args.variants, args.configs)
     if unknown:
         p.error(f"--variants: unknown {unknown}; expected sparse, aligned, dense or a --config NAME")
     if args.cpu_smoke:

@@ -220,13 +220,29 @@ def run_case(name, frames, variant, args, tok, device):
     return row
 
 
-def _run_case(name, frames, variant, config, args, tok, device):
-    overrides = dict(max_frames=max(frames, 64), **args.override)
+def case_overrides(frames: int, variant: str, override: dict, config: dict) -> dict:
+    """The ModelConfig overrides of a (frames, variant) case: `override` (every variant's), the
+    variant's own (dense: schedule="dense"; aligned: BLOCK_ALIGNED_224; a --config NAME: its
+    `config`, kernels.* items removed)."""
+    overrides = dict(max_frames=max(frames, 64), **override)
     if variant == "dense":
         overrides["schedule"] = "dense"
     elif variant == "aligned":  # the block-aligned tiles of captioner_base_aligned
         overrides.update(BLOCK_ALIGNED_224)
     overrides.update(config)
+    return overrides
+
+
+def variant_names(variants: str, configs: dict) -> tuple[list[str], list[str]]:
+    """(the cases' variants: the comma list `variants` and then every --config NAME not in it,
+    the names among them that are neither sparse, aligned, dense nor a --config NAME)."""
+    names = variants.split(",")
+    names += [c for c in configs if c not in names]
+    return names, [v for v in names if v not in ("sparse", "aligned", "dense") and v not in configs]
+
+
+def _run_case(name, frames, variant, config, args, tok, device):
+    overrides = case_overrides(frames, variant, args.override, config)
     torch.manual_seed(0)
     model = create_model(name, tokenizer=tok, **overrides).to(device)
     if args.checkpointing:
@@ -336,9 +352,7 @@ def main(argv=None) -> int:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     args.override = dict(_parse_override(o) for o in args.override)
     args.configs = dict(parse_config(c) for c in args.config)
-    variants = args.variants.split(",")
-    variants += [c for c in args.configs if c not in variants]
-    unknown = [v for v in variants if v not in ("sparse", "aligned", "dense") and v not in args.configs]
+    variants, unknown = variant_names(args.variants, args.configs)
     if unknown:
         p.error(f"--variants: unknown {unknown}; expected sparse, aligned, dense or a --config NAME")
     if args.cpu_smoke:
