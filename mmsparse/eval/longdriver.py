@@ -117,6 +117,8 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in _csv(args.seeds)]
     except ValueError:
         raise SystemExit(f"--seeds must be a comma list of integers, got {args.seeds!r}")
+    if args.check_backends:
+        _check_backend_names(args.check_backends, device)
     out = Path(args.out)
     runs = out / "runs"
     spec = make_spec(args)
@@ -207,10 +209,25 @@ def _run_all(jobs, args, spec, costs, device, runs: Path) -> None:
         print(f"{len(failed)} runs failed: {failed}; the report merges the finished ones", flush=True)
 
 
-def _check_backends(args, spec: lb.BenchSpec, runs: Path, device, out: Path) -> list[dict]:
-    backends = _csv(args.check_backends)
+def _check_backend_names(text: str, device: str) -> list[str]:
+    """The backends of --check-backends, refused before any run: two or more known names, and
+    only those that run on `device` (triton and flash need CUDA)."""
+    from mmsparse.kernels.options import BACKENDS
+
+    backends = _csv(text)
     if len(backends) < 2:
-        raise SystemExit(f"--check-backends needs two or more backends, got {args.check_backends!r}")
+        raise SystemExit(f"--check-backends needs two or more backends, got {text!r}")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"--check-backends: unknown {unknown}; expected names from {BACKENDS}")
+    cuda_only = [b for b in backends if b in ("triton", "flash")]
+    if cuda_only and not str(device).startswith("cuda"):
+        raise SystemExit(f"--check-backends: {cuda_only} need a CUDA device, and this run is on {device!r}")
+    return backends
+
+
+def _check_backends(args, spec: lb.BenchSpec, runs: Path, device, out: Path) -> list[dict]:
+    backends = _check_backend_names(args.check_backends, device)
     checks = []
     for run in sorted(runs.glob("*-s*-*.json")):
         if _done(run, spec) and not run.name.startswith("dense-"):

@@ -255,9 +255,13 @@ def test_report_names_the_runs_versions_not_the_merging_process():
 def test_driver_rejects_bad_arguments(tmp_path):
     for argv, msg in ((["--arms", "dense,fast"], "--arms: unknown arm"), (["--budgets", "time"], "--budgets"),
                       (["--eval-lengths", "48,x"], "--eval-lengths must be"),
-                      (["--eval-lengths", "8"], "length 8: frames=8")):
+                      (["--eval-lengths", "8"], "length 8: frames=8"),
+                      (["--check-backends", "reference"], "two or more backends"),
+                      (["--check-backends", "reference,fast"], r"--check-backends: unknown \['fast'\]"),
+                      (["--check-backends", "reference,triton"], r"\['triton'\] need a CUDA device")):
         with pytest.raises(SystemExit, match=msg):
             longdriver.main(["--out", str(tmp_path), "--smoke", "--device", "cpu", *argv])
+    assert not (tmp_path / "runs").exists()  # refused before any run started
 
 
 def test_cli_runs_the_driver(tmp_path):
