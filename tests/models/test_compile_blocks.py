@@ -99,3 +99,26 @@ def test_compile_blocks_from_the_environment(monkeypatch):
     monkeypatch.setenv("MMSPARSE_COMPILE_BLOCKS", "on")
     with pytest.raises(ValueError, match="MMSPARSE_COMPILE_BLOCKS"):
         kernel_options()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_blocks_on_the_gpu_equal_the_eager_blocks(tokenizer, batch, monkeypatch):
+    """On CUDA, bf16, the Triton kernels and the fused rope around the compiled graph (what E1's
+    compiled variants run): encoding and gradients as eager's within bf16 rounding."""
+    torch.manual_seed(0)
+    model = create_model("captioner_tiny", tokenizer=tokenizer, attn_block=16, segment_align=32,
+                         compress_block=16).cuda().to(torch.bfloat16)
+    model.set_backend("triton")
+    from mmsparse.encoders import HOST_KEYS
+
+    # as the training loop moves a batch: media to the device, masks and times stay on the host
+    gpu = {k: v.cuda() if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v for k, v in batch.items()}
+    out = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("MMSPARSE_COMPILE_BLOCKS", mode)
+        out[mode] = _run(model, gpu)
+    scale = out["0"][0].float().abs().max().item()
+    assert (out["1"][0].float() - out["0"][0].float()).abs().max().item() <= 0.02 * scale
+    for name, g in out["1"][2].items():
+        want = out["0"][2][name].float()
+        assert (g.float() - want).abs().max().item() <= 0.05 * (want.abs().max().item() + 1e-3), name
