@@ -103,13 +103,14 @@ def plan_merge(archive: Path, folder: Path) -> tuple[dict[Path, bytes], dict[str
             return
         writes[dest] = data
 
-    finished = []
+    finished, run_arms = [], set()
     for name, data in sorted(files.items()):
         p = PurePosixPath(name)
         if p.parent == PurePosixPath("runs") and p.suffix == ".json":
             run = _json(data, where(name))
             if run.get("spec_key") == spec.key():
                 finished.append(p.stem)
+                run_arms.add(run.get("arm"))
                 if not (folder / name).is_file():
                     added["runs"].append(p.stem)
                 put(name, data)
@@ -136,7 +137,7 @@ def plan_merge(archive: Path, folder: Path) -> tuple[dict[Path, bytes], dict[str
         if arm not in costs:
             costs[arm] = cost
             added["arms"].append(arm)
-    missing = sorted({stem.split("-s")[0] for stem in finished} - set(costs))
+    missing = sorted(run_arms - set(costs))
     if missing:
         raise MergeError(f"{archive}: runs of {missing} but no costs for them in either costs.json")
     if added["arms"]:
