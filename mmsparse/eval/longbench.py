@@ -327,19 +327,21 @@ def score(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int, g
             sel = torch.tensor(idx, device=mem.device)
             m = mem.index_select(0, sel)
             mp = None if mpad is None else mpad.index_select(0, sel)
+            with _autocast(device):  # the memory's cross keys and values, once for every candidate
+                kvs = model.decoder.memory_kvs(m)
             cands = lt.candidates(task)
             ids = tok.batch(cands, model.cfg.max_text_len, device)  # (C, L + 1)
             ll = torch.empty(len(idx), len(cands), device=mem.device)
             for c in range(len(cands)):
                 seq = ids[c:c + 1].expand(len(idx), -1)
                 with _autocast(device):
-                    logits = model.decoder(seq[:, :-1], m, mp, prepared=True).float()
+                    logits = model.decoder(seq[:, :-1], m, mp, prepared=True, mem_kvs=kvs).float()
                 logp = F.log_softmax(logits, -1).gather(-1, seq[:, 1:, None])[..., 0]  # (b, L)
                 keep = (seq[:, 1:] != 0).float()
                 keep[:, 0] = 0.0  # the task word is given
                 ll[:, c] = (logp * keep).sum(1)
             choice = ll.argmax(1).tolist()
-            texts = _greedy(model, m, mp, task, device) if greedy else [None] * len(idx)
+            texts = _greedy(model, m, mp, task, device, kvs) if greedy else [None] * len(idx)
             for j, i in enumerate(idx):
                 p = chunk[i]
                 row = {"task": task, "length": p.frames, "truth": p.caption, "choice_correct": cands[choice[j]] == p.caption,
@@ -354,7 +356,7 @@ def score(model, plans: list[lt.ClipPlan], spec: BenchSpec, device, seed: int, g
     return rows
 
 
-def _greedy(model, mem, mpad, task: str, device, max_new: int = 5) -> list[str]:
+def _greedy(model, mem, mpad, task: str, device, mem_kvs=None, max_new: int = 5) -> list[str]:
     from mmsparse.models.text import BOS, EOS
 
     tok = model.tokenizer
@@ -363,7 +365,7 @@ def _greedy(model, mem, mpad, task: str, device, max_new: int = 5) -> list[str]:
     done = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
     for _ in range(max_new):
         with _autocast(device):
-            nxt = model.decoder(ids, mem, mpad, prepared=True)[:, -1].float().argmax(-1)
+            nxt = model.decoder(ids, mem, mpad, prepared=True, mem_kvs=mem_kvs)[:, -1].float().argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
         ids = torch.cat([ids, nxt[:, None]], 1)
         done |= nxt == EOS

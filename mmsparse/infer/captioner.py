@@ -468,10 +468,11 @@ class Captioner:
         ids = model.tokenizer.batch(cands, model.cfg.max_text_len, self.device)  # (C, L): <bos> text <eos> <pad>
         nb, nc = mem.shape[0], ids.shape[0]
         out = torch.empty(nb, nc)
-        for i in range(nb):  # one clip at a time: C candidates share its memory
-            m = mem[i:i + 1].expand(nc, *mem.shape[1:])
+        for i in range(nb):  # one clip at a time: C candidates share its memory's keys and values
+            kvs = [(k.expand(nc, -1, -1, -1), v.expand(nc, -1, -1, -1))
+                   for k, v in model.decoder.memory_kvs(mem[i:i + 1])]
             p = None if mpad is None else mpad[i:i + 1].expand(nc, -1)
-            logits = model.decoder(ids[:, :-1], m, p, prepared=True).float()  # (C, L - 1, V)
+            logits = model.decoder(ids[:, :-1], None, p, prepared=True, mem_kvs=kvs).float()  # (C, L - 1, V)
             lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (C, L - 1)
             out[i] = (lp * (ids[:, 1:] != PAD)).sum(-1).cpu()
         return out

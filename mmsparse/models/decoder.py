@@ -156,14 +156,25 @@ class CaptionDecoder(nn.Module):
             raise ValueError(f"text of {pos0 + L} tokens is longer than the decoder's max_len={self.max_len}")
         return self.tok_embed(ids) + self.pos_embed[pos0 : pos0 + L]
 
-    def forward(self, ids, memory, pad=None, prepared: bool = False):
-        """ids (B, L), memory (B, N, E) -> logits (B, L, V)."""
-        if not prepared:
-            memory, pad = self.prepare_memory(memory, pad)
+    def forward(self, ids, memory, pad=None, prepared: bool = False, mem_kvs: list | None = None):
+        """ids (B, L), memory (B, N, E) -> logits (B, L, V). `mem_kvs`: the layers' cross keys
+        and values of this (prepared) memory from `memory_kvs`, for several calls on one memory
+        (candidate captions, greedy steps); `memory` is then not read."""
+        if mem_kvs is None:
+            if not prepared:
+                memory, pad = self.prepare_memory(memory, pad)
+            mem_kvs = self.memory_kvs(memory)
+        elif len(mem_kvs) != len(self.blocks):
+            raise ValueError(f"mem_kvs has {len(mem_kvs)} layers' keys and values, the decoder {len(self.blocks)}")
         x = self._embed(ids)
-        for blk in self.blocks:
-            x = blk(x, blk.cross.memory_kv(memory), pad)
+        for blk, kv in zip(self.blocks, mem_kvs):
+            x = blk(x, kv, pad)
         return self.head(self.norm(x))
+
+    def memory_kvs(self, memory) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cross-attention keys and values (B, H, N, D) of every layer, of a prepared memory
+        (B, N, E): computed once, read by any number of `forward(..., mem_kvs=)` calls."""
+        return [blk.cross.memory_kv(memory) for blk in self.blocks]
 
     def text_features(self, ids):
         """ids (B, L) -> (B, C): the final state at each caption's <eos> (text only, causal)."""
@@ -180,7 +191,7 @@ class CaptionDecoder(nn.Module):
         """Per layer: cross keys / values of the memory and an empty self-attention cache."""
         if not prepared:
             memory, pad = self.prepare_memory(memory, pad)
-        return [{"mem_kv": blk.cross.memory_kv(memory), "pad": pad, "k": None, "v": None} for blk in self.blocks]
+        return [{"mem_kv": kv, "pad": pad, "k": None, "v": None} for kv in self.memory_kvs(memory)]
 
     def step(self, ids, cache: list[dict], pos: int):
         """ids (B, L) new tokens at positions [pos, pos + L) -> logits (B, V) of the last."""
