@@ -443,11 +443,16 @@ class Captioner:
             if self._cost is not None:
                 self._cost.active = True
             try:
-                caps = self.model.generate(b, **gen)
+                # with candidates to rank, the clips are encoded once for both
+                encoded = None
+                if self._candidates:
+                    with torch.no_grad():
+                        encoded = self.model.encode(b)
+                caps = self.model.generate(b, **gen, encoded=encoded)
             finally:
                 if self._cost is not None:
                     self._cost.active = False
-            logps = self._choice_logprobs(b) if self._candidates else None
+            logps = self._choice_logprobs(encoded) if self._candidates else None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = (time.perf_counter() - t0) / len(group)
@@ -460,10 +465,11 @@ class Captioner:
                 items[u.item].pending -= 1
 
     @torch.no_grad()
-    def _choice_logprobs(self, b: dict) -> torch.Tensor:
-        """(B, C) sum of log-probabilities of each candidate caption given each clip."""
+    def _choice_logprobs(self, encoded: tuple) -> torch.Tensor:
+        """(B, C) sum of log-probabilities of each candidate caption given each clip, from the
+        clips' encoding (`VideoCaptioner.encode`'s result)."""
         model, cands = self.model, self._candidates
-        memory, pad, _ = model.encode(b)
+        memory, pad, _ = encoded
         mem, mpad = model.decoder.prepare_memory(memory, pad)  # (B, P, E)
         ids = model.tokenizer.batch(cands, model.cfg.max_text_len, self.device)  # (C, L): <bos> text <eos> <pad>
         nb, nc = mem.shape[0], ids.shape[0]

@@ -339,14 +339,16 @@ class VideoCaptioner(nn.Module):
     # generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_ids(self, batch, beam: int = 1, max_len: int = 32, length_penalty: float = 1.0,
-                     use_cache: bool = True) -> list[list[int]]:
+                     use_cache: bool = True, encoded: tuple | None = None) -> list[list[int]]:
         """Greedy (beam=1) or beam search, batched; returns the token ids of each clip (no <bos>,
-        cut at <eos>). Hypotheses are ranked by sum of log-probs / length ** length_penalty."""
+        cut at <eos>). Hypotheses are ranked by sum of log-probs / length ** length_penalty.
+        `encoded`: `encode(batch)`'s result when the caller has it already (the batch is then
+        not encoded again)."""
         if beam < 1 or max_len < 1:
             raise ValueError(f"beam and max_len must be >= 1, got beam={beam}, max_len={max_len}")
         if max_len + 1 > self.cfg.max_text_len:
             raise ValueError(f"max_len={max_len} exceeds the decoder's max_text_len - 1 = {self.cfg.max_text_len - 1}")
-        memory, pad, _ = self.encode(batch)
+        memory, pad, _ = self.encode(batch) if encoded is None else encoded
         dec = self.decoder
         mem, mpad = dec.prepare_memory(memory, pad)
         b, k = mem.shape[0], beam
@@ -393,13 +395,14 @@ class VideoCaptioner(nn.Module):
         return out
 
     def generate(self, batch, beam: int = 1, max_len: int = 32, length_penalty: float = 1.0,
-                 use_cache: bool = True) -> list[str]:
-        """Captions (one string per clip): greedy with beam=1, else beam search."""
+                 use_cache: bool = True, encoded: tuple | None = None) -> list[str]:
+        """Captions (one string per clip): greedy with beam=1, else beam search (`encoded`: as
+        in `generate_ids`)."""
         tok = self._need_tokenizer()
         was = self.training
         self.eval()
         try:
-            ids = self.generate_ids(batch, beam, max_len, length_penalty, use_cache)
+            ids = self.generate_ids(batch, beam, max_len, length_penalty, use_cache, encoded)
         finally:
             self.train(was)
         return [tok.decode(r) for r in ids]

@@ -118,6 +118,18 @@ def test_candidates_are_ranked_by_likelihood(captioner, clips):
     assert r["choice"] == cands[max(range(3), key=r["choice_logprobs"].__getitem__)]
 
 
+def test_candidates_share_the_clips_encoding(captioner, clips, monkeypatch):
+    """Ranking candidates reads the encoding the caption was generated from: one encoder pass a
+    batch (it was two), and the same caption as without candidates."""
+    model = captioner.model
+    (alone,) = captioner.caption([clips["videos"][0]])
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda b: calls.append(1) or encode(b))
+    (r,) = captioner.caption([clips["videos"][0]], candidates=["a red circle appears with a high tone", "tone tone"])
+    assert len(calls) == 1 and r["caption"] == alone["caption"] and len(r["choice_logprobs"]) == 2
+
+
 def test_model_folder_errors_are_clear(tiny_run, tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         Captioner(tmp_path / "nowhere")
