@@ -4,6 +4,7 @@
   ``triton.testing.do_bench`` on a GPU, the wall clock on the CPU), ``mean_step_ms`` (warm-up
   steps, then the mean wall-clock time of timed steps between two device synchronisations)
   and ``lower_median`` (the middle item of repeats; the lower one for an even count);
+  ``synchronizer`` (what waits for a device's queued work);
   ``profile_breakdown`` (a profiled step's kernel time by category: attention, matmul, ...).
 - Environment: ``environment()`` names the card, the torch / triton / CUDA / Python versions,
   the git commit the code ran at (``+dirty`` when the checkout had uncommitted changes) and the
@@ -65,7 +66,7 @@ def mean_step_ms(step: Callable[[], object], steps: int, warmup: int, device: st
     a training loop."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    sync = _synchronize(device)
+    sync = synchronizer(device)
     for _ in range(warmup):
         step()
     sync()
@@ -105,7 +106,7 @@ def profile_breakdown(step: Callable[[], object], steps: int, device: str, top: 
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     cuda = str(device).startswith("cuda")
-    sync = _synchronize(device)
+    sync = synchronizer(device)
     sync()
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU], acc_events=True) as prof:
         t0 = time.perf_counter()
@@ -137,7 +138,8 @@ def lower_median(items: Sequence, key: Callable = lambda x: x):
     return sorted(items, key=key)[(len(items) - 1) // 2]
 
 
-def _synchronize(device: str) -> Callable[[], None]:
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for `device`'s queued work: torch.cuda.synchronize on CUDA, else nothing."""
     if str(device).startswith("cuda"):
         import torch
 

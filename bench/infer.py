@@ -36,8 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, out_folder, result_stem, slug  # noqa: E402
-from bench.model import CAPTION, _parse_override, case_overrides, make_batch, parse_config, variant_names  # noqa: E402
+from bench.common import environment, out_folder, result_stem, slug, synchronizer  # noqa: E402
+from bench.model import (CAPTION, _parse_override, case_overrides, make_batch, parse_config,  # noqa: E402
+                         real_tokens, variant_names)
 from mmsparse.attention.backends import triton_available  # noqa: E402
 from mmsparse.fileio import atomic_write_text  # noqa: E402
 from mmsparse.models import CaptionTokenizer, create_model  # noqa: E402
@@ -60,7 +61,7 @@ def timed_calls(fn, calls: int, warmup: int, device: torch.device) -> list[float
     between two device synchronisations (a caption request waits for its answer)."""
     if calls < 1:
         raise ValueError(f"calls must be at least 1, got {calls}")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device.type)
     for _ in range(warmup):
         fn()
     sync()
@@ -80,10 +81,9 @@ def run_case(frames: int, variant: str, args, tok, device: torch.device) -> dict
     model.eval()
     batch = make_batch(frames, args.size, args.audio_frames, device, args.batch)
     with torch.no_grad():
-        tokens = model.embed(batch).layout
-    real = tokens.n_global + sum(s.numel for s in tokens.segments)
+        stream = model.embed(batch).layout
     row = {"frames": frames, "variant": variant, "schedule": model.cfg.schedule, "batch": args.batch,
-           "beam": args.beam, "max_len": args.max_len, "tokens": real, "positions": tokens.length}
+           "beam": args.beam, "max_len": args.max_len, "tokens": real_tokens(stream), "positions": stream.length}
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -122,7 +122,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for r in rows:
         r = dict(r)
         d = dense.get(r["frames"])
-        if d is not None and r is not d and r["variant"] != "dense" and "clips_per_s" in r:
+        if d is not None and r["variant"] != "dense" and "clips_per_s" in r:
             r["speedup_vs_dense"] = r["clips_per_s"] / d["clips_per_s"]
         out.append(r)
     return out

@@ -65,7 +65,7 @@ from mmsparse.models.registry import BLOCK_ALIGNED_224  # noqa: E402
 from mmsparse.attention.compressed import pooled_keys  # noqa: E402
 from mmsparse.attention.backends import backend_counts, triton_available  # noqa: E402
 from mmsparse.fileio import atomic_write_text  # noqa: E402
-from mmsparse.kernels.options import KernelOptions, set_kernel_options  # noqa: E402
+from mmsparse.kernels.options import MODE_FIELDS, KernelOptions, set_kernel_options  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul peak of the H100 (docs/benchmarks.md)
 CAPTION = "a red circle moves left then a high tone plays"
@@ -160,7 +160,7 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
         stream = model.embed(batch)
     layout = stream.layout
     n, e, depth = layout.length, model.cfg.embed_dim, model.cfg.depth
-    real = layout.n_global + sum(s.numel for s in layout.segments)
+    real = real_tokens(layout)
     pairs = 0
     cb = model.cfg.compress_block
     pooled = pooled_keys(n, cb, model.cfg.compress_keys) if cb else 0
@@ -171,6 +171,11 @@ def encoder_flops(model, batch) -> tuple[int, int, int, float]:
 
 
 KERNEL_FIELDS = tuple(f for f in KernelOptions.__dataclass_fields__ if f != "split_chunk")
+
+
+def real_tokens(layout) -> int:
+    """A stream's tokens: its global tokens and its segments', not its alignment gaps."""
+    return layout.n_global + sum(s.numel for s in layout.segments)
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -190,9 +195,11 @@ def parse_config(text: str) -> tuple[str, dict]:
             if field not in KERNEL_FIELDS or not value:
                 raise ValueError(f"--config {name}: {item!r}: expected kernels.FIELD=value with FIELD one of "
                                  f"{KERNEL_FIELDS}")
-            kernels = {**overrides.get("kernels", {}), field: _parse_override(item[len("kernels."):])[1]}
+            parsed = _parse_override(item[len("kernels."):])[1]
+            # the modes are strings ("auto", "0", "1"), which the parse would make numbers
+            kernels = {**overrides.get("kernels", {}), field: str(parsed) if field in MODE_FIELDS else parsed}
             try:
-                KernelOptions(**{k: str(v) if k in _MODE_FIELDS else v for k, v in kernels.items()})
+                KernelOptions(**kernels)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"--config {name}: {item!r}: {err}") from err
             overrides["kernels"] = kernels
@@ -203,13 +210,10 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-_MODE_FIELDS = ("mask_tiles", "tma", "fused_rope", "warp_specialize", "compile_blocks")  # "auto" / "0" / "1"
-
-
 def run_case(name, frames, variant, args, tok, device):
     """One (frames, variant) case, under the variant's kernel options (its kernels.* items)."""
     config = dict(args.configs.get(variant, {}))
-    kernels = {k: str(v) if k in _MODE_FIELDS else v for k, v in config.pop("kernels", {}).items()}
+    kernels = config.pop("kernels", {})
     previous = set_kernel_options(**kernels)
     try:
         row = _run_case(name, frames, variant, config, args, tok, device)

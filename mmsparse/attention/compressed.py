@@ -142,11 +142,18 @@ def wide_length(layout, compress: int, compress_keys: int = 0) -> int | None:
     with the compressed branch of `compress` / `compress_keys` (its N stream positions, then the
     pooled keys' rows, padded to the wide layout's blocks), or None where it takes N positions
     only: no branch, dense (layout None), or an LSH layout (branches merged apart)."""
+    wide = _wide_layout(layout, compress, compress_keys)
+    return None if wide is None else wide[0].n
+
+
+def _wide_layout(layout, compress: int, compress_keys: int):
+    """``pooled_keys_layout``'s (wide layout, K0) for the branch of `compress` / `compress_keys`,
+    or None where ``layer_attention`` widens nothing (no branch, dense, LSH)."""
     from .patterns import LSH
 
     if layout is None or not compress or isinstance(layout.pattern, LSH):
         return None
-    return pooled_keys_layout(layout, pooled_keys(layout.n, compress, compress_keys))[0].n
+    return pooled_keys_layout(layout, pooled_keys(layout.n, compress, compress_keys))
 
 
 class PooledTails(NamedTuple):
@@ -166,12 +173,11 @@ def pooled_tails(layout, compress: int, batch: int, compress_keys: int = 0, real
     `compress` / `compress_keys` over `batch` clips (``PooledTails``; its arguments `real` and
     `key_padding_mask` as there), or None where it takes N positions only: no branch, dense
     (layout None), or an LSH layout (branches merged apart)."""
-    n_out = wide_length(layout, compress, compress_keys)
-    if n_out is None:
+    wide = _wide_layout(layout, compress, compress_keys)
+    if wide is None:
         return None
     block, valid = _branch_block(layout.n, batch, compress, compress_keys, real, key_padding_mask)
-    start = pooled_keys_layout(layout, math.ceil(layout.n / block))[1]
-    return PooledTails(n_out, block, start, valid)
+    return PooledTails(wide[0].n, block, wide[1], valid)
 
 
 def _branch_block(n: int, b: int, compress: int, compress_keys: int, real, key_padding_mask):

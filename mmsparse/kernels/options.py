@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 BACKENDS = ("reference", "sdpa", "flex", "triton", "flash")
 _MODES = ("auto", "0", "1")
+MODE_FIELDS = ("mask_tiles", "tma", "fused_rope", "warp_specialize", "compile_blocks")  # values from _MODES
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class KernelOptions:
     def __post_init__(self):
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be None or one of {BACKENDS}, got {self.attention_backend!r}")
-        for name in ("mask_tiles", "tma", "fused_rope", "warp_specialize", "compile_blocks"):
+        for name in MODE_FIELDS:
             if getattr(self, name) not in _MODES:
                 raise ValueError(f"{name} must be auto, 0 or 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.flash_min_full_share <= 1.0:  # NaN too

@@ -311,7 +311,8 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torc
             gaps; every one of the R rows must appear once (`mmsparse.models.layers.packed_rows`).
         n_out: optional >= N: each output has n_out positions, zeros after the N-th, in a buffer
             of its own, so rows >= N may be written in place (the compressed branch's wide
-            inputs, `mmsparse.attention.compressed.wide_length`, with no copy to widen them).
+            inputs, `mmsparse.attention.compressed.wide_length`, take their pooled keys there
+            through `pooled_tails` instead, with no copy to widen them).
         pooled_tails: optional (block, start, valid), with n_out: k's and v's rows start.. hold
             the means of their blocks of `block` positions (`pool_blocks(x[:, :, :N], block,
             valid)`, valid (B, N) bool or None; the compressed branch's pooled keys, written

@@ -97,9 +97,8 @@ def test_packed_rows_match_reference(b, n, h, d, dtype):
 @pytest.mark.parametrize("b,n,h,d,extra", [(1, 64, 1, 32, 64), (2, 77, 3, 64, 51), (1, 130, 2, 80, 0)])
 def test_wide_outputs_pad_with_zeros_and_take_writes_in_place(b, n, h, d, extra, packed):
     """n_out: q, k, v of n_out positions, the reference's after the N-th padded with zeros, each
-    its own buffer; rows >= N written in place under autograd (what the compressed branch does
-    with its pooled keys) send their gradient to the written values, and the gradient of qkv is
-    the reference's."""
+    its own buffer; rows >= N written in place under autograd send their gradient to the written
+    values, and the gradient of qkv is the reference's."""
     dtype = torch.float32
     seed = hash(("wide", b, n, h, d, extra, packed)) % 2**31
     gen = torch.Generator().manual_seed(seed)

@@ -9,15 +9,7 @@ import torch
 
 from mmsparse.kernels.options import KernelOptions, kernel_options, set_kernel_options
 from mmsparse.models import create_model, layers
-
-
-def _run(model, batch):
-    model.zero_grad(set_to_none=True)
-    memory, _, _ = model.encode(batch)
-    logits = model(batch)
-    (logits.float().square().mean() + memory.float().square().mean()).backward()
-    return memory.detach(), logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.grad is not None}
+from tests.models.outputs import assert_same, run
 
 
 @pytest.fixture
@@ -52,16 +44,11 @@ def test_compiled_blocks_equal_the_eager_blocks(tokenizer, batch, schedule, pack
     out = {}
     for mode in ("0", "1"):
         monkeypatch.setenv("MMSPARSE_COMPILE_BLOCKS", mode)
-        out[mode] = _run(model, batch)
+        out[mode] = run(model, batch)
     depth = len(model.blocks)
     # each mode ran the blocks its own way: encode and forward, depth blocks each
     assert compiled_counts == {"compiled": 2 * depth, "eager": 2 * depth}
-    assert (out["1"][0] - out["0"][0]).abs().max().item() < 1e-5
-    assert (out["1"][1] - out["0"][1]).abs().max().item() < 1e-5
-    assert out["1"][2].keys() == out["0"][2].keys() and len(out["1"][2]) > 20
-    for name, g in out["1"][2].items():
-        want = out["0"][2][name]
-        assert (g - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item()), name
+    assert_same(out["1"], out["0"])
 
 
 def test_one_graph_serves_every_block(tokenizer, batch, monkeypatch):
@@ -116,7 +103,7 @@ def test_compiled_blocks_on_the_gpu_equal_the_eager_blocks(tokenizer, batch, mon
     out = {}
     for mode in ("0", "1"):
         monkeypatch.setenv("MMSPARSE_COMPILE_BLOCKS", mode)
-        out[mode] = _run(model, gpu)
+        out[mode] = run(model, gpu)
     scale = out["0"][0].float().abs().max().item()
     assert (out["1"][0].float() - out["0"][0].float()).abs().max().item() <= 0.02 * scale
     for name, g in out["1"][2].items():

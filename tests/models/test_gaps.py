@@ -10,6 +10,7 @@ import torch
 from mmsparse.models import create_model
 from mmsparse.models.captioner import _rope_on
 from mmsparse.models.schedule import StreamGlobal, gap_positions, layer_pattern
+from tests.models.outputs import assert_same, run
 
 
 @pytest.fixture
@@ -134,12 +135,7 @@ def test_packed_rows_equal_the_blocks_on_every_position(aligned, batch, schedule
         out[pack] = memory.detach(), logits.detach(), grads
     gaps = ~real
     assert gaps.any()
-    assert (out[True][0][:, real] - out[False][0][:, real]).abs().max().item() < 1e-5
-    assert (out[True][1] - out[False][1]).abs().max().item() < 1e-5
-    assert out[True][2].keys() == out[False][2].keys() and len(out[True][2]) > 20
-    for name, g in out[True][2].items():
-        want = out[False][2][name]
-        assert (g - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item()), name
+    assert_same(out[True], out[False], positions=real)
     # the packed stream's gaps hold zeros before the final norm (its bias alone there)
     norm_bias = aligned.norm.bias.detach()
     assert torch.allclose(out[True][0][:, gaps], norm_bias.expand_as(out[True][0][:, gaps]), atol=1e-6)
@@ -170,19 +166,9 @@ def test_the_branch_widened_at_the_source_equals_the_widening_copies(aligned, ba
     out = {}
     for fused in ("0", "1"):
         monkeypatch.setenv("MMSPARSE_FUSED_ROPE", fused)
-        aligned.zero_grad(set_to_none=True)
-        memory, _, _ = aligned.encode(batch)
-        logits = aligned(batch)
-        (logits.float().square().mean() + memory.float().square().mean()).backward()
-        out[fused] = memory.detach(), logits.detach(), {n: p.grad.clone() for n, p in aligned.named_parameters()
-                                                        if p.grad is not None}
+        out[fused] = run(aligned, batch)
     assert len(widths) == 2 * len(aligned.blocks) and all(w and w > layout.length for w in widths), widths
-    assert (out["1"][0] - out["0"][0]).abs().max().item() < 1e-5
-    assert (out["1"][1] - out["0"][1]).abs().max().item() < 1e-5
-    assert out["1"][2].keys() == out["0"][2].keys() and len(out["1"][2]) > 20
-    for name, g in out["1"][2].items():
-        want = out["0"][2][name]
-        assert (g - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item()), name
+    assert_same(out["1"], out["0"])
 
 
 def test_packed_rows_round_trip():
